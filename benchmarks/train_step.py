@@ -1,0 +1,222 @@
+"""Training-step cost on the embedded model (SmolLM2-135M), all figures from one run.
+
+- median time of a GSIL step against an SFT step on the same sequences (same token count;
+  reference log-probs precomputed, so the ideal ratio is 1.0), and tokens/s;
+- peak memory of a step (fresh subprocess each, VmHWM) against a naive fp32 SFT step (the
+  model's own ``labels=`` loss over full logits), with and without bf16 autocast and
+  gradient checkpointing;
+- the reference pass for one batch against one training step;
+- generation tokens/s: batched, left-padded ``generate`` against one prompt at a time.
+
+Run: ``python -m benchmarks.train_step`` (about 10 minutes on 2 CPU cores; ``--quick`` for less).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+BATCH_ROWS = 8  # sequences per step: 8 demos for SFT, 4 demos + 4 generations for GSIL
+LENGTH = 256
+PROMPT = 64
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def _setup(precision: str, checkpointing: bool):
+    from accelerate import Accelerator
+
+    from gsil.batching import Example
+    from gsil.estimators import get_estimator
+    from gsil.models import load_model
+    from gsil.objectives import make_objective
+    from gsil.trainer import OptimSettings, RoundData
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model("smollm2-135m", dtype="float32")
+    vocab = model.config.vocab_size
+    ids = torch.randint(100, vocab, (BATCH_ROWS, LENGTH)).tolist()
+    half = BATCH_ROWS // 2
+    pair_examples = [
+        Example(i, tuple(ids[i][:PROMPT]), tuple(ids[i][PROMPT:]), tuple(ids[i + half][PROMPT:]))
+        for i in range(half)
+    ]
+    sft_examples = [
+        Example(i, tuple(row[:PROMPT]), tuple(row[PROMPT:])) for i, row in enumerate(ids)
+    ]
+    settings = OptimSettings(batch_size=BATCH_ROWS, gradient_checkpointing=checkpointing)
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16" if precision == "bf16" else "no")
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ref = torch.randn(half) - 400.0
+    gsil = (
+        make_objective("gsil", get_estimator("logistic"), beta=0.1),
+        RoundData(pair_examples, ref, ref.clone()),
+    )
+    sft = (make_objective("sft"), RoundData(sft_examples, None, None))
+    return model, tokenizer, optimizer, scheduler, accelerator, settings, {"gsil": gsil, "sft": sft}
+
+
+def _step(model, tokenizer, optimizer, scheduler, accelerator, settings, objective, data):
+    from gsil.batching import collate
+    from gsil.trainer import optimizer_step
+
+    batch = collate(data.examples, tokenizer.pad_token_id, objective.needs_generations)
+    start = time.perf_counter()
+    optimizer_step(model, [batch], data, objective, settings, optimizer, scheduler, accelerator)
+    return time.perf_counter() - start, int(batch["attention_mask"].sum())
+
+
+def time_steps(repeats: int, precision: str) -> dict:
+    """Interleaved GSIL and SFT steps; medians after one warm-up step each."""
+    from gsil.batching import collate
+    from gsil.trainer import forward_logps
+
+    model, tokenizer, optimizer, scheduler, accelerator, settings, jobs = _setup(precision, False)
+    times: dict[str, list[float]] = {"gsil": [], "sft": []}
+    tokens = {}
+    for repeat in range(repeats + 1):
+        for name, (objective, data) in jobs.items():
+            seconds, tokens[name] = _step(
+                model, tokenizer, optimizer, scheduler, accelerator, settings, objective, data
+            )
+            if repeat:
+                times[name].append(seconds)
+    objective, data = jobs["gsil"]
+    batch = collate(data.examples, tokenizer.pad_token_id, True)
+    ref_times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with torch.no_grad(), accelerator.autocast():
+            forward_logps(model, batch, False)
+        ref_times.append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "precision": precision,
+        "gsil_step_s": round(medians["gsil"], 3),
+        "sft_step_s": round(medians["sft"], 3),
+        "gsil_over_sft": round(medians["gsil"] / medians["sft"], 3),
+        "tokens_per_step": tokens["gsil"],
+        "gsil_tokens_per_s": round(tokens["gsil"] / medians["gsil"], 1),
+        "reference_pass_s": round(statistics.median(ref_times), 3),
+        "reference_over_step": round(statistics.median(ref_times) / medians["gsil"], 3),
+    }
+
+
+def peak_memory(kind: str, precision: str, checkpointing: bool) -> dict:
+    """Peak resident memory added by one training step (after a warm-up step)."""
+    model, tokenizer, optimizer, scheduler, accelerator, settings, jobs = _setup(
+        precision, checkpointing
+    )
+    if kind == "naive-sft":
+        from gsil.batching import collate
+
+        batch = collate(jobs["sft"][1].examples, tokenizer.pad_token_id, False)
+
+        def run():
+            with accelerator.autocast():
+                loss = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    labels=batch["labels"], use_cache=False,
+                ).loss  # fmt: skip
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    else:
+        objective, data = jobs[kind]
+
+        def run():
+            _step(model, tokenizer, optimizer, scheduler, accelerator, settings, objective, data)
+
+    run()  # warm-up: optimizer state and allocator pools exist before we measure
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    before = _status_kib("VmRSS")
+    run()
+    return {
+        "kind": kind,
+        "precision": precision,
+        "checkpointing": checkpointing,
+        "step_peak_extra_gib": round((_status_kib("VmHWM") - before) / 2**20, 3),
+        "process_peak_gib": round(_status_kib("VmHWM") / 2**20, 3),
+    }
+
+
+def generation_speed(num_prompts: int, max_new_tokens: int) -> dict:
+    from gsil.data import encode_prompt
+    from gsil.generation import generate_from_ids
+    from gsil.models import load_model
+    from gsil.reasoning_tasks import load_reasoning_demonstrations
+
+    model, tokenizer = load_model("smollm2-135m", dtype="float32")
+    demos = load_reasoning_demonstrations("chain_sum,basic_arithmetic", size=num_prompts, seed=7)
+    prompt_ids = [encode_prompt(tokenizer, d.prompt) for d in demos]
+    out = {}
+    for label, batch_size in (("batched", 16), ("unbatched", 1)):
+        start = time.perf_counter()
+        results = generate_from_ids(
+            model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            progress=False,
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+        new_tokens = sum(r.num_tokens for r in results)
+        out[label] = {"seconds": round(seconds, 2), "new_tokens": new_tokens,
+                      "tokens_per_s": round(new_tokens / seconds, 1)}  # fmt: skip
+    out["batched_speedup"] = round(
+        out["batched"]["tokens_per_s"] / out["unbatched"]["tokens_per_s"], 2
+    )
+    return out
+
+
+def _child(task: str, *params: str) -> dict:
+    command = [sys.executable, "-m", "benchmarks.train_step", "--child", task, *params]
+    return json.loads(subprocess.check_output(command, text=True).strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and cases")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        task, *params = args.child
+        if task == "time":
+            result = time_steps(int(params[0]), params[1])
+        elif task == "memory":
+            result = peak_memory(params[0], params[1], params[2] == "1")
+        else:
+            result = generation_speed(int(params[0]), int(params[1]))
+        print(json.dumps(result))
+        return
+    repeats = 3 if args.quick else args.repeats
+    print(f"SmolLM2-135M, {BATCH_ROWS} sequences x {LENGTH} tokens per step, CPU "
+          f"({torch.get_num_threads()} threads)")  # fmt: skip
+    for precision in ("fp32",) if args.quick else ("fp32", "bf16"):
+        print("step time:", json.dumps(_child("time", str(repeats), precision)))
+    cases = [("naive-sft", "fp32", "0"), ("sft", "fp32", "0"), ("gsil", "fp32", "0")]
+    if not args.quick:
+        cases += [("gsil", "bf16", "0"), ("gsil", "fp32", "1"), ("gsil", "bf16", "1")]
+    for case in cases:
+        print("memory:", json.dumps(_child("memory", *case)))
+    print("generation:", json.dumps(_child("generate", "16", "32" if args.quick else "64")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Train with GSIL, SPIN or SFT, round after round: ``python -m experiments.run --help``.
+
+Writes ``runs/<name>/``: ``config.json`` (the full resolved config), ``metrics.jsonl`` (one row
+per optimizer step), ``round_<t>/`` (generated set, reference log-probs, model) and
+``summary.json``. Runs under ``accelerate launch`` unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from experiments.config import RunConfig, add_config_arguments, resolve_config
+from gsil.data import load_demonstrations
+from gsil.estimators import get_estimator
+from gsil.io import read_json, read_jsonl, write_json
+from gsil.models import load_model
+from gsil.objectives import make_objective
+from gsil.trainer import OptimSettings, run_rounds
+
+logger = logging.getLogger("experiments.run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.run",
+        description="Fine-tune a causal LM on demonstrations with GSIL (or SPIN / SFT), "
+        "for one or more self-imitation rounds.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--preset", help="a preset name under experiments/presets/ (quick, "
+                        "default, ...) or a JSON file; flags override it")  # fmt: skip
+    add_config_arguments(parser)
+    return parser
+
+
+def make_accelerator(config: RunConfig) -> Accelerator:
+    on_gpu = torch.cuda.is_available()
+    precision = config.precision
+    if precision == "auto":
+        precision = "bf16" if on_gpu else "fp32"
+    return Accelerator(cpu=not on_gpu, mixed_precision="bf16" if precision == "bf16" else "no")
+
+
+def check_resume(config: RunConfig) -> None:
+    """A resumed run must use the configuration it started with."""
+    saved_path = config.run_dir() / "config.json"
+    if not saved_path.exists():
+        raise SystemExit(f"--resume: {saved_path} does not exist; nothing to resume")
+    saved = read_json(saved_path)
+    changed = {
+        key: (saved.get(key), value)
+        for key, value in config.to_dict().items()
+        if key != "resume" and saved.get(key) != value
+    }
+    if changed:
+        raise SystemExit(
+            f"--resume: the configuration differs from {saved_path}: {changed} "
+            "(resume with the same flags, or start a new run with another --name)"
+        )
+
+
+def progress_figures(run_dir) -> dict:
+    """First and last step of the metrics: did demos rise, generations fall, accuracy rise?"""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    rows = read_jsonl(path)
+    keys = ["loss", "logps/demo", "logps/gen", "rewards/accuracy", "rewards/margin"]
+    return {
+        key: {"first": rows[0][key], "last": rows[-1][key]}
+        for key in keys
+        if rows and key in rows[0]
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    config = resolve_config(args, args.preset)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    run_dir = config.run_dir()
+    if config.resume:
+        check_resume(config)
+    accelerator = make_accelerator(config)
+    if accelerator.is_main_process:
+        write_json(run_dir / "config.json", config.to_dict())
+    set_seed(config.seed)
+    started = time.perf_counter()
+
+    model, tokenizer = load_model(config.model, dtype="float32", lora_rank=config.lora_rank)
+    demos = load_demonstrations(
+        config.data, prompt_field=config.prompt_field, response_field=config.response_field,
+        split=config.split, size=config.num_demos, seed=config.seed,
+        skip_invalid=config.skip_invalid, tokenizer=tokenizer,
+        max_prompt_length=config.max_prompt_length,
+    )  # fmt: skip
+    logger.info("%d demonstrations from %s (skipped: %s)", len(demos), config.data,
+                dict(demos.skipped) or "none")  # fmt: skip
+    estimator = get_estimator(config.loss, **config.estimator_params())
+    objective = make_objective(config.method, estimator, beta=config.beta, shift=config.shift)
+    optim = OptimSettings(
+        learning_rate=config.lr, optimizer=config.optimizer, weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps, epochs=config.epochs, batch_size=config.batch_size,
+        grad_accum=config.grad_accum, max_grad_norm=config.max_grad_norm,
+        average_logps=config.average_logps, checkpoint_every=config.checkpoint_every,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )  # fmt: skip
+    generation = {
+        "max_new_tokens": config.max_new_tokens, "do_sample": config.do_sample,
+        "temperature": config.temperature, "top_p": config.top_p,
+        "batch_size": config.gen_batch_size, "seed": config.seed, "backend": config.generator,
+    }  # fmt: skip
+    summary = run_rounds(
+        model, tokenizer, demos, objective, run_dir, rounds=config.rounds, optim=optim,
+        generation=generation, max_prompt_length=config.max_prompt_length,
+        max_length=config.max_length, seed=config.seed, drop_ties=config.drop_ties,
+        resume=config.resume, lora_rank=config.lora_rank, accelerator=accelerator,
+    )  # fmt: skip
+    summary.update(
+        {
+            "run_dir": str(run_dir),
+            "num_demonstrations": len(demos),
+            "skipped_records": dict(demos.skipped),
+            "progress": progress_figures(run_dir),
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "final_model": str(run_dir / f"round_{config.rounds - 1}" / "model"),
+        }
+    )
+    if accelerator.is_main_process:
+        write_json(run_dir / "summary.json", summary)
+        print(f"\nrun finished in {summary['wall_seconds']} s: {run_dir}")
+        for key, values in summary["progress"].items():
+            print(
+                f"  {key:<18} first step {values['first']:+.4f}   last step {values['last']:+.4f}"
+            )
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

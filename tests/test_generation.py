@@ -1,0 +1,249 @@
+"""Tests for gsil.generation on the tiny random Llama (fp32, CPU)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import gsil.generation as generation
+from gsil.data import encode_prompt
+from gsil.generation import (
+    GenerationBackendError,
+    GenerationResult,
+    generate,
+    generate_set,
+    read_generated_set,
+    settings_path,
+)
+
+# Deliberately not sorted by length, so the longest-first reordering must be undone.
+PROMPTS = [
+    "Hi",
+    "Tell me a long story about a dragon who learns to write Python code.",
+    "2+2?",
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Why is the sky blue?"},
+    ],
+    "Explain self-imitation learning in one sentence.",
+]
+FAST = dict(max_new_tokens=12, progress=False, backend="hf")
+
+
+@dataclass
+class Demo:
+    id: str
+    prompt: object
+    response: str
+
+
+def _ids(results: list[GenerationResult]) -> list[tuple[int, ...]]:
+    return [result.token_ids for result in results]
+
+
+def test_greedy_is_deterministic_and_reports_lengths(tiny_model_readonly, tiny_tokenizer):
+    first = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, **FAST)
+    second = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, **FAST)
+
+    assert first == second
+    assert len(first) == len(PROMPTS)
+    for result in first:
+        assert isinstance(result, GenerationResult)
+        assert result.num_tokens == len(result.token_ids) <= 12
+        assert tiny_tokenizer.eos_token_id not in result.token_ids
+        assert result.text == tiny_tokenizer.decode(
+            list(result.token_ids), skip_special_tokens=True
+        )
+        # A random model essentially never says eos within 12 tokens: it runs out of budget.
+        assert result.truncated == (result.num_tokens == 12)
+    assert len(set(_ids(first))) > 1, "different prompts should give different responses"
+
+
+def test_batched_equals_unbatched_and_order_is_restored(tiny_model_readonly, tiny_tokenizer):
+    batched = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, batch_size=5, **FAST)
+    one_by_one = [
+        generate(tiny_model_readonly, tiny_tokenizer, [prompt], batch_size=1, **FAST)[0]
+        for prompt in PROMPTS
+    ]
+    # Exact token equality: left padding is masked out and positions start at each prompt's
+    # first real token, so in fp32 the padded batch computes the same argmaxes.
+    assert _ids(batched) == _ids(one_by_one)
+    uneven = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, batch_size=2, **FAST)
+    assert _ids(uneven) == _ids(one_by_one)
+
+
+def test_results_follow_the_callers_order(tiny_model_readonly, tiny_tokenizer):
+    forward = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, batch_size=2, **FAST)
+    backward = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS[::-1], batch_size=2, **FAST)
+    assert _ids(backward[::-1]) == _ids(forward)
+
+
+def test_generation_stops_at_eos_inside_a_batch(tiny_model_readonly, tiny_tokenizer):
+    baseline = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, **FAST)
+    # Declare the third token of the first response an extra end-of-sequence token: that
+    # response must stop right before it, while the other rows are unaffected up to it.
+    stop_token = baseline[0].token_ids[2]
+    model = copy.deepcopy(tiny_model_readonly)
+    model.generation_config.eos_token_id = [tiny_tokenizer.eos_token_id, stop_token]
+
+    stopped = generate(model, tiny_tokenizer, PROMPTS, **FAST)
+
+    cut = baseline[0].token_ids.index(stop_token)
+    assert stopped[0].token_ids == baseline[0].token_ids[:cut]
+    assert stopped[0].truncated is False
+    for before, after in zip(baseline, stopped, strict=True):
+        assert before.token_ids[: after.num_tokens] == after.token_ids
+        assert stop_token not in after.token_ids
+
+
+def test_make_result_cuts_at_eos_and_ignores_padding(tiny_tokenizer):
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    ids = tiny_tokenizer("ok", add_special_tokens=False)["input_ids"]
+    finished = generation._make_result([*ids, eos, pad, pad], tiny_tokenizer, [eos], 5)
+    assert finished == GenerationResult("ok", tuple(ids), len(ids), False)
+    cut_off = generation._make_result([*ids, *ids], tiny_tokenizer, [eos], 4)
+    assert cut_off.truncated and cut_off.text == "okok" and cut_off.num_tokens == 4
+
+
+def test_sampling_is_reproducible_per_seed(tiny_model_readonly, tiny_tokenizer):
+    settings = dict(do_sample=True, temperature=1.5, top_p=0.95, **FAST)
+    torch.manual_seed(123)
+    global_state = torch.get_rng_state()
+
+    first = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, seed=7, **settings)
+    again = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, seed=7, **settings)
+    other = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, seed=8, **settings)
+    greedy = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, **FAST)
+
+    assert _ids(first) == _ids(again)
+    assert _ids(first) != _ids(other)
+    assert _ids(first) != _ids(greedy)
+    assert torch.equal(torch.get_rng_state(), global_state), "caller's RNG state was disturbed"
+
+
+def test_generation_restores_training_mode(tiny_model, tiny_tokenizer):
+    tiny_model.train()
+    generate(tiny_model, tiny_tokenizer, PROMPTS[:2], **FAST)
+    assert tiny_model.training
+
+
+def test_generate_matches_data_prompt_encoding(tiny_model_readonly, tiny_tokenizer):
+    """The hf backend feeds exactly encode_prompt's ids (checked by greedy-continuing them)."""
+    prompt_ids = encode_prompt(tiny_tokenizer, PROMPTS[1])
+    with torch.no_grad():
+        output = tiny_model_readonly.generate(
+            torch.tensor([prompt_ids]),
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=tiny_tokenizer.pad_token_id,
+            eos_token_id=tiny_tokenizer.eos_token_id,
+        )
+    expected = tuple(output[0, len(prompt_ids) :].tolist())
+    assert (
+        generate(tiny_model_readonly, tiny_tokenizer, [PROMPTS[1]], **FAST)[0].token_ids == expected
+    )
+
+
+def test_generate_set_writes_rows_and_reuses_matching_file(
+    tiny_model_readonly, tiny_tokenizer, tmp_path, monkeypatch
+):
+    demos = [Demo(f"d{i}", prompt, f"demo answer {i}") for i, prompt in enumerate(PROMPTS)]
+    path = tmp_path / "round-1" / "generated.jsonl"
+
+    responses = generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, **FAST)
+
+    rows = read_generated_set(path)
+    assert [row["id"] for row in rows] == [demo.id for demo in demos]
+    assert [row["generated_response"] for row in rows] == responses
+    expected = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, **FAST)
+    assert responses == [result.text for result in expected]
+    assert [row["num_tokens"] for row in rows] == [result.num_tokens for result in expected]
+    assert [row["truncated"] for row in rows] == [result.truncated for result in expected]
+    assert rows[3]["prompt"] == PROMPTS[3] and rows[0]["demo_response"] == "demo answer 0"
+    assert not any(row["tie"] for row in rows)
+    assert json.loads(settings_path(path).read_text())["settings"]["max_new_tokens"] == 12
+    assert sorted(p.name for p in path.parent.iterdir()) == [
+        "generated.jsonl",
+        "generated.settings.json",
+    ]
+
+    # Same request: served from disk, the model is not run.
+    def must_not_generate(*args, **kwargs):
+        raise AssertionError("regenerated although the saved set matches")
+
+    monkeypatch.setattr(generation, "generate_from_ids", must_not_generate)
+    reused = generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, batch_size=2, **FAST)
+    assert reused == responses
+
+
+def test_generate_set_regenerates_when_settings_change(
+    tiny_model_readonly, tiny_tokenizer, tmp_path, monkeypatch
+):
+    demos = [Demo(f"d{i}", prompt, "x") for i, prompt in enumerate(PROMPTS[:3])]
+    path = tmp_path / "generated.jsonl"
+    generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, **FAST)
+
+    calls = []
+    real_generate = generation.generate_from_ids
+
+    def counting_generate(*args, **kwargs):
+        calls.append(kwargs)
+        return real_generate(*args, **kwargs)
+
+    settings = {**FAST, "max_new_tokens": 5}
+    expected = [
+        r.text for r in generate(tiny_model_readonly, tiny_tokenizer, PROMPTS[:3], **settings)
+    ]
+    monkeypatch.setattr(generation, "generate_from_ids", counting_generate)
+    shorter = generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, **settings)
+    assert len(calls) == 1
+    assert all(row["num_tokens"] <= 5 for row in read_generated_set(path))
+    assert shorter == expected
+
+    generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, **settings)
+    assert len(calls) == 1, "an unchanged request must reuse the file"
+    generate_set(
+        tiny_model_readonly, tiny_tokenizer, demos, path, seed=1, do_sample=True, **settings
+    )
+    assert len(calls) == 2, "switching to sampling must regenerate"
+    generate_set(
+        tiny_model_readonly, tiny_tokenizer, demos[:2], path, seed=1, do_sample=True, **settings
+    )
+    assert len(calls) == 3, "different demonstrations must regenerate"
+    generate_set(
+        tiny_model_readonly, tiny_tokenizer, demos[:2], path, seed=1, do_sample=True,
+        extra_settings={"round": 2}, **settings,
+    )  # fmt: skip
+    assert len(calls) == 4, "a different policy tag must regenerate"
+
+
+def test_generate_set_marks_ties_with_the_demonstration(
+    tiny_model_readonly, tiny_tokenizer, tmp_path
+):
+    texts = [r.text for r in generate(tiny_model_readonly, tiny_tokenizer, PROMPTS[:2], **FAST)]
+    demos = [Demo("same", PROMPTS[0], f"  {texts[0]}\n"), Demo("different", PROMPTS[1], "no")]
+    generate_set(tiny_model_readonly, tiny_tokenizer, demos, tmp_path / "g.jsonl", **FAST)
+    assert [row["tie"] for row in read_generated_set(tmp_path / "g.jsonl")] == [True, False]
+
+
+def test_empty_prompt_list_gives_empty_result(tiny_model_readonly, tiny_tokenizer):
+    assert generate(tiny_model_readonly, tiny_tokenizer, [], **FAST) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
+def test_vllm_backend_without_vllm_is_a_clear_error(tiny_model_readonly, tiny_tokenizer):
+    with pytest.raises(GenerationBackendError, match="needs vllm"):
+        generate(tiny_model_readonly, tiny_tokenizer, PROMPTS[:1], backend="vllm", progress=False)
+
+
+def test_auto_backend_falls_back_to_hf_without_vllm_or_gpu():
+    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
+        assert generation.resolve_backend("auto") == "hf"
+    assert generation.resolve_backend("hf") == "hf"
+    with pytest.raises(ValueError, match="unknown generation backend"):
+        generation.resolve_backend("tgi")
