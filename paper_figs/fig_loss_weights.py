@@ -1,0 +1,48 @@
+"""Losses and gradient weights per estimator (analysis.gradients)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from analysis.gradients import format_table, implied_log_ratio, loss_grid, weight_summary
+from paper_figs.style import color, figure, save_figure, save_numbers
+
+NAME = "loss_weights"
+
+
+def draw(out_dir: Path) -> list[Path]:
+    grid = loss_grid()
+    fig, axes = figure(2, 3, height=2.0)
+    panels = [
+        (axes[0, 0], "demo_loss", "demo loss l_demo(f)", "linear"),
+        (axes[0, 1], "gen_loss", "generated loss l_gen(f)", "linear"),
+        (axes[1, 0], "demo_weight", "w_demo(f) = -l_demo'(f)", "log"),
+        (axes[1, 1], "gen_weight", "w_gen(f) = l_gen'(f)", "log"),
+        (axes[0, 2], "demo_share", "demo share w_d / (w_d + w_g)", "linear"),
+    ]
+    for ax, key, ylabel, scale in panels:
+        for name, curves in grid.items():
+            ax.plot(curves["logits"], curves[key], color=color(name), label=name)
+        ax.set_yscale(scale)
+        ax.set_xlabel("logit f = beta * Delta + shift (nats)")
+        ax.set_ylabel(ylabel + (" (nats)" if "loss" in key else ""))
+        if key.endswith("_loss"):
+            ax.set_ylim(-5, 8)
+        if key.endswith("weight"):
+            ax.set_ylim(1e-4, 1e3)
+    ax = axes[1, 2]
+    f = np.linspace(-3, 3, 301)
+    for name in grid:
+        ax.plot(f, implied_log_ratio(name if name != "power(0.5)" else "power", f),
+                color=color(name), label=name)  # fmt: skip
+    ax.set_xlabel("logit f (nats)")
+    ax.set_ylabel("log(w_gen / w_demo) = implied log r (nats)")
+    ax.set_ylim(-6.5, 6.5)
+    axes[0, 0].legend(ncol=2, loc="upper right")
+    fig.tight_layout()
+    rows = weight_summary()
+    (Path(out_dir) / f"{NAME}_table.md").write_text(format_table(rows) + "\n")
+    save_numbers({"summary": rows}, out_dir, NAME)
+    return save_figure(fig, out_dir, NAME)
