@@ -318,11 +318,13 @@ def prepare_round(
     info: dict = {"num_demonstrations": len(demos)}
     generations = None
     if objective.needs_generations:
-        generations = generate_set(
-            accelerator.unwrap_model(model), tokenizer, demos, round_dir / "generated.jsonl",
-            max_prompt_length=max_prompt_length, progress=accelerator.is_main_process,
-            **generation,
-        )  # fmt: skip
+        # the same precision as training (bf16 autocast when mixed precision is on)
+        with accelerator.autocast():
+            generations = generate_set(
+                accelerator.unwrap_model(model), tokenizer, demos, round_dir / "generated.jsonl",
+                max_prompt_length=max_prompt_length, progress=accelerator.is_main_process,
+                **generation,
+            )  # fmt: skip
         ties = tie_mask([d.response for d in demos], generations)
         info["ties"] = sum(ties)
         if drop_ties:
@@ -346,10 +348,12 @@ def prepare_round(
             ref_demo, ref_gen = stored["demo"], stored["gen"]
         else:
             pad_id = tokenizer.pad_token_id
-            ref_demo, ref_gen = reference_logps(
-                model, examples, pad_id, batch_size, average_logps, accelerator,
-                objective.needs_generations,
-            )  # fmt: skip
+            # autocast like the training forward, so that Delta = 0 at the first step
+            with accelerator.autocast():
+                ref_demo, ref_gen = reference_logps(
+                    model, examples, pad_id, batch_size, average_logps, accelerator,
+                    objective.needs_generations,
+                )  # fmt: skip
             if accelerator.is_main_process:
                 with atomic_file(ref_path, "wb") as handle:
                     torch.save({"demo": ref_demo, "gen": ref_gen}, handle)
@@ -408,8 +412,9 @@ def run_rounds(
         started = time.perf_counter()
         data, info = prepare_round(
             model, tokenizer, demos, objective, round_dir, generation={**generation,
-            "seed": generation.get("seed", seed) + round_index,
-            "extra_settings": {"round": round_index}}, max_prompt_length=max_prompt_length,
+            "seed": generation.get("seed", seed) + round_index, "extra_settings": {
+            "round": round_index, "mixed_precision": accelerator.mixed_precision}},
+            max_prompt_length=max_prompt_length,
             max_length=max_length, batch_size=optim.batch_size,
             average_logps=optim.average_logps, drop_ties=drop_ties, accelerator=accelerator,
         )  # fmt: skip

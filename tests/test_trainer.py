@@ -125,3 +125,20 @@ def test_resume_after_interruption_gives_identical_weights(
     steps = [m["step"] for m in read_metrics(resumed)]
     assert steps == list(range(1, 9))
     assert read_metrics(resumed)[-1]["loss"] == read_metrics(straight)[-1]["loss"]
+
+
+def test_bf16_autocast_reference_matches_first_training_forward(
+    tiny_model, tiny_tokenizer, tmp_path
+):
+    from accelerate import Accelerator
+
+    objective = make_objective("gsil", get_estimator("logistic"), beta=1.0)
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    run_rounds(
+        tiny_model, tiny_tokenizer, demos(4), objective, tmp_path, rounds=1,
+        optim=optim(epochs=1, grad_accum=1), generation=GENERATION, max_prompt_length=64,
+        max_length=96, accelerator=accelerator,
+    )  # fmt: skip
+    first = read_metrics(tmp_path)[0]
+    # the reference pass ran under the same autocast as the policy's first forward
+    assert abs(first["rewards/demo"]) < 1e-6 and abs(first["rewards/gen"]) < 1e-6
