@@ -13,15 +13,9 @@ import subprocess
 import sys
 import time
 
+from benchmarks._memory import reset_peak, status_kib
+
 VOCAB = 49152  # SmolLM2's vocabulary
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def measure(method: str, batch: int, length: int, backward: bool) -> dict:
@@ -48,16 +42,14 @@ def measure(method: str, batch: int, length: int, backward: bool) -> dict:
             method
         ]
     function(*(x[:1, :8] if x.dim() == 3 else x for x in inputs), labels[:1, :8])  # warm up
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
-    before = _status_kib("VmRSS")
+    before = reset_peak()
     start = time.perf_counter()
     with torch.set_grad_enabled(backward):
         logps = function(*inputs, labels)
         if backward:
             logps.sum().backward()
     seconds = time.perf_counter() - start
-    peak_extra_mib = (_status_kib("VmHWM") - before) / 1024
+    peak_extra_mib = (status_kib("VmHWM") - before) / 1024
     return {
         "method": method,
         "backward": backward,

@@ -22,17 +22,11 @@ import time
 
 import torch
 
+from benchmarks._memory import reset_peak, status_kib
+
 BATCH_ROWS = 8  # sequences per step: 8 demos for SFT, 4 demos + 4 generations for GSIL
 LENGTH = 256
 PROMPT = 64
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def _setup(precision: str, checkpointing: bool):
@@ -145,16 +139,14 @@ def peak_memory(kind: str, precision: str, checkpointing: bool) -> dict:
             _step(model, tokenizer, optimizer, scheduler, accelerator, settings, objective, data)
 
     run()  # warm-up: optimizer state and allocator pools exist before we measure
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
-    before = _status_kib("VmRSS")
+    before = reset_peak()
     run()
     return {
         "kind": kind,
         "precision": precision,
         "checkpointing": checkpointing,
-        "step_peak_extra_gib": round((_status_kib("VmHWM") - before) / 2**20, 3),
-        "process_peak_gib": round(_status_kib("VmHWM") / 2**20, 3),
+        "step_peak_extra_gib": round((status_kib("VmHWM") - before) / 2**20, 3),
+        "process_peak_gib": round(status_kib("VmHWM") / 2**20, 3),
     }
 
 

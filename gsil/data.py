@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from gsil.io import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -411,28 +412,11 @@ def save_jsonl(
 
     Readers never see a half-written file, even if the run dies mid-write.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        "w",
-        encoding="utf-8",
-        dir=target.parent,
-        prefix=f".{target.name}.",
-        suffix=".tmp",
-        delete=False,
-    )
-    try:
-        with handle:
-            for record in records:
-                record = record.to_dict() if isinstance(record, Demonstration) else record
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, target)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    return target
+    with atomic_file(path) as handle:
+        for record in records:
+            record = record.to_dict() if isinstance(record, Demonstration) else record
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return Path(path)
 
 
 def tie_mask(demo_responses: Sequence[str], generated_responses: Sequence[str]) -> list[bool]:

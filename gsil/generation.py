@@ -28,7 +28,8 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from gsil.data import encode_prompt
+from gsil.data import encode_prompt, save_jsonl
+from gsil.io import atomic_file
 
 BACKENDS = ("auto", "hf", "vllm")
 SETTINGS_FORMAT_VERSION = 1
@@ -410,9 +411,10 @@ def generate_set(
     sidecar = settings_path(path)
     # Drop the old sidecar first: a crash between the two writes then leaves no stale match.
     sidecar.unlink(missing_ok=True)
-    _atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    save_jsonl(rows, path)
     record = {"settings": settings, "backend": resolve_backend(backend), "num_rows": len(rows)}
-    _atomic_write_text(sidecar, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    with atomic_file(sidecar) as handle:
+        handle.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return [row["generated_response"] for row in rows]
 
 
@@ -484,18 +486,3 @@ def _json_value(value: Any) -> Any:
 def _sha256_json(value: Iterable[Any]) -> str:
     encoded = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(encoded.encode("utf-8")).hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
