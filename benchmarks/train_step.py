@@ -36,7 +36,7 @@ def _setup(precision: str, checkpointing: bool):
     from gsil.estimators import get_estimator
     from gsil.models import load_model
     from gsil.objectives import make_objective
-    from gsil.trainer import OptimSettings, RoundData
+    from gsil.optimization import OptimSettings, RoundData
 
     torch.manual_seed(0)
     model, tokenizer = load_model("smollm2-135m", dtype="float32")
@@ -69,7 +69,7 @@ def _setup(precision: str, checkpointing: bool):
 
 def _step(model, tokenizer, optimizer, scheduler, accelerator, settings, objective, data):
     from gsil.batching import collate
-    from gsil.trainer import optimizer_step
+    from gsil.optimization import optimizer_step
 
     batch = collate(data.examples, tokenizer.pad_token_id, objective.needs_generations)
     start = time.perf_counter()
@@ -80,7 +80,7 @@ def _step(model, tokenizer, optimizer, scheduler, accelerator, settings, objecti
 def time_steps(repeats: int, precision: str) -> dict:
     """Interleaved GSIL and SFT steps; medians after one warm-up step each."""
     from gsil.batching import collate
-    from gsil.trainer import forward_logps
+    from gsil.optimization import forward_logps
 
     model, tokenizer, optimizer, scheduler, accelerator, settings, jobs = _setup(precision, False)
     times: dict[str, list[float]] = {"gsil": [], "sft": []}

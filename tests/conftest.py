@@ -89,3 +89,13 @@ def tiny_model_readonly(tiny_tokenizer):
 def tiny_model(tiny_model_readonly):
     """A fresh deep copy of the tiny model, safe to train, wrap with LoRA, or modify."""
     return copy.deepcopy(tiny_model_readonly)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state; tests that pick another precision need it reset."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
