@@ -1,0 +1,77 @@
+"""`python -m experiments.run` end to end on a tiny model saved to disk, and the run's
+implicit classifier (analysis.implicit)."""
+
+import json
+
+import pytest
+
+from analysis.implicit import implicit_logits
+from experiments.run import build_parser, main
+from gsil.models import save_model
+
+
+@pytest.fixture
+def tiny_run_inputs(tiny_model, tiny_tokenizer, tmp_path):
+    model_dir = save_model(tiny_model, tiny_tokenizer, tmp_path / "tiny-model")
+    data = tmp_path / "demos.jsonl"
+    rows = [{"question": f"double {i}", "answer": f"{2 * i}"} for i in range(6)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return model_dir, data
+
+
+def run_args(model_dir, data, out, *extra):
+    return [
+        "--model", str(model_dir), "--data", str(data), "--prompt-field", "question",
+        "--response-field", "answer", "--num-demos", "6", "--batch-size", "2",
+        "--max-new-tokens", "6", "--max-prompt-length", "64", "--max-length", "96",
+        "--output-dir", str(out), "--name", "tiny", "--lr", "1e-2", "--gen-batch-size", "4",
+        "--checkpoint-every", "0", *extra,
+    ]  # fmt: skip
+
+
+def test_run_writes_config_metrics_rounds_and_summary(tiny_run_inputs, tmp_path):
+    model_dir, data = tiny_run_inputs
+    summary = main(run_args(model_dir, data, tmp_path / "runs", "--rounds", "2", "--beta", "0.5"))
+    run_dir = tmp_path / "runs" / "tiny"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["rounds"] == 2 and config["beta"] == 0.5 and config["loss"] == "logistic"
+    assert config["seed"] == 0 and config["method"] == "gsil"  # defaults resolved and written
+    assert json.loads((run_dir / "summary.json").read_text())["num_demonstrations"] == 6
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    assert (
+        summary["progress"]["rewards/margin"]["last"]
+        > summary["progress"]["rewards/margin"]["first"]
+    )
+    for round_index in (0, 1):
+        assert (run_dir / f"round_{round_index}" / "model" / "config.json").exists()
+    # the trained run's implicit classifier, on held-out items against fresh generations
+    metrics = implicit_logits(run_dir, num_items=6)
+    assert 0.0 <= metrics["auc"] <= 1.0 and 0.0 <= metrics["ece"] <= 1.0
+    rows = (run_dir / "implicit_logits.jsonl").read_text().splitlines()
+    assert len(rows) == 6 and {"demo_logit", "gen_logit"} <= set(json.loads(rows[0]))
+
+
+def test_resume_refuses_a_changed_configuration(tiny_run_inputs, tmp_path):
+    model_dir, data = tiny_run_inputs
+    main(run_args(model_dir, data, tmp_path / "runs", "--method", "sft"))
+    with pytest.raises(SystemExit, match="differs"):
+        main(run_args(model_dir, data, tmp_path / "runs", "--method", "sft", "--lr", "1.0",
+                      "--resume"))  # fmt: skip
+    with pytest.raises(SystemExit, match="nothing to resume"):
+        main(run_args(model_dir, data, tmp_path / "other", "--resume"))
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ["--model", "--data", "--method", "--loss", "--gamma", "--beta", "--shift",
+                 "--rounds", "--epochs", "--lr", "--batch-size", "--max-length", "--num-demos",
+                 "--seed", "--output-dir", "--generator", "--lora-rank", "--resume"]:  # fmt: skip
+        assert flag in text
+
+
+def test_bad_configuration_is_refused(tiny_run_inputs, tmp_path):
+    model_dir, data = tiny_run_inputs
+    with pytest.raises(SystemExit, match="max-prompt-length"):
+        main(run_args(model_dir, data, tmp_path, "--max-prompt-length", "200"))
