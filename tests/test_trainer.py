@@ -142,3 +142,23 @@ def test_bf16_autocast_reference_matches_first_training_forward(
     first = read_metrics(tmp_path)[0]
     # the reference pass ran under the same autocast as the policy's first forward
     assert abs(first["rewards/demo"]) < 1e-6 and abs(first["rewards/gen"]) < 1e-6
+
+
+def test_lora_rounds_merge_adapters_into_the_next_reference(tiny_model, tiny_tokenizer, tmp_path):
+    from gsil.models import apply_lora
+
+    initial = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    policy = apply_lora(tiny_model, rank=4)
+    trainable = [name for name, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    objective = make_objective("gsil", get_estimator("logistic"), beta=0.5)
+    run_rounds(
+        policy, tiny_tokenizer, demos(4), objective, tmp_path, rounds=2, lora_rank=4,
+        optim=optim(epochs=1, grad_accum=1, learning_rate=5e-2), generation=GENERATION,
+        max_prompt_length=64, max_length=96,
+    )  # fmt: skip
+    round0, round1 = final_weights(tmp_path, 0), final_weights(tmp_path, 1)
+    assert not any("lora" in key for key in round0)  # saved merged, as a plain model
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(round0[name], initial[name])  # adapters were merged into the base
+    assert not torch.equal(round1[name], round0[name])  # round 1 trained fresh adapters on it
