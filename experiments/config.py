@@ -91,14 +91,25 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def load_preset(name_or_path: str) -> dict:
-    """A preset's overrides: a name under ``experiments/presets/`` or a JSON file path."""
+def preset_path(name_or_path: str) -> Path:
+    """The JSON file of a preset: a name under ``experiments/presets/`` or a file path."""
     path = Path(name_or_path)
     if not path.exists():
         path = PRESETS_DIR / f"{name_or_path}.json"
     if not path.exists():
         available = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.json")))
         raise SystemExit(f"unknown preset {name_or_path!r}; available: {available}")
+    return path
+
+
+def is_pipeline_preset(name_or_path: str) -> bool:
+    """Whether a preset describes several stages (``experiments.pipeline``), not one run."""
+    return "pipeline" in json.loads(preset_path(name_or_path).read_text())
+
+
+def load_preset(name_or_path: str) -> dict:
+    """A preset's overrides: a name under ``experiments/presets/`` or a JSON file path."""
+    path = preset_path(name_or_path)
     values = json.loads(path.read_text())
     values.pop("_comment", None)
     known = {f.name for f in dataclasses.fields(RunConfig)}

@@ -16,7 +16,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from experiments.config import RunConfig, add_config_arguments, resolve_config
+from experiments.config import (
+    RunConfig,
+    add_config_arguments,
+    is_pipeline_preset,
+    resolve_config,
+)
 from gsil.data import load_demonstrations
 from gsil.estimators import get_estimator
 from gsil.io import read_json, read_jsonl, write_json
@@ -36,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--preset", help="a preset name under experiments/presets/ (quick, "
                         "default, ...) or a JSON file; flags override it")  # fmt: skip
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved plan (runs, "
+                        "data sizes, steps, tokens, estimated time) without loading weights or "
+                        "data, and exit")  # fmt: skip
+    pipeline = parser.add_argument_group("pipeline presets (e.g. default): the evaluation")
+    pipeline.add_argument("--eval-limit", type=int, help="held-out items per reasoning task")
+    pipeline.add_argument("--eval-humaneval-limit", type=int, help="HumanEval problems")
+    pipeline.add_argument("--eval-benchmarks", help="comma-separated, e.g. reasoning,humaneval")
     add_config_arguments(parser)
     return parser
 
@@ -82,7 +94,21 @@ def progress_figures(run_dir) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.preset and is_pipeline_preset(args.preset):  # several stages: experiments.pipeline
+        from experiments.pipeline import main_pipeline
+
+        return main_pipeline(args)
     config = resolve_config(args, args.preset)
+    if args.dry_run:
+        from experiments.pipeline import format_plan, plan_run
+
+        print(format_plan(plan_run(config)))
+        return {"dry_run": True}
+    return execute(config)
+
+
+def execute(config: RunConfig) -> dict:
+    """Train one resolved configuration to the end; returns (and writes) its summary."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     run_dir = config.run_dir()
     if config.resume:

@@ -272,12 +272,7 @@ def _to_demonstration(
                 f"{'prompt' if name == prompt_field else 'response'}_field= to name the field your data uses",
             )
     prompt = _validate_prompt(record[prompt_field], prompt_field)
-    response = record[response_field]
-    if not isinstance(response, str):
-        raise _InvalidRecord(
-            "wrong_type",
-            f"field {response_field!r} must be a string, got {type(response).__name__}",
-        )
+    response = _response_text(record[response_field], response_field)
     if not response.strip():
         raise _InvalidRecord(
             "empty_field", f"field {response_field!r} is empty; give the response text to imitate"
@@ -285,6 +280,29 @@ def _to_demonstration(
     record_id = str(record["id"]) if record.get("id") is not None else location
     return Demonstration(
         prompt=prompt, response=response, id=record_id, meta={"location": location}
+    )
+
+
+def _response_text(response: Any, field_name: str) -> str:
+    """The response as text: a string, or the last assistant turn of a chat conversation.
+
+    Preference datasets such as UltraFeedback store ``chosen`` as ``[user, assistant]``
+    messages; the demonstration is then the final assistant message.
+    """
+    if isinstance(response, str):
+        return response
+    if isinstance(response, list | tuple) and all(isinstance(m, Mapping) for m in response):
+        assistant = [m for m in response if m.get("role") == "assistant"]
+        if assistant and isinstance(assistant[-1].get("content"), str):
+            return assistant[-1]["content"]
+        raise _InvalidRecord(
+            "wrong_type",
+            f"field {field_name!r} is a list of messages without an assistant turn; give the "
+            "response text, or messages ending in {'role': 'assistant', 'content': ...}",
+        )
+    raise _InvalidRecord(
+        "wrong_type",
+        f"field {field_name!r} must be a string or chat messages, got {type(response).__name__}",
     )
 
 

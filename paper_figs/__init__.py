@@ -22,6 +22,7 @@ FIGURES: list[tuple[str, str]] = [
     ("demo_loglik", "paper_figs.fig_demo_loglik"),
     ("beta_sensitivity", "paper_figs.fig_beta_sensitivity"),
     ("normaliser_bias", "paper_figs.fig_normaliser_bias"),
+    ("experiments", "paper_figs.fig_experiments"),
 ]
 
 

@@ -1,0 +1,148 @@
+"""Ablations as flags: the product of swept values, one run directory each.
+
+    python -m experiments.sweep --preset quick \\
+        --sweep loss=logistic,brier,hinge beta=0.1,1.0 seed=0,1,2 [other run flags]
+
+runs the 18 combinations one after another under ``OUTPUT_DIR/sweep-<base>/``, each named by
+its swept values (``loss-brier_beta-1.0_seed-2``). A run that finished earlier (its
+``summary.json`` exists and its configuration is the same) is skipped and an interrupted one
+continues from its checkpoint, so re-running an interrupted sweep does only what is missing.
+``--max-runs N`` stops after N newly trained runs; ``--dry-run`` lists the runs and their status.
+Then ``python -m experiments.report OUTPUT_DIR/sweep-<base>`` tabulates them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import logging
+import re
+import sys
+from typing import Any
+
+from experiments.config import RunConfig, add_config_arguments, resolve_config
+from experiments.pipeline import ensure_run, run_status
+from gsil.io import write_json
+
+logger = logging.getLogger("experiments.sweep")
+
+_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def parse_sweep(items: list[str]) -> dict[str, list[Any]]:
+    """``["loss=logistic,brier", "beta=0.1,1"]`` -> ``{"loss": [...], "beta": [0.1, 1.0]}``.
+
+    Keys are RunConfig fields (``-`` or ``_``); values are converted to the field's type.
+
+    Raises:
+        SystemExit: unknown field, a missing ``=``, an empty or unconvertible value.
+    """
+    sweep: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not raw.strip():
+            raise SystemExit(f"--sweep {item!r}: write FIELD=value1,value2,...")
+        if key not in _FIELDS:
+            raise SystemExit(f"--sweep {item!r}: unknown field {key!r}; valid: {sorted(_FIELDS)}")
+        if key in ("name", "output_dir", "resume"):
+            raise SystemExit(f"--sweep: {key} cannot be swept")
+        sweep[key] = [_convert(key, value.strip()) for value in raw.split(",")]
+    return sweep
+
+
+def _convert(key: str, value: str) -> Any:
+    default = _FIELDS[key].default
+    try:
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        if key == "gamma" or isinstance(default, float):
+            return float(value)
+        if isinstance(default, int):
+            return int(value)
+    except ValueError:
+        raise SystemExit(
+            f"--sweep {key}: cannot read {value!r} as {type(default).__name__}"
+        ) from None
+    choices = _FIELDS[key].metadata.get("choices")
+    if choices and value not in choices:
+        raise SystemExit(f"--sweep {key}: {value!r} is not one of {choices}")
+    return value
+
+
+def combo_name(combo: dict[str, Any]) -> str:
+    """A directory name from swept values: ``loss-brier_beta-1.0_seed-2``."""
+    parts = [f"{key}-{value}" for key, value in combo.items()]
+    return re.sub(r"[^A-Za-z0-9._=-]+", "-", "_".join(parts))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: ``--sweep``, ``--preset``, sweep controls and every run flag."""
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.sweep",
+        description="Run the product of swept run settings, one run directory each; finished "
+        "runs are skipped, so an interrupted sweep continues where it stopped.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--sweep", nargs="+", required=True, metavar="FIELD=V1,V2",
+                        help="run fields and their values, e.g. loss=logistic,brier seed=0,1")  # fmt: skip
+    parser.add_argument("--preset", help="a single-run preset (quick, ...) or JSON file")
+    parser.add_argument("--max-runs", type=int, help="stop after training this many runs")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    add_config_arguments(parser)
+    return parser
+
+
+def plan_sweep(args: argparse.Namespace) -> list[RunConfig]:
+    """Every combination's resolved configuration (validated before anything runs)."""
+    sweep = parse_sweep(args.sweep)
+    base = resolve_config(args, args.preset)
+    base_name = args.name or (base.name if base.name else "sweep")
+    output_dir = f"{base.output_dir}/sweep-{base_name}"
+    configs = []
+    for values in itertools.product(*sweep.values()):
+        combo = dict(zip(sweep, values, strict=True))
+        combo_args = argparse.Namespace(**vars(args))
+        for key, value in combo.items():
+            setattr(combo_args, key, value)
+        combo_args.name = combo_name(combo)
+        combo_args.output_dir = output_dir
+        configs.append(resolve_config(combo_args, args.preset))
+    return configs
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the sweep; returns one ``{run_dir, status}`` per combination."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configs = plan_sweep(args)
+    if args.dry_run:
+        for config in configs:
+            print(f"{run_status(config):<9} {config.run_dir()}")
+        return [{"run_dir": str(c.run_dir()), "status": run_status(c)} for c in configs]
+    done: list[dict] = []
+    trained = 0
+    for index, config in enumerate(configs, start=1):
+        if args.max_runs is not None and trained >= args.max_runs and run_status(config) != "done":
+            logger.info("--max-runs %d reached; rerun the same command to continue", trained)
+            break
+        logger.info("sweep run %d/%d: %s", index, len(configs), config.run_dir())
+        what, summary = ensure_run(config)
+        trained += what != "skipped"
+        done.append({"run_dir": str(config.run_dir()), "status": what,
+                     "wall_seconds": summary.get("wall_seconds")})  # fmt: skip
+    if configs:
+        write_json(configs[0].run_dir().parent / "sweep.json",
+                   {"argv": argv if argv is not None else sys.argv[1:], "runs": done})  # fmt: skip
+    print(f"sweep: {sum(d['status'] != 'skipped' for d in done)} trained, "
+          f"{sum(d['status'] == 'skipped' for d in done)} skipped, "
+          f"{len(configs) - len(done)} left")  # fmt: skip
+    return done
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,152 @@
+"""Held-out reasoning-gym tasks: greedy answers, scored by reasoning-gym's own scorer.
+
+Test items come from ``load_reasoning_demonstrations(..., split="test")``, whose item seeds are
+disjoint from every training seed (``gsil.reasoning_tasks.split_seed``). The prompt is the
+training prompt (question + the ``Answer: <answer>`` instruction) formatted by the one chat
+template function; the final answer is parsed with ``extract_final_answer`` and handed to
+reasoning-gym's scorer. An item is correct when that score is 1.0.
+
+Items whose reasoning-gym gold disagrees with an exact evaluation of the expression are left
+out (as for training; the count is recorded in the settings as ``skipped``): scoring against a
+wrong gold would measure the dataset, not the model.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from gsil.data import Demonstration
+from gsil.evaluation.results import (
+    BenchmarkResult,
+    Decoding,
+    base_settings,
+    proportion_interval,
+)
+from gsil.generation import generate
+from gsil.reasoning_tasks import extract_final_answer, load_reasoning_demonstrations, score_answer
+
+BENCHMARK = "reasoning"
+DEFAULT_TASKS = ("chain_sum", "basic_arithmetic")
+DEFAULT_ITEMS_PER_TASK = 200
+
+
+def load_test_items(
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    items_per_task: int = DEFAULT_ITEMS_PER_TASK,
+    seed: int = 0,
+) -> list[Demonstration]:
+    """``items_per_task`` held-out items of each task (split ``"test"``), deterministic in seed.
+
+    The returned list carries ``.skipped`` (items dropped for a bad gold, by task and reason).
+    """
+    if items_per_task < 1:
+        raise ValueError(f"items_per_task must be >= 1, got {items_per_task}")
+    spec = ",".join(tasks)
+    return load_reasoning_demonstrations(
+        spec, size=items_per_task * len(tasks), seed=seed, split="test"
+    )
+
+
+def score_completions(
+    items: Sequence[Demonstration], completions: Sequence[str], progress: bool = True
+) -> list[dict[str, Any]]:
+    """One record per item: the extracted answer, reasoning-gym's score and the verdict.
+
+    Raises:
+        ValueError: when there are not as many completions as items.
+    """
+    if len(items) != len(completions):
+        raise ValueError(f"{len(items)} items but {len(completions)} completions")
+    records = []
+    pairs = zip(items, completions, strict=True)
+    for item, completion in tqdm(pairs, total=len(items), desc="scoring", disable=not progress):
+        task = item.meta["task"]
+        answer = extract_final_answer(completion)
+        score = score_answer(task, answer, item.meta["entry"])
+        records.append(
+            {
+                "id": item.id,
+                "task": task,
+                "prompt": item.prompt,
+                "completion": completion,
+                "extracted_answer": answer,
+                "gold": str(item.meta["answer"]),
+                "score": score,
+                "correct": score >= 1.0,
+            }
+        )
+    return records
+
+
+def summarize(records: Sequence[dict[str, Any]], settings: dict[str, Any]) -> BenchmarkResult:
+    """Overall and per-task accuracy, each with a Wilson interval."""
+    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        by_task[record["task"]].append(record)
+    breakdown = {task: _accuracy(rows) for task, rows in by_task.items()}
+    overall = _accuracy(records)
+    return BenchmarkResult(
+        benchmark=BENCHMARK,
+        metric="accuracy",
+        score=overall["accuracy"],
+        n=overall["n"],
+        interval=overall["interval"],
+        interval_method="wilson",
+        breakdown={"tasks": breakdown, "no_answer": overall["no_answer"]},
+        settings=settings,
+    )
+
+
+def _accuracy(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    correct = sum(bool(row["correct"]) for row in rows)
+    n = len(rows)
+    return {
+        "accuracy": correct / n if n else None,
+        "n": n,
+        "correct": correct,
+        "interval": list(proportion_interval(correct, n)),
+        "mean_score": sum(row["score"] for row in rows) / n if n else None,
+        # Answers without an "Answer:" line: a format failure rather than a wrong answer.
+        "no_answer": sum(row["extracted_answer"] is None for row in rows),
+    }
+
+
+def evaluate_reasoning(
+    model: Any,
+    tokenizer: Any,
+    *,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    items_per_task: int = DEFAULT_ITEMS_PER_TASK,
+    seed: int = 0,
+    decoding: Decoding | None = None,
+    progress: bool = True,
+) -> tuple[BenchmarkResult, list[dict[str, Any]]]:
+    """Generate answers to held-out items of ``tasks`` and score them.
+
+    Returns:
+        ``(result, records)``; write them with ``gsil.evaluation.results.write_result``.
+    """
+    decoding = decoding or Decoding()
+    items = load_test_items(tasks, items_per_task, seed)
+    outputs = generate(
+        model, tokenizer, [item.prompt for item in items], **decoding.generate_kwargs(progress)
+    )
+    records = score_completions(items, [out.text for out in outputs], progress)
+    for record, out in zip(records, outputs, strict=True):
+        record.update(num_tokens=out.num_tokens, truncated=out.truncated)
+    settings = base_settings(
+        tokenizer,
+        decoding,
+        tasks=list(tasks),
+        items_per_task=items_per_task,
+        data_seed=seed,
+        split="test",
+        skipped=dict(getattr(items, "skipped", {})),
+    )
+    result = summarize(records, settings)
+    result.breakdown["truncated"] = sum(out.truncated for out in outputs)
+    return result, records

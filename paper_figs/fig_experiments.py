@@ -1,0 +1,139 @@
+"""Experiment figures from trained runs: benchmark scores per method and round, and the
+training curves (rewards, margins, log-probs) of ``metrics.jsonl``.
+
+Reads the runs under ``$GSIL_RUNS_DIR`` (default ``runs/``; the default pipeline writes
+``runs/default/``). With no runs it prints a message and draws nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from experiments.report import RunInfo, discover_runs
+from gsil.io import read_json
+from paper_figs.style import color, figure, save_figure, save_numbers
+
+NAME = "experiments"
+CURVES = [
+    ("rewards/margin", "reward margin (demo - generated)"),
+    ("rewards/demo", "reward of demonstrations"),
+    ("rewards/gen", "reward of generations"),
+    ("logps/demo", "log pi(demo) (nats / sequence)"),
+    ("logps/gen", "log pi(generated) (nats / sequence)"),
+    ("loss", "loss"),
+]
+MAX_RUNS = 12  # more runs than this: the curves become unreadable, the first ones are drawn
+
+
+def default_runs_dir() -> Path:
+    return Path(os.environ.get("GSIL_RUNS_DIR", "runs"))
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    if window <= 1:
+        return values
+    out, total = [], 0.0
+    for index, value in enumerate(values):
+        total += value
+        if index >= window:
+            total -= values[index - window]
+        out.append(total / min(index + 1, window))
+    return out
+
+
+def _start_score(run: RunInfo, bench: str) -> tuple[float, list[float]] | None:
+    """The score of the model the run started from, when that model was evaluated."""
+    model = Path(str(run.config.get("model", "")))
+    path = model.parent / "eval" / f"{bench}.json"
+    if model.name == "model" and path.exists():
+        result = read_json(path)
+        if result.get("score") is not None:
+            return result["score"], result["interval"]
+    return None
+
+
+def draw_scores(runs: list[RunInfo], out_dir: Path) -> tuple[list[Path], dict]:
+    """Score (with 95% interval) against rounds trained, one line per run and benchmark."""
+    benches = sorted({b for run in runs for evals in run.evals.values() for b in evals})
+    if not benches:
+        return [], {}
+    fig, axes = figure(1, len(benches), height=2.6)
+    numbers: dict = {}
+    for ax, bench in zip(axes[0], benches, strict=True):
+        for offset, run in enumerate(runs):
+            points = []
+            start = _start_score(run, bench)
+            if start is not None:
+                points.append((0, start[0], start[1]))
+            for round_index, evals in sorted(run.evals.items()):
+                if bench in evals:
+                    result = read_json(evals[bench])
+                    if result.get("score") is not None:
+                        points.append((round_index + 1, result["score"], result["interval"]))
+            if not points:
+                continue
+            xs = [p[0] + 0.04 * (offset - len(runs) / 2) for p in points]
+            ys = [100 * p[1] for p in points]
+            errs = [
+                [100 * (p[1] - p[2][0]) for p in points],
+                [100 * (p[2][1] - p[1]) for p in points],
+            ]
+            ax.errorbar(xs, ys, yerr=errs, marker="o", ms=3, capsize=2, label=run.name,
+                        color=color(run.method) if run.method != "sft" else None)  # fmt: skip
+            numbers.setdefault(bench, {})[run.name] = points
+        ax.set_title(bench)
+        ax.set_xlabel("rounds trained (0: the starting model)")
+        ax.set_ylabel("score (%) with 95% interval")
+    axes[0, 0].legend(fontsize=6)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, f"{NAME}_scores"), numbers
+
+
+def draw_curves(runs: list[RunInfo], out_dir: Path) -> tuple[list[Path], dict]:
+    """Training curves per optimizer step (smoothed), with round boundaries marked."""
+    metrics = {run.name: run.metrics() for run in runs}
+    metrics = {name: rows for name, rows in metrics.items() if rows}
+    if not metrics:
+        return [], {}
+    fig, axes = figure(2, 3, height=2.2)
+    numbers: dict = {}
+    methods = {run.name: run.method for run in runs}
+    for ax, (key, label) in zip(axes.flat, CURVES, strict=True):
+        for name, rows in metrics.items():
+            steps = [row["step"] for row in rows if key in row]
+            values = [row[key] for row in rows if key in row]
+            if not values:
+                continue
+            window = max(1, len(values) // 20)
+            ax.plot(steps, _smooth(values, window), label=name, color=color(methods[name])
+                    if methods[name] != "sft" else None)  # fmt: skip
+            numbers.setdefault(key, {})[name] = {"step": steps, "value": values}
+            for row_prev, row in zip(rows, rows[1:], strict=False):
+                if row["round"] != row_prev["round"]:
+                    ax.axvline(row["step"] - 0.5, color="k", lw=0.5, ls=":")
+        ax.set_title(label)
+        ax.set_xlabel("optimizer step")
+    axes[0, 0].legend(fontsize=6)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, f"{NAME}_training"), numbers
+
+
+def draw(out_dir: Path, runs_dir: Path | None = None) -> list[Path]:
+    """Draw the score and training-curve figures of the runs under ``runs_dir``."""
+    runs_dir = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    runs = discover_runs([runs_dir])
+    if not runs:
+        print(f"{NAME}: no runs under {runs_dir} (train some with `make run`, or set "
+              "GSIL_RUNS_DIR); nothing drawn")  # fmt: skip
+        return []
+    if len(runs) > MAX_RUNS:
+        print(f"{NAME}: {len(runs)} runs under {runs_dir}; drawing the first {MAX_RUNS}")
+        runs = runs[:MAX_RUNS]
+    score_paths, scores = draw_scores(runs, out_dir)
+    curve_paths, curves = draw_curves(runs, out_dir)
+    paths = score_paths + curve_paths
+    if paths:
+        save_numbers({"runs_dir": str(runs_dir), "scores": scores, "training": curves},
+                     Path(out_dir), NAME)  # fmt: skip
+    return paths

