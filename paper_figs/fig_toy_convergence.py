@@ -42,7 +42,8 @@ def draw(out_dir: Path) -> list[Path]:
             ax.axhline(multimodal["sft"]["data_mode_mass"][0], color="k", ls=":", lw=1)
         ax.set_xlabel("round t (pi_data: multimodal)")
         ax.set_ylabel(ylabel)
-    axes[0, 0].legend(ncol=2, fontsize=6)
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for one legend row under the panels
+    fig.legend(handles, labels, ncol=len(labels), loc="lower center", frameon=False)
     save_numbers(sweep, out_dir, NAME)
     return save_figure(fig, out_dir, NAME)

@@ -16,6 +16,7 @@ from scipy.stats import binomtest
 
 from gsil.evaluation.humaneval import (
     HUMANEVAL_STOP,
+    HumanEvalResults,
     build_program,
     build_prompts,
     evaluate_completions,
@@ -24,7 +25,6 @@ from gsil.evaluation.humaneval import (
     load_problems,
     postprocess,
     truncate_completion,
-    wilson_interval,
 )
 
 PROBLEMS = load_problems()
@@ -170,13 +170,10 @@ def test_unknown_task_rejected() -> None:
         evaluate_completions([{"task_id": "HumanEval/999", "completion": ""}], progress=False)
 
 
-def test_wilson_interval() -> None:
-    lo, hi = wilson_interval(50, 100)
+def test_ci95_is_the_wilson_interval_of_the_tasks_passed() -> None:
+    results = HumanEvalResults(records=[], pass_at_k={"pass@1": 0.5}, n_tasks=100, n_samples=100)
     ref = binomtest(50, 100).proportion_ci(0.95, method="wilson")
-    assert (lo, hi) == pytest.approx((ref.low, ref.high), abs=1e-9)
-    assert lo == pytest.approx(0.4038, abs=1e-4)
-    assert wilson_interval(0, 10)[0] == 0.0
-    assert wilson_interval(0, 0) == (0.0, 1.0)
+    assert results.ci95() == pytest.approx((ref.low, ref.high), abs=1e-9)
 
 
 def test_load_completions(tmp_path: Path) -> None:

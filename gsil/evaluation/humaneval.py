@@ -18,7 +18,6 @@ that exits early is a failure. Generation glue is expected to look like::
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import norm
 
+from gsil.evaluation.results import proportion_interval
 from gsil.evaluation.sandbox import SandboxResult, run_untrusted
 
 __all__ = [
@@ -43,7 +42,6 @@ __all__ = [
     "load_problems",
     "postprocess",
     "truncate_completion",
-    "wilson_interval",
 ]
 
 #: Stop sequences ending a base-model continuation at the end of the target function.
@@ -256,18 +254,6 @@ def load_completions(
     return rows
 
 
-def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a proportion ``successes / n`` (``(0, 1)`` if ``n == 0``)."""
-    if n <= 0:
-        return (0.0, 1.0)
-    p = successes / n
-    z = float(norm.ppf(0.5 + confidence / 2))
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0)) / denom
-    return (max(0.0, center - half), min(1.0, center + half))
-
-
 @dataclass
 class HumanEvalResults:
     """Per-sample records and aggregate scores of a HumanEval run."""
@@ -292,7 +278,7 @@ class HumanEvalResults:
     def ci95(self) -> tuple[float, float]:
         """95% Wilson interval of pass@1 over tasks (exact binomial model with one sample per
         task; with several samples it treats the mean per-task pass rate as a proportion)."""
-        return wilson_interval(self.score * self.n_tasks, self.n_tasks, 0.95)
+        return proportion_interval(round(self.score * self.n_tasks), self.n_tasks)
 
     def summary(self) -> str:
         """One-line human readable summary."""
