@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -223,6 +223,9 @@ def optimizer_step(
         )  # fmt: skip
         # each micro-batch's share of the step's mean over examples
         loss = losses.sum() / total_examples
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # DeepSpeed divides by its own gradient_accumulation_steps (= grad_accum) again
+            loss = loss * len(micro_batches)
         syncing = position == len(micro_batches) - 1
         context = accelerator.no_sync(model) if not syncing else nullcontext()
         with context:
