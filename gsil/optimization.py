@@ -207,7 +207,7 @@ def optimizer_step(
 ) -> dict:
     """Accumulate gradients over ``micro_batches``, clip, step; return the step's mean stats."""
     total_examples = sum(len(b["index"]) for b in micro_batches)
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}  # per-key sums over this process's examples
     tokens = 0
     for position, batch in enumerate(micro_batches):
         index = batch["index"].cpu()
@@ -234,16 +234,20 @@ def optimizer_step(
         if policy_gen is not None:
             stats["logps/gen"] = policy_gen.detach()
         for key, values in stats.items():
-            sums[key] = sums.get(key, 0.0) + float(accelerator.gather_for_metrics(values).sum())
+            sums[key] = sums.get(key, 0.0) + values.float().sum()
         tokens += count_tokens(batch)
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    world_examples = total_examples * accelerator.num_processes
-    means = {key: value / world_examples for key, value in sums.items()}
+    # one collective per step: every key's sum, the example count and the token count
+    counts = torch.tensor([float(total_examples), float(tokens)])
+    local = torch.cat([torch.stack([v.cpu() for v in sums.values()]), counts])
+    world = accelerator.reduce(local.to(accelerator.device), reduction="sum").tolist()
+    world_examples, world_tokens = world[-2], world[-1]
+    means = {key: value / world_examples for key, value in zip(sums, world, strict=False)}
     means["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-    means["tokens"] = tokens * accelerator.num_processes
+    means["tokens"] = int(world_tokens)
     return means
 
 

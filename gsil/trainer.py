@@ -134,7 +134,7 @@ def run_rounds(
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     pad_id = tokenizer.pad_token_id
     if not resume:
-        _reset_run_outputs(run_dir, rounds)
+        _reset_run_outputs(run_dir)
     checkpoint = load_checkpoint(run_dir) if resume else None
     summary: dict = {"objective": objective.name, "rounds": []}
     global_step = 0
@@ -189,7 +189,7 @@ def run_rounds(
     return summary
 
 
-def _reset_run_outputs(run_dir: Path, rounds: int) -> None:
+def _reset_run_outputs(run_dir: Path) -> None:
     """A fresh (non-resumed) run must not mix with an earlier run's files in the same dir."""
     for stale in [run_dir / "metrics.jsonl", run_dir / "checkpoint"]:
         if stale.is_dir():
