@@ -63,14 +63,25 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
         yield staging
-        if target.exists():
-            retired = target.with_name(f".{target.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            os.replace(target, retired)
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def replace_dir(source: str | os.PathLike[str], destination: str | os.PathLike[str]) -> None:
+    """Move directory ``source`` to ``destination``, replacing an existing one with a minimal
+    gap (two renames; the old copy is restored if the second fails)."""
+    source, destination = Path(source), Path(destination)
+    if not destination.exists():
+        os.rename(source, destination)
+        return
+    backup = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+    shutil.rmtree(backup, ignore_errors=True)
+    os.rename(destination, backup)
+    try:
+        os.rename(source, destination)
+    except BaseException:
+        os.rename(backup, destination)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)

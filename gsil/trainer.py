@@ -36,13 +36,15 @@ from gsil.batching import build_examples
 from gsil.data import tie_mask
 from gsil.generation import generate_set
 from gsil.io import atomic_file, read_json, write_json
-from gsil.models import apply_lora, is_peft_model, save_model
+from gsil.models import apply_lora, is_peft_model
 from gsil.objectives import Objective
 from gsil.optimization import (
     OptimSettings,
     RoundData,
+    full_parameters,
     load_checkpoint,
     reference_logps,
+    save_round_model,
     train_round,
     truncate_metrics,
 )
@@ -58,13 +60,16 @@ def prepare_round(
     """Generate (or reuse) the round's own responses and store its reference log-probs."""
     info: dict = {"num_demonstrations": len(demos)}
     generations = None
+    started = time.perf_counter()
     if objective.needs_generations:
-        # the same precision as training (bf16 autocast when mixed precision is on)
-        with accelerator.autocast():
+        # the same precision as training (bf16 autocast when mixed precision is on); each
+        # process generates its share, the main process writes the set
+        policy = accelerator.unwrap_model(model)
+        with accelerator.autocast(), full_parameters(accelerator, policy):
             generations = generate_set(
-                accelerator.unwrap_model(model), tokenizer, demos, round_dir / "generated.jsonl",
+                policy, tokenizer, demos, round_dir / "generated.jsonl",
                 max_prompt_length=max_prompt_length, progress=accelerator.is_main_process,
-                **generation,
+                accelerator=accelerator, **generation,
             )  # fmt: skip
         ties = tie_mask([d.response for d in demos], generations)
         info["ties"] = sum(ties)
@@ -77,6 +82,8 @@ def prepare_round(
                     "(run without --drop-ties or with sampled generation)"
                 )
         info["num_trained"] = len(demos)
+    info["generation_seconds"] = round(time.perf_counter() - started, 3)
+    started = time.perf_counter()
     examples = build_examples(
         tokenizer, [d.prompt for d in demos], [d.response for d in demos], generations,
         max_prompt_length=max_prompt_length, max_length=max_length,
@@ -90,7 +97,7 @@ def prepare_round(
         else:
             pad_id = tokenizer.pad_token_id
             # autocast like the training forward, so that Delta = 0 at the first step
-            with accelerator.autocast():
+            with accelerator.autocast(), full_parameters(accelerator, model):
                 ref_demo, ref_gen = reference_logps(
                     model, examples, pad_id, batch_size, average_logps, accelerator,
                     objective.needs_generations,
@@ -101,6 +108,8 @@ def prepare_round(
         info["ref_logps/demo"] = float(ref_demo.mean())
         if ref_gen is not None:
             info["ref_logps/gen"] = float(ref_gen.mean())
+    info["reference_seconds"] = round(time.perf_counter() - started, 3)
+    accelerator.wait_for_everyone()
     return RoundData(examples, ref_demo, ref_gen), info
 
 
@@ -133,8 +142,9 @@ def run_rounds(
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     pad_id = tokenizer.pad_token_id
-    if not resume:
+    if not resume and accelerator.is_main_process:
         _reset_run_outputs(run_dir)
+    accelerator.wait_for_everyone()
     checkpoint = load_checkpoint(run_dir) if resume else None
     summary: dict = {"objective": objective.name, "rounds": []}
     global_step = 0
@@ -160,20 +170,22 @@ def run_rounds(
             average_logps=optim.average_logps, drop_ties=drop_ties, accelerator=accelerator,
         )  # fmt: skip
         resume_state = checkpoint if checkpoint and checkpoint["round"] == round_index else None
-        if resume_state is not None:
+        if resume_state is not None and accelerator.is_main_process:
             truncate_metrics(run_dir / "metrics.jsonl", resume_state["global_step"])
-        last = train_round(
+        training_started = time.perf_counter()
+        last, prepared = train_round(
             model, data, objective, optim, round_index=round_index, seed=seed, pad_id=pad_id,
             run_dir=run_dir, accelerator=accelerator, resume_state=resume_state,
             global_step_offset=global_step,
         )  # fmt: skip
+        info["training_seconds"] = round(time.perf_counter() - training_started, 3)
         global_step = last.get("step", global_step)
-        policy = accelerator.unwrap_model(model)
-        if accelerator.is_main_process:
-            save_model(policy, tokenizer, round_dir / "model")
+        save_round_model(accelerator, prepared, tokenizer, round_dir / "model")
+        policy = accelerator.unwrap_model(prepared)
         round_summary = {
             "round": round_index,
             **info,
+            "num_processes": accelerator.num_processes,
             "global_step": global_step,
             "seconds": round(time.perf_counter() - started, 2),
             "last_step": last,
@@ -191,7 +203,11 @@ def run_rounds(
 
 def _reset_run_outputs(run_dir: Path) -> None:
     """A fresh (non-resumed) run must not mix with an earlier run's files in the same dir."""
-    for stale in [run_dir / "metrics.jsonl", run_dir / "checkpoint"]:
+    for stale in [
+        run_dir / "metrics.jsonl",
+        run_dir / "checkpoint",
+        run_dir / ".checkpoint.staging",
+    ]:
         if stale.is_dir():
             shutil.rmtree(stale)
         elif stale.exists():

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import Interrupt, interrupting, tiny_demos
 
-from gsil.data import Demonstration
 from gsil.estimators import get_estimator
 from gsil.objectives import make_objective
 from gsil.trainer import OptimSettings, run_rounds
@@ -15,10 +15,7 @@ GENERATION = {"max_new_tokens": 6, "do_sample": False, "batch_size": 4}
 
 
 def demos(count=8):
-    return [
-        Demonstration(prompt=f"add {i} and {i + 1}", response=f"{2 * i + 1}", id=f"d{i}")
-        for i in range(count)
-    ]
+    return tiny_demos(count)
 
 
 def optim(**overrides):
@@ -78,24 +75,6 @@ def test_spin_and_sft_runs(method, tiny_model, tiny_tokenizer, tmp_path):
         assert metrics[-1]["loss"] < metrics[0]["loss"]
     else:
         assert metrics[-1]["rewards/margin"] > metrics[0]["rewards/margin"]
-
-
-class Interrupt(Exception):
-    pass
-
-
-def interrupting(objective, after_calls):
-    """The same objective, raising on call ``after_calls + 1`` (an interruption mid-round)."""
-    calls = {"n": 0}
-
-    def fn(*args):
-        calls["n"] += 1
-        if calls["n"] > after_calls:
-            raise Interrupt
-        return objective.fn(*args)
-
-    return type(objective)(objective.name, fn, objective.needs_generations,
-                           objective.needs_reference)  # fmt: skip
 
 
 @pytest.mark.parametrize("interrupt_after_calls", [3, 10])  # round 0 mid-epoch; round 1

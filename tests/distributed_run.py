@@ -1,0 +1,87 @@
+"""Run round-loop jobs on the tiny model under ``accelerate launch`` (or in one process).
+
+    accelerate launch --multi_gpu --num_processes 2 tests/distributed_run.py OUT JOBS_JSON
+
+On a machine without GPUs ``--multi_gpu`` starts the processes with torchrun and accelerate
+joins them over gloo (``accelerate launch --cpu`` would start only one). Each job in
+``JOBS_JSON`` (a list of :func:`run_job` keyword dicts) writes ``OUT/<name>/``; the tests in
+``test_distributed.py`` compare those directories with one-process runs of the same jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import (  # noqa: E402
+    Interrupt,
+    build_tiny_model,
+    build_tiny_tokenizer,
+    interrupting,
+    tiny_demos,
+)
+
+from gsil.estimators import get_estimator  # noqa: E402
+from gsil.objectives import make_objective  # noqa: E402
+from gsil.trainer import OptimSettings, run_rounds  # noqa: E402
+
+GENERATION = {"max_new_tokens": 6, "do_sample": False, "batch_size": 3}
+
+
+def run_job(
+    out: Path,
+    accelerator,
+    *,
+    name: str,
+    method: str = "gsil",
+    loss: str = "logistic",
+    rounds: int = 2,
+    num_demos: int = 10,
+    interrupt_after_calls: int = 0,
+    **optim: object,
+) -> Path:
+    """One run of ``run_rounds`` into ``out/name``; with ``interrupt_after_calls`` the run is
+    interrupted at that objective call and then resumed in the same processes."""
+    tokenizer = build_tiny_tokenizer()
+    estimator = get_estimator(loss) if method == "gsil" else None
+    objective = make_objective(method, estimator, beta=0.5)
+    settings = OptimSettings(**{"checkpoint_every": 1, **optim})
+    kwargs = dict(
+        rounds=rounds, optim=settings, generation=GENERATION, max_prompt_length=64,
+        max_length=96, seed=1, accelerator=accelerator,
+    )  # fmt: skip
+    run_dir = out / name
+    demos = tiny_demos(num_demos)
+    if interrupt_after_calls:
+        try:
+            run_rounds(build_tiny_model(tokenizer), tokenizer, demos,
+                       interrupting(objective, interrupt_after_calls), run_dir, **kwargs)  # fmt: skip
+        except Interrupt:
+            pass
+        else:
+            raise AssertionError(f"{name}: the run was never interrupted")
+        run_rounds(build_tiny_model(tokenizer), tokenizer, demos, objective, run_dir, resume=True,
+                   **kwargs)  # fmt: skip
+    else:
+        run_rounds(build_tiny_model(tokenizer), tokenizer, demos, objective, run_dir, **kwargs)
+    return run_dir
+
+
+def main(out: str, jobs_json: str) -> None:
+    from accelerate import Accelerator
+
+    torch.set_num_threads(1)
+    accelerator = Accelerator(cpu=True)
+    for job in json.loads(jobs_json):
+        run_job(Path(out), accelerator, **job)
+    if accelerator.is_main_process:
+        (Path(out) / "processes.json").write_text(json.dumps(accelerator.num_processes))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

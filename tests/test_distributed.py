@@ -1,0 +1,160 @@
+"""Two processes give the one-process result: DDP over gloo on this CPU, the tiny model.
+
+One ``accelerate launch --multi_gpu --num_processes 2`` runs every job of ``JOBS`` with
+micro-batch b per process (``distributed_run.py``); each job is then run here in one process
+with micro-batch 2b, the same global batch. Weights, step counts, per-step losses, generated
+sets and reference log-probs must agree; an interrupted-and-resumed 2-process run must equal the
+uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from distributed_run import run_job
+from safetensors.torch import load_file
+from tiny import build_tiny_model, build_tiny_tokenizer
+
+# name -> (per-process micro-batch, everything else shared by both runs)
+JOBS = {
+    # a small learning rate: the weights themselves agree to 1e-5
+    "gsil-small-lr": dict(learning_rate=1e-5, batch_size=2),
+    # AdamW at 1e-3: the weights move far; they agree to 1% of that movement
+    "gsil": dict(learning_rate=1e-3, batch_size=2),
+    "spin": dict(method="spin", learning_rate=1e-3, batch_size=2),
+    "sft": dict(method="sft", learning_rate=1e-3, batch_size=2),
+    # 9 demos, micro-batch 1 x 2 processes, accumulation 2: the last global batch has one
+    # example (process 1 runs a zero-weight filler) and the last step one micro-batch (padded)
+    "gsil-accum2": dict(
+        learning_rate=1e-3,
+        batch_size=1,
+        grad_accum=2,
+        num_demos=9,
+        loss="brier",
+        optimizer="rmsprop",
+        warmup_steps=1,
+    ),  # fmt: skip
+}
+# 2-process runs interrupted after this many objective calls, then resumed (same as "gsil")
+RESUMED = {"gsil-resumed-round0": 2, "gsil-resumed-round1": 4}
+SMALL_LR_ATOL = 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(out: Path, jobs: list[dict], num_processes: int = 2) -> None:
+    """``accelerate launch`` the jobs on ``num_processes`` CPU processes (gloo)."""
+    script = Path(__file__).with_name("distributed_run.py")
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+        "--num_processes", str(num_processes), "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(script), str(out), json.dumps(jobs),
+    ]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def two_process(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two-process")
+    jobs = [{"name": name, **job} for name, job in JOBS.items()]
+    jobs += [
+        {"name": name, **JOBS["gsil"], "interrupt_after_calls": calls}
+        for name, calls in RESUMED.items()
+    ]
+    launch(out, jobs)
+    assert json.loads((out / "processes.json").read_text()) == 2
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The same jobs in this process, with twice the micro-batch."""
+    from accelerate.state import AcceleratorState
+
+    out = tmp_path_factory.mktemp("one-process")
+    for name, job in JOBS.items():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        run_job(
+            out, Accelerator(cpu=True), name=name, **{**job, "batch_size": 2 * job["batch_size"]}
+        )
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return out
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run_dir: Path, round_index: int = 1) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / f"round_{round_index}" / "model" / "model.safetensors"))
+
+
+def initial_weights() -> dict[str, torch.Tensor]:
+    return dict(build_tiny_model(build_tiny_tokenizer()).state_dict())
+
+
+def distance(a: dict, b: dict) -> float:
+    return float(torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a)))
+
+
+@pytest.mark.parametrize("name", list(JOBS))
+def test_two_processes_give_the_one_process_run(name, two_process, one_process):
+    two, one = two_process / name, one_process / name
+    two_rows, one_rows = metrics(two), metrics(one)
+    # the same optimizer steps (each process took its share, not every example)
+    assert [r["step"] for r in two_rows] == [r["step"] for r in one_rows]
+    # 10 demos / global batch 4 (or 9 / 2, accumulated by 2): 3 steps a round, 2 rounds
+    assert len(two_rows) == 6
+    for two_row, one_row in zip(two_rows, one_rows, strict=True):
+        assert two_row["loss"] == pytest.approx(one_row["loss"], abs=1e-4)
+        # the gradient itself (AdamW and clipping would hide a wrong scale in the weights)
+        assert two_row["grad_norm"] == pytest.approx(one_row["grad_norm"], rel=1e-4)
+        assert two_row["tokens"] == one_row["tokens"]
+    for round_index in (0, 1):
+        round_two, round_one = two / f"round_{round_index}", one / f"round_{round_index}"
+        if (round_one / "generated.jsonl").exists():
+            assert (round_two / "generated.jsonl").read_text() == (
+                round_one / "generated.jsonl"
+            ).read_text()
+        ref_path = "reference_logps.pt"
+        if (round_one / ref_path).exists():
+            ref_two, ref_one = torch.load(round_two / ref_path), torch.load(round_one / ref_path)
+            for part in ("demo", "gen"):
+                if ref_one[part] is not None:
+                    torch.testing.assert_close(ref_two[part], ref_one[part], atol=1e-4, rtol=0)
+        summary = json.loads((round_two / "summary.json").read_text())
+        assert summary["num_processes"] == 2
+    final_two, final_one = weights(two), weights(one)
+    moved = distance(final_one, initial_weights())
+    assert moved > 0
+    assert distance(final_two, final_one) <= 0.01 * moved
+    if JOBS[name]["learning_rate"] <= 1e-5:
+        for key in final_one:
+            torch.testing.assert_close(final_two[key], final_one[key], atol=SMALL_LR_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(RESUMED))
+def test_two_process_resume_is_bitwise_exact(name, two_process):
+    resumed, straight = two_process / name, two_process / "gsil"
+    expected, actual = weights(straight), weights(resumed)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
+    assert [r["step"] for r in metrics(resumed)] == [r["step"] for r in metrics(straight)]
+    assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(straight)]
+    assert not (resumed / "checkpoint").exists()
