@@ -27,6 +27,7 @@ from gsil.estimators import get_estimator
 from gsil.io import read_json, read_jsonl, write_json
 from gsil.models import load_model
 from gsil.objectives import make_objective
+from gsil.optimization import make_accelerator as gsil_accelerator
 from gsil.trainer import OptimSettings, run_rounds
 
 logger = logging.getLogger("experiments.run")
@@ -53,11 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:
-    on_gpu = torch.cuda.is_available()
     precision = config.precision
     if precision == "auto":
-        precision = "bf16" if on_gpu else "fp32"
-    return Accelerator(cpu=not on_gpu, mixed_precision="bf16" if precision == "bf16" else "no")
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    mixed_precision = "bf16" if precision == "bf16" else "no"
+    return gsil_accelerator(mixed_precision=mixed_precision, grad_accum=config.grad_accum)
 
 
 def check_resume(config: RunConfig) -> None:

@@ -172,8 +172,13 @@ def generate_from_ids(
         results = generate_vllm(model, tokenizer, [prompt_ids[i] for i in indices], **settings)
         local = list(zip(indices, results, strict=True))
     else:
-        local = _generate_hf(model, tokenizer, prompt_ids, [(n, batches[n]) for n in mine],
-                             **settings)  # fmt: skip
+        # Every process makes the same number of generate() calls: under ZeRO-3, transformers
+        # synchronises the processes at every new token (synced_gpus), so a process with one
+        # batch fewer would leave the others waiting forever. A filler batch (number -1)
+        # repeats the last one and its results are dropped.
+        calls = -(-len(batches) // world)
+        work = [(n, batches[n]) for n in mine] + [(-1, batches[-1])] * (calls - len(mine))
+        local = _generate_hf(model, tokenizer, prompt_ids, work, **settings)
     if world > 1:
         local = gather_object(local)
     ordered: list[GenerationResult | None] = [None] * len(prompt_ids)
@@ -217,7 +222,8 @@ def _generate_hf(
     seed: int,
     progress: bool,
 ) -> list[tuple[int, GenerationResult]]:
-    """Left-padded ``model.generate`` over ``(batch number, prompt indices)`` batches.
+    """Left-padded ``model.generate`` over ``(batch number, prompt indices)`` batches; a batch
+    numbered -1 is run for the processes' lockstep only and returns nothing.
 
     Sampling is seeded per batch from ``seed`` and the batch number, so a batch's samples do
     not depend on which process generates it or on what ran before.
@@ -254,6 +260,8 @@ def _generate_hf(
                     **decoding,
                 )
                 new_tokens = output[:, input_ids.shape[1] :].tolist()
+                if number < 0:
+                    continue  # a filler batch (see generate_from_ids)
                 for index, tokens in zip(batch, new_tokens, strict=True):
                     results.append(
                         (index, _make_result(tokens, tokenizer, eos_ids, max_new_tokens))

@@ -7,7 +7,9 @@ one GPU or several (``accelerate launch``).
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedType
-from accelerate.utils import gather_object
+from accelerate.utils import InitProcessGroupKwargs, gather_object
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
@@ -328,8 +330,16 @@ def _take(values: torch.Tensor | None, index: torch.Tensor, like: torch.Tensor):
 def configure_engine(accelerator: Accelerator, settings: OptimSettings) -> None:
     """Hand the run's batch, accumulation and clipping to DeepSpeed (its "auto" fields)."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None:
-        resolve_deepspeed_config(plugin.deepspeed_config, settings, accelerator.num_processes)
+    if accelerator.distributed_type != DistributedType.DEEPSPEED or plugin is None:
+        return
+    # resolve from the launch's own config each time, never from an earlier round's resolution
+    if not hasattr(plugin, "gsil_launch_config"):
+        plugin.gsil_launch_config = copy.deepcopy(plugin.deepspeed_config)
+    resolved = resolve_deepspeed_config(
+        copy.deepcopy(plugin.gsil_launch_config), settings, accelerator.num_processes
+    )
+    plugin.deepspeed_config.clear()  # the dict accelerate reads when it builds the engine
+    plugin.deepspeed_config.update(resolved)
 
 
 def resolve_deepspeed_config(ds_config: dict, settings: OptimSettings, num_processes: int) -> dict:
@@ -339,7 +349,8 @@ def resolve_deepspeed_config(ds_config: dict, settings: OptimSettings, num_proce
     DeepSpeed would otherwise step, clip or batch differently from what the run records. So is
     an optimizer or scheduler defined in the DeepSpeed config (the run builds its own), and
     optimizer offload with an optimizer other than AdamW (accelerate would silently replace it
-    with DeepSpeedCPUAdam).
+    with DeepSpeedCPUAdam). Under ZeRO-3 the weights are gathered on save (each round's model is
+    the next round's reference).
 
     Raises:
         ValueError: naming each field that disagrees and the fix.
@@ -372,7 +383,74 @@ def resolve_deepspeed_config(ds_config: dict, settings: OptimSettings, num_proce
         raise ValueError("DeepSpeed config disagrees with the run: " + "; ".join(problems)
                          + " (set those DeepSpeed fields to 'auto' to take the run's values)")  # fmt: skip
     ds_config.update(wanted)
+    zero = ds_config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        # every round saves the full policy (the next round's reference): ZeRO-3 must gather it
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
     return ds_config
+
+
+def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1) -> Accelerator:
+    """The run's ``Accelerator``: GPUs when present, else CPU processes, as launched.
+
+    On CPU processes DeepSpeed needs the gloo backend named: without it accelerate (1.15) starts
+    DeepSpeed's communication but counts one process per rank, and every rank would do all the
+    work.
+    """
+    on_gpu = torch.cuda.is_available()
+    settings = dict(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum)
+    if not on_gpu and _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
+                                  **settings)  # fmt: skip
+    else:
+        accelerator = Accelerator(cpu=not on_gpu, **settings)
+    check_processes(accelerator)
+    return accelerator
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true")
+
+
+def check_processes(accelerator: Accelerator) -> None:
+    """Refuse a launch that is not what it asked for, before any work is done.
+
+    * ``accelerate launch --cpu --num_processes N`` starts ONE process (accelerate's path for
+      several CPU processes goes through mpirun): the run would do N times the steps asked for.
+    * A process that does not see its launch's other processes (``WORLD_SIZE``) would train
+      alone on every example.
+    * ``--use_fsdp`` or ``--use_deepspeed`` that accelerate did not turn on (FSDP needs GPUs in
+      accelerate 1.15) would silently run as plain data parallelism.
+    """
+    env = os.environ
+    problems = []
+    if (
+        accelerator.num_processes == 1
+        and _env_flag("ACCELERATE_USE_CPU")
+        and "MASTER_ADDR" in env
+        and "WORLD_SIZE" not in env
+    ):
+        problems.append(
+            "accelerate launch --cpu --num_processes N started ONE process, not N: on CPUs start "
+            "several with `accelerate launch --multi_gpu --num_processes N ...` (torchrun and "
+            "gloo; no GPU needed) or `torchrun --nproc_per_node N -m experiments.run ...`"
+        )
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    if world != accelerator.num_processes:
+        problems.append(
+            f"the launcher started {world} processes but accelerate joined "
+            f"{accelerator.num_processes} ({accelerator.distributed_type}); every process "
+            "would train alone on all the data"
+        )
+    for flag, engine in (("ACCELERATE_USE_FSDP", DistributedType.FSDP),
+                         ("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED)):  # fmt: skip
+        if _env_flag(flag) and accelerator.distributed_type != engine:
+            problems.append(
+                f"the launch asked for {engine.value} but accelerate runs "
+                f"{accelerator.distributed_type.value} (accelerate enables FSDP on GPUs only)"
+            )
+    if problems:
+        raise RuntimeError("; ".join(problems))
 
 
 def is_zero3(accelerator: Accelerator) -> bool:

@@ -41,6 +41,7 @@ from gsil.objectives import Objective
 from gsil.optimization import (
     OptimSettings,
     RoundData,
+    check_processes,
     full_parameters,
     load_checkpoint,
     reference_logps,
@@ -141,6 +142,7 @@ def run_rounds(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    check_processes(accelerator)
     pad_id = tokenizer.pad_token_id
     if not resume and accelerator.is_main_process:
         _reset_run_outputs(run_dir)

@@ -73,10 +73,10 @@ def run_job(
 
 
 def main(out: str, jobs_json: str) -> None:
-    from accelerate import Accelerator
+    from gsil.optimization import make_accelerator
 
     torch.set_num_threads(1)
-    accelerator = Accelerator(cpu=True)
+    accelerator = make_accelerator()  # the launcher picks DDP or DeepSpeed (gloo on CPUs)
     for job in json.loads(jobs_json):
         run_job(Path(out), accelerator, **job)
     if accelerator.is_main_process:

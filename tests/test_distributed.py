@@ -9,6 +9,7 @@ uninterrupted one bit for bit.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -54,11 +55,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(out: Path, jobs: list[dict], num_processes: int = 2) -> None:
+DDP = ["--multi_gpu"]  # on a machine without GPUs: torchrun, gloo, DistributedDataParallel
+ZERO3 = ["--use_deepspeed", "--zero_stage", "3"]
+
+
+def launch(out: Path, jobs: list[dict], engine: list[str] = DDP, num_processes: int = 2) -> None:
     """``accelerate launch`` the jobs on ``num_processes`` CPU processes (gloo)."""
     script = Path(__file__).with_name("distributed_run.py")
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+        sys.executable, "-m", "accelerate.commands.launch", *engine,
         "--num_processes", str(num_processes), "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), str(script), str(out), json.dumps(jobs),
@@ -112,9 +117,38 @@ def distance(a: dict, b: dict) -> float:
     return float(torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a)))
 
 
+@pytest.fixture(scope="module")
+def zero3(tmp_path_factory) -> Path:
+    """The GSIL jobs (and a resumed one) under DeepSpeed ZeRO-3 on 2 CPU processes."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (make setup installs it with the dev extras)")
+    out = tmp_path_factory.mktemp("zero3")
+    jobs = [{"name": name, **JOBS[name]} for name in ZERO3_JOBS]
+    jobs.append({"name": "gsil-resumed-round1", **JOBS["gsil"], "interrupt_after_calls": 4})
+    launch(out, jobs, engine=ZERO3)
+    return out
+
+
+ZERO3_JOBS = ["gsil", "sft", "gsil-accum2"]
+
+
 @pytest.mark.parametrize("name", list(JOBS))
 def test_two_processes_give_the_one_process_run(name, two_process, one_process):
-    two, one = two_process / name, one_process / name
+    assert_same_run(two_process / name, one_process / name, JOBS[name])
+
+
+@pytest.mark.parametrize("name", ZERO3_JOBS)
+def test_deepspeed_zero3_gives_the_one_process_run(name, zero3, one_process):
+    """Parameters partitioned across processes: generation and the reference pass gather them,
+    the round model is saved gathered, accumulation and clipping come from the run."""
+    assert_same_run(zero3 / name, one_process / name, JOBS[name])
+
+
+def test_deepspeed_zero3_resume_is_bitwise_exact(zero3):
+    assert_same_weights_bitwise(zero3 / "gsil-resumed-round1", zero3 / "gsil")
+
+
+def assert_same_run(two: Path, one: Path, job: dict) -> None:
     two_rows, one_rows = metrics(two), metrics(one)
     # the same optimizer steps (each process took its share, not every example)
     assert [r["step"] for r in two_rows] == [r["step"] for r in one_rows]
@@ -143,14 +177,17 @@ def test_two_processes_give_the_one_process_run(name, two_process, one_process):
     moved = distance(final_one, initial_weights())
     assert moved > 0
     assert distance(final_two, final_one) <= 0.01 * moved
-    if JOBS[name]["learning_rate"] <= 1e-5:
+    if job["learning_rate"] <= 1e-5:
         for key in final_one:
             torch.testing.assert_close(final_two[key], final_one[key], atol=SMALL_LR_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("name", list(RESUMED))
 def test_two_process_resume_is_bitwise_exact(name, two_process):
-    resumed, straight = two_process / name, two_process / "gsil"
+    assert_same_weights_bitwise(two_process / name, two_process / "gsil")
+
+
+def assert_same_weights_bitwise(resumed: Path, straight: Path) -> None:
     expected, actual = weights(straight), weights(resumed)
     assert expected.keys() == actual.keys()
     for key in expected:
