@@ -397,8 +397,11 @@ def ensure_run(config: RunConfig, force_resume: bool = False) -> tuple[str, dict
         SystemExit: the run directory holds a finished run with another configuration.
     """
     from experiments.run import execute
+    from gsil.optimization import process_state
 
     status = run_status(config)
+    # every process has read the run directory before the main process writes into it
+    process_state().wait_for_everyone()
     run_dir = config.run_dir()
     if status == "done":
         logger.info("%s: finished earlier, skipped", run_dir)
@@ -454,19 +457,31 @@ def evaluate_stage(pipeline: Pipeline, stage: Stage) -> dict[str, Path]:
 
 def run_pipeline(pipeline: Pipeline) -> dict:
     """Train every stage, evaluate, and write the report and figures; returns a summary."""
-    pipeline.root.mkdir(parents=True, exist_ok=True)
-    write_json(pipeline.root / "pipeline.json", plan_pipeline(pipeline))
+    from accelerate.utils import broadcast_object_list
+
+    from gsil.optimization import process_state
+
+    # Under accelerate launch every process trains every stage (collectives); the main process
+    # alone writes shared files, evaluates, reports and draws, while the others finish.
+    state = process_state()
+    if state.is_main_process:
+        pipeline.root.mkdir(parents=True, exist_ok=True)
+        write_json(pipeline.root / "pipeline.json", plan_pipeline(pipeline))
     outcome: dict[str, Any] = {"pipeline": pipeline.name, "directory": str(pipeline.root),
                                "stages": {}}  # fmt: skip
     for stage in pipeline.stages:
-        shared = False
-        if stage.share_round0_generations:
-            shared = share_generations(stage, pipeline.stage(stage.share_round0_generations))
-        what, summary = ensure_run(stage.config, force_resume=shared)
+        shared = [False]
+        if stage.share_round0_generations and state.is_main_process:
+            shared = [share_generations(stage, pipeline.stage(stage.share_round0_generations))]
+        if state.num_processes > 1:
+            broadcast_object_list(shared)  # every process resumes, or none
+        what, summary = ensure_run(stage.config, force_resume=shared[0])
         outcome["stages"][stage.name] = {
             "status": what,
             "wall_seconds": summary.get("wall_seconds"),
         }
+    if not state.is_main_process:
+        return outcome
     if pipeline.evaluate:
         for name in pipeline.evaluate["runs"]:
             evaluate_stage(pipeline, pipeline.stage(name))

@@ -120,7 +120,9 @@ def execute(config: RunConfig) -> dict:
     set_seed(config.seed)
     started = time.perf_counter()
 
-    model, tokenizer = load_model(config.model, dtype="float32", lora_rank=config.lora_rank)
+    model, tokenizer = load_model(
+        config.model, dtype="float32", device=accelerator.device, lora_rank=config.lora_rank
+    )
     demos = load_demonstrations(
         config.data, prompt_field=config.prompt_field, response_field=config.response_field,
         split=config.split, size=config.num_demos, seed=config.seed,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DistributedType
+from accelerate import Accelerator, DistributedType, PartialState
 from accelerate.utils import InitProcessGroupKwargs, gather_object
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -371,7 +371,7 @@ def resolve_deepspeed_config(ds_config: dict, settings: OptimSettings, num_proce
             problems.append(f"{key}={given} but the run has {flags[key]} = {value}")
     for section in ("optimizer", "scheduler"):
         if section in ds_config:
-            problems.append(f"the DeepSpeed config defines an {section}; gsil builds its own "
+            problems.append(f"the DeepSpeed config defines '{section}'; gsil builds its own "
                             f"(--optimizer, --lr, --warmup-steps): remove '{section}'")  # fmt: skip
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}) or {}
     if offload.get("device") not in (None, "none") and settings.optimizer != "adamw":
@@ -397,15 +397,26 @@ def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1) -> Accele
     DeepSpeed's communication but counts one process per rank, and every rank would do all the
     work.
     """
-    on_gpu = torch.cuda.is_available()
     settings = dict(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum)
-    if not on_gpu and _env_flag("ACCELERATE_USE_DEEPSPEED"):
-        accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
-                                  **settings)  # fmt: skip
+    if _deepspeed_on_cpu():
+        handlers = [InitProcessGroupKwargs(backend="gloo")]
+        accelerator = Accelerator(kwargs_handlers=handlers, **settings)
     else:
-        accelerator = Accelerator(cpu=not on_gpu, **settings)
+        accelerator = Accelerator(cpu=not torch.cuda.is_available(), **settings)
     check_processes(accelerator)
     return accelerator
+
+
+def process_state() -> PartialState:
+    """The launch's processes (rank, barrier) for code that runs before or around the
+    ``Accelerator`` of :func:`make_accelerator`; it joins the same process group."""
+    if _deepspeed_on_cpu():
+        return PartialState(backend="gloo")
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _deepspeed_on_cpu() -> bool:
+    return not torch.cuda.is_available() and _env_flag("ACCELERATE_USE_DEEPSPEED")
 
 
 def _env_flag(name: str) -> bool:

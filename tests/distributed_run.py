@@ -43,11 +43,25 @@ def run_job(
     rounds: int = 2,
     num_demos: int = 10,
     interrupt_after_calls: int = 0,
+    zero3_init: bool = False,
     **optim: object,
 ) -> Path:
     """One run of ``run_rounds`` into ``out/name``; with ``interrupt_after_calls`` the run is
-    interrupted at that objective call and then resumed in the same processes."""
+    interrupted at that objective call and then resumed in the same processes. ``zero3_init``
+    starts from a model already partitioned by ZeRO-3 (as ``from_pretrained`` leaves it under
+    accelerate's ``zero3_init_flag``): each process holds only its shard of every parameter."""
     tokenizer = build_tiny_tokenizer()
+
+    def policy():
+        model = build_tiny_model(tokenizer)
+        if zero3_init:
+            import deepspeed
+
+            ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+            deepspeed.zero.Init(module=model, config_dict_or_path=ds_config, dtype=torch.float32)
+            assert all(p.numel() == 0 for p in model.parameters())  # only placeholders left
+        return model
+
     estimator = get_estimator(loss) if method == "gsil" else None
     objective = make_objective(method, estimator, beta=0.5)
     settings = OptimSettings(**{"checkpoint_every": 1, **optim})
@@ -59,16 +73,16 @@ def run_job(
     demos = tiny_demos(num_demos)
     if interrupt_after_calls:
         try:
-            run_rounds(build_tiny_model(tokenizer), tokenizer, demos,
+            run_rounds(policy(), tokenizer, demos,
                        interrupting(objective, interrupt_after_calls), run_dir, **kwargs)  # fmt: skip
         except Interrupt:
             pass
         else:
             raise AssertionError(f"{name}: the run was never interrupted")
-        run_rounds(build_tiny_model(tokenizer), tokenizer, demos, objective, run_dir, resume=True,
+        run_rounds(policy(), tokenizer, demos, objective, run_dir, resume=True,
                    **kwargs)  # fmt: skip
     else:
-        run_rounds(build_tiny_model(tokenizer), tokenizer, demos, objective, run_dir, **kwargs)
+        run_rounds(policy(), tokenizer, demos, objective, run_dir, **kwargs)
     return run_dir
 
 

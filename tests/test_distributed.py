@@ -125,6 +125,8 @@ def zero3(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("zero3")
     jobs = [{"name": name, **JOBS[name]} for name in ZERO3_JOBS]
     jobs.append({"name": "gsil-resumed-round1", **JOBS["gsil"], "interrupt_after_calls": 4})
+    # loaded partitioned (zero3_init_flag): round 0 generates and scores from placeholders
+    jobs.append({"name": "gsil-zero3-init", **JOBS["gsil"], "zero3_init": True})
     launch(out, jobs, engine=ZERO3)
     return out
 
@@ -142,6 +144,10 @@ def test_deepspeed_zero3_gives_the_one_process_run(name, zero3, one_process):
     """Parameters partitioned across processes: generation and the reference pass gather them,
     the round model is saved gathered, accumulation and clipping come from the run."""
     assert_same_run(zero3 / name, one_process / name, JOBS[name])
+
+
+def test_deepspeed_zero3_from_a_partitioned_model_gives_the_one_process_run(zero3, one_process):
+    assert_same_run(zero3 / "gsil-zero3-init", one_process / "gsil", JOBS["gsil"])
 
 
 def test_deepspeed_zero3_resume_is_bitwise_exact(zero3):
@@ -195,3 +201,51 @@ def assert_same_weights_bitwise(resumed: Path, straight: Path) -> None:
     assert [r["step"] for r in metrics(resumed)] == [r["step"] for r in metrics(straight)]
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(straight)]
     assert not (resumed / "checkpoint").exists()
+
+
+def test_the_pipeline_command_on_two_processes(tmp_path):
+    """``python -m experiments.run --preset P`` under ``accelerate launch``: the stages train
+    on both processes (round-0 generations shared with every process), the main process alone
+    writes the plan, report and figures, and the runs equal the one-process command's."""
+    from experiments.run import main
+    from gsil.models import save_model
+
+    tokenizer = build_tiny_tokenizer()
+    model_dir = save_model(build_tiny_model(tokenizer), tokenizer, tmp_path / "tiny-model")
+    data = tmp_path / "demos.jsonl"
+    rows = [{"prompt": f"double {i}", "response": f"{2 * i}"} for i in range(10)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    base = {
+        "model": str(model_dir), "data": str(data), "num_demos": 10, "lr": 1e-3,
+        "max_new_tokens": 6, "max_prompt_length": 64, "max_length": 96, "gen_batch_size": 3,
+        "checkpoint_every": 1, "precision": "fp32", "generator": "hf", "beta": 0.5,
+    }  # fmt: skip
+    stages = [
+        {"name": "spin", "method": "spin", "rounds": 2},
+        {"name": "gsil", "method": "gsil", "rounds": 2, "share_round0_generations": "spin"},
+    ]
+    preset = tmp_path / "tiny-pipeline.json"
+    preset.write_text(json.dumps({"pipeline": "tiny", "base": base, "stages": stages}))
+    command = ["-m", "experiments.run", "--preset", str(preset), "--output-dir"]
+    launch_module(command + [str(tmp_path / "two"), "--batch-size", "2"])
+    main(["--preset", str(preset), "--output-dir", str(tmp_path / "one"), "--batch-size", "4"])
+    for stage in ("spin", "gsil"):
+        two, one = tmp_path / "two" / "tiny" / stage, tmp_path / "one" / "tiny" / stage
+        assert json.loads((two / "config.json").read_text())["batch_size"] == 2
+        assert_same_run(two, one, {"learning_rate": 1e-3})
+    root = tmp_path / "two" / "tiny"
+    assert (root / "pipeline.json").exists() and (root / "report.md").exists()
+    assert json.loads((root / "summary.json").read_text())["stages"]["gsil"]["status"] == "resumed"
+
+
+def launch_module(args: list[str]) -> None:
+    """``accelerate launch --multi_gpu --num_processes 2`` a module with arguments."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", *DDP, "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600,
+                            cwd=Path(__file__).parents[1])  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
