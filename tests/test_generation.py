@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import gsil.generation as generation
+import gsil.generation.core as generation_core
 from gsil.data import encode_prompt
 from gsil.generation import (
     GenerationBackendError,
@@ -20,6 +21,7 @@ from gsil.generation import (
     read_generated_set,
     settings_path,
 )
+from gsil.generation.common import make_result
 
 # Deliberately not sorted by length, so the longest-first reordering must be undone.
 PROMPTS = [
@@ -104,9 +106,9 @@ def test_generation_stops_at_eos_inside_a_batch(tiny_model_readonly, tiny_tokeni
 def test_make_result_cuts_at_eos_and_ignores_padding(tiny_tokenizer):
     eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
     ids = tiny_tokenizer("ok", add_special_tokens=False)["input_ids"]
-    finished = generation._make_result([*ids, eos, pad, pad], tiny_tokenizer, [eos], 5)
+    finished = make_result([*ids, eos, pad, pad], tiny_tokenizer, [eos], 5)
     assert finished == GenerationResult("ok", tuple(ids), len(ids), False)
-    cut_off = generation._make_result([*ids, *ids], tiny_tokenizer, [eos], 4)
+    cut_off = make_result([*ids, *ids], tiny_tokenizer, [eos], 4)
     assert cut_off.truncated and cut_off.text == "okok" and cut_off.num_tokens == 4
 
 
@@ -176,7 +178,7 @@ def test_generate_set_writes_rows_and_reuses_matching_file(
     def must_not_generate(*args, **kwargs):
         raise AssertionError("regenerated although the saved set matches")
 
-    monkeypatch.setattr(generation, "generate_from_ids", must_not_generate)
+    monkeypatch.setattr(generation_core, "generate_from_ids", must_not_generate)
     reused = generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, batch_size=2, **FAST)
     assert reused == responses
 
@@ -189,7 +191,7 @@ def test_generate_set_regenerates_when_settings_change(
     generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, **FAST)
 
     calls = []
-    real_generate = generation.generate_from_ids
+    real_generate = generation_core.generate_from_ids
 
     def counting_generate(*args, **kwargs):
         calls.append(kwargs)
@@ -199,7 +201,7 @@ def test_generate_set_regenerates_when_settings_change(
     expected = [
         r.text for r in generate(tiny_model_readonly, tiny_tokenizer, PROMPTS[:3], **settings)
     ]
-    monkeypatch.setattr(generation, "generate_from_ids", counting_generate)
+    monkeypatch.setattr(generation_core, "generate_from_ids", counting_generate)
     shorter = generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, **settings)
     assert len(calls) == 1
     assert all(row["num_tokens"] <= 5 for row in read_generated_set(path))

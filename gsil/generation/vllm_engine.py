@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from gsil.generation import (
+from gsil.generation.common import (
     GenerationBackendError,
     GenerationResult,
-    _eos_token_ids,
-    _make_result,
+    eos_token_ids,
+    make_result,
 )
 
 
@@ -54,7 +54,7 @@ def generate_vllm(
 
     from gsil.models import save_model
 
-    eos_ids = _eos_token_ids(tokenizer, None if isinstance(model, str | os.PathLike) else model)
+    eos_ids = eos_token_ids(tokenizer, None if isinstance(model, str | os.PathLike) else model)
     sampling = SamplingParams(
         n=1,
         temperature=temperature if do_sample else 0.0,  # 0 means greedy in vLLM
@@ -86,7 +86,7 @@ def generate_vllm(
     for output in outputs:
         completion = output.outputs[0]
         tokens = list(completion.token_ids)
-        result = _make_result(tokens, tokenizer, eos_ids, max_new_tokens)
+        result = make_result(tokens, tokenizer, eos_ids, max_new_tokens)
         # vLLM reports the stop reason itself; trust it over our token-count inference.
         truncated = completion.finish_reason == "length"
         results.append(

@@ -1,0 +1,85 @@
+"""What every generation backend shares: the result type, eos handling, and batch plans."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+BACKENDS = ("auto", "hf", "vllm")
+
+
+class GenerationBackendError(RuntimeError):
+    """The requested generation backend cannot run here (e.g. vllm missing or no GPU)."""
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """One generated response.
+
+    Attributes:
+        text: the decoded response (special tokens skipped, eos not included).
+        token_ids: the response token ids, without the terminating eos and padding.
+        num_tokens: ``len(token_ids)``.
+        truncated: True when generation hit ``max_new_tokens`` without emitting eos.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    num_tokens: int
+    truncated: bool
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def deal_batches(num_batches: int, num_processes: int, rank: int) -> list[int]:
+    """The batch numbers process ``rank`` generates: every ``num_processes``-th, in turn.
+
+    Every process makes the same number of ``generate()`` calls: under ZeRO-3 transformers
+    synchronises the processes at every new token (``synced_gpus``), so a process with one
+    batch fewer would leave the others waiting forever. A filler, numbered -1, repeats the
+    last batch and its results are dropped.
+    """
+    mine = list(range(rank, num_batches, num_processes))
+    calls = -(-num_batches // num_processes)
+    return mine + [-1] * (calls - len(mine))
+
+
+def plan_batches(prompt_ids: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices in batches of ``batch_size``, longest prompts first.
+
+    Similar lengths share a batch (little padding), and an out-of-memory error, if any, shows up
+    on the first batch rather than after minutes of work.
+    """
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]), reverse=True)
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def make_result(
+    new_tokens: Sequence[int], tokenizer: Any, eos_ids: Sequence[int], max_new_tokens: int
+) -> GenerationResult:
+    """Cut generated tokens at the first eos (what follows is padding) and decode them."""
+    eos_set = set(eos_ids)
+    stop = next((pos for pos, token in enumerate(new_tokens) if token in eos_set), None)
+    response = tuple(new_tokens if stop is None else new_tokens[:stop])
+    truncated = stop is None and len(new_tokens) >= max_new_tokens
+    text = tokenizer.decode(list(response), skip_special_tokens=True)
+    return GenerationResult(
+        text=text, token_ids=response, num_tokens=len(response), truncated=truncated
+    )
+
+
+def eos_token_ids(tokenizer: Any, model: Any | None) -> list[int]:
+    """The tokenizer's eos plus any extra eos ids in the model's generation config."""
+    eos_ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        eos_ids.append(tokenizer.eos_token_id)
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if config_eos is not None:
+        for token in [config_eos] if isinstance(config_eos, int) else config_eos:
+            if token not in eos_ids:
+                eos_ids.append(token)
+    if not eos_ids:
+        raise ValueError("the tokenizer has no eos token; generation would never stop")
+    return eos_ids

@@ -1,0 +1,150 @@
+"""Generate one response per prompt with the policy: the one entry point over both backends.
+
+Prompts are formatted by :func:`gsil.data.encode_prompt` -- the one prompt function shared with
+training and evaluation -- and the resulting token ids are fed unchanged to either backend:
+
+* ``"hf"``: batched ``model.generate`` with left padding and the KV cache. Prompts are sorted by
+  length (longest first) so each batch holds similar lengths and wastes little on padding;
+  results come back in the caller's order.
+* ``"vllm"``: the same prompt token ids (``TokensPrompt``) and the same decoding settings.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from gsil.data import encode_prompt
+from gsil.generation.common import BACKENDS, GenerationResult, deal_batches, plan_batches
+from gsil.generation.hf import generate_hf
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str | list[dict[str, str]]],
+    *,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    max_prompt_length: int | None = None,
+    backend: str = "auto",
+    progress: bool = True,
+) -> list[GenerationResult]:
+    """Generate one response per prompt with the policy ``model``.
+
+    Args:
+        model: a transformers causal LM (peft-wrapped is fine); for the vllm backend a model
+            directory path also works.
+        tokenizer: its tokenizer (needs a chat template and an eos token).
+        prompts: user messages (str) or chat message lists, formatted by ``encode_prompt``.
+        max_new_tokens: generation budget per response.
+        do_sample: False for greedy decoding (the paper's choice), True to sample.
+        temperature, top_p: sampling settings (ignored when greedy). No top-k is applied.
+        batch_size: prompts per ``model.generate`` call (hf backend).
+        seed: seeds sampling, so equal seeds give equal samples; the caller's global RNG state
+            is left untouched.
+        max_prompt_length: passed to ``encode_prompt``, which raises ``PromptTooLong`` beyond it.
+        backend: ``"auto"``, ``"hf"`` or ``"vllm"``.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        One :class:`GenerationResult` per prompt, in the order of ``prompts``.
+    """
+    prompt_ids = [encode_prompt(tokenizer, prompt, max_prompt_length) for prompt in prompts]
+    return generate_from_ids(
+        model,
+        tokenizer,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        seed=seed,
+        backend=backend,
+        progress=progress,
+    )
+
+
+def generate_from_ids(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    backend: str = "auto",
+    progress: bool = True,
+    accelerator: Accelerator | None = None,
+) -> list[GenerationResult]:
+    """Like :func:`generate`, for prompts already encoded as token ids.
+
+    With an ``accelerator`` of several processes, the length-sorted batches are dealt out in
+    turn, each process generates its own, and every process gets all results back in the order
+    of ``prompt_ids``. A batch holds the same prompts whatever the number of processes (and
+    sampling is seeded per batch), so N processes return what one would.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if do_sample and not (temperature > 0 and 0 < top_p <= 1):
+        raise ValueError(
+            f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}"
+        )
+    if any(len(ids) == 0 for ids in prompt_ids):
+        raise ValueError("every prompt must have at least one token")
+    if not prompt_ids:
+        return []
+    settings = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        progress=progress,
+    )
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    batches = plan_batches(prompt_ids, batch_size)
+    mine = deal_batches(len(batches), world, rank)
+    if resolve_backend(backend) == "vllm":
+        from gsil.generation.vllm_engine import generate_vllm
+
+        indices = [index for number in mine if number >= 0 for index in batches[number]]
+        results = generate_vllm(model, tokenizer, [prompt_ids[i] for i in indices], **settings)
+        local = list(zip(indices, results, strict=True))
+    else:
+        work = [(n, batches[n if n >= 0 else -1]) for n in mine]
+        local = generate_hf(model, tokenizer, prompt_ids, work, **settings)
+    if world > 1:
+        local = gather_object(local)
+    ordered: list[GenerationResult | None] = [None] * len(prompt_ids)
+    for index, result in local:
+        ordered[index] = result
+    if any(result is None for result in ordered):
+        raise RuntimeError("generation: some prompts were generated by no process (a bug)")
+    return ordered  # type: ignore[return-value]
+
+
+def resolve_backend(backend: str) -> str:
+    """Turn ``"auto"`` into ``"vllm"`` (vllm installed and a GPU present) or ``"hf"``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown generation backend {backend!r}; use one of {BACKENDS}")
+    if backend == "auto":
+        vllm_usable = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+        return "vllm" if vllm_usable else "hf"
+    return backend

@@ -1,0 +1,180 @@
+"""Generated sets for the trainer: a JSONL of responses with a sidecar of the settings that
+made it, reused when a resumed run asks for the same thing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from accelerate import Accelerator
+
+from gsil.data import encode_prompt, save_jsonl
+from gsil.generation import core
+from gsil.generation.core import resolve_backend
+from gsil.io import atomic_file
+
+SETTINGS_FORMAT_VERSION = 2  # 2: sampling seeded per batch
+
+
+class DemonstrationLike(Protocol):
+    """What :func:`generate_set` needs from a demonstration (``gsil.data.Demonstration``)."""
+
+    id: Any
+    prompt: Any
+    response: str
+
+
+def generate_set(
+    model: Any,
+    tokenizer: Any,
+    demos: Sequence[DemonstrationLike],
+    path: str | os.PathLike[str],
+    *,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    max_prompt_length: int | None = None,
+    backend: str = "auto",
+    progress: bool = True,
+    extra_settings: Mapping[str, Any] | None = None,
+    accelerator: Accelerator | None = None,
+) -> list[str]:
+    """Generate responses to the demonstrations' prompts, cached as JSONL at ``path``.
+
+    If ``path`` and its sidecar ``path.with_suffix(".settings.json")`` exist and record the same
+    settings -- decoding settings, the encoded prompt token ids (so a changed tokenizer or
+    template counts as a change), the demonstrations, and ``extra_settings`` (e.g. the round or
+    policy checkpoint) -- the file is reused. Otherwise responses are generated and written
+    atomically. ``batch_size``, ``backend`` and ``progress`` do not affect reuse.
+
+    Each JSONL row holds ``id, prompt, demo_response, generated_response, num_tokens,
+    truncated, tie`` where ``tie`` says the generated response equals the demonstration
+    (after stripping whitespace).
+
+    Returns:
+        The generated responses, in the order of ``demos``.
+    """
+    path = Path(path)
+    prompt_ids = [encode_prompt(tokenizer, demo.prompt, max_prompt_length) for demo in demos]
+    settings = _set_settings(
+        demos, prompt_ids, max_new_tokens, do_sample, temperature, top_p, seed,
+        max_prompt_length, extra_settings,
+    )  # fmt: skip
+    cached = _load_matching_set(path, settings, demos)
+    if cached is not None:
+        return cached
+
+    results = core.generate_from_ids(
+        model,
+        tokenizer,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        seed=seed,
+        backend=backend,
+        progress=progress,
+        accelerator=accelerator,
+    )
+    rows = [
+        {
+            "id": demo.id,
+            "prompt": demo.prompt,
+            "demo_response": demo.response,
+            "generated_response": result.text,
+            "num_tokens": result.num_tokens,
+            "truncated": result.truncated,
+            "tie": result.text.strip() == demo.response.strip(),
+        }
+        for demo, result in zip(demos, results, strict=True)
+    ]
+    if accelerator is None or accelerator.is_main_process:
+        sidecar = settings_path(path)
+        # Drop the old sidecar first: a crash between the two writes then leaves no stale match.
+        sidecar.unlink(missing_ok=True)
+        save_jsonl(rows, path)
+        record = {"settings": settings, "backend": resolve_backend(backend), "num_rows": len(rows)}
+        with atomic_file(sidecar) as handle:
+            handle.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # the files exist before any process reads them
+    return [row["generated_response"] for row in rows]
+
+
+def settings_path(path: str | os.PathLike[str]) -> Path:
+    """The sidecar that records the settings of the generated set at ``path``."""
+    return Path(path).with_suffix(".settings.json")
+
+
+def read_generated_set(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read the rows of a generated-set JSONL file (for metrics such as tie rate, lengths)."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _set_settings(
+    demos: Sequence[DemonstrationLike],
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    max_prompt_length: int | None,
+    extra_settings: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """Everything that determines a generated set, as a JSON-comparable dict."""
+    demo_record = [[demo.id, demo.prompt, demo.response] for demo in demos]
+    return {
+        "format_version": SETTINGS_FORMAT_VERSION,
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample,
+        # Greedy output does not depend on these, so they must not force regeneration.
+        "temperature": temperature if do_sample else None,
+        "top_p": top_p if do_sample else None,
+        "seed": seed if do_sample else None,
+        "max_prompt_length": max_prompt_length,
+        "num_prompts": len(demos),
+        "prompt_ids_sha256": _sha256_json([list(ids) for ids in prompt_ids]),
+        "demos_sha256": _sha256_json(demo_record),
+        # A JSON round trip makes tuples and lists compare equal with what was read back.
+        "extra": json.loads(json.dumps(dict(extra_settings or {}), sort_keys=True, default=str)),
+    }
+
+
+def _load_matching_set(
+    path: Path, settings: Mapping[str, Any], demos: Sequence[DemonstrationLike]
+) -> list[str] | None:
+    """Return the cached responses if ``path`` was made with ``settings``, else None."""
+    sidecar = settings_path(path)
+    if not (path.is_file() and sidecar.is_file()):
+        return None
+    try:
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+        rows = read_generated_set(path)
+    except (OSError, json.JSONDecodeError):
+        return None  # unreadable or half-written: regenerate
+    if record.get("settings") != settings or len(rows) != len(demos):
+        return None
+    if any(row.get("id") != _json_value(demo.id) for row, demo in zip(rows, demos, strict=True)):
+        return None
+    return [row["generated_response"] for row in rows]
+
+
+def _json_value(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, etc.)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _sha256_json(value: Iterable[Any]) -> str:
+    encoded = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(encoded.encode("utf-8")).hexdigest()
