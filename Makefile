@@ -49,8 +49,18 @@ run: setup
 quick: setup
 	$(PY) -m experiments.run --preset quick
 
+# The whole suite in .venv, then the vLLM tests in .venv-vllm (skipped, saying so, only where
+# vLLM's CPU build cannot be installed).
 test: setup
 	$(PY) -m pytest -q
+	@if $(MAKE) --no-print-directory setup-vllm; then \
+		$(VLLM_PY) -m pytest -q tests/test_vllm.py; \
+	else \
+		echo "SKIPPED tests/test_vllm.py: vLLM's CPU build could not be installed (make setup-vllm)"; \
+	fi
+
+test-vllm: setup-vllm
+	$(VLLM_PY) -m pytest -q tests/test_vllm.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -68,4 +78,4 @@ bench: setup
 	$(PY) -m benchmarks.train_step
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

@@ -68,8 +68,9 @@ class RunConfig:
     do_sample: bool = _f(False, "sample generations (default greedy, as in the paper)")
     temperature: float = _f(1.0, "sampling temperature (with --do-sample)")
     top_p: float = _f(1.0, "nucleus sampling mass (with --do-sample)")
-    generator: str = _f("auto", "generation backend: auto (vLLM if installed and a GPU is "
-                        "present, else HF), hf or vllm", choices=["auto", "hf", "vllm"])  # fmt: skip
+    generator: str = _f("auto", "generation backend: auto (vLLM if installed with a GPU, or "
+                        "as vLLM's CPU build; else HF), hf or vllm (one engine for the run)",
+                        choices=["auto", "hf", "vllm"])  # fmt: skip
     gen_batch_size: int = _f(16, "prompts per generation batch")
     # reproducibility
     seed: int = _f(0, "the one seed: data sampling, generation and training")

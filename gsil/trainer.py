@@ -28,13 +28,14 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 
 from gsil.batching import build_examples
 from gsil.data import tie_mask
-from gsil.generation import generate_set
+from gsil.generation import generate_set, resolve_backend
 from gsil.io import atomic_file, read_json, write_json
 from gsil.models import apply_lora, is_peft_model
 from gsil.objectives import Objective
@@ -56,9 +57,12 @@ logger = logging.getLogger(__name__)
 def prepare_round(
     model, tokenizer, demos, objective: Objective, round_dir: Path, *, generation: dict,
     max_prompt_length: int | None, max_length: int, batch_size: int, average_logps: bool,
-    drop_ties: bool, accelerator: Accelerator,
+    drop_ties: bool, accelerator: Accelerator, engine: Any = None,
 ) -> tuple[RoundData, dict]:  # fmt: skip
-    """Generate (or reuse) the round's own responses and store its reference log-probs."""
+    """Generate (or reuse) the round's own responses and store its reference log-probs.
+
+    ``engine`` (a :class:`~gsil.generation.vllm_engine.VLLMEngine` holding this round's
+    policy) generates instead of the model itself when given."""
     info: dict = {"num_demonstrations": len(demos)}
     generations = None
     started = time.perf_counter()
@@ -68,7 +72,7 @@ def prepare_round(
         policy = accelerator.unwrap_model(model)
         with accelerator.autocast(), full_parameters(accelerator, policy):
             generations = generate_set(
-                policy, tokenizer, demos, round_dir / "generated.jsonl",
+                engine or policy, tokenizer, demos, round_dir / "generated.jsonl",
                 max_prompt_length=max_prompt_length, progress=accelerator.is_main_process,
                 accelerator=accelerator, **generation,
             )  # fmt: skip
@@ -150,57 +154,99 @@ def run_rounds(
     checkpoint = load_checkpoint(run_dir) if resume else None
     summary: dict = {"objective": objective.name, "rounds": []}
     global_step = 0
-    for round_index in range(rounds):
-        round_dir = run_dir / f"round_{round_index}"
-        done_file = round_dir / "summary.json"
-        if resume and done_file.exists():
-            round_summary = read_json(done_file)
+    # one vLLM engine for the whole run (if vLLM generates), holding each round's policy
+    vllm = _RunEngine(objective.needs_generations, generation, tokenizer, accelerator, max_length)
+    try:
+        for round_index in range(rounds):
+            round_dir = run_dir / f"round_{round_index}"
+            done_file = round_dir / "summary.json"
+            if resume and done_file.exists():
+                round_summary = read_json(done_file)
+                summary["rounds"].append(round_summary)
+                global_step = round_summary["global_step"]
+                next_done = run_dir / f"round_{round_index + 1}" / "summary.json"
+                if not next_done.exists():  # the last finished round: continue from its policy
+                    model = _load_round_weights(model, round_dir / "model", lora_rank)
+                continue
+            torch.manual_seed(seed + round_index)
+            started = time.perf_counter()
+            data, info = prepare_round(
+                model, tokenizer, demos, objective, round_dir, generation={**generation,
+                "seed": generation.get("seed", seed) + round_index, "extra_settings": {
+                "round": round_index, "mixed_precision": accelerator.mixed_precision}},
+                max_prompt_length=max_prompt_length,
+                max_length=max_length, batch_size=optim.batch_size,
+                average_logps=optim.average_logps, drop_ties=drop_ties, accelerator=accelerator,
+            engine=vllm.engine_for(model),
+            )  # fmt: skip
+            resume_state = checkpoint if checkpoint and checkpoint["round"] == round_index else None
+            if resume_state is not None and accelerator.is_main_process:
+                truncate_metrics(run_dir / "metrics.jsonl", resume_state["global_step"])
+            training_started = time.perf_counter()
+            last, prepared = train_round(
+                model, data, objective, optim, round_index=round_index, seed=seed, pad_id=pad_id,
+                run_dir=run_dir, accelerator=accelerator, resume_state=resume_state,
+                global_step_offset=global_step,
+            )  # fmt: skip
+            info["training_seconds"] = round(time.perf_counter() - training_started, 3)
+            global_step = last.get("step", global_step)
+            save_round_model(accelerator, prepared, tokenizer, round_dir / "model")
+            policy = accelerator.unwrap_model(prepared)
+            round_summary = {
+                "round": round_index,
+                **info,
+                "num_processes": accelerator.num_processes,
+                "global_step": global_step,
+                "seconds": round(time.perf_counter() - started, 2),
+                "last_step": last,
+            }
+            if accelerator.is_main_process:
+                write_json(done_file, round_summary)
+                shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
             summary["rounds"].append(round_summary)
-            global_step = round_summary["global_step"]
-            next_done = run_dir / f"round_{round_index + 1}" / "summary.json"
-            if not next_done.exists():  # the last finished round: continue from its policy
-                model = _load_round_weights(model, round_dir / "model", lora_rank)
-            continue
-        torch.manual_seed(seed + round_index)
-        started = time.perf_counter()
-        data, info = prepare_round(
-            model, tokenizer, demos, objective, round_dir, generation={**generation,
-            "seed": generation.get("seed", seed) + round_index, "extra_settings": {
-            "round": round_index, "mixed_precision": accelerator.mixed_precision}},
-            max_prompt_length=max_prompt_length,
-            max_length=max_length, batch_size=optim.batch_size,
-            average_logps=optim.average_logps, drop_ties=drop_ties, accelerator=accelerator,
-        )  # fmt: skip
-        resume_state = checkpoint if checkpoint and checkpoint["round"] == round_index else None
-        if resume_state is not None and accelerator.is_main_process:
-            truncate_metrics(run_dir / "metrics.jsonl", resume_state["global_step"])
-        training_started = time.perf_counter()
-        last, prepared = train_round(
-            model, data, objective, optim, round_index=round_index, seed=seed, pad_id=pad_id,
-            run_dir=run_dir, accelerator=accelerator, resume_state=resume_state,
-            global_step_offset=global_step,
-        )  # fmt: skip
-        info["training_seconds"] = round(time.perf_counter() - training_started, 3)
-        global_step = last.get("step", global_step)
-        save_round_model(accelerator, prepared, tokenizer, round_dir / "model")
-        policy = accelerator.unwrap_model(prepared)
-        round_summary = {
-            "round": round_index,
-            **info,
-            "num_processes": accelerator.num_processes,
-            "global_step": global_step,
-            "seconds": round(time.perf_counter() - started, 2),
-            "last_step": last,
-        }
-        if accelerator.is_main_process:
-            write_json(done_file, round_summary)
-            shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
-        summary["rounds"].append(round_summary)
-        if is_peft_model(policy) and round_index + 1 < rounds:
-            # pi_{t+1} is the merged policy; the next round trains fresh adapters on it
-            model = apply_lora(policy.merge_and_unload(), rank=lora_rank)
-        accelerator.wait_for_everyone()
+            if is_peft_model(policy) and round_index + 1 < rounds:
+                # pi_{t+1} is the merged policy; the next round trains fresh adapters on it
+                model = apply_lora(policy.merge_and_unload(), rank=lora_rank)
+            accelerator.wait_for_everyone()
+    finally:
+        vllm.close()
     return summary
+
+
+class _RunEngine:
+    """The run's vLLM engine: started at the first round that generates (about a minute),
+    then given each later round's policy in memory; closed when the run ends."""
+
+    def __init__(self, needed: bool, generation: dict, tokenizer, accelerator, max_length: int):
+        backend = generation.get("backend", "auto")
+        self.used = needed and resolve_backend(backend) == "vllm"
+        self.tokenizer, self.accelerator = tokenizer, accelerator
+        # a prompt may take max_length - 1 tokens, and its response max_new_tokens more
+        self.max_length = max_length + generation.get("max_new_tokens", 0)
+        self.seed = generation.get("seed", 0)
+        self.engine = None
+
+    def engine_for(self, model):
+        if not self.used:
+            return None
+        policy = self.accelerator.unwrap_model(model)
+        with full_parameters(self.accelerator, policy):
+            if self.engine is None:
+                from gsil.generation.vllm_engine import VLLMEngine
+
+                bf16 = self.accelerator.mixed_precision == "bf16"
+                self.engine = VLLMEngine(
+                    policy, self.tokenizer, dtype="bfloat16" if bf16 else "float32",
+                    seed=self.seed, max_model_len=self.max_length,
+                )  # fmt: skip
+            else:
+                self.engine.load_weights(policy)
+        return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
 
 def _reset_run_outputs(run_dir: Path) -> None:

@@ -37,14 +37,17 @@ def build_tiny_tokenizer():
     return tokenizer
 
 
-def build_tiny_model(tokenizer, seed: int = 0):
-    """A random 2-layer Llama (~29k parameters) in fp32, eval mode, tied embeddings."""
+def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 32):
+    """A random 2-layer Llama (~29k parameters) in fp32, eval mode, tied embeddings.
+
+    vLLM's CPU attention needs a head size of at least 32: ``hidden_size=128`` (2 heads of 64).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,

