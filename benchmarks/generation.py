@@ -6,12 +6,15 @@ Greedy answers to held-out reasoning-gym prompts (the evaluation's and the round
 ``--max-new-tokens`` each, by HF ``generate`` (batched) and by vLLM, in fp32 and bf16. Prints
 tokens/s, the ratio to HF at the same precision, vLLM's engine start, the tokens/s with that
 start amortised over this set, and the share of outputs identical to HF greedy fp32. Needs
-vLLM (``make setup-vllm``); without it only the HF rows are printed. Run on a quiet machine.
+vLLM (``make setup-vllm``); without it only the HF rows are printed. Run on a quiet machine,
+with a model whose answers are long (a base model's short answers leave HF batches padding
+most of their steps; tokens/s counts answer tokens only).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import time
 
@@ -44,10 +47,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     greedy = dict(max_new_tokens=args.max_new_tokens, do_sample=False, seed=0, progress=False)
     rows, reference = [], None
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            results, seconds = timed(lambda: generate_from_ids(
-                model, tokenizer, prompt_ids, backend="hf", batch_size=args.batch_size, **greedy
-            ))  # fmt: skip
+        # a bf16 copy of the weights (autocast would re-cast every weight at every step)
+        hf_model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+        results, seconds = timed(lambda: generate_from_ids(
+            hf_model, tokenizer, prompt_ids, backend="hf", batch_size=args.batch_size, **greedy  # noqa: B023
+        ))  # fmt: skip
         reference = reference or [r.token_ids for r in results]
         rows.append(_row("HF generate", precision, results, seconds, 0.0, reference))
         if importlib.util.find_spec("vllm") is None:

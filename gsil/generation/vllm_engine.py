@@ -13,6 +13,7 @@ so k sampled responses to one prompt differ and equal seeds give equal samples.
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import os
@@ -103,7 +104,8 @@ class VLLMEngine:
 
         from gsil.models import is_peft_model
 
-        policy = model.merge_and_unload() if is_peft_model(model) else model
+        # merge LoRA adapters on a copy: the live policy keeps training its adapters
+        policy = copy.deepcopy(model).merge_and_unload() if is_peft_model(model) else model
         state = policy.state_dict()
         if getattr(policy.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # the same tensor as the input embeddings
