@@ -9,6 +9,7 @@
 
 from gsil.generation.common import (
     BACKENDS,
+    Decoding,
     GenerationBackendError,
     GenerationResult,
     deal_batches,
@@ -25,6 +26,7 @@ from gsil.generation.sets import (
 __all__ = [
     "BACKENDS",
     "SETTINGS_FORMAT_VERSION",
+    "Decoding",
     "GenerationBackendError",
     "GenerationResult",
     "deal_batches",

@@ -14,6 +14,21 @@ class GenerationBackendError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Decoding:
+    """How responses are decoded; every backend applies the same rule.
+
+    ``do_sample=False`` is greedy (the paper's choice); sampling uses ``temperature`` and
+    ``top_p`` with no top-k, seeded from ``seed``.
+    """
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     """One generated response.
 

@@ -21,7 +21,13 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from gsil.data import encode_prompt
-from gsil.generation.common import BACKENDS, GenerationResult, deal_batches, plan_batches
+from gsil.generation.common import (
+    BACKENDS,
+    Decoding,
+    GenerationResult,
+    deal_batches,
+    plan_batches,
+)
 from gsil.generation.hf import generate_hf
 
 
@@ -110,14 +116,7 @@ def generate_from_ids(
         raise ValueError("every prompt must have at least one token")
     if not prompt_ids:
         return []
-    settings = dict(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        progress=progress,
-    )
+    decoding = Decoding(max_new_tokens, do_sample, temperature, top_p, seed)
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
     batches = plan_batches(prompt_ids, batch_size)
@@ -126,12 +125,12 @@ def generate_from_ids(
         from gsil.generation.vllm_engine import generate_vllm
 
         indices = [index for number in mine if number >= 0 for index in batches[number]]
-        results = generate_vllm(model, tokenizer, [prompt_ids[i] for i in indices],
-                                request_numbers=indices, **settings)  # fmt: skip
+        results = generate_vllm(model, tokenizer, [prompt_ids[i] for i in indices], decoding,
+                                progress=progress, request_numbers=indices)  # fmt: skip
         local = list(zip(indices, results, strict=True))
     else:
         work = [(n, batches[n if n >= 0 else -1]) for n in mine]
-        local = generate_hf(model, tokenizer, prompt_ids, work, **settings)
+        local = generate_hf(model, tokenizer, prompt_ids, work, decoding, progress)
     if world > 1:
         local = gather_object(local)
     ordered: list[GenerationResult | None] = [None] * len(prompt_ids)

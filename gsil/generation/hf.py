@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from gsil.generation.common import GenerationResult, eos_token_ids, make_result
+from gsil.generation.common import Decoding, GenerationResult, eos_token_ids, make_result
 
 
 def generate_hf(
@@ -16,18 +16,13 @@ def generate_hf(
     tokenizer: Any,
     prompt_ids: Sequence[Sequence[int]],
     batches: Sequence[tuple[int, Sequence[int]]],
-    *,
-    max_new_tokens: int,
-    do_sample: bool,
-    temperature: float,
-    top_p: float,
-    seed: int,
+    decoding: Decoding,
     progress: bool,
 ) -> list[tuple[int, GenerationResult]]:
     """Left-padded ``model.generate`` over ``(batch number, prompt indices)`` batches; a batch
     numbered -1 is run for the processes' lockstep only and returns nothing.
 
-    Sampling is seeded per batch from ``seed`` and the batch number, so a batch's samples do
+    Sampling is seeded per batch from ``decoding.seed`` and the batch number, so a batch's samples do
     not depend on which process generates it or on what ran before.
     """
     eos_ids = eos_token_ids(tokenizer, model)
@@ -35,16 +30,17 @@ def generate_hf(
     device = next(model.parameters()).device
     # Explicit settings override whatever the checkpoint's generation_config suggests, so the
     # decoding rule is the one asked for (and the one the vllm backend uses).
-    decoding: dict[str, Any] = dict(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
+    options: dict[str, Any] = dict(
+        max_new_tokens=decoding.max_new_tokens,
+        do_sample=decoding.do_sample,
         num_beams=1,
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
         use_cache=True,
     )
-    if do_sample:
-        decoding.update(temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
+    if decoding.do_sample:
+        options.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=0,
+                       repetition_penalty=1.0)  # fmt: skip
 
     results: list[tuple[int, GenerationResult]] = []
     was_training = model.training
@@ -54,18 +50,20 @@ def generate_hf(
         with torch.random.fork_rng(devices=cuda_devices), torch.inference_mode():
             for number, batch in tqdm(batches, desc="generating", disable=not progress,
                                       unit="batch"):  # fmt: skip
-                torch.manual_seed(seed * 1_000_003 + number)
+                torch.manual_seed(decoding.seed * 1_000_003 + number)
                 input_ids, attention_mask = left_pad([prompt_ids[i] for i in batch], pad_id)
                 output = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
-                    **decoding,
+                    **options,
                 )
                 new_tokens = output[:, input_ids.shape[1] :].tolist()
                 if number < 0:
                     continue  # a filler batch (see gsil.generation.core.generate_from_ids)
                 for index, tokens in zip(batch, new_tokens, strict=True):
-                    results.append((index, make_result(tokens, tokenizer, eos_ids, max_new_tokens)))
+                    results.append(
+                        (index, make_result(tokens, tokenizer, eos_ids, decoding.max_new_tokens))
+                    )
     finally:
         model.train(was_training)
     return results

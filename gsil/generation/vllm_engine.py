@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from gsil.generation.common import (
+    Decoding,
     GenerationBackendError,
     GenerationResult,
     eos_token_ids,
@@ -118,16 +119,12 @@ class VLLMEngine:
     def generate(
         self,
         prompt_ids: Sequence[Sequence[int]],
+        decoding: Decoding,
         *,
-        max_new_tokens: int,
-        do_sample: bool,
-        temperature: float,
-        top_p: float,
-        seed: int,
-        progress: bool,
+        progress: bool = False,
         request_numbers: Sequence[int] | None = None,
     ) -> list[GenerationResult]:
-        """One response per prompt; request i is seeded ``seed + request_numbers[i]`` (its
+        """One response per prompt; request i is seeded ``decoding.seed + request_numbers[i]`` (its
         index in the whole set by default), so a sharded set samples what one process would."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -136,11 +133,11 @@ class VLLMEngine:
         sampling = [
             SamplingParams(
                 n=1,
-                temperature=temperature if do_sample else 0.0,  # 0 means greedy in vLLM
-                top_p=top_p if do_sample else 1.0,
+                temperature=decoding.temperature if decoding.do_sample else 0.0,  # 0: greedy
+                top_p=decoding.top_p if decoding.do_sample else 1.0,
                 top_k=0,  # no top-k, as the HF backend (greedy ignores it)
-                max_tokens=max_new_tokens,
-                seed=seed + number,
+                max_tokens=decoding.max_new_tokens,
+                seed=decoding.seed + number,
                 stop_token_ids=self.eos_ids,
                 skip_special_tokens=True,
             )
@@ -152,7 +149,7 @@ class VLLMEngine:
         for output in outputs:
             completion = output.outputs[0]
             result = make_result(
-                list(completion.token_ids), self.tokenizer, self.eos_ids, max_new_tokens
+                list(completion.token_ids), self.tokenizer, self.eos_ids, decoding.max_new_tokens
             )
             # vLLM reports the stop reason itself; trust it over our token-count inference.
             truncated = completion.finish_reason == "length"
@@ -190,15 +187,17 @@ def generate_vllm(
     model: Any,
     tokenizer: Any,
     prompt_ids: Sequence[Sequence[int]],
+    decoding: Decoding,
     *,
+    progress: bool = False,
     request_numbers: Sequence[int] | None = None,
-    **decoding: Any,
 ) -> list[GenerationResult]:
     """Generate with ``model`` if it is a :class:`VLLMEngine`; otherwise start one for this
     call only (a minute of start-up: pass an engine when generating more than once)."""
+    options = dict(progress=progress, request_numbers=request_numbers)
     if isinstance(model, VLLMEngine):
-        return model.generate(prompt_ids, request_numbers=request_numbers, **decoding)
+        return model.generate(prompt_ids, decoding, **options)
     logger.info("starting a vLLM engine for one call (pass a VLLMEngine to reuse one)")
     dtype = "auto" if _is_path(model) else str(next(model.parameters()).dtype).split(".")[-1]
-    with VLLMEngine(model, tokenizer, dtype=dtype, seed=decoding["seed"]) as engine:
-        return engine.generate(prompt_ids, request_numbers=request_numbers, **decoding)
+    with VLLMEngine(model, tokenizer, dtype=dtype, seed=decoding.seed) as engine:
+        return engine.generate(prompt_ids, decoding, **options)
