@@ -192,6 +192,9 @@ def run_rounds(
             global_step = last.get("step", global_step)
             save_round_model(accelerator, prepared, tokenizer, round_dir / "model")
             policy = accelerator.unwrap_model(prepared)
+            # drop the wrapper and the optimizer state before the next round generates
+            del prepared
+            accelerator.free_memory()
             round_summary = {
                 "round": round_index,
                 **info,
