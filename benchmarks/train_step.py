@@ -68,13 +68,14 @@ def _setup(precision: str, checkpointing: bool):
 
 
 def _step(model, tokenizer, optimizer, scheduler, accelerator, settings, objective, data):
-    from gsil.batching import collate
-    from gsil.optimization import optimizer_step
+    from gsil.optimization import optimizer_step, plan_steps
 
-    batch = collate(data.examples, tokenizer.pad_token_id, objective.needs_generations)
+    # one optimizer step over every example, in one micro-batch on this one process
+    (step_plan,) = plan_steps(range(len(data.examples)), len(data.examples), 1, 1, 0)
     start = time.perf_counter()
-    optimizer_step(model, [batch], data, objective, settings, optimizer, scheduler, accelerator)
-    return time.perf_counter() - start, int(batch["attention_mask"].sum())
+    stats = optimizer_step(model, step_plan, data, objective, settings, optimizer, scheduler,
+                           accelerator, tokenizer.pad_token_id)  # fmt: skip
+    return time.perf_counter() - start, stats["tokens"]
 
 
 def time_steps(repeats: int, precision: str) -> dict:

@@ -98,8 +98,3 @@ def split_demo_gen(values: Tensor, num_examples: int) -> tuple[Tensor, Tensor | 
     if values.shape[0] == num_examples:
         return values, None
     return values[:num_examples], values[num_examples:]
-
-
-def count_tokens(batch: dict) -> int:
-    """Non-padding tokens in a batch."""
-    return int(batch["attention_mask"].sum())
