@@ -39,12 +39,16 @@ $(VLLM_STAMP): pyproject.toml
 setup-vllm: $(VLLM_STAMP)
 
 # The main job: the default experiment on the embedded model (SFT, then continued SFT, SPIN and
-# GSIL over 2 rounds, evaluated; about an hour on 2 CPU cores; finished parts are skipped on a
-# rerun), then every analysis figure (about 1.5 minutes). A smoke check in minutes:
-# `make quick`.
-run: setup
-	$(PY) -m experiments.run --preset default
-	$(PY) -m paper_figs
+# GSIL over 2 rounds, evaluated; finished parts are skipped on a rerun), then every analysis
+# figure (about 1.5 minutes). It runs in .venv-vllm, so that vLLM's CPU build generates the
+# rounds' sets and the evaluation's answers (2-8x HF's tokens/s here, see
+# benchmarks/generation.py); where that build cannot be installed, in .venv with HF generate.
+# A smoke check in minutes: `make quick`.
+run:
+	@if $(MAKE) --no-print-directory setup-vllm; then py=$(VLLM_PY); else \
+		echo "vLLM's CPU build could not be installed (make setup-vllm): generating with HF"; \
+		$(MAKE) --no-print-directory setup && py=$(PY); fi; \
+	$$py -m experiments.run --preset default && $$py -m paper_figs
 
 quick: setup
 	$(PY) -m experiments.run --preset quick

@@ -49,6 +49,7 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "dtype": None,  # e.g. "bfloat16" (None: the evaluator's default)
     "seed": 0,
     "baseline": None,  # the run every other is compared with, item by item
+    "backend": None,  # generation backend (None: the runs' --generator, by default auto)
 }
 
 # --------------------------------------------------------------------------- sizes and costs
@@ -420,11 +421,60 @@ def ensure_run(config: RunConfig, force_resume: bool = False) -> tuple[str, dict
     return ("resumed" if resumable else "ran"), execute(config)
 
 
-def evaluate_stage(pipeline: Pipeline, stage: Stage) -> dict[str, Path]:
+def eval_dtype(dtype: str | None) -> str | None:
+    """The evaluation's dtype: ``"auto"`` is bf16 where this machine computes it natively (a
+    GPU, an AVX-512 BF16 or AMX CPU), else fp32; ``None`` leaves it to the evaluator."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    from gsil.models import native_bf16
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "bfloat16" if native_bf16(device) else "float32"
+
+
+class EvaluationEngine:
+    """The evaluation's one vLLM engine (when the backend resolves to vLLM): started from the
+    first model that needs answers (a minute on 2 CPU cores), then given each later model's
+    weights in memory by ``evaluate_model``; shut down by ``close``."""
+
+    def __init__(self, backend: str, dtype: str | None) -> None:
+        from gsil.generation import resolve_backend
+        from gsil.models import resolve_device, resolve_dtype
+
+        self.used = resolve_backend(backend) == "vllm"
+        # the dtype evaluate_model loads each model in
+        self.dtype = str(resolve_dtype(dtype, resolve_device())).removeprefix("torch.")
+        self.engine: Any = None
+
+    def for_model(self, model_dir: Path) -> Any:
+        if not self.used:
+            return None
+        if self.engine is None:
+            from transformers import AutoTokenizer
+
+            from gsil.generation.vllm_engine import VLLMEngine
+
+            logger.info("evaluation: one vLLM engine (%s) for every evaluated run", self.dtype)
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            self.engine = VLLMEngine(model_dir, tokenizer, dtype=self.dtype)
+        return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
+def evaluate_stage(
+    pipeline: Pipeline, stage: Stage, engine: EvaluationEngine | None = None
+) -> dict[str, Path]:
     """Evaluate a stage's final model on the pipeline's benchmarks (skipping finished ones).
 
     Results go to ``<run>/round_<last>/eval/``; ``request.json`` there records what each
-    benchmark was asked for, so a finished benchmark is not redone.
+    benchmark was asked for, so a finished benchmark is not redone. With an ``engine``, answers
+    come from its vLLM engine, shared by every evaluated run.
     """
     from gsil.evaluation.runner import EvalOptions, default_out_dir, evaluate_model
 
@@ -439,16 +489,18 @@ def evaluate_stage(pipeline: Pipeline, stage: Stage) -> dict[str, Path]:
         limit = spec["humaneval_limit"] if benchmark == "humaneval" else spec["limit"]
         max_new = spec["max_new_tokens"]
         max_new = max_new.get(benchmark) if isinstance(max_new, dict) else max_new
+        dtype = eval_dtype(spec["dtype"])
         request = {"limit": limit, "tasks": list(tasks), "max_new_tokens": max_new,
-                   "seed": spec["seed"], "dtype": spec["dtype"]}  # fmt: skip
+                   "seed": spec["seed"], "dtype": dtype}  # fmt: skip
         result_path = out_dir / f"{benchmark}.json"
         if requests.get(benchmark) == request and result_path.exists():
             logger.info("%s: %s evaluated earlier, skipped", stage.name, benchmark)
             paths[benchmark] = result_path
             continue
         options = EvalOptions(tasks=tasks, max_new_tokens=max_new, batch_size=spec["batch_size"])
+        vllm = engine.for_model(model_dir) if engine is not None else None
         evaluate_model(str(model_dir), [benchmark], out_dir, limit, spec["seed"],
-                       options=options, dtype=spec["dtype"])  # fmt: skip
+                       options=options, dtype=dtype, engine=vllm)  # fmt: skip
         requests[benchmark] = request
         write_json(request_path, requests)
         paths[benchmark] = result_path
@@ -483,8 +535,13 @@ def run_pipeline(pipeline: Pipeline) -> dict:
     if not state.is_main_process:
         return outcome
     if pipeline.evaluate:
-        for name in pipeline.evaluate["runs"]:
-            evaluate_stage(pipeline, pipeline.stage(name))
+        backend = pipeline.evaluate["backend"] or pipeline.stages[0].config.generator
+        engine = EvaluationEngine(backend, eval_dtype(pipeline.evaluate["dtype"]))
+        try:
+            for name in pipeline.evaluate["runs"]:
+                evaluate_stage(pipeline, pipeline.stage(name), engine)
+        finally:
+            engine.close()
     from experiments.report import write_report
 
     report = write_report(

@@ -25,7 +25,7 @@ from experiments.config import (
 from gsil.data import load_demonstrations
 from gsil.estimators import get_estimator
 from gsil.io import read_json, read_jsonl, write_json
-from gsil.models import load_model
+from gsil.models import load_model, native_bf16
 from gsil.objectives import make_objective
 from gsil.optimization import make_accelerator as gsil_accelerator
 from gsil.trainer import OptimSettings, run_rounds
@@ -53,10 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_accelerator(config: RunConfig) -> Accelerator:
-    precision = config.precision
+def resolve_precision(precision: str) -> str:
+    """``"auto"``: bf16 where this machine computes it natively (a GPU, an AVX-512 BF16 or AMX
+    CPU), else fp32. An explicit bf16 without native support is kept, with a warning."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() else "fp32"
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and not native_bf16(device):
+        logger.warning(
+            "precision bf16 on a %s without native bf16 (no AVX-512 BF16/AMX): PyTorch emulates "
+            "it, about 100x slower than fp32 on such a CPU; use --precision auto or fp32",
+            device,
+        )
+    return precision
+
+
+def make_accelerator(config: RunConfig) -> Accelerator:
+    precision = resolve_precision(config.precision)
     mixed_precision = "bf16" if precision == "bf16" else "no"
     return gsil_accelerator(mixed_precision=mixed_precision, grad_accum=config.grad_accum)
 

@@ -44,6 +44,7 @@ from gsil.optimization import (
     RoundData,
     check_processes,
     full_parameters,
+    is_zero3,
     load_checkpoint,
     reference_logps,
     save_round_model,
@@ -147,6 +148,11 @@ def run_rounds(
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     check_processes(accelerator)
+    # Round 0's generation and reference pass run before accelerate prepares the model, on
+    # batches placed on accelerator.device: a policy given on another device goes there first
+    # (found on a GPU machine with a policy built on the CPU). ZeRO-3 places its own shards.
+    if not is_zero3(accelerator):
+        model = model.to(accelerator.device)
     pad_id = tokenizer.pad_token_id
     if not resume and accelerator.is_main_process:
         _reset_run_outputs(run_dir)

@@ -109,7 +109,7 @@ def test_save_peft_model_merges_adapters(tiny_model, tiny_tokenizer, tmp_path):
 
     save_model(wrapped, tiny_tokenizer, tmp_path / "merged")
     assert is_peft_model(wrapped), "saving must not unwrap the live model"
-    loaded, _ = load_model(tmp_path / "merged")
+    loaded, _ = load_model(tmp_path / "merged", device="cpu")
     assert not is_peft_model(loaded)
     assert not any("lora" in name for name in loaded.state_dict())
     torch.testing.assert_close(_logits(loaded, ids), expected, rtol=1e-4, atol=1e-4)

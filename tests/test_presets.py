@@ -87,7 +87,7 @@ def test_default_pipeline_compares_at_equal_demos_and_steps(tmp_path):
     assert [c.method for c in compared] == ["sft", "spin", "gsil"]
     for config in compared:
         assert config.model == str(tmp_path / "default" / "sft" / "round_0" / "model")
-        assert config.rounds == 2 and config.precision == "bf16" and config.drop_ties is False
+        assert config.rounds == 2 and config.precision == "auto" and config.drop_ties is False
     keys = ("num_demos", "batch_size", "grad_accum", "lr", "epochs", "seed", "data")
     assert len({tuple(getattr(c, k) for k in keys) for c in compared}) == 1
     assert len({plan_run(c)["optimizer_steps"] for c in compared}) == 1

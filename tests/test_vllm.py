@@ -49,7 +49,7 @@ def prompts(tokenizer) -> list[list[int]]:
 def engine(policy, tokenizer):
     from gsil.generation.vllm_engine import VLLMEngine
 
-    with VLLMEngine(policy, tokenizer, dtype="float32", seed=0, max_model_len=128) as engine:
+    with VLLMEngine(policy, tokenizer, dtype="float32", seed=0, max_model_len=512) as engine:
         yield engine
 
 
@@ -140,3 +140,37 @@ def test_two_round_gsil_run_with_the_vllm_generator(tokenizer, tmp_path):
         assert [r["generated_response"] for r in vllm_rows] == [
             r["generated_response"] for r in hf_rows
         ]
+
+
+def perturbed(policy, seed: int):
+    import copy
+
+    model = copy.deepcopy(policy)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
+def reasoning_records(path) -> list[str]:
+    return [json.loads(line)["completion"] for line in path.open()]
+
+
+def test_one_engine_serves_several_evaluations(engine, policy, tokenizer, tmp_path):
+    """The pipeline's evaluation: each model's weights pushed into one engine; every model's
+    answers equal its HF greedy fp32 answers."""
+    from gsil.evaluation.runner import EvalOptions, evaluate_model
+
+    options = EvalOptions(max_new_tokens=NEW_TOKENS, max_prompt_length=400, backend="hf")
+    for name, model in (("a", perturbed(policy, 2)), ("b", perturbed(policy, 3))):
+        kwargs = dict(limit=3, seed=0, options=options, progress=False)
+        evaluate_model((model, tokenizer), ["reasoning"], tmp_path / f"{name}-hf", **kwargs)
+        evaluate_model((model, tokenizer), ["reasoning"], tmp_path / f"{name}-vllm",
+                       engine=engine, **kwargs)  # fmt: skip
+        hf = reasoning_records(tmp_path / f"{name}-hf" / "reasoning.records.jsonl")
+        vllm = reasoning_records(tmp_path / f"{name}-vllm" / "reasoning.records.jsonl")
+        assert len(hf) == 6 and any(hf)
+        assert vllm == hf
+    assert reasoning_records(tmp_path / "a-vllm" / "reasoning.records.jsonl") != vllm
+    engine.load_weights(policy)  # the other tests use the original weights

@@ -14,7 +14,7 @@ import re
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,7 @@ def evaluate_model(
     progress: bool = True,
     dtype: str | None = None,
     device: str | None = None,
+    engine: Any = None,
 ) -> dict[str, BenchmarkResult]:
     """Evaluate ``model`` on ``benchmarks`` and write the results under ``out_dir``.
 
@@ -133,6 +134,11 @@ def evaluate_model(
         options: see :class:`EvalOptions`.
         judge: an MT-Bench judge callable (messages -> reply text) with a ``name``; overrides
             ``options.judge_model`` and the environment.
+        engine: a running :class:`~gsil.generation.vllm_engine.VLLMEngine` to generate with:
+            the model's weights are pushed into it, so one engine serves several evaluations
+            (its dtype wins over ``dtype``). Without one, a vLLM backend (``options.backend``,
+            or ``"auto"`` with vLLM installed) starts an engine for this call's benchmarks and
+            shuts it down at the end.
 
     Returns:
         ``{benchmark: BenchmarkResult}``, also written to disk.
@@ -149,18 +155,43 @@ def evaluate_model(
         out_dir = default_out_dir(model)
     out_dir = Path(out_dir)
 
+    owned = None  # an engine started here, for this call's benchmarks only
+    generator = model_obj
+    if needs_model:
+        from gsil.generation import resolve_backend
+
+        if engine is None and resolve_backend(options.backend, model_obj) == "vllm":
+            engine = owned = _start_engine(model_obj, tokenizer)
+        elif engine is not None:
+            engine.load_weights(model_obj)
+        if engine is not None:
+            generator = engine
+            options = replace(options, backend="vllm")
     results: dict[str, BenchmarkResult] = {}
-    for name in names:
-        started = time.monotonic()
-        runner = _RUNNERS[name]
-        result, records = runner(model_obj, tokenizer, options, limit, seed, progress, judge)
-        result.wall_s = round(time.monotonic() - started, 2)
-        result.settings = {"model": model_name, **result.settings}
-        path = write_result(result, records, out_dir)
-        logger.info("%s -> %s", result.summary(), path)
-        results[name] = result
+    try:
+        for name in names:
+            started = time.monotonic()
+            runner = _RUNNERS[name]
+            result, records = runner(generator, tokenizer, options, limit, seed, progress, judge)
+            result.wall_s = round(time.monotonic() - started, 2)
+            result.settings = {"model": model_name, **result.settings}
+            path = write_result(result, records, out_dir)
+            logger.info("%s -> %s", result.summary(), path)
+            results[name] = result
+    finally:
+        if owned is not None:
+            owned.close()
     _update_summary(out_dir, results)
     return results
+
+
+def _start_engine(model: Any, tokenizer: Any) -> Any:
+    """A vLLM engine serving ``model`` at the dtype it was loaded in, for one evaluation."""
+    from gsil.generation.vllm_engine import VLLMEngine
+
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    logger.info("evaluation: starting a vLLM engine (%s)", dtype)
+    return VLLMEngine(model, tokenizer, dtype=dtype)
 
 
 def _resolve_model(

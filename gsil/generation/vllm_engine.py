@@ -60,6 +60,10 @@ class VLLMEngine:
         dtype: ``"float32"``, ``"bfloat16"`` or ``"auto"`` (the checkpoint's).
         seed: the engine's seed (requests carry their own).
         max_model_len: longest prompt + response in tokens (default: the model's).
+        enforce_eager: run the model eagerly instead of vLLM's compiled graph. ``None``: eager
+            on CPUs, compiled on GPUs. Measured on this project's 2-core CPU (SmolLM2-135M,
+            fp32): eager starts in 38 s, compiled in 150-175 s on every start (vLLM's CPU build
+            fails to reload its compile cache and compiles again), for 10-16% more tokens/s.
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class VLLMEngine:
         dtype: str = "auto",
         seed: int = 0,
         max_model_len: int | None = None,
+        enforce_eager: bool | None = None,
     ) -> None:
         vllm = _import_vllm()
         self.tokenizer = tokenizer
@@ -77,13 +82,17 @@ class VLLMEngine:
         self._scratch = Path(tempfile.mkdtemp(prefix="gsil-vllm-"))
         try:
             model_dir = os.fspath(model) if _is_path(model) else self._write(model)
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
-            options: dict[str, Any] = {}
-            if torch.cuda.is_available():
+            on_gpu = torch.cuda.is_available()
+            options: dict[str, Any] = {"enforce_eager": not on_gpu}
+            if enforce_eager is not None:
+                options["enforce_eager"] = enforce_eager
+            if on_gpu:
                 # the HF policy and its optimizer state stay on the same GPU
                 options["gpu_memory_utilization"] = float(
                     os.environ.get("GSIL_VLLM_GPU_MEMORY", "0.5")
                 )
+            else:
+                _cpu_environment()
             self.llm = vllm.LLM(
                 model=model_dir, tokenizer=model_dir, dtype=dtype, seed=seed,
                 max_model_len=max_model_len, worker_extension_cls=WORKER_EXTENSION, **options,
@@ -177,6 +186,19 @@ class VLLMEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _cpu_environment() -> None:
+    """vLLM's CPU settings, where the user has not set them.
+
+    ``VLLM_CPU_KVCACHE_SPACE`` (GiB): enough for batch generation. ``VLLM_CPU_NUM_OF_RESERVED_CPU``:
+    vLLM keeps one core for its scheduler process and binds the model's threads to the rest; on
+    a machine of 4 cores or fewer that idles a large share of it. Measured on 2 cores: 82 tokens/s
+    with one core reserved, 148 with none.
+    """
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
+    if (os.cpu_count() or 1) <= 4:
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
 def _is_path(model: Any) -> bool:
