@@ -426,12 +426,9 @@ def eval_dtype(dtype: str | None) -> str | None:
     GPU, an AVX-512 BF16 or AMX CPU), else fp32; ``None`` leaves it to the evaluator."""
     if dtype != "auto":
         return dtype
-    import torch
+    from gsil.models import native_bf16, resolve_device
 
-    from gsil.models import native_bf16
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return "bfloat16" if native_bf16(device) else "float32"
+    return "bfloat16" if native_bf16(resolve_device()) else "float32"
 
 
 class EvaluationEngine:

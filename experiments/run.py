@@ -12,7 +12,6 @@ import logging
 import sys
 import time
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
@@ -25,7 +24,7 @@ from experiments.config import (
 from gsil.data import load_demonstrations
 from gsil.estimators import get_estimator
 from gsil.io import read_json, read_jsonl, write_json
-from gsil.models import load_model, native_bf16
+from gsil.models import load_model, native_bf16, resolve_device
 from gsil.objectives import make_objective
 from gsil.optimization import make_accelerator as gsil_accelerator
 from gsil.trainer import OptimSettings, run_rounds
@@ -56,14 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_precision(precision: str) -> str:
     """``"auto"``: bf16 where this machine computes it natively (a GPU, an AVX-512 BF16 or AMX
     CPU), else fp32. An explicit bf16 without native support is kept, with a warning."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device()
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     if precision == "bf16" and not native_bf16(device):
         logger.warning(
             "precision bf16 on a %s without native bf16 (no AVX-512 BF16/AMX): PyTorch emulates "
             "it, about 100x slower than fp32 on such a CPU; use --precision auto or fp32",
-            device,
+            device.type,
         )
     return precision
 
