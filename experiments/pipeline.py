@@ -431,47 +431,13 @@ def eval_dtype(dtype: str | None) -> str | None:
     return "bfloat16" if native_bf16(resolve_device()) else "float32"
 
 
-class EvaluationEngine:
-    """The evaluation's one vLLM engine (when the backend resolves to vLLM): started from the
-    first model that needs answers (a minute on 2 CPU cores), then given each later model's
-    weights in memory by ``evaluate_model``; shut down by ``close``."""
-
-    def __init__(self, backend: str, dtype: str | None) -> None:
-        from gsil.generation import resolve_backend
-        from gsil.models import resolve_device, resolve_dtype
-
-        self.used = resolve_backend(backend) == "vllm"
-        # the dtype evaluate_model loads each model in
-        self.dtype = str(resolve_dtype(dtype, resolve_device())).removeprefix("torch.")
-        self.engine: Any = None
-
-    def for_model(self, model_dir: Path) -> Any:
-        if not self.used:
-            return None
-        if self.engine is None:
-            from transformers import AutoTokenizer
-
-            from gsil.generation.vllm_engine import VLLMEngine
-
-            logger.info("evaluation: one vLLM engine (%s) for every evaluated run", self.dtype)
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            self.engine = VLLMEngine(model_dir, tokenizer, dtype=self.dtype)
-        return self.engine
-
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
-
-
-def evaluate_stage(
-    pipeline: Pipeline, stage: Stage, engine: EvaluationEngine | None = None
-) -> dict[str, Path]:
+def evaluate_stage(pipeline: Pipeline, stage: Stage, engine: Any = None) -> dict[str, Path]:
     """Evaluate a stage's final model on the pipeline's benchmarks (skipping finished ones).
 
     Results go to ``<run>/round_<last>/eval/``; ``request.json`` there records what each
-    benchmark was asked for, so a finished benchmark is not redone. With an ``engine``, answers
-    come from its vLLM engine, shared by every evaluated run.
+    benchmark was asked for, so a finished benchmark is not redone. With an ``engine`` (a
+    ``gsil.generation.vllm_engine.EngineSlot``), answers come from its one vLLM engine, shared
+    by every evaluated run.
     """
     from gsil.evaluation.runner import EvalOptions, default_out_dir, evaluate_model
 
@@ -495,9 +461,8 @@ def evaluate_stage(
             paths[benchmark] = result_path
             continue
         options = EvalOptions(tasks=tasks, max_new_tokens=max_new, batch_size=spec["batch_size"])
-        vllm = engine.for_model(model_dir) if engine is not None else None
         evaluate_model(str(model_dir), [benchmark], out_dir, limit, spec["seed"],
-                       options=options, dtype=dtype, engine=vllm)  # fmt: skip
+                       options=options, dtype=dtype, engine=engine)  # fmt: skip
         requests[benchmark] = request
         write_json(request_path, requests)
         paths[benchmark] = result_path
@@ -532,13 +497,20 @@ def run_pipeline(pipeline: Pipeline) -> dict:
     if not state.is_main_process:
         return outcome
     if pipeline.evaluate:
+        from gsil.generation import resolve_backend
+
         backend = pipeline.evaluate["backend"] or pipeline.stages[0].config.generator
-        engine = EvaluationEngine(backend, eval_dtype(pipeline.evaluate["dtype"]))
+        engine = None  # with vLLM: one engine for every evaluated run, started at the first
+        if resolve_backend(backend) == "vllm":
+            from gsil.generation.vllm_engine import EngineSlot
+
+            engine = EngineSlot()
         try:
             for name in pipeline.evaluate["runs"]:
                 evaluate_stage(pipeline, pipeline.stage(name), engine)
         finally:
-            engine.close()
+            if engine is not None:
+                engine.close()
     from experiments.report import write_report
 
     report = write_report(

@@ -161,13 +161,14 @@ def test_one_engine_serves_several_evaluations(engine, policy, tokenizer, tmp_pa
     """The pipeline's evaluation: each model's weights pushed into one engine; every model's
     answers equal its HF greedy fp32 answers."""
     from gsil.evaluation.runner import EvalOptions, evaluate_model
+    from gsil.generation.vllm_engine import EngineSlot
 
     options = EvalOptions(max_new_tokens=NEW_TOKENS, max_prompt_length=400, backend="hf")
     for name, model in (("a", perturbed(policy, 2)), ("b", perturbed(policy, 3))):
         kwargs = dict(limit=3, seed=0, options=options, progress=False)
         evaluate_model((model, tokenizer), ["reasoning"], tmp_path / f"{name}-hf", **kwargs)
         evaluate_model((model, tokenizer), ["reasoning"], tmp_path / f"{name}-vllm",
-                       engine=engine, **kwargs)  # fmt: skip
+                       engine=EngineSlot(engine), **kwargs)  # fmt: skip
         hf = reasoning_records(tmp_path / f"{name}-hf" / "reasoning.records.jsonl")
         vllm = reasoning_records(tmp_path / f"{name}-vllm" / "reasoning.records.jsonl")
         assert len(hf) == 6 and any(hf)

@@ -134,11 +134,11 @@ def evaluate_model(
         options: see :class:`EvalOptions`.
         judge: an MT-Bench judge callable (messages -> reply text) with a ``name``; overrides
             ``options.judge_model`` and the environment.
-        engine: a running :class:`~gsil.generation.vllm_engine.VLLMEngine` to generate with:
-            the model's weights are pushed into it, so one engine serves several evaluations
-            (its dtype wins over ``dtype``). Without one, a vLLM backend (``options.backend``,
-            or ``"auto"`` with vLLM installed) starts an engine for this call's benchmarks and
-            shuts it down at the end.
+        engine: a :class:`~gsil.generation.vllm_engine.EngineSlot` to generate with: it
+            starts its engine with this model or takes the model's weights in memory, so one
+            engine serves several evaluations (the caller closes it). Without one, a vLLM
+            backend (``options.backend``, or ``"auto"`` with vLLM installed) starts an engine
+            for this call's benchmarks and shuts it down at the end.
 
     Returns:
         ``{benchmark: BenchmarkResult}``, also written to disk.
@@ -161,11 +161,11 @@ def evaluate_model(
         from gsil.generation import resolve_backend
 
         if engine is None and resolve_backend(options.backend, model_obj) == "vllm":
-            engine = owned = _start_engine(model_obj, tokenizer)
-        elif engine is not None:
-            engine.load_weights(model_obj)
+            from gsil.generation.vllm_engine import EngineSlot
+
+            engine = owned = EngineSlot()
         if engine is not None:
-            generator = engine
+            generator = engine.serve(model_obj, tokenizer)
             options = replace(options, backend="vllm")
     results: dict[str, BenchmarkResult] = {}
     try:
@@ -183,15 +183,6 @@ def evaluate_model(
             owned.close()
     _update_summary(out_dir, results)
     return results
-
-
-def _start_engine(model: Any, tokenizer: Any) -> Any:
-    """A vLLM engine serving ``model`` at the dtype it was loaded in, for one evaluation."""
-    from gsil.generation.vllm_engine import VLLMEngine
-
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    logger.info("evaluation: starting a vLLM engine (%s)", dtype)
-    return VLLMEngine(model, tokenizer, dtype=dtype)
 
 
 def _resolve_model(

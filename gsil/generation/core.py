@@ -146,7 +146,8 @@ def resolve_backend(backend: str, model: Any = None) -> str:
 
     ``"auto"`` is vLLM when a :class:`~gsil.generation.vllm_engine.VLLMEngine` is given, or when
     vLLM is installed where it is faster than ``model.generate``: with a GPU, or as vLLM's CPU
-    build (measured here: 1.6x HF in fp32, 2.8x in bf16, after a start of about a minute).
+    build (measured on 2 AVX2 cores, fp32: 2.3x to 6.6x HF's tokens/s on the default run's
+    workloads, after a start of about 40 s; ``benchmarks/generation.py``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown generation backend {backend!r}; use one of {BACKENDS}")

@@ -4,7 +4,7 @@ for a whole run.
 Imported only when vLLM is selected, so the package works without vLLM. On GPUs install
 ``vllm``; on CPUs vLLM's CPU build (``make setup-vllm``, see the README).
 
-An engine costs about half a minute to a minute to start (on this project's 2-core CPU), so
+An engine takes about 40 s to start (on this project's 2-core CPU), so
 :class:`VLLMEngine` is created once per run: the policy is written to disk once for the start,
 and each later round pushes the new weights in memory (``load_weights``; see
 :mod:`gsil.generation.vllm_worker`). Each request gets its own seed (``seed + prompt index``),
@@ -201,6 +201,41 @@ def _cpu_environment() -> None:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
+class EngineSlot:
+    """One engine serving a sequence of policies (a run's rounds, an evaluation's models):
+    started with the first policy it serves, then given each later one in memory.
+
+    Args:
+        engine: an engine already running, to serve from instead of starting one.
+        **options: :class:`VLLMEngine` keyword arguments for the start (``dtype`` defaults to
+            the first policy's: ``"auto"`` for a model directory).
+    """
+
+    def __init__(self, engine: VLLMEngine | None = None, **options: Any) -> None:
+        self.engine = engine
+        self.options = options
+
+    def serve(self, policy: Any, tokenizer: Any) -> VLLMEngine:
+        """The engine, holding ``policy``'s current weights."""
+        if self.engine is None:
+            options = {"dtype": policy_dtype(policy), **self.options}
+            logger.info("starting a vLLM engine (%s)", options["dtype"])
+            self.engine = VLLMEngine(policy, tokenizer, **options)
+        else:
+            self.engine.load_weights(policy)
+        return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
+def policy_dtype(model: Any) -> str:
+    """vLLM's dtype name for ``model``'s weights (``"auto"``, the checkpoint's, for a path)."""
+    return "auto" if _is_path(model) else str(next(model.parameters()).dtype).split(".")[-1]
+
+
 def _is_path(model: Any) -> bool:
     return isinstance(model, str | os.PathLike)
 
@@ -220,6 +255,5 @@ def generate_vllm(
     if isinstance(model, VLLMEngine):
         return model.generate(prompt_ids, decoding, **options)
     logger.info("starting a vLLM engine for one call (pass a VLLMEngine to reuse one)")
-    dtype = "auto" if _is_path(model) else str(next(model.parameters()).dtype).split(".")[-1]
-    with VLLMEngine(model, tokenizer, dtype=dtype, seed=decoding.seed) as engine:
+    with VLLMEngine(model, tokenizer, dtype=policy_dtype(model), seed=decoding.seed) as engine:
         return engine.generate(prompt_ids, decoding, **options)
