@@ -18,19 +18,15 @@ from pathlib import Path
 import torch
 
 from analysis.calibration import IMPLICIT_LOGITS_FILE, calibrate_run
+from experiments.config import load_saved_config
 from gsil.batching import build_examples
 from gsil.data import load_demonstrations, save_jsonl
 from gsil.estimators import get_estimator
 from gsil.generation import generate
-from gsil.io import read_json, write_json
+from gsil.io import write_json
+from gsil.layout import RunLayout
 from gsil.models import load_model
 from gsil.optimization import reference_logps
-
-
-def finished_rounds(run_dir: Path) -> list[int]:
-    return sorted(
-        int(path.parent.name.split("_")[1]) for path in run_dir.glob("round_*/summary.json")
-    )
 
 
 def implicit_logits(
@@ -50,23 +46,26 @@ def implicit_logits(
     from accelerate import Accelerator
 
     run_dir = Path(run_dir)
-    config = read_json(run_dir / "config.json")
-    if config["method"] != "gsil":
-        raise ValueError(f"{run_dir} trained {config['method']!r}; the implicit classifier "
+    layout = RunLayout(run_dir)
+    config = load_saved_config(layout.config)
+    goal = config.objective
+    if goal.method != "gsil":
+        raise ValueError(f"{run_dir} trained {goal.method!r}; the implicit classifier "
                          "is GSIL's (beta and shift define its logit)")  # fmt: skip
-    rounds = finished_rounds(run_dir)
+    rounds = layout.finished_rounds()
     if not rounds:
         raise FileNotFoundError(f"{run_dir} has no finished round (round_<t>/summary.json)")
     round_index = rounds[-1] if round_index is None else round_index
     reference_spec = (
-        str(run_dir / f"round_{round_index - 1}" / "model") if round_index else config["model"]
+        str(layout.model(round_index - 1)) if round_index else config.model.name_or_path
     )
-    policy, tokenizer = load_model(str(run_dir / f"round_{round_index}" / "model"), dtype="float32")
+    policy, tokenizer = load_model(str(layout.model(round_index)), dtype="float32")
     reference, _ = load_model(reference_spec, dtype="float32")
+    source = config.data
     demos = load_demonstrations(
-        data or config["data"], prompt_field=config["prompt_field"],
-        response_field=config["response_field"], split="test", size=num_items,
-        seed=config["seed"], tokenizer=tokenizer, max_prompt_length=config["max_prompt_length"],
+        data or source.source, prompt_field=source.prompt_field,
+        response_field=source.response_field, split="test", size=num_items,
+        seed=config.seed, tokenizer=tokenizer, max_prompt_length=source.max_prompt_length,
     )  # fmt: skip
     generations = [
         result.text
@@ -74,23 +73,23 @@ def implicit_logits(
             policy,
             tokenizer,
             [d.prompt for d in demos],
-            max_new_tokens=config["max_new_tokens"],
+            max_new_tokens=config.generation.max_new_tokens,
             batch_size=batch_size,
-            seed=config["seed"],
+            seed=config.seed,
         )  # fmt: skip
     ]
     examples = build_examples(
         tokenizer, [d.prompt for d in demos], [d.response for d in demos], generations,
-        max_prompt_length=config["max_prompt_length"], max_length=config["max_length"],
+        max_prompt_length=source.max_prompt_length, max_length=source.max_length,
     )  # fmt: skip
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     scores = {}
     for name, model in (("policy", policy), ("reference", reference)):
         scores[name] = reference_logps(
-            model, examples, tokenizer.pad_token_id, batch_size, config["average_logps"],
+            model, examples, tokenizer.pad_token_id, batch_size, config.optim.average_logps,
             accelerator, with_generations=True,
         )  # fmt: skip
-    beta, shift = config["beta"], config["shift"]
+    beta, shift = goal.beta, goal.shift
     demo_logits = beta * (scores["policy"][0] - scores["reference"][0]) + shift
     gen_logits = beta * (scores["policy"][1] - scores["reference"][1]) + shift
     save_jsonl(
@@ -100,8 +99,7 @@ def implicit_logits(
         ],
         run_dir / IMPLICIT_LOGITS_FILE,
     )
-    params = {"gamma": config["gamma"]} if config.get("gamma") is not None else {}
-    ratio_scale = get_estimator(config["loss"], **params).ratio_scale
+    ratio_scale = get_estimator(goal.loss, **goal.estimator_params()).ratio_scale
     metrics = calibrate_run(run_dir, ratio_scale=ratio_scale)
     metrics.update({"round": round_index, "reference": reference_spec, "num_items": len(demos)})
     write_json(run_dir / "calibration.json", metrics)

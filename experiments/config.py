@@ -1,166 +1,598 @@
-"""The run configuration: one dataclass, resolved once (preset, then flags) and saved with the run.
+"""The run configuration: one typed tree, resolved once and saved with the run.
 
-Each field's ``help`` metadata is its command-line documentation, so the CLI and this file
-cannot drift apart.
+    RunConfig                      name, output_dir, seed, rounds, resume
+    ├── model: ModelConfig         what to start from, LoRA, precision
+    ├── data: DataConfig           demonstrations and their lengths
+    ├── objective: ObjectiveConfig GSIL / SPIN / SFT and the estimator's knobs
+    ├── optim: OptimSettings       (gsil.optimization) how each round is optimised
+    ├── generation: GenerationSettings  (gsil.generation) how each round generates
+    └── logging: LoggingConfig     experiment trackers
+
+It is built from defaults, then a recipe (a JSON preset or a YAML file), then command-line
+flags, validated against the annotations (an unknown key or a wrong type is an error naming
+the key), and handed to modules as plain values (``config.optim`` is what ``train_round``
+takes). Each leaf field has one flag, ``--<field>`` unless its metadata names another
+(``optim.batch_size`` is ``--batch-size``, ``generation.batch_size`` is ``--gen-batch-size``);
+``help`` metadata is the flag's documentation, so the CLI, recipes and this file cannot drift
+apart.
+
+Recipes may nest sections (``{"optim": {"learning_rate": 1e-5}}``) or use the flags' names flat,
+as TRL's and alignment-handbook's recipes do (``{"lr": 1e-5}`` or ``{"learning_rate": 1e-5}``);
+both resolve to the same tree, and ``config.json`` is always written nested.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gsil.generation import GenerationSettings
+from gsil.optimization import OptimSettings
+from gsil.tracking import NONE, TRACKERS, resolve_report_to
+
 PRESETS_DIR = Path(__file__).parent / "presets"
+RECIPE_SUFFIXES = (".json", ".yaml", ".yml")
 
 
-def _f(default: Any, help: str, **kwargs: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kwargs})
+class ConfigError(ValueError):
+    """A recipe or flag that does not fit the configuration; the message names the key."""
+
+
+def _f(default: Any, help: str, **metadata: Any) -> Any:
+    if default is list or getattr(default, "__name__", "") == "<lambda>":  # a mutable default
+        return field(default_factory=default, metadata={"help": help, **metadata})
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("smollm2-135m", "policy to start from: 'smollm2-135m' (embedded, "
+                           "offline), a local model directory, or a Hugging Face hub id",
+                           flag="model")  # fmt: skip
+    lora_rank: int = _f(0, "LoRA rank (0: full fine-tuning)")
+    precision: str = _f("auto", "compute precision: auto (bf16 where native: a GPU, an AVX-512 "
+                        "BF16/AMX CPU; else fp32), fp32 or bf16 (mixed-precision autocast)",
+                        choices=("auto", "fp32", "bf16"))  # fmt: skip
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("rg:chain_sum,basic_arithmetic", "demonstrations: a .jsonl/.json/.parquet "
+                     "file, 'rg:task1,task2' (reasoning-gym, generated offline), or a hub "
+                     "dataset", flag="data")  # fmt: skip
+    prompt_field: str = _f("prompt", "record field holding the prompt (string or chat messages)")
+    response_field: str = _f("response", "record field holding the demonstration response")
+    split: str = _f("train", "dataset split (hub datasets; 'train' for reasoning-gym)")
+    num_demos: int | None = _f(64, "number of demonstrations to use (None: all; required for "
+                               "rg: sources)")  # fmt: skip
+    skip_invalid: bool = _f(False, "drop bad records (counted and reported) instead of stopping")
+    max_prompt_length: int = _f(256, "longest prompt in tokens (longer ones are bad records)")
+    max_length: int = _f(512, "longest prompt + response in tokens (responses are cut)")
+
+
+@dataclass
+class ObjectiveConfig:
+    method: str = _f("gsil", "training objective", choices=("gsil", "spin", "sft"))
+    loss: str = _f("logistic", "GSIL density-ratio estimator", choices=(
+        "logistic", "brier", "exponential", "kliep", "lsif", "power", "hinge"))  # fmt: skip
+    gamma: float | None = _f(None, "parameter of the 'power' estimator (gamma > 0)")
+    beta: float = _f(0.1, "scale of the log-ratio logit f = beta * (log pi - log pi_ref) + "
+                     "shift; also SPIN's beta")  # fmt: skip
+    shift: float = _f(0.0, "offset of the GSIL logit (the paper's script: 2 with beta 0.01)")
+    drop_ties: bool = _f(False, "drop pairs whose generated response equals the demonstration")
+
+    def estimator_params(self) -> dict[str, float]:
+        """Keyword arguments of ``gsil.estimators.get_estimator`` beyond the name."""
+        return {"gamma": self.gamma} if self.loss == "power" and self.gamma is not None else {}
+
+
+@dataclass
+class LoggingConfig:
+    report_to: list[str] = _f(list, "experiment trackers through accelerate, comma-separated: "
+                              f"{', '.join([NONE, *TRACKERS])} (offline by default)")  # fmt: skip
 
 
 @dataclass
 class RunConfig:
-    # what and where
-    name: str = _f(None, "run name; results go to OUTPUT_DIR/NAME (default: derived from the "
-                   "method, loss and seed)")  # fmt: skip
+    name: str | None = _f(None, "run name; results go to OUTPUT_DIR/NAME (default: derived "
+                          "from the method, loss and seed)")  # fmt: skip
     output_dir: str = _f("runs", "parent directory of run directories")
-    model: str = _f("smollm2-135m", "policy to start from: 'smollm2-135m' (embedded, offline), "
-                    "a local model directory, or a Hugging Face hub id")  # fmt: skip
-    data: str = _f("rg:chain_sum,basic_arithmetic", "demonstrations: a .jsonl/.json/.parquet "
-                   "file, 'rg:task1,task2' (reasoning-gym, generated offline), or a hub dataset")  # fmt: skip
-    prompt_field: str = _f("prompt", "record field holding the prompt (string or chat messages)")
-    response_field: str = _f("response", "record field holding the demonstration response")
-    split: str = _f("train", "dataset split (hub datasets; 'train' for reasoning-gym)")
-    num_demos: int = _f(64, "number of demonstrations to use (required for rg: sources)")
-    skip_invalid: bool = _f(False, "drop bad records (counted and reported) instead of stopping")
-    # the method
-    method: str = _f("gsil", "training objective", choices=["gsil", "spin", "sft"])
-    loss: str = _f("logistic", "GSIL density-ratio estimator", choices=[
-        "logistic", "brier", "exponential", "kliep", "lsif", "power", "hinge"])  # fmt: skip
-    gamma: float = _f(None, "parameter of the 'power' estimator (gamma > 0)")
-    beta: float = _f(0.1, "scale of the log-ratio logit f = beta * (log pi - log pi_ref) + shift; "
-                     "also SPIN's beta")  # fmt: skip
-    shift: float = _f(0.0, "offset of the GSIL logit (the paper's script used 2 with beta 0.01)")
+    seed: int = _f(0, "the one seed: data sampling, generation and training")
     rounds: int = _f(1, "self-imitation rounds (each regenerates responses and resets the "
                      "reference to the current policy)")  # fmt: skip
-    drop_ties: bool = _f(False, "drop pairs whose generated response equals the demonstration")
-    average_logps: bool = _f(False, "length-averaged log-probs instead of sums (sums: default)")
-    # optimisation
-    epochs: int = _f(1, "epochs over the demonstrations per round")
-    lr: float = _f(1e-5, "peak learning rate")
-    optimizer: str = _f("adamw", "optimizer", choices=["adamw", "rmsprop"])
-    weight_decay: float = _f(0.0, "weight decay")
-    warmup_steps: int = _f(0, "linear warm-up steps (then linear decay to 0 over the round)")
-    batch_size: int = _f(8, "prompts per micro-batch and device (GSIL/SPIN forward 2x rows)")
-    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm")
-    precision: str = _f("auto", "compute precision: auto (bf16 on GPU, fp32 on CPU), fp32 or bf16 "
-                        "(mixed-precision autocast)", choices=["auto", "fp32", "bf16"])  # fmt: skip
-    gradient_checkpointing: bool = _f(False, "trade compute for activation memory")
-    lora_rank: int = _f(0, "LoRA rank (0: full fine-tuning)")
-    checkpoint_every: int = _f(50, "optimizer steps between resumable checkpoints (0: none)")
-    # lengths and generation
-    max_prompt_length: int = _f(256, "longest prompt in tokens (longer ones are bad records)")
-    max_length: int = _f(512, "longest prompt + response in tokens (responses are cut)")
-    max_new_tokens: int = _f(128, "longest self-generated response in tokens")
-    do_sample: bool = _f(False, "sample generations (default greedy, as in the paper)")
-    temperature: float = _f(1.0, "sampling temperature (with --do-sample)")
-    top_p: float = _f(1.0, "nucleus sampling mass (with --do-sample)")
-    generator: str = _f("auto", "generation backend: auto (vLLM if installed with a GPU, or "
-                        "as vLLM's CPU build; else HF), hf or vllm (one engine for the run)",
-                        choices=["auto", "hf", "vllm"])  # fmt: skip
-    gen_batch_size: int = _f(16, "prompts per generation batch")
-    # reproducibility
-    seed: int = _f(0, "the one seed: data sampling, generation and training")
     resume: bool = _f(False, "continue an interrupted run in the same directory")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def run_name(self) -> str:
         if self.name:
             return self.name
-        loss = f"-{self.loss}" if self.method == "gsil" else ""
-        return f"{self.method}{loss}-seed{self.seed}"
+        loss = f"-{self.objective.loss}" if self.objective.method == "gsil" else ""
+        return f"{self.objective.method}{loss}-seed{self.seed}"
 
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name()
 
-    def estimator_params(self) -> dict:
-        return {"gamma": self.gamma} if self.loss == "power" and self.gamma is not None else {}
-
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-
-def preset_path(name_or_path: str) -> Path:
-    """The JSON file of a preset: a name under ``experiments/presets/`` or a file path."""
-    path = Path(name_or_path)
-    if not path.exists():
-        path = PRESETS_DIR / f"{name_or_path}.json"
-    if not path.exists():
-        available = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.json")))
-        raise SystemExit(f"unknown preset {name_or_path!r}; available: {available}")
-    return path
+    def replace(self, **values: Any) -> RunConfig:
+        """A copy with leaf fields changed, by flag name or dotted path (``optim.batch_size``)."""
+        return from_dict(merge(self.to_dict(), nest(values)))
 
 
-def is_pipeline_preset(name_or_path: str) -> bool:
-    """Whether a preset describes several stages (``experiments.pipeline``), not one run."""
-    return "pipeline" in json.loads(preset_path(name_or_path).read_text())
+# --------------------------------------------------------------------------- the tree's fields
 
 
-def load_preset(name_or_path: str) -> dict:
-    """A preset's overrides: a name under ``experiments/presets/`` or a JSON file path."""
-    path = preset_path(name_or_path)
-    values = json.loads(path.read_text())
-    values.pop("_comment", None)
-    known = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise SystemExit(f"{path}: unknown field(s) {unknown}; valid: {sorted(known)}")
-    return values
+@dataclass(frozen=True)
+class Leaf:
+    """One leaf field: where it lives, its flag name, its type, its default and its help."""
+
+    path: tuple[str, ...]  # ("optim", "batch_size")
+    flag: str  # "batch_size" -> --batch-size
+    aliases: tuple[str, ...]
+    annotation: Any
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field, e.g. ``--max-new-tokens``; defaults are left unset (None) so that
-    only flags the user typed override the preset."""
-    for spec in dataclasses.fields(RunConfig):
-        flag = "--" + spec.name.replace("_", "-")
-        default = spec.default
-        help_text = f"{spec.metadata['help']} (default: {default})"
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)  # fmt: skip
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(annotation: Any) -> bool:
+    return dataclasses.is_dataclass(annotation)
+
+
+def _default(spec: dataclasses.Field) -> Any:
+    if spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    return spec.default
+
+
+def leaves(cls: type = RunConfig, prefix: tuple[str, ...] = ()) -> list[Leaf]:
+    """Every leaf of the tree, in declaration order."""
+    hints = _hints(cls)
+    found = []
+    for spec in dataclasses.fields(cls):
+        annotation = hints[spec.name]
+        if _is_section(annotation):
+            found += leaves(annotation, prefix + (spec.name,))
             continue
-        kind = type(default) if default is not None else (float if spec.name == "gamma" else str)
-        parser.add_argument(flag, type=kind, default=None, choices=spec.metadata.get("choices"),
-                            help=help_text)  # fmt: skip
+        meta = spec.metadata
+        found.append(Leaf(prefix + (spec.name,), meta.get("flag", spec.name),
+                          tuple(meta.get("aliases", ())), annotation, _default(spec),
+                          meta.get("help", ""), meta.get("choices")))  # fmt: skip
+    return found
 
 
-def resolve_config(args: argparse.Namespace, preset: str | None) -> RunConfig:
-    """Defaults, then the preset, then the flags given on the command line."""
-    values = load_preset(preset) if preset else {}
-    for spec in dataclasses.fields(RunConfig):
-        given = getattr(args, spec.name, None)
-        if given is not None:
-            values[spec.name] = given
-    config = RunConfig(**values)
+def _flag_index() -> dict[str, Leaf]:
+    index: dict[str, Leaf] = {}
+    for leaf in leaves():
+        for name in (leaf.flag, *leaf.aliases, ".".join(leaf.path)):
+            if name in index and index[name] is not leaf:
+                raise AssertionError(f"two configuration fields answer to {name!r}")
+            index[name] = leaf
+    return index
+
+
+FLAGS = _flag_index()
+SECTIONS = {
+    spec.name for spec in dataclasses.fields(RunConfig) if _is_section(_hints(RunConfig)[spec.name])
+}
+
+
+# --------------------------------------------------------------------------- building the tree
+
+
+def nest(values: dict[str, Any], where: str = "configuration") -> dict[str, Any]:
+    """Flat keys (flag names, aliases, dotted paths) and nested sections -> one nested dict.
+
+    ``{"lr": 1e-5, "optim": {"epochs": 2}, "model": "x"}`` ->
+    ``{"optim": {"learning_rate": 1e-5, "epochs": 2}, "model": {"name_or_path": "x"}}``.
+    """
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        if key.startswith("_"):  # "_comment" and the like
+            continue
+        if key in SECTIONS and not isinstance(value, dict) and key not in FLAGS:
+            raise ConfigError(f"{where}: {key!r} is a section and takes a mapping, got {value!r}")
+        if key in SECTIONS and isinstance(value, dict):
+            section = nested.setdefault(key, {})
+            for inner, inner_value in value.items():
+                if inner.startswith("_"):
+                    continue
+                section[inner] = inner_value  # unknown names are caught by from_dict
+            continue
+        leaf = FLAGS.get(key.replace("-", "_"))
+        if leaf is None:
+            raise ConfigError(f"{where}: unknown key {key!r}{_suggest(key, list(FLAGS))}")
+        target = nested
+        for part in leaf.path[:-1]:
+            target = target.setdefault(part, {})
+        target[leaf.path[-1]] = value
+    return nested
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Nested dicts merged key by key (``override`` wins)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def from_dict(values: dict[str, Any], where: str = "configuration") -> RunConfig:
+    """A validated :class:`RunConfig` from a (flat or nested) dict: unknown keys and values of
+    the wrong type are errors naming the key."""
+    config = _build(RunConfig, nest(values, where), where, ())
     validate(config)
     return config
 
 
+def _build(cls: type, values: dict[str, Any], where: str, prefix: tuple[str, ...]) -> Any:
+    hints = _hints(cls)
+    names = [spec.name for spec in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        dotted = ".".join(prefix + (key,))
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key {dotted!r}{_suggest(key, names)}")
+        annotation = hints[key]
+        if _is_section(annotation):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {dotted!r} is a section and takes a mapping, "
+                                  f"got {value!r}")  # fmt: skip
+            kwargs[key] = _build(annotation, value, where, prefix + (key,))
+        else:
+            kwargs[key] = _check(value, annotation, f"{where}: {dotted!r}")
+    return cls(**kwargs)
+
+
+def _check(value: Any, annotation: Any, what: str) -> Any:
+    """``value`` as ``annotation`` (an int is a float; a comma string is a list of strings)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check(value, option, what)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is dict:
+        _, item = typing.get_args(annotation)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{what} must be a mapping, got {value!r}")
+        return {str(k): _check(v, item, f"{what}[{k!r}]") for k, v in value.items()}
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{what} must be a list, got {value!r}")
+        return [_check(v, item, what) for v in value]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{what} must be true or false, got {value!r}")
+    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{what} must be an integer, got {value!r}")
+    if annotation in (float, str) and not isinstance(value, annotation):
+        raise ConfigError(f"{what} must be a {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _suggest(key: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(key, names, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def preset_path(name_or_path: str) -> Path:
+    """A recipe file: a path (.json, .yaml, .yml) or a preset name under ``experiments/presets``."""
+    path = Path(name_or_path)
+    if path.exists():
+        if path.suffix not in RECIPE_SUFFIXES:
+            raise ConfigError(f"{path}: a recipe is a .json, .yaml or .yml file")
+        return path
+    for suffix in RECIPE_SUFFIXES:
+        candidate = PRESETS_DIR / f"{name_or_path}{suffix}"
+        if candidate.exists():
+            return candidate
+    available = ", ".join(
+        sorted({p.stem for p in PRESETS_DIR.iterdir() if p.suffix in RECIPE_SUFFIXES})
+    )
+    raise ConfigError(f"unknown preset or recipe file {name_or_path!r}; presets: {available}")
+
+
+def read_recipe(name_or_path: str) -> tuple[Path, dict[str, Any]]:
+    """A recipe's path and its mapping (JSON or YAML), with a clear error for bad syntax."""
+    path = preset_path(name_or_path)
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except (json.JSONDecodeError, Exception) as err:  # yaml.YAMLError has no common base here
+        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {err}") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of keys to values")
+    return path, values
+
+
+def is_pipeline_preset(name_or_path: str) -> bool:
+    """Whether a recipe describes several stages (``experiments.pipeline``), not one run."""
+    return "pipeline" in read_recipe(name_or_path)[1]
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    """A single-run recipe's values, nested and checked (not yet merged with flags)."""
+    path, values = read_recipe(name_or_path)
+    nested = nest(values, str(path))
+    _build(RunConfig, nested, str(path), ())  # unknown keys and wrong types fail here
+    return nested
+
+
+def load_saved_config(path: str | Path) -> RunConfig:
+    """A run's saved ``config.json`` (nested, or the flat layout of earlier versions)."""
+    path = Path(path)
+    return from_dict(json.loads(path.read_text()), str(path))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per leaf (``--max-new-tokens``), grouped by section; defaults are left unset
+    (None) so that only flags the user typed override the recipe."""
+    groups: dict[str, Any] = {}
+    for leaf in leaves():
+        section = leaf.path[0] if len(leaf.path) > 1 else "run"
+        group = groups.get(section) or groups.setdefault(
+            section,
+            parser.add_argument_group(
+                f"{section} (recipe section '{section}')" if section != "run" else "run"
+            ),  # fmt: skip
+        )
+        names = ["--" + name.replace("_", "-") for name in (leaf.flag, *leaf.aliases)]
+        default = leaf.default if leaf.default != [] else "none"
+        help_text = f"{leaf.help} (default: {default}; recipe key {'.'.join(leaf.path)})"
+        dest = "cfg__" + "__".join(leaf.path)
+        if leaf.annotation is bool:
+            group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction,
+                               default=None, help=help_text)  # fmt: skip
+            continue
+        group.add_argument(*names, dest=dest, type=parse_type(leaf.annotation), default=None,
+                           choices=leaf.choices, help=help_text,
+                           metavar=None if leaf.choices else leaf.flag.upper())  # fmt: skip
+
+
+def parse_type(annotation: Any):
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        inner = parse_type(options[0])
+        return lambda text: None if text.lower() in ("none", "null") else inner(text)
+    if typing.get_origin(annotation) is list:
+        return str  # "a,b" is split by _check
+    if annotation is bool:
+        return _parse_bool
+    return annotation
+
+
+def _parse_bool(text: str) -> bool:
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if text.lower() not in words:
+        raise ValueError(f"not a boolean: {text!r}")
+    return words[text.lower()]
+
+
+def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The configuration values typed on the command line, nested."""
+    nested: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if not key.startswith("cfg__") or value is None:
+            continue
+        *sections, name = key.removeprefix("cfg__").split("__")
+        target = nested
+        for part in sections:
+            target = target.setdefault(part, {})
+        target[name] = value
+    return nested
+
+
+def resolve_config(args: argparse.Namespace, preset: str | None) -> RunConfig:
+    """Defaults, then the recipe, then the flags typed on the command line."""
+    values = load_preset(preset) if preset else {}
+    return from_dict(merge(values, flag_overrides(args)), preset or "command line")
+
+
 def validate(config: RunConfig) -> None:
+    """Checks across fields (types are checked when the tree is built)."""
     problems = []
-    if config.num_demos is not None and config.num_demos < 1:
+    if config.data.num_demos is not None and config.data.num_demos < 1:
         problems.append("--num-demos must be >= 1")
-    if config.rounds < 1 or config.epochs < 1:
+    if config.rounds < 1 or config.optim.epochs < 1:
         problems.append("--rounds and --epochs must be >= 1")
-    if config.batch_size < 1 or config.grad_accum < 1:
+    if config.optim.batch_size < 1 or config.optim.grad_accum < 1:
         problems.append("--batch-size and --grad-accum must be >= 1")
-    if config.max_prompt_length >= config.max_length:
+    if config.data.max_prompt_length >= config.data.max_length:
         problems.append("--max-prompt-length must be smaller than --max-length")
-    if config.loss == "power" and config.gamma is not None and config.gamma <= 0:
+    if config.objective.gamma is not None and config.objective.gamma <= 0:
         problems.append("--gamma must be > 0 for the power estimator")
-    if config.lr <= 0:
+    if config.optim.learning_rate <= 0:
         problems.append("--lr must be > 0")
+    for leaf in leaves():
+        value = config.to_dict()
+        for part in leaf.path:
+            value = value[part]
+        if leaf.choices and value not in leaf.choices:
+            problems.append(f"{'.'.join(leaf.path)} must be one of {list(leaf.choices)}, "
+                            f"got {value!r}")  # fmt: skip
+    try:
+        resolve_report_to(config.logging.report_to, check_installed=False)
+    except ValueError as err:  # an unknown name (make_accelerator checks the packages)
+        problems.append(f"--report-to: {err}")
     if problems:
-        raise SystemExit("invalid configuration: " + "; ".join(problems))
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------- experiments (pipelines)
+
+
+@dataclass
+class EvaluationConfig:
+    """An experiment's evaluation (a pipeline recipe's ``evaluate`` section)."""
+
+    runs: list[str] | None = _f(None, "stage names to evaluate (default: every stage)")
+    benchmarks: list[str] = _f(lambda: ["reasoning", "humaneval"], "benchmarks to run")
+    limit: int | None = _f(300, "held-out items per reasoning task (None: all)")
+    humaneval_limit: int | None = _f(None, "HumanEval problems (None: all 164)")
+    tasks: list[str] | None = _f(None, "reasoning tasks (default: those of the training data)")
+    max_new_tokens: dict[str, int] | int | None = _f(None, "generation budget per benchmark, or "
+                                               "one for all (None: "
+                                               "gsil.evaluation.runner's defaults)")  # fmt: skip
+    batch_size: int = _f(32, "prompts per generation batch")
+    dtype: str | None = _f("auto", "auto (bf16 where native, else fp32), float32, bfloat16")
+    seed: int = _f(0, "seed of the held-out items (the same items for every run and seed)")
+    baseline: str | None = _f(None, "the stage every other is compared with, item by item")
+    backend: str | None = _f(None, "generation backend (None: the stages' --generator)")
+
+    def reasoning_tasks(self, data_source: str) -> list[str]:
+        """The tasks to evaluate: given ones, else those of an ``rg:`` training source."""
+        if self.tasks:
+            return list(self.tasks)
+        if data_source.startswith("rg:"):
+            return data_source.removeprefix("rg:").split(",")
+        return ["chain_sum", "basic_arithmetic"]
+
+
+# in a stage: keys that describe the stage itself, not its run configuration
+STAGE_KEYS = ("name", "init_from", "share_round0_generations")
+
+
+@dataclass
+class Stage:
+    """One run of a pipeline: its resolved configuration and the stage it starts from."""
+
+    name: str
+    config: RunConfig
+    init_from: str | None = None
+    share_round0_generations: str | None = None  # a stage starting from the same model
+
+
+@dataclass
+class Pipeline:
+    """A resolved pipeline recipe: where it writes, its stages and its evaluation.
+
+    A pipeline recipe (``experiments/presets/default.json``) is a mapping::
+
+        pipeline: <name>            the experiment directory: OUTPUT_DIR/<name>/ (--name overrides)
+        base: {run configuration}   shared by every stage
+        stages: [{name, init_from, share_round0_generations, run configuration...}, ...]
+        evaluate: {EvaluationConfig fields}   (optional)
+    """
+
+    name: str
+    root: Path
+    stages: list[Stage]
+    evaluate: EvaluationConfig | None = None
+    comment: str = ""
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise ConfigError(f"pipeline {self.name}: no stage {name!r}")
+
+    def reasoning_tasks(self) -> list[str]:
+        evaluation = self.evaluate or EvaluationConfig()
+        return evaluation.reasoning_tasks(self.stages[0].config.data.source)
+
+
+def final_model_dir(config: RunConfig) -> Path:
+    """The model a run ends with: ``<run>/round_<last>/model``."""
+    from gsil.layout import RunLayout
+
+    return RunLayout(config.run_dir()).model(config.rounds - 1)
+
+
+def evaluation_from_dict(values: dict[str, Any], where: str) -> EvaluationConfig:
+    """A checked :class:`EvaluationConfig` (unknown keys and wrong types name the key)."""
+    evaluation = _build(EvaluationConfig, values, where, ("evaluate",))
+    return evaluation
+
+
+def load_pipeline(
+    recipe: str, overrides: dict[str, Any] | None = None, eval_overrides: dict | None = None
+) -> Pipeline:
+    """Resolve a pipeline recipe; ``overrides`` (flat or nested run configuration values, e.g.
+    from flags) apply to every stage, ``eval_overrides`` to the evaluation."""
+    path, spec = read_recipe(recipe)
+    where = str(path)
+    unknown = sorted(set(spec) - {"pipeline", "base", "stages", "evaluate", "output_dir"}
+                     - {k for k in spec if k.startswith("_")})  # fmt: skip
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; a pipeline recipe has pipeline, "
+                          "base, stages, evaluate (and output_dir)")  # fmt: skip
+    overrides = nest(dict(overrides or {}), "command line")
+    output_dir = overrides.pop("output_dir", None) or spec.get("output_dir", "runs")
+    name = overrides.pop("name", None) or spec["pipeline"]
+    root = Path(output_dir) / name
+    base = nest(dict(spec.get("base", {})), f"{where}: base")
+    stages: list[Stage] = []
+    for raw in spec.get("stages", []):
+        stage_name = raw.get("name")
+        if not stage_name:
+            raise ConfigError(f"{where}: every stage needs a 'name'")
+        own = nest({k: v for k, v in raw.items() if k not in STAGE_KEYS},
+                   f"{where}: stage {stage_name}")  # fmt: skip
+        values = merge(merge(base, own), overrides)
+        init_from = raw.get("init_from")
+        if init_from is not None:
+            parent = next((s for s in stages if s.name == init_from), None)
+            if parent is None:
+                raise ConfigError(f"{where}: stage {stage_name} starts from unknown {init_from!r}")
+            values = merge(values, {"model": {"name_or_path": str(final_model_dir(parent.config))}})
+        values = merge(values, {"output_dir": str(root), "name": stage_name, "resume": False})
+        config = from_dict(values, f"{where}: stage {stage_name}")
+        share = raw.get("share_round0_generations")
+        if share is not None and share not in {s.name for s in stages}:
+            raise ConfigError(
+                f"{where}: stage {stage_name} shares generations of unknown {share!r}"
+            )
+        stages.append(Stage(stage_name, config, init_from, share))
+    evaluate = None
+    if spec.get("evaluate") is not None:
+        evaluate = evaluation_from_dict({**spec["evaluate"], **(eval_overrides or {})}, where)
+        evaluate.runs = evaluate.runs or [s.name for s in stages]
+        names = {s.name for s in stages}
+        for run in evaluate.runs + [evaluate.baseline] * bool(evaluate.baseline):
+            if run not in names:
+                raise ConfigError(f"{where}: evaluate names unknown stage {run!r}")
+    return Pipeline(name, root, stages, evaluate, spec.get("_comment", ""))

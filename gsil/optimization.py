@@ -3,6 +3,40 @@
 The objective is a callable (:class:`~gsil.objectives.Objective`); nothing here knows which
 loss it is. ``accelerate`` prepares the model and optimizer, so the same code runs on a CPU,
 one GPU or several (``accelerate launch``).
+
+A ``metrics.jsonl`` row (one per optimizer step; the same values go to the trackers of
+:mod:`gsil.tracking`) uses TRL's ``DPOTrainer`` names where the quantity is the same, the
+demonstration being the *chosen* response and the policy's own sample the *rejected* one (as in
+SPIN). Per-example statistics are means over the step's examples (on all processes); a reward is
+``beta * (log pi_theta - log pi_ref)`` of a response.
+
+    key                           TRL name             quantity
+    ----------------------------  -------------------  -------------------------------------------
+    loss                          loss                 the objective (GSIL, SPIN or SFT)
+    grad_norm                     grad_norm            gradient norm before clipping
+    learning_rate                 learning_rate        after this step's scheduler step
+    epoch                         epoch                fractional epochs done in this round
+    rewards/chosen                rewards/chosen       reward of the demonstrations
+    rewards/rejected              rewards/rejected     reward of the own samples
+    rewards/margins               rewards/margins      chosen minus rejected reward
+    rewards/accuracies            rewards/accuracies   fraction with chosen reward > rejected
+    logps/chosen                  logps/chosen         log pi_theta(demo) (summed; length-averaged
+                                                       with average_logps)
+    logps/rejected                logps/rejected       log pi_theta(own sample), likewise
+    classifier_logits/chosen      (none) [1]           GSIL's classifier logit f = reward + shift
+    classifier_logits/rejected    (none) [1]           the same for the own samples
+    loss/chosen, loss/rejected    (none)               GSIL's two loss parts (they sum to loss)
+    logps/chosen_per_token        (none)               SFT: token-mean log pi_theta(demo)
+    tokens                        (none) [2]           non-padding tokens in the step
+    step, round, round_step       (step: global step)  global step, round, step within the round
+    step_seconds                  (none)               wall time of the step
+
+    [1] TRL's logits/chosen and logits/rejected are mean LM-head logits, another quantity.
+    [2] TRL's num_tokens counts all tokens seen so far; tokens here is per step.
+
+Before TRL's names these were ``rewards/demo|gen|margin|accuracy``, ``logps/demo|gen``,
+``logits/demo|gen``, ``loss/demo|gen``, ``logps/demo_per_token``, ``lr`` and an integer
+``epoch``.
 """
 
 from __future__ import annotations
@@ -14,7 +48,7 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,25 +59,34 @@ from transformers import get_linear_schedule_with_warmup
 
 from gsil.batching import Example, collate, split_demo_gen
 from gsil.io import read_json, replace_dir, write_json
+from gsil.layout import RunLayout
 from gsil.logprobs import sequence_logps
 from gsil.objectives import Objective
+from gsil.tracking import accelerator_tracking_kwargs, log_metrics
+
+
+def _opt(default, help: str, **metadata):
+    """A settings field whose ``help`` is its command-line documentation (experiments.config)."""
+    return field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclass(frozen=True)
 class OptimSettings:
-    """How each round is optimised (plain values; the run config builds this)."""
+    """How each round is optimised: the run configuration's ``optim`` section."""
 
-    learning_rate: float = 5e-6
-    optimizer: str = "adamw"  # or "rmsprop" (the paper's script)
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    epochs: int = 1
-    batch_size: int = 8  # prompts per micro-batch (and device); a GSIL batch has 2x rows
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    average_logps: bool = False  # length-averaged log-probs instead of sums
-    checkpoint_every: int = 50  # optimizer steps; 0 saves only at round end
-    gradient_checkpointing: bool = False
+    learning_rate: float = _opt(1e-5, "peak learning rate", aliases=("lr",))
+    optimizer: str = _opt("adamw", "optimizer (rmsprop: the paper's script)",
+                          choices=("adamw", "rmsprop"))  # fmt: skip
+    weight_decay: float = _opt(0.0, "weight decay")
+    warmup_steps: int = _opt(0, "linear warm-up steps (then linear decay to 0 over the round)")
+    epochs: int = _opt(1, "epochs over the demonstrations per round")
+    batch_size: int = _opt(8, "prompts per micro-batch and device (GSIL/SPIN forward 2x rows)")
+    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm")
+    average_logps: bool = _opt(False, "length-averaged log-probs instead of sums (the default)")
+    checkpoint_every: int = _opt(50, "optimizer steps between resumable checkpoints (0: at the "
+                                 "end of each round only)")  # fmt: skip
+    gradient_checkpointing: bool = _opt(False, "trade compute for activation memory")
 
 
 @dataclass(frozen=True)
@@ -203,7 +246,8 @@ def train_round(
     """Optimise ``model`` on one round's data; returns the last step's metrics and the prepared
     (wrapped) model, which the caller saves with :func:`save_round_model`.
 
-    Writes one metrics row per optimizer step to ``run_dir/metrics.jsonl`` (main process) and a
+    Writes one metrics row per optimizer step to ``run_dir/metrics.jsonl`` (main process), logs
+    it to the accelerator's trackers (:func:`gsil.tracking.log_metrics`), and writes a
     checkpoint every ``settings.checkpoint_every`` steps (every process); ``resume_state`` (from
     :func:`load_checkpoint`) continues exactly where that checkpoint stopped.
     """
@@ -221,13 +265,14 @@ def train_round(
     model, optimizer = accelerator.prepare(model, optimizer)
     step = 0
     if resume_state is not None:
-        accelerator.load_state(str(run_dir / "checkpoint"))
-        scheduler.load_state_dict(torch.load(run_dir / "checkpoint" / "scheduler_state.pt"))
+        checkpoint = RunLayout(run_dir).checkpoint
+        accelerator.load_state(str(checkpoint))
+        scheduler.load_state_dict(torch.load(checkpoint / "scheduler_state.pt"))
         step = resume_state["step_in_round"]
     if settings.gradient_checkpointing:
         accelerator.unwrap_model(model).gradient_checkpointing_enable()
     model.train()
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = RunLayout(run_dir).metrics
     last_metrics: dict = {}
     progress = tqdm(
         total=total_steps, initial=step, desc=f"round {round_index} ({objective.name})",
@@ -247,14 +292,15 @@ def train_round(
                 "round": round_index,
                 "step": global_step_offset + step,
                 "round_step": step,
-                "epoch": epoch,
-                "lr": scheduler.get_last_lr()[0],
+                "epoch": step / steps_per_epoch,  # fractional, within the round (as TRL's)
+                "learning_rate": scheduler.get_last_lr()[0],
                 **stats,
                 "step_seconds": round(time.perf_counter() - step_start, 4),
             }
             if accelerator.is_main_process:
                 with metrics_path.open("a", encoding="utf-8") as handle:
                     handle.write(json.dumps(last_metrics) + "\n")
+            log_metrics(accelerator, last_metrics, step=last_metrics["step"])
             progress.update(1)
             progress.set_postfix(loss=f"{stats['loss']:.4f}")
             if settings.checkpoint_every and step % settings.checkpoint_every == 0:
@@ -303,9 +349,9 @@ def optimizer_step(
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
             optimizer.step()  # a no-op until gradients are synced
             optimizer.zero_grad(set_to_none=True)
-        stats = {**stats, "loss": losses.detach(), "logps/demo": policy_demo.detach()}
+        stats = {**stats, "loss": losses.detach(), "logps/chosen": policy_demo.detach()}
         if policy_gen is not None:
-            stats["logps/gen"] = policy_gen.detach()
+            stats["logps/rejected"] = policy_gen.detach()
         for key, values in stats.items():
             sums[key] = sums.get(key, 0.0) + (values.float().cpu() * weight.cpu()).sum()
         rows = batch["attention_mask"].sum(dim=1).cpu().view(-1, len(index))  # (1 or 2, n)
@@ -390,14 +436,24 @@ def resolve_deepspeed_config(ds_config: dict, settings: OptimSettings, num_proce
     return ds_config
 
 
-def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1) -> Accelerator:
+def make_accelerator(
+    mixed_precision: str = "no",
+    grad_accum: int = 1,
+    report_to: str | Sequence[str] | None = (),
+    project_dir: str | Path | None = None,
+) -> Accelerator:
     """The run's ``Accelerator``: GPUs when present, else CPU processes, as launched.
+
+    ``report_to`` names the trackers (:data:`gsil.tracking.TRACKERS`; empty or ``none``: no
+    tracker), validated here, before any work; ``project_dir`` is the run directory, under whose
+    ``trackers/`` they write. Start them with :func:`gsil.tracking.start_trackers`.
 
     On CPU processes DeepSpeed needs the gloo backend named: without it accelerate (1.15) starts
     DeepSpeed's communication but counts one process per rank, and every rank would do all the
     work.
     """
-    settings = dict(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum)
+    settings = dict(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
+                    **accelerator_tracking_kwargs(report_to, project_dir))  # fmt: skip
     if _deepspeed_on_cpu():
         handlers = [InitProcessGroupKwargs(backend="gloo")]
         accelerator = Accelerator(kwargs_handlers=handlers, **settings)
@@ -514,7 +570,7 @@ def _save_checkpoint(accelerator, scheduler, run_dir: Path, round_index: int, st
     ``save_state`` runs on every process: it is a collective under DeepSpeed and FSDP, and each
     process writes its own RNG state. The main process then swaps the new directory in.
     """
-    staging = run_dir / ".checkpoint.staging"
+    staging = RunLayout(run_dir).checkpoint_staging
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -527,12 +583,12 @@ def _save_checkpoint(accelerator, scheduler, run_dir: Path, round_index: int, st
             staging / "trainer_state.json",
             {"round": round_index, "step_in_round": step, "global_step": offset + step},
         )
-        replace_dir(staging, run_dir / "checkpoint")
+        replace_dir(staging, RunLayout(run_dir).checkpoint)
     accelerator.wait_for_everyone()
 
 
 def load_checkpoint(run_dir: Path) -> dict | None:
-    state_file = run_dir / "checkpoint" / "trainer_state.json"
+    state_file = RunLayout(run_dir).checkpoint / "trainer_state.json"
     return read_json(state_file) if state_file.exists() else None
 
 

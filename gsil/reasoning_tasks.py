@@ -24,7 +24,7 @@ from typing import Any
 
 import reasoning_gym
 
-from gsil.data import DataError, Demonstration, Demonstrations
+from gsil.demonstrations import DataError, Demonstration, Demonstrations
 
 logger = logging.getLogger(__name__)
 

@@ -35,8 +35,9 @@ from accelerate import Accelerator
 
 from gsil.batching import build_examples
 from gsil.data import tie_mask
-from gsil.generation import generate_set, resolve_backend
+from gsil.generation import GenerationSettings, generate_set, resolve_backend
 from gsil.io import atomic_file, read_json, write_json
+from gsil.layout import RunLayout
 from gsil.models import apply_lora, is_peft_model
 from gsil.objectives import Objective
 from gsil.optimization import (
@@ -51,19 +52,23 @@ from gsil.optimization import (
     train_round,
     truncate_metrics,
 )
+from gsil.tracking import finish_trackers, restart_trackers_at
 
 logger = logging.getLogger(__name__)
 
 
 def prepare_round(
-    model, tokenizer, demos, objective: Objective, round_dir: Path, *, generation: dict,
-    max_prompt_length: int | None, max_length: int, batch_size: int, average_logps: bool,
-    drop_ties: bool, accelerator: Accelerator, engine: Any = None,
+    model, tokenizer, demos, objective: Objective, run: RunLayout, round_index: int, *,
+    generation: GenerationSettings, seed: int, max_prompt_length: int | None, max_length: int,
+    batch_size: int, average_logps: bool, drop_ties: bool, accelerator: Accelerator,
+    engine: Any = None, extra_settings: dict | None = None,
 ) -> tuple[RoundData, dict]:  # fmt: skip
     """Generate (or reuse) the round's own responses and store its reference log-probs.
 
-    ``engine`` (a :class:`~gsil.generation.vllm_engine.VLLMEngine` holding this round's
-    policy) generates instead of the model itself when given."""
+    ``seed`` seeds the round's sampling; ``extra_settings`` (the round, the precision) are
+    recorded beside the generated set. ``engine`` (a
+    :class:`~gsil.generation.vllm_engine.VLLMEngine` holding this round's policy) generates
+    instead of the model itself when given."""
     info: dict = {"num_demonstrations": len(demos)}
     generations = None
     started = time.perf_counter()
@@ -73,9 +78,12 @@ def prepare_round(
         policy = accelerator.unwrap_model(model)
         with accelerator.autocast(), full_parameters(accelerator, policy):
             generations = generate_set(
-                engine or policy, tokenizer, demos, round_dir / "generated.jsonl",
+                engine or policy, tokenizer, demos, run.generated(round_index),
+                max_new_tokens=generation.max_new_tokens, do_sample=generation.do_sample,
+                temperature=generation.temperature, top_p=generation.top_p,
+                batch_size=generation.batch_size, backend=generation.backend, seed=seed,
                 max_prompt_length=max_prompt_length, progress=accelerator.is_main_process,
-                accelerator=accelerator, **generation,
+                extra_settings=extra_settings, accelerator=accelerator,
             )  # fmt: skip
         ties = tie_mask([d.response for d in demos], generations)
         info["ties"] = sum(ties)
@@ -96,7 +104,7 @@ def prepare_round(
     )  # fmt: skip
     ref_demo = ref_gen = None
     if objective.needs_reference:
-        ref_path = round_dir / "reference_logps.pt"
+        ref_path = run.reference_logps(round_index)
         if ref_path.exists():
             stored = torch.load(ref_path)
             ref_demo, ref_gen = stored["demo"], stored["gen"]
@@ -111,9 +119,9 @@ def prepare_round(
             if accelerator.is_main_process:
                 with atomic_file(ref_path, "wb") as handle:
                     torch.save({"demo": ref_demo, "gen": ref_gen}, handle)
-        info["ref_logps/demo"] = float(ref_demo.mean())
+        info["ref_logps/chosen"] = float(ref_demo.mean())
         if ref_gen is not None:
-            info["ref_logps/gen"] = float(ref_gen.mean())
+            info["ref_logps/rejected"] = float(ref_gen.mean())
     info["reference_seconds"] = round(time.perf_counter() - started, 3)
     accelerator.wait_for_everyone()
     return RoundData(examples, ref_demo, ref_gen), info
@@ -128,7 +136,7 @@ def run_rounds(
     *,
     rounds: int,
     optim: OptimSettings,
-    generation: dict,
+    generation: GenerationSettings | None = None,
     max_prompt_length: int | None,
     max_length: int,
     seed: int = 0,
@@ -142,9 +150,14 @@ def run_rounds(
     With ``resume=True`` finished rounds are skipped (the last round's model is reloaded) and an
     interrupted round continues from its checkpoint, with the same data order, optimizer,
     scheduler and RNG state, so the final weights equal those of an uninterrupted run.
-    ``generation`` holds the decoding settings for ``gsil.generation.generate_set``.
+    ``generation`` is how each round generates (default :class:`GenerationSettings`); round
+    ``t`` samples with seed ``seed + t``.
+
+    Each metrics row also goes to the accelerator's trackers (started by the caller with
+    :func:`gsil.tracking.start_trackers`); they are finished when the run ends, even by an error.
     """
     run_dir = Path(run_dir)
+    run = RunLayout(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     check_processes(accelerator)
@@ -155,39 +168,47 @@ def run_rounds(
         model = model.to(accelerator.device)
     pad_id = tokenizer.pad_token_id
     if not resume and accelerator.is_main_process:
-        _reset_run_outputs(run_dir)
+        _reset_run_outputs(run)
     accelerator.wait_for_everyone()
     checkpoint = load_checkpoint(run_dir) if resume else None
     summary: dict = {"objective": objective.name, "rounds": []}
     global_step = 0
+    restarted = not resume  # a resumed run first drops what the interrupted attempt logged
     # one vLLM engine for the whole run (if vLLM generates), holding each round's policy
-    vllm = _RunEngine(objective.needs_generations, generation, tokenizer, accelerator, max_length)
+    generation = generation or GenerationSettings()
+    vllm = _RunEngine(objective.needs_generations, generation, seed, tokenizer, accelerator,
+                      max_length)  # fmt: skip
     try:
         for round_index in range(rounds):
-            round_dir = run_dir / f"round_{round_index}"
-            done_file = round_dir / "summary.json"
+            done_file = run.round_summary(round_index)
             if resume and done_file.exists():
                 round_summary = read_json(done_file)
                 summary["rounds"].append(round_summary)
                 global_step = round_summary["global_step"]
-                next_done = run_dir / f"round_{round_index + 1}" / "summary.json"
-                if not next_done.exists():  # the last finished round: continue from its policy
-                    model = _load_round_weights(model, round_dir / "model", lora_rank)
+                if not run.round_summary(round_index + 1).exists():
+                    # the last finished round: continue from its policy
+                    model = _load_round_weights(model, run.model(round_index), lora_rank)
                 continue
             torch.manual_seed(seed + round_index)
             started = time.perf_counter()
             data, info = prepare_round(
-                model, tokenizer, demos, objective, round_dir, generation={**generation,
-                "seed": generation.get("seed", seed) + round_index, "extra_settings": {
-                "round": round_index, "mixed_precision": accelerator.mixed_precision}},
+                model, tokenizer, demos, objective, run, round_index, generation=generation,
+                seed=seed + round_index, extra_settings={
+                "round": round_index, "mixed_precision": accelerator.mixed_precision},
                 max_prompt_length=max_prompt_length,
                 max_length=max_length, batch_size=optim.batch_size,
                 average_logps=optim.average_logps, drop_ties=drop_ties, accelerator=accelerator,
                 engine=vllm.engine_for(model),
             )  # fmt: skip
             resume_state = checkpoint if checkpoint and checkpoint["round"] == round_index else None
-            if resume_state is not None and accelerator.is_main_process:
-                truncate_metrics(run_dir / "metrics.jsonl", resume_state["global_step"])
+            if not restarted:
+                # the interrupted attempt may have logged steps past the point this one restarts
+                # from (its checkpoint, else the last finished round): they are done again
+                kept = resume_state["global_step"] if resume_state else global_step
+                if accelerator.is_main_process:
+                    truncate_metrics(run.metrics, kept)
+                restart_trackers_at(accelerator, kept + 1)
+                restarted = True
             training_started = time.perf_counter()
             last, prepared = train_round(
                 model, data, objective, optim, round_index=round_index, seed=seed, pad_id=pad_id,
@@ -196,7 +217,7 @@ def run_rounds(
             )  # fmt: skip
             info["training_seconds"] = round(time.perf_counter() - training_started, 3)
             global_step = last.get("step", global_step)
-            save_round_model(accelerator, prepared, tokenizer, round_dir / "model")
+            save_round_model(accelerator, prepared, tokenizer, run.model(round_index))
             policy = accelerator.unwrap_model(prepared)
             # drop the wrapper and the optimizer state before the next round generates
             del prepared
@@ -211,7 +232,7 @@ def run_rounds(
             }
             if accelerator.is_main_process:
                 write_json(done_file, round_summary)
-                shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
+                shutil.rmtree(run.checkpoint, ignore_errors=True)
             summary["rounds"].append(round_summary)
             if is_peft_model(policy) and round_index + 1 < rounds:
                 # pi_{t+1} is the merged policy; the next round trains fresh adapters on it
@@ -219,6 +240,7 @@ def run_rounds(
             accelerator.wait_for_everyone()
     finally:
         vllm.close()
+        finish_trackers(accelerator)
     return summary
 
 
@@ -226,13 +248,13 @@ class _RunEngine:
     """The run's vLLM engine: started at the first round that generates (about 40 s on 2 CPU cores),
     then given each later round's policy in memory; closed when the run ends."""
 
-    def __init__(self, needed: bool, generation: dict, tokenizer, accelerator, max_length: int):
-        backend = generation.get("backend", "auto")
-        self.used = needed and resolve_backend(backend) == "vllm"
+    def __init__(self, needed: bool, generation: GenerationSettings, seed: int, tokenizer,
+                 accelerator, max_length: int):  # fmt: skip
+        self.used = needed and resolve_backend(generation.backend) == "vllm"
         self.tokenizer, self.accelerator = tokenizer, accelerator
         # a prompt may take max_length - 1 tokens, and its response max_new_tokens more
-        self.max_length = max_length + generation.get("max_new_tokens", 0)
-        self.seed = generation.get("seed", 0)
+        self.max_length = max_length + generation.max_new_tokens
+        self.seed = seed
         self.slot = None
 
     def engine_for(self, model):
@@ -253,18 +275,18 @@ class _RunEngine:
             self.slot.close()
 
 
-def _reset_run_outputs(run_dir: Path) -> None:
+def _reset_run_outputs(run: RunLayout) -> None:
     """A fresh (non-resumed) run must not mix with an earlier run's files in the same dir."""
     for stale in [
-        run_dir / "metrics.jsonl",
-        run_dir / "checkpoint",
-        run_dir / ".checkpoint.staging",
+        run.metrics,
+        run.checkpoint,
+        run.checkpoint_staging,
     ]:
         if stale.is_dir():
             shutil.rmtree(stale)
         elif stale.exists():
             stale.unlink()
-    for round_dir in run_dir.glob("round_*"):
+    for round_dir in run.round_dirs():
         shutil.rmtree(round_dir)
 
 

@@ -14,8 +14,8 @@ matplotlib.use("Agg")
 from paper_figs import DEFAULT_OUT, figure_names, get_drawer  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m paper_figs", description=__doc__)
+def main(argv: list[str] | None = None, prog: str = "python -m paper_figs") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--only", action="append", metavar="NAME", help="draw only this figure")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
     parser.add_argument("--list", action="store_true", help="list the figure names and exit")

@@ -12,15 +12,16 @@ from pathlib import Path
 
 from experiments.report import RunInfo, discover_runs
 from gsil.io import read_json
+from gsil.layout import run_of_model
 from paper_figs.style import color, figure, save_figure, save_numbers
 
 NAME = "experiments"
 CURVES = [
-    ("rewards/margin", "reward margin (demo - generated)"),
-    ("rewards/demo", "reward of demonstrations"),
-    ("rewards/gen", "reward of generations"),
-    ("logps/demo", "log pi(demo) (nats / sequence)"),
-    ("logps/gen", "log pi(generated) (nats / sequence)"),
+    ("rewards/margins", "reward margin (demo - generated)"),
+    ("rewards/chosen", "reward of demonstrations"),
+    ("rewards/rejected", "reward of generations"),
+    ("logps/chosen", "log pi(demo) (nats / sequence)"),
+    ("logps/rejected", "log pi(generated) (nats / sequence)"),
     ("loss", "loss"),
 ]
 MAX_RUNS = 12  # more runs than this: the curves become unreadable, the first ones are drawn
@@ -44,9 +45,9 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 def _start_score(run: RunInfo, bench: str) -> tuple[float, list[float]] | None:
     """The score of the model the run started from, when that model was evaluated."""
-    model = Path(str(run.config.get("model", "")))
-    path = model.parent / "eval" / f"{bench}.json"
-    if model.name == "model" and path.exists():
+    found = run_of_model(run.config.model.name_or_path)
+    path = found and found[0].eval_dir(found[1]) / f"{bench}.json"
+    if path and path.exists():
         result = read_json(path)
         if result.get("score") is not None:
             return result["score"], result["interval"]

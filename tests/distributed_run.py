@@ -27,10 +27,11 @@ from tiny import (  # noqa: E402
 )
 
 from gsil.estimators import get_estimator  # noqa: E402
+from gsil.generation import GenerationSettings
 from gsil.objectives import make_objective  # noqa: E402
 from gsil.trainer import OptimSettings, run_rounds  # noqa: E402
 
-GENERATION = {"max_new_tokens": 6, "do_sample": False, "batch_size": 3}
+GENERATION = GenerationSettings(max_new_tokens=6, do_sample=False, batch_size=3)
 
 
 def run_job(

@@ -7,6 +7,7 @@ import torch
 
 from gsil.data import load_demonstrations
 from gsil.estimators import get_estimator
+from gsil.generation import GenerationSettings
 from gsil.models import load_model
 from gsil.objectives import make_objective
 from gsil.trainer import OptimSettings, run_rounds
@@ -23,15 +24,15 @@ def test_embedded_model_takes_gsil_steps(tmp_path):
     optim = OptimSettings(learning_rate=1e-5, batch_size=2, checkpoint_every=0)
     summary = run_rounds(
         model, tokenizer, demos, objective, tmp_path, rounds=1, optim=optim,
-        generation={"max_new_tokens": 12, "batch_size": 4}, max_prompt_length=128,
+        generation=GenerationSettings(max_new_tokens=12, batch_size=4), max_prompt_length=128,
         max_length=192, seed=0,
     )  # fmt: skip
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in rows)
     # the first step sees the reference itself: f = shift = 0, so each loss part is log 2
-    assert rows[0]["loss/demo"] == pytest.approx(0.6931, abs=1e-3)
-    assert rows[0]["logps/demo"] < 0 and rows[0]["logps/gen"] < 0
+    assert rows[0]["loss/chosen"] == pytest.approx(0.6931, abs=1e-3)
+    assert rows[0]["logps/chosen"] < 0 and rows[0]["logps/rejected"] < 0
     assert summary["rounds"][0]["num_demonstrations"] == 4
     reloaded, _ = load_model(str(tmp_path / "round_0" / "model"), dtype="float32")
     saved = dict(reloaded.named_parameters())

@@ -21,11 +21,15 @@ def test_gsil_at_reference_gives_logit_equal_to_shift(name, shift):
     losses, stats = gsil_loss(
         policy_demo, policy_gen, policy_demo, policy_gen, estimator, 0.1, shift
     )
-    torch.testing.assert_close(stats["logits/demo"], torch.full_like(policy_demo, shift))
-    torch.testing.assert_close(stats["logits/gen"], torch.full_like(policy_gen, shift))
+    torch.testing.assert_close(
+        stats["classifier_logits/chosen"], torch.full_like(policy_demo, shift)
+    )
+    torch.testing.assert_close(
+        stats["classifier_logits/rejected"], torch.full_like(policy_gen, shift)
+    )
     expected = estimator.demo_loss(torch.tensor(shift)) + estimator.gen_loss(torch.tensor(shift))
     torch.testing.assert_close(losses, expected.to(losses.dtype).expand_as(losses))
-    assert (stats["rewards/demo"] == 0).all() and (stats["rewards/margin"] == 0).all()
+    assert (stats["rewards/chosen"] == 0).all() and (stats["rewards/margins"] == 0).all()
 
 
 def test_gsil_matches_formula_and_stats():
@@ -38,9 +42,9 @@ def test_gsil_matches_formula_and_stats():
     gen_reward = beta * (policy_gen - ref_gen)
     expected = F.softplus(-(demo_reward + shift)) + F.softplus(gen_reward + shift)
     torch.testing.assert_close(losses, expected)
-    torch.testing.assert_close(stats["rewards/margin"], demo_reward - gen_reward)
-    torch.testing.assert_close(stats["rewards/accuracy"], (demo_reward > gen_reward).float())
-    torch.testing.assert_close(stats["loss/demo"] + stats["loss/gen"], losses)
+    torch.testing.assert_close(stats["rewards/margins"], demo_reward - gen_reward)
+    torch.testing.assert_close(stats["rewards/accuracies"], (demo_reward > gen_reward).float())
+    torch.testing.assert_close(stats["loss/chosen"] + stats["loss/rejected"], losses)
 
 
 def test_gsil_gradient_pushes_demo_up_and_gen_down():
@@ -52,9 +56,11 @@ def test_gsil_gradient_pushes_demo_up_and_gen_down():
     losses, stats = gsil_loss(policy_demo, policy_gen, ref_demo, ref_gen, estimator, beta, shift)
     losses.sum().backward()
     torch.testing.assert_close(
-        -policy_demo.grad, beta * estimator.demo_weight(stats["logits/demo"])
+        -policy_demo.grad, beta * estimator.demo_weight(stats["classifier_logits/chosen"])
     )
-    torch.testing.assert_close(policy_gen.grad, beta * estimator.gen_weight(stats["logits/gen"]))
+    torch.testing.assert_close(
+        policy_gen.grad, beta * estimator.gen_weight(stats["classifier_logits/rejected"])
+    )
 
 
 def test_spin_matches_its_formula():
@@ -63,7 +69,7 @@ def test_spin_matches_its_formula():
     losses, stats = spin_loss(policy_demo, policy_gen, ref_demo, ref_gen, beta)
     margin = beta * ((policy_demo - ref_demo) - (policy_gen - ref_gen))
     torch.testing.assert_close(losses, torch.log1p(torch.exp(-margin)))
-    torch.testing.assert_close(stats["rewards/margin"], margin)
+    torch.testing.assert_close(stats["rewards/margins"], margin)
 
 
 def test_spin_is_invariant_to_a_per_prompt_constant_but_gsil_is_not():
@@ -83,7 +89,7 @@ def test_spin_is_invariant_to_a_per_prompt_constant_but_gsil_is_not():
 def test_dpo_label_smoothing():
     policy_demo, policy_gen, ref_demo, ref_gen = random_logps(seed=5)
     losses, stats = dpo_loss(policy_demo, policy_gen, ref_demo, ref_gen, 0.1, label_smoothing=0.2)
-    margin = stats["rewards/margin"]
+    margin = stats["rewards/margins"]
     torch.testing.assert_close(losses, 0.8 * F.softplus(-margin) + 0.2 * F.softplus(margin))
 
 

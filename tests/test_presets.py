@@ -9,8 +9,9 @@ import math
 import pytest
 
 import experiments.run
-from experiments.config import load_preset
-from experiments.pipeline import load_pipeline, plan_run
+import experiments.training
+from experiments.config import from_dict, load_pipeline, load_preset
+from experiments.planning import plan_run
 from gsil.models import save_model
 
 
@@ -34,17 +35,22 @@ def nothing_loads(monkeypatch):
 
 
 def test_paper_zephyr_preset_is_the_papers_setting():
-    values = load_preset("paper-zephyr")
-    expected = {
-        "model": "alignment-handbook/zephyr-7b-sft-full",
-        "data": "HuggingFaceH4/ultrafeedback_binarized", "split": "train_prefs",
-        "response_field": "chosen", "method": "gsil", "loss": "logistic", "beta": 0.01,
-        "shift": 2.0, "optimizer": "rmsprop", "lr": 5e-7, "warmup_steps": 30, "epochs": 1,
-        "max_length": 1024, "max_prompt_length": 512, "max_new_tokens": 256, "do_sample": False,
-        "batch_size": 16, "grad_accum": 2, "precision": "bf16", "gradient_checkpointing": True,
-        "seed": 42, "generator": "vllm", "num_demos": None,
-    }  # fmt: skip
-    assert {key: values[key] for key in expected} == expected
+    config = from_dict(load_preset("paper-zephyr"))
+    assert config.model.name_or_path == "alignment-handbook/zephyr-7b-sft-full"
+    assert config.model.precision == "bf16"
+    assert (config.data.source, config.data.split, config.data.response_field) == (
+        "HuggingFaceH4/ultrafeedback_binarized", "train_prefs", "chosen")  # fmt: skip
+    assert (config.data.max_length, config.data.max_prompt_length, config.data.num_demos) == (
+        1024, 512, None)  # fmt: skip
+    goal = config.objective
+    assert (goal.method, goal.loss, goal.beta, goal.shift) == ("gsil", "logistic", 0.01, 2.0)
+    optim = config.optim
+    assert (optim.optimizer, optim.learning_rate, optim.warmup_steps, optim.epochs) == (
+        "rmsprop", 5e-7, 30, 1)  # fmt: skip
+    assert (optim.batch_size, optim.grad_accum, optim.gradient_checkpointing) == (16, 2, True)
+    gen = config.generation
+    assert (gen.max_new_tokens, gen.do_sample, gen.backend) == (256, False, "vllm")
+    assert config.seed == 42
 
 
 def test_paper_zephyr_dry_run_plan(capsys, nothing_loads):
@@ -78,32 +84,32 @@ def test_default_pipeline_compares_at_equal_demos_and_steps(tmp_path):
     stages = {stage.name: stage for stage in pipeline.stages}
     assert list(stages) == ["sft", "sft-continued", "spin", "gsil-logistic"]
     sft = stages["sft"].config
-    assert (sft.method, sft.model, sft.data) == (
+    assert (sft.objective.method, sft.model.name_or_path, sft.data.source) == (
         "sft",
         "smollm2-135m",
         "rg:chain_sum,basic_arithmetic",
     )
     compared = [stages[name].config for name in ("sft-continued", "spin", "gsil-logistic")]
-    assert [c.method for c in compared] == ["sft", "spin", "gsil"]
+    assert [c.objective.method for c in compared] == ["sft", "spin", "gsil"]
     for config in compared:
-        assert config.model == str(tmp_path / "default" / "sft" / "round_0" / "model")
-        assert config.rounds == 2 and config.precision == "auto" and config.drop_ties is False
-    keys = ("num_demos", "batch_size", "grad_accum", "lr", "epochs", "seed", "data")
-    assert len({tuple(getattr(c, k) for k in keys) for c in compared}) == 1
+        assert config.model.name_or_path == str(tmp_path / "default" / "sft" / "round_0" / "model")
+        assert config.rounds == 2 and config.model.precision == "auto"
+        assert config.objective.drop_ties is False
+    assert len({(repr(c.data), repr(c.optim), c.seed) for c in compared}) == 1
     assert len({plan_run(c)["optimizer_steps"] for c in compared}) == 1
     assert "drop_ties" in json.loads(open("experiments/presets/default.json").read())["_comment"]
     spec = pipeline.evaluate
-    assert spec["limit"] >= 300 and spec["baseline"] == "sft-continued"
-    assert spec["benchmarks"] == ["reasoning", "humaneval"]
+    assert spec.limit >= 300 and spec.baseline == "sft-continued"
+    assert spec.benchmarks == ["reasoning", "humaneval"]
 
 
 def test_pipeline_flags_override_every_stage(tmp_path):
     pipeline = load_pipeline(
         "default", {"output_dir": str(tmp_path), "name": "small", "num_demos": 16}, {"limit": 8}
     )
-    assert {stage.config.num_demos for stage in pipeline.stages} == {16}
+    assert {stage.config.data.num_demos for stage in pipeline.stages} == {16}
     assert {stage.config.output_dir for stage in pipeline.stages} == {str(tmp_path / "small")}
-    assert pipeline.evaluate["limit"] == 8
+    assert pipeline.evaluate.limit == 8
 
 
 def test_tiny_pipeline_trains_evaluates_reports_and_skips(tmp_path, tiny_model, tiny_tokenizer,
@@ -148,7 +154,7 @@ def test_tiny_pipeline_trains_evaluates_reports_and_skips(tmp_path, tiny_model, 
     def fail(*args, **kwargs):
         raise AssertionError("redone")
 
-    monkeypatch.setattr(experiments.run, "execute", fail)
+    monkeypatch.setattr(experiments.training, "execute", fail)
     monkeypatch.setattr("gsil.evaluation.runner.evaluate_model", fail)
     again = experiments.run.main(argv)
     assert {s["status"] for s in again["stages"].values()} == {"skipped"}

@@ -22,7 +22,7 @@ def make_run(root: Path, name: str, method: str, scores: list[int], rounds: int 
     ]
     write_json(run / "summary.json", {"rounds": round_summaries})
     rows = [
-        {"round": s // 4, "step": s + 1, "rewards/margin": 0.1 * s, "logps/demo": -50 + s}
+        {"round": s // 4, "step": s + 1, "rewards/margins": 0.1 * s, "logps/chosen": -50 + s}
         for s in range(4 * rounds)
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -34,13 +34,15 @@ def test_run_writes_config_metrics_rounds_and_summary(tiny_run_inputs, tmp_path)
     summary = main(run_args(model_dir, data, tmp_path / "runs", "--rounds", "2", "--beta", "0.5"))
     run_dir = tmp_path / "runs" / "tiny"
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["rounds"] == 2 and config["beta"] == 0.5 and config["loss"] == "logistic"
-    assert config["seed"] == 0 and config["method"] == "gsil"  # defaults resolved and written
+    goal = config["objective"]
+    assert config["rounds"] == 2 and goal["beta"] == 0.5 and goal["loss"] == "logistic"
+    assert config["seed"] == 0 and goal["method"] == "gsil"  # defaults resolved and written
+    assert config["optim"]["learning_rate"] == 1e-2 and config["generation"]["batch_size"] == 4
     assert json.loads((run_dir / "summary.json").read_text())["num_demonstrations"] == 6
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
     assert (
-        summary["progress"]["rewards/margin"]["last"]
-        > summary["progress"]["rewards/margin"]["first"]
+        summary["progress"]["rewards/margins"]["last"]
+        > summary["progress"]["rewards/margins"]["first"]
     )
     for round_index in (0, 1):
         assert (run_dir / f"round_{round_index}" / "model" / "config.json").exists()
@@ -83,13 +85,32 @@ def test_auto_precision_is_bf16_only_where_it_is_native(monkeypatch, caplog, nat
     an AVX2 machine): ``auto`` picks it only where it is native; an explicit bf16 warns."""
     import torch
 
-    from experiments import run
+    from experiments import training as run
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert run.resolve_precision("auto") == ("bf16" if native else "fp32")
     assert run.resolve_precision("fp32") == "fp32"
-    with caplog.at_level("WARNING", logger="experiments.run"):
+    with caplog.at_level("WARNING", logger="experiments.training"):
         assert run.resolve_precision("bf16") == "bf16"
     assert ("emulates" in caplog.text) is (not native)
+
+
+def test_report_to_tensorboard_from_the_command_line(tiny_run_inputs, tmp_path):
+    """``gsil train ... --report-to tensorboard``: every metrics.jsonl value is in the event
+    files, and the resolved configuration tree is logged as hyper-parameters."""
+    from test_tracking import assert_tensorboard_has_every_metric, read_hparams
+
+    from experiments import cli
+
+    model_dir, data = tiny_run_inputs
+    argv = run_args(model_dir, data, tmp_path / "runs", "--report-to", "tensorboard")
+    assert cli.main(["train", *argv]) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    assert_tensorboard_has_every_metric(run_dir)
+    hparams = read_hparams(run_dir)
+    assert hparams["optim.learning_rate"] == 1e-2 and hparams["objective.method"] == "gsil"
+    assert json.loads((run_dir / "config.json").read_text())["logging"]["report_to"] == [
+        "tensorboard"
+    ]

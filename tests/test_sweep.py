@@ -8,6 +8,7 @@ import json
 import pytest
 
 import experiments.run
+import experiments.training
 from experiments import sweep
 from gsil.models import save_model
 
@@ -59,13 +60,13 @@ def test_interrupted_sweep_reruns_only_missing_runs(tmp_path, tiny_model_dir, mo
     out = tmp_path / "runs"
     argv = _argv(tiny_model_dir, out)
     executed: list[str] = []
-    real_execute = experiments.run.execute
+    real_execute = experiments.training.execute
 
     def counting(config):
         executed.append(config.run_name())
         return real_execute(config)
 
-    monkeypatch.setattr(experiments.run, "execute", counting)
+    monkeypatch.setattr(experiments.training, "execute", counting)
     # 1) stop after the first run
     first = sweep.main([*argv, "--max-runs", "1"])
     assert [r["status"] for r in first] == ["ran"]
@@ -76,13 +77,13 @@ def test_interrupted_sweep_reruns_only_missing_runs(tmp_path, tiny_model_dir, mo
         executed.append(config.run_name())
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(experiments.run, "execute", crashing)
+    monkeypatch.setattr(experiments.training, "execute", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         sweep.main(argv)
     assert executed == ["loss-logistic_seed-0", "loss-logistic_seed-1"]
 
     # 3) rerun: the finished run is skipped, the three missing ones run, each in its own dir
-    monkeypatch.setattr(experiments.run, "execute", counting)
+    monkeypatch.setattr(experiments.training, "execute", counting)
     executed.clear()
     finished = out / "sweep-t" / "loss-logistic_seed-0" / "summary.json"
     stamp = finished.stat().st_mtime_ns
@@ -92,7 +93,7 @@ def test_interrupted_sweep_reruns_only_missing_runs(tmp_path, tiny_model_dir, mo
     assert finished.stat().st_mtime_ns == stamp
     for name in ["loss-logistic_seed-1", "loss-brier_seed-0", "loss-brier_seed-1"]:
         config = json.loads((out / "sweep-t" / name / "config.json").read_text())
-        assert config["loss"] == name.split("_")[0].split("-")[1]
+        assert config["objective"]["loss"] == name.split("_")[0].split("-")[1]
         assert config["seed"] == int(name[-1])
         assert (out / "sweep-t" / name / "summary.json").exists()
 

@@ -8,10 +8,11 @@ from safetensors.torch import load_file
 from tiny import Interrupt, interrupting, tiny_demos
 
 from gsil.estimators import get_estimator
+from gsil.generation import GenerationSettings
 from gsil.objectives import make_objective
 from gsil.trainer import OptimSettings, run_rounds
 
-GENERATION = {"max_new_tokens": 6, "do_sample": False, "batch_size": 4}
+GENERATION = GenerationSettings(max_new_tokens=6, do_sample=False, batch_size=4)
 
 
 def demos(count=8):
@@ -41,13 +42,15 @@ def test_two_round_gsil_run_end_to_end(tiny_model, tiny_tokenizer, tmp_path):
     metrics = read_metrics(tmp_path)
     # 8 examples / batch 2 = 4 micro-batches = 2 steps per epoch, 2 epochs, 2 rounds
     assert [m["step"] for m in metrics] == list(range(1, 9))
-    for key in ["loss", "loss/demo", "loss/gen", "rewards/demo", "rewards/gen",
-                "rewards/margin", "rewards/accuracy", "logps/demo", "logps/gen", "grad_norm"]:  # fmt: skip
+    for key in ["loss", "loss/chosen", "loss/rejected", "rewards/chosen", "rewards/rejected",
+                "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
+                "classifier_logits/chosen", "classifier_logits/rejected", "grad_norm",
+                "learning_rate", "epoch"]:  # fmt: skip
         assert all(torch.isfinite(torch.tensor(m[key])) for m in metrics), key
     # at the first step the policy is the reference, so rewards are ~0 and f = shift
-    assert abs(metrics[0]["rewards/demo"]) < 1e-4 and abs(metrics[0]["rewards/gen"]) < 1e-4
+    assert abs(metrics[0]["rewards/chosen"]) < 1e-4 and abs(metrics[0]["rewards/rejected"]) < 1e-4
     # training separates demonstrations from own samples
-    assert metrics[-1]["rewards/margin"] > metrics[0]["rewards/margin"]
+    assert metrics[-1]["rewards/margins"] > metrics[0]["rewards/margins"]
     for round_index in (0, 1):
         round_dir = tmp_path / f"round_{round_index}"
         assert (round_dir / "generated.jsonl").exists()
@@ -70,11 +73,11 @@ def test_spin_and_sft_runs(method, tiny_model, tiny_tokenizer, tmp_path):
     metrics = read_metrics(tmp_path)
     assert len(metrics) == 4
     assert (tmp_path / "round_0" / "generated.jsonl").exists() == (method == "spin")
-    assert metrics[-1]["logps/demo"] > metrics[0]["logps/demo"] or method == "spin"
+    assert metrics[-1]["logps/chosen"] > metrics[0]["logps/chosen"] or method == "spin"
     if method == "sft":
         assert metrics[-1]["loss"] < metrics[0]["loss"]
     else:
-        assert metrics[-1]["rewards/margin"] > metrics[0]["rewards/margin"]
+        assert metrics[-1]["rewards/margins"] > metrics[0]["rewards/margins"]
 
 
 @pytest.mark.parametrize("interrupt_after_calls", [3, 10])  # round 0 mid-epoch; round 1
@@ -120,7 +123,7 @@ def test_bf16_autocast_reference_matches_first_training_forward(
     )  # fmt: skip
     first = read_metrics(tmp_path)[0]
     # the reference pass ran under the same autocast as the policy's first forward
-    assert abs(first["rewards/demo"]) < 1e-6 and abs(first["rewards/gen"]) < 1e-6
+    assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
 
 
 def test_lora_rounds_merge_adapters_into_the_next_reference(tiny_model, tiny_tokenizer, tmp_path):

@@ -1,39 +1,70 @@
-"""GSM8K: grade-school math word problems, zero- or k-shot, exact numeric match.
+"""GSM8K, two ways: ``gsm8k`` through lm-evaluation-harness, ``gsm8k-chat`` our chat format.
 
-Data: a local JSONL in the GSM8K schema (``question``; ``answer`` = worked solution ending in
-``#### N``), or the hub dataset ``openai/gsm8k`` (config ``main``) for online users.
+Data for both: a local JSONL in the GSM8K schema (``question``; ``answer`` = worked solution
+ending in ``#### N``), or the hub dataset ``openai/gsm8k`` (config ``main``) for online users.
+Local files are checked by :func:`load_gsm8k` first, so a missing file or a bad line is named.
 
-Prompt: the question followed by the same ``Answer: <answer>`` instruction as the reasoning
-tasks (``gsil.reasoning_tasks.task_prompt``), formatted by the one chat template function.
-k-shot exemplars are drawn from the train split (deterministic in the seed, the same k for
-every question) and given as prior user/assistant turns; their solutions have the calculator
+``gsm8k`` (:func:`evaluate_gsm8k`) is lm-evaluation-harness's own ``gsm8k`` task, run through
+``lm_eval.simple_evaluate`` on the policy in memory (``HFLM(pretrained=model, tokenizer=...)``):
+its plain-text prompt (``Question: ...\nAnswer:``, no chat template), its 5-shot default with
+exemplars from the train split, its greedy generation until ``Question:``, and its two scores,
+``exact_match,strict-match`` (the number after ``#### ``) and ``exact_match,flexible-extract``
+(the last number in the answer). These are the numbers published GSM8K figures report, so this
+is the benchmark to compare with them. Offline, the task is lm-eval's installed YAML with only
+the dataset replaced by the local files (:func:`lm_eval_task_config`); a hub name keeps lm-eval's
+dataset. The headline score is strict-match; flexible-extract and lm-eval's standard errors are
+in the breakdown, the exact task config, seeds and lm-eval version in the settings.
+
+``gsm8k-chat`` (:func:`evaluate_gsm8k_chat`) asks the question the way the rest of this project
+does: the question followed by the same ``Answer: <answer>`` instruction as the reasoning tasks
+(``gsil.reasoning_tasks.task_prompt``), formatted by the one chat template function. k-shot
+exemplars are drawn from the train split (deterministic in the seed, the same k for every
+question) and given as prior user/assistant turns; their solutions have the calculator
 annotations ``<<a*b=c>>`` removed and end in ``Answer: N``, the format the model is asked for.
-
-Scoring: :func:`extract_numeric_answer` takes the last ``#### N``, else the last
-``Answer: ...`` line's number, else the last number in the text (commas and ``$`` stripped);
-it is correct when it equals the gold number exactly.
+:func:`extract_numeric_answer` takes the last ``#### N``, else the last ``Answer: ...`` line's
+number, else the last number in the text (commas and ``$`` stripped); it is correct when it
+equals the gold number exactly. It measures what a chat policy does when asked as in training;
+its numbers are not comparable with published GSM8K figures.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import importlib.metadata
 import json
 import random
 import re
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from tqdm.auto import tqdm
 
-from gsil.evaluation.results import BenchmarkResult, Decoding, base_settings, proportion_interval
+from gsil.evaluation.results import (
+    BenchmarkResult,
+    Decoding,
+    base_settings,
+    package_versions,
+    proportion_interval,
+)
 from gsil.generation import generate
 from gsil.reasoning_tasks import ANSWER_PREFIX, extract_final_answer, task_prompt
 
-BENCHMARK = "gsm8k"
+BENCHMARK = "gsm8k"  # lm-evaluation-harness's task
+CHAT_BENCHMARK = "gsm8k-chat"  # our chat-format variant
 HUB_NAME = "openai/gsm8k"
 HUB_CONFIG = "main"
+LM_EVAL_TASK = "gsm8k"  # the task's name in lm-eval (its installed tasks/gsm8k/gsm8k.yaml)
+LM_EVAL_METRIC = "exact_match"
+STRICT_MATCH = "strict-match"  # lm-eval's filter: the number after "#### "; the headline score
+FLEXIBLE_EXTRACT = "flexible-extract"  # lm-eval's filter: the last number in the answer
+FILTERS = (STRICT_MATCH, FLEXIBLE_EXTRACT)
 
 _NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?")
 _MARKED_ANSWER = re.compile(r"####\s*([^\n]*)")
@@ -108,6 +139,13 @@ def exemplar_solution(solution: str) -> str:
 # --------------------------------------------------------------------------- data
 
 
+def is_local_source(source: str) -> bool:
+    """Whether ``source`` names a local file (a ``.jsonl``/``.json`` name or an existing path)
+    rather than a hub dataset."""
+    path = Path(source)
+    return path.suffix.lower() in (".jsonl", ".json") or path.exists()
+
+
 def load_gsm8k(source: str, split: str = "test", limit: int | None = None) -> list[GSM8KItem]:
     """Problems from a local GSM8K-schema JSONL (``split`` ignored) or a hub dataset.
 
@@ -115,9 +153,8 @@ def load_gsm8k(source: str, split: str = "test", limit: int | None = None) -> li
         FileNotFoundError: a local path that does not exist (with the fix).
         ValueError: a malformed row (file and line named) or an unreachable hub dataset.
     """
-    path = Path(source)
-    if path.suffix.lower() in (".jsonl", ".json") or path.exists():
-        rows = _read_local(path)
+    if is_local_source(source):
+        rows = _read_local(Path(source))
     else:
         rows = _read_hub(source, split)
     items = []
@@ -194,7 +231,7 @@ def build_messages(question: str, exemplars: Sequence[GSM8KItem]) -> list[dict[s
     return messages
 
 
-# --------------------------------------------------------------------------- evaluation
+# --------------------------------------------------------------------------- gsm8k-chat
 
 
 def score_completions(
@@ -236,7 +273,7 @@ def summarize(records: Sequence[dict[str, Any]], settings: dict[str, Any]) -> Be
     correct = sum(bool(record["correct"]) for record in records)
     n = len(records)
     return BenchmarkResult(
-        benchmark=BENCHMARK,
+        benchmark=CHAT_BENCHMARK,
         metric="accuracy",
         score=correct / n if n else None,
         n=n,
@@ -250,7 +287,7 @@ def summarize(records: Sequence[dict[str, Any]], settings: dict[str, Any]) -> Be
     )
 
 
-def evaluate_gsm8k(
+def evaluate_gsm8k_chat(
     model: Any,
     tokenizer: Any,
     *,
@@ -262,7 +299,8 @@ def evaluate_gsm8k(
     decoding: Decoding | None = None,
     progress: bool = True,
 ) -> tuple[BenchmarkResult, list[dict[str, Any]]]:
-    """Generate answers to GSM8K test problems (k-shot when ``shots > 0``) and score them.
+    """``gsm8k-chat``: answer GSM8K test problems in our chat format (k-shot when ``shots > 0``)
+    and score them with :func:`extract_numeric_answer`.
 
     ``train_source`` defaults to ``source`` when that is a hub name (its train split); a local
     test file needs an explicit train file for ``shots > 0``.
@@ -274,7 +312,7 @@ def evaluate_gsm8k(
     exemplars: list[GSM8KItem] = []
     if shots:
         if train_source is None:
-            if Path(source).suffix.lower() in (".jsonl", ".json") or Path(source).exists():
+            if is_local_source(source):
                 raise ValueError(
                     f"{shots}-shot GSM8K draws exemplars from the train split: pass a train "
                     "JSONL (--gsm8k-train train.jsonl) alongside the local test file"
@@ -297,3 +335,341 @@ def evaluate_gsm8k(
         data_seed=seed,
     )
     return summarize(records, settings), records
+
+
+# --------------------------------------------------------------------------- gsm8k (lm-eval)
+
+
+def lm_eval_task_config(source: str = HUB_NAME, train_source: str | None = None) -> dict[str, Any]:
+    """lm-eval's installed ``gsm8k`` task config, its dataset pointed at ``source``.
+
+    A local test file (and a local train file: the few-shot exemplars, lm-eval's
+    ``fewshot_split``) replaces only the dataset, as ``dataset_path: json`` with
+    ``dataset_kwargs: {data_files: {test: ..., train: ...}}``; prompt, shots, generation,
+    metric and filters stay lm-eval's. Without a train file the task has no few-shot split
+    (zero-shot only). ``openai/gsm8k`` (or ``gsm8k``) keeps lm-eval's own dataset; another hub
+    name replaces its path (the same schema, no config name). The dict is what
+    ``lm_eval.simple_evaluate(tasks=[config])`` takes.
+
+    Raises:
+        FileNotFoundError: a local file that does not exist (named, with the fix).
+        ValueError: a malformed local line (file and line named), or a train source that does
+            not go with the test source (a hub train set for a local test file or vice versa).
+    """
+    config = _installed_task_config()
+    if is_local_source(source):
+        load_gsm8k(source)  # a missing file or bad line is named here, not deep inside lm-eval
+        data_files = {"test": str(Path(source).resolve())}
+        if train_source is None:
+            config.update(training_split=None, fewshot_split=None)
+        elif not is_local_source(train_source):
+            raise ValueError(
+                f"the local GSM8K test file {source} needs a local train file for its few-shot "
+                f"exemplars (--gsm8k-train train.jsonl), not the hub dataset {train_source!r}"
+            )
+        else:
+            load_gsm8k(train_source)
+            data_files["train"] = str(Path(train_source).resolve())
+        config.update(
+            dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": data_files}
+        )
+        return config
+    if train_source is not None and train_source != source:
+        raise ValueError(
+            f"GSM8K from the hub ({source!r}) takes its few-shot exemplars from its own train "
+            f"split; a separate train source ({train_source!r}) goes with a local test file only"
+        )
+    if source not in (HUB_NAME, "gsm8k"):
+        config.update(dataset_path=source, dataset_name=None)
+    return config
+
+
+def _installed_task_config() -> dict[str, Any]:
+    """A copy of the installed ``tasks/gsm8k/gsm8k.yaml`` as lm-eval's task index reads it."""
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
+
+    folder = Path(lm_eval.tasks.__file__).parent / LM_EVAL_TASK
+    # Indexing that one folder takes milliseconds; every installed task, about 15 s.
+    manager = TaskManager(include_path=folder, include_defaults=False) if folder.is_dir() else None
+    entry = manager.task_index.get(LM_EVAL_TASK) if manager is not None else None
+    if entry is None or not entry.cfg:  # another lm-eval layout: search every installed task
+        entry = TaskManager().task_index[LM_EVAL_TASK]
+    config = copy.deepcopy(dict(entry.cfg))
+    config.pop("tag", None)  # a name shared with other tasks (math_word_problems), not config
+    return config
+
+
+def evaluate_gsm8k(
+    model: Any,
+    tokenizer: Any = None,
+    *,
+    source: str = HUB_NAME,
+    train_source: str | None = None,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    seed: int | None = None,
+    batch_size: int | str | None = None,
+    max_gen_toks: int | None = None,
+) -> tuple[BenchmarkResult, list[dict[str, Any]]]:
+    """``gsm8k``: lm-evaluation-harness's ``gsm8k`` task on ``model``, via ``simple_evaluate``.
+
+    Args:
+        model: a transformers causal LM in memory (wrapped in lm-eval's ``HFLM`` with
+            ``tokenizer``; its train/eval mode is restored afterwards), or an lm-eval ``LM``
+            instance, used as it is.
+        source / train_source: local GSM8K-schema JSONL files (test; train for the few-shot
+            exemplars) or a hub name (see :func:`lm_eval_task_config`).
+        num_fewshot: ``None``: lm-eval's default for the task (5); 0 needs no train file.
+        limit: the first ``limit`` test problems (lm-eval's ``limit``); ``None``: all.
+        seed: lm-eval's random, numpy, torch and few-shot seeds; ``None``: lm-eval's defaults
+            (0, 1234, 1234, 1234), those of a plain ``lm_eval`` run.
+        batch_size / max_gen_toks: ``None`` keeps lm-eval's defaults (HFLM: 1 and 256 tokens).
+
+    Returns:
+        The result (metric ``exact_match,strict-match``; ``breakdown["filters"]`` holds both
+        filters' scores, lm-eval's standard errors and 95% intervals) and one record per
+        problem (the prompt lm-eval built, the raw answer, each filter's extraction and score).
+
+    Raises:
+        FileNotFoundError, ValueError: missing or malformed data (see
+            :func:`lm_eval_task_config`), ``num_fewshot > 0`` for a local test file without a
+            train file, a dataset lm-eval cannot load, or a model without a tokenizer.
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ValueError(f"num_fewshot must be >= 0, got {num_fewshot}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    config = lm_eval_task_config(source, train_source)
+    shots = config.get("num_fewshot", 0) if num_fewshot is None else num_fewshot
+    if shots and config.get("fewshot_split") is None:
+        raise ValueError(
+            f"{shots}-shot GSM8K (lm-eval's default is {config.get('num_fewshot')}) draws its "
+            f"exemplars from a train split: pass a train JSONL (--gsm8k-train train.jsonl) "
+            f"alongside the local test file {source}, or 0 shots (--shots 0)"
+        )
+    seeds = {} if seed is None else dict.fromkeys(_SEED_ARGUMENTS, seed)
+    gen_kwargs = None if max_gen_toks is None else {"max_gen_toks": max_gen_toks}
+    # simple_evaluate seeds random, numpy and torch globally (and dataset loading draws from
+    # them): the caller's random states are put back afterwards.
+    with _global_rng_restored():
+        task = _load_task(config)
+        with _model_for_lm_eval(model, tokenizer, batch_size) as lm:
+            output = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[task],
+                num_fewshot=num_fewshot,
+                limit=limit,
+                gen_kwargs=gen_kwargs,
+                log_samples=True,
+                task_manager=TaskManager(include_defaults=False),  # the task is built already
+                **seeds,
+            )
+            effective_max_gen_toks = max_gen_toks or getattr(lm, "max_gen_toks", None)
+    records = lm_eval_records(output["samples"][LM_EVAL_TASK], source)
+    result = _lm_eval_result(output, records, config, effective_max_gen_toks, tokenizer)
+    result.settings.update(
+        source=source,
+        train_source=train_source,
+        limit=limit,
+        batch_size=batch_size,
+        data_seed=seed,
+        seeds={name: output["config"].get(key) for name, key in _SEED_CONFIG_KEYS.items()},
+    )
+    return result, records
+
+
+# simple_evaluate's seed arguments, and where its output's "config" records them.
+_SEED_ARGUMENTS = ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")
+_SEED_CONFIG_KEYS = {
+    "random": "random_seed",
+    "numpy": "numpy_seed",
+    "torch": "torch_seed",
+    "fewshot": "fewshot_seed",
+}
+
+
+def _load_task(config: dict[str, Any]) -> Any:
+    """The lm-eval Task of ``config``, its dataset loaded; a dataset lm-eval cannot load
+    (offline hub, unreadable JSON) is one clear error. ``simple_evaluate`` takes it as is."""
+    from lm_eval.tasks import TaskManager
+
+    try:
+        return TaskManager(include_defaults=False).load([config])["tasks"][LM_EVAL_TASK]
+    except Exception as err:
+        where = config.get("dataset_kwargs") or config["dataset_path"]
+        raise ValueError(
+            f"lm-eval could not load GSM8K from {where}: {err}. Offline, pass local JSONL files "
+            "(--gsm8k test.jsonl --gsm8k-train train.jsonl)."
+        ) from err
+
+
+@contextlib.contextmanager
+def _model_for_lm_eval(model: Any, tokenizer: Any, batch_size: Any) -> Iterator[Any]:
+    """An lm-eval ``LM`` for ``model``: itself, or ``HFLM`` around the model in memory.
+
+    HFLM puts the model in eval mode (restored here) and gives a tokenizer without a pad token
+    one (done to a copy here, so the caller's tokenizer is not changed).
+    """
+    from lm_eval.api.model import LM
+
+    if isinstance(model, LM):
+        yield model
+        return
+    from lm_eval.models.huggingface import HFLM
+
+    if tokenizer is None:
+        raise ValueError("gsm8k through lm-eval needs the model's tokenizer")
+    if getattr(tokenizer, "pad_token", None) is None:
+        tokenizer = copy.deepcopy(tokenizer)
+    options = {} if batch_size is None else {"batch_size": batch_size}
+    was_training = bool(getattr(model, "training", False))
+    try:
+        yield HFLM(pretrained=model, tokenizer=tokenizer, **options)
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _global_rng_restored() -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's global random states on exit."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def lm_eval_records(samples: Sequence[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+    """One record per problem from lm-eval's logged samples (one sample per problem and filter).
+
+    ``score`` is strict-match's exact match; each filter's extracted answer and exact match are
+    under its name. Local problems keep :func:`load_gsm8k`'s ids (``test.jsonl:3``), so these
+    records pair with ``gsm8k-chat``'s; hub problems are ``gsm8k:test:<index>``.
+    """
+    by_doc: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for sample in samples:
+        by_doc[int(sample["doc_id"])][sample["filter"]] = sample
+    items = load_gsm8k(source) if is_local_source(source) else []
+    records = []
+    for doc_id in sorted(by_doc):
+        filtered = by_doc[doc_id]
+        missing = [name for name in FILTERS if name not in filtered]
+        if missing:
+            raise ValueError(f"lm-eval logged no {missing} sample for GSM8K problem {doc_id}")
+        first = filtered[STRICT_MATCH]
+        prompt, generation_kwargs = first["arguments"][0]
+        item = items[doc_id] if doc_id < len(items) else None
+        same = item is not None and item.question == first["doc"].get("question")
+        record: dict[str, Any] = {
+            "id": item.id if same else f"gsm8k:test:{doc_id}",
+            "doc_id": doc_id,
+            "prompt": prompt,
+            "completion": first["resps"][0][0],
+            "gold": gold_answer(first["target"]),
+            "score": float(first[LM_EVAL_METRIC]),
+        }
+        for name in FILTERS:
+            record[name] = {
+                "extracted": filtered[name]["filtered_resps"][0],
+                LM_EVAL_METRIC: float(filtered[name][LM_EVAL_METRIC]),
+            }
+        record.update(prompt_hash=first["prompt_hash"], doc_hash=first["doc_hash"])
+        records.append(record)
+    return records
+
+
+def _lm_eval_result(
+    output: dict[str, Any],
+    records: Sequence[dict[str, Any]],
+    config: dict[str, Any],
+    max_gen_toks: int | None,
+    tokenizer: Any,
+) -> BenchmarkResult:
+    scores = output["results"][LM_EVAL_TASK]
+    n = int(output["n-samples"][LM_EVAL_TASK]["effective"])
+    filters = {}
+    for name in FILTERS:
+        correct = round(sum(record[name][LM_EVAL_METRIC] for record in records))
+        stderr = scores.get(f"{LM_EVAL_METRIC}_stderr,{name}")
+        filters[name] = {
+            "score": float(scores[f"{LM_EVAL_METRIC},{name}"]),
+            "correct": correct,
+            "stderr": float(stderr) if isinstance(stderr, int | float) else None,
+            "interval": list(proportion_interval(correct, n)),
+        }
+    strict = filters[STRICT_MATCH]
+    task_config = _json_ready(output["configs"][LM_EVAL_TASK])
+    generation = task_config.get("generation_kwargs", {})
+    lm_eval_version = output.get("lm_eval_version") or _version("lm-eval")
+    settings = base_settings(
+        tokenizer,
+        None,
+        harness="lm-evaluation-harness",
+        lm_eval_version=lm_eval_version,
+        task=LM_EVAL_TASK,
+        task_version=output["versions"].get(LM_EVAL_TASK),
+        num_fewshot=output["n-shot"].get(LM_EVAL_TASK),
+        fewshot_split=task_config.get("fewshot_split"),
+        dataset=task_config.get("dataset_path"),
+        data_files=(config.get("dataset_kwargs") or {}).get("data_files"),
+        filters=list(FILTERS),
+        filter_list=task_config.get("filter_list"),
+        metric_list=task_config.get("metric_list"),
+        lm_eval_task_config=task_config,
+        max_length=output.get("max_length"),
+    )
+    # lm-eval's generation and prompt, in place of our Decoding and chat template
+    settings.update(
+        decoding={
+            "max_new_tokens": generation.get("max_gen_toks", max_gen_toks),
+            "do_sample": generation.get("do_sample", False),
+            "temperature": generation.get("temperature"),
+            "until": generation.get("until"),
+        },
+        prompt_format={
+            "kind": "lm-eval task prompt (plain text, no chat template)",
+            "doc_to_text": task_config.get("doc_to_text"),
+            "target_delimiter": task_config.get("target_delimiter"),
+            "fewshot_delimiter": task_config.get("fewshot_delimiter"),
+        },
+        versions={**package_versions(), "lm-eval": lm_eval_version},
+    )
+    return BenchmarkResult(
+        benchmark=BENCHMARK,
+        metric=f"{LM_EVAL_METRIC},{STRICT_MATCH}",
+        score=strict["score"] if n else None,
+        n=n,
+        interval=strict["interval"],
+        interval_method="wilson",
+        breakdown={
+            "filters": filters,
+            "lm_eval_results": _json_ready(scores),
+            "no_strict_match": sum(
+                record[STRICT_MATCH]["extracted"] == "[invalid]" for record in records
+            ),
+        },
+        settings=settings,
+        note=None if n else "no GSM8K problems were evaluated",
+    )
+
+
+def _json_ready(value: Any) -> Any:
+    """``value`` with NumPy scalars made floats and anything else unknown made a string."""
+
+    def convert(obj: Any) -> Any:
+        return obj.item() if isinstance(obj, np.generic) else str(obj)
+
+    return json.loads(json.dumps(value, default=convert))
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None

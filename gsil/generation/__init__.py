@@ -12,6 +12,7 @@ from gsil.generation.common import (
     Decoding,
     GenerationBackendError,
     GenerationResult,
+    GenerationSettings,
     deal_batches,
     plan_batches,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "Decoding",
     "GenerationBackendError",
     "GenerationResult",
+    "GenerationSettings",
     "deal_batches",
     "generate",
     "generate_from_ids",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 BACKENDS = ("auto", "hf", "vllm")
@@ -26,6 +26,26 @@ class Decoding:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How a round generates its own responses: the run configuration's ``generation`` section.
+
+    The seed is the run's (``seed + round``); each field's ``help`` is its flag's documentation.
+    """
+
+    max_new_tokens: int = field(default=128, metadata={"help": "longest self-generated "
+                                "response in tokens"})  # fmt: skip
+    do_sample: bool = field(default=False, metadata={"help": "sample (default: greedy, as in "
+                            "the paper)"})  # fmt: skip
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    backend: str = field(default="auto", metadata={
+        "help": "auto (vLLM if installed with a GPU, or as vLLM's CPU build; else HF), hf, or "
+        "vllm (one engine for the run)", "choices": ("auto", "hf", "vllm"), "flag": "generator"})  # fmt: skip
+    batch_size: int = field(default=16, metadata={"help": "prompts per generation batch",
+                                                  "flag": "gen_batch_size"})  # fmt: skip
 
 
 @dataclass(frozen=True)

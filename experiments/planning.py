@@ -1,0 +1,229 @@
+"""Dry-run plans: how big a run or an experiment is, and how long it should take.
+
+:func:`plan_run` / :func:`plan_pipeline` make the ``--dry-run`` plan from known data sizes and
+stated throughput assumptions (:data:`CPU_COSTS` measured here, :data:`GPU_COSTS` assumed for a
+~7B model), without loading weights or data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from experiments.config import Pipeline, RunConfig
+from experiments.training import run_status
+
+# Known sizes of hub datasets (a dry run loads nothing): (name, split) -> records.
+KNOWN_SIZES = {
+    ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs"): 61_135,
+    ("HuggingFaceH4/ultrafeedback_binarized", "test_prefs"): 2_000,
+}
+HUMANEVAL_PROBLEMS = 164
+
+# Mean token counts assumed by the plan, per data source (prompt, demonstration, generated).
+TOKEN_ASSUMPTIONS = {
+    "rg": {"prompt": 65, "response": 45, "generated": 50,
+           "source": "measured on SmolLM2's tokenizer (chain_sum + basic_arithmetic)"},
+    "ultrafeedback": {"prompt": 180, "response": 290, "generated": 230,
+                      "source": "assumed for UltraFeedback with a Mistral tokenizer; "
+                      "generations are often cut at 256"},
+    "other": {"prompt": 150, "response": 250, "generated": 200, "source": "a rough guess"},
+}  # fmt: skip
+
+# Per-unit costs on this project's 2-core CPU machine with SmolLM2-135M while other jobs run
+# (load ~3): the pilot's training and generation timings, the evaluator's baseline measurement
+# (400 reasoning items in 515 s, 164 HumanEval problems at ~53 s per batch of 8 with 384 new
+# tokens), and this module's shrunk default run (62-80 s per SFT step of 8 under heavier load:
+# the costs are loose, a quiet machine is 2-4x faster). See experiments/README.md.
+CPU_COSTS = {
+    "sft_step_s_per_sequence": 2.0,  # forward + backward, ~110-token sequences
+    "pair_step_s_per_pair": 4.0,  # GSIL/SPIN: demo + generated rows in one forward
+    "reference_s_per_pair": 1.0,  # one no-grad forward of demo + generated rows
+    "generate_s_per_prompt": 4.0,  # greedy, batches of 16-32, up to 96 new tokens (fp32)
+    "eval_reasoning_s_per_item": 1.3,  # greedy, batch 16-32, up to 160-256 new tokens
+    "eval_humaneval_s_per_item": 4.5,  # greedy, 256 new tokens + sandboxed test run
+}
+
+# GPU assumptions for a ~7B model (stated in the plan; edit to your hardware).
+GPU_COSTS = {
+    "train_tokens_per_s_per_gpu": 1_500,  # ZeRO-3 + CPU offload + grad checkpointing, bf16
+    "reference_tokens_per_s_per_gpu": 6_000,  # no-grad forward
+    "generate_tokens_per_s_per_gpu": 2_500,  # vLLM greedy, output tokens
+    "gpu": "A100/H100 80GB",
+}
+
+
+def known_data_size(config: RunConfig) -> tuple[int | None, str]:
+    """How many demonstrations a run will use, and where that number comes from."""
+    known = KNOWN_SIZES.get((config.data.source, config.data.split))
+    if config.data.source.startswith("rg:"):
+        return config.data.num_demos, "--num-demos (reasoning-gym items are generated)"
+    if known is not None:
+        if config.data.num_demos is not None and config.data.num_demos < known:
+            return (
+                config.data.num_demos,
+                f"--num-demos (of {known} in {config.data.source}:{config.data.split})",
+            )
+        return known, f"known size of {config.data.source} split {config.data.split}"
+    return config.data.num_demos, "--num-demos (size of the source unknown to the plan)"
+
+
+def _token_assumptions(config: RunConfig) -> dict:
+    if config.data.source.startswith("rg:"):
+        return TOKEN_ASSUMPTIONS["rg"]
+    if "ultrafeedback" in config.data.source.lower():
+        return TOKEN_ASSUMPTIONS["ultrafeedback"]
+    return TOKEN_ASSUMPTIONS["other"]
+
+
+def _params_billions(model: str) -> float:
+    if model == "smollm2-135m":
+        return 0.135
+    match = re.search(r"(\d+(?:\.\d+)?)\s*([bm])\b", model.lower().replace("-", " "))
+    if not match:
+        return 7.0
+    value = float(match.group(1))
+    return value / 1000 if match.group(2) == "m" else value
+
+
+def accelerate_processes(config_file: Path) -> int:
+    """``num_processes`` of an accelerate YAML config (1 if absent)."""
+    import yaml
+
+    return int(yaml.safe_load(config_file.read_text()).get("num_processes", 1))
+
+
+PAPER_ACCELERATE_CONFIG = Path(__file__).parent / "accelerate" / "deepspeed_zero3.yaml"
+
+
+def plan_run(
+    config: RunConfig, processes: int | None = None, base_model: str | None = None
+) -> dict:
+    """The dry-run plan of one run: sizes, steps, tokens and estimated time.
+
+    On the embedded model the time comes from :data:`CPU_COSTS` (measured here); on any other
+    model from :data:`GPU_COSTS` (assumptions for a ~7B model) over ``processes`` GPUs
+    (default: ``num_processes`` of ``experiments/accelerate/deepspeed_zero3.yaml``).
+    ``base_model`` names the model family when ``config.model`` is an earlier stage's output.
+    """
+    family = base_model or config.model.name_or_path
+    demos, size_source = known_data_size(config)
+    demos = demos or 0
+    on_cpu = family == "smollm2-135m" or _params_billions(family) < 0.5
+    if processes is None:
+        processes = 1 if on_cpu else accelerate_processes(PAPER_ACCELERATE_CONFIG)
+    pairs = config.objective.method in ("gsil", "spin")
+    per_step = config.optim.batch_size * config.optim.grad_accum * processes
+    steps_per_round = math.ceil(
+        math.ceil(demos / config.optim.batch_size / processes) / config.optim.grad_accum
+    )
+    total_steps = steps_per_round * config.optim.epochs * config.rounds
+    tokens = _token_assumptions(config)
+    prompt = min(tokens["prompt"], config.data.max_prompt_length)
+    response = min(tokens["response"], config.data.max_length - prompt)
+    generated = min(
+        tokens["generated"], config.generation.max_new_tokens, config.data.max_length - prompt
+    )
+    demo_tokens = demos * (prompt + response)
+    gen_tokens = demos * (prompt + generated) if pairs else 0
+    train_tokens = (demo_tokens + gen_tokens) * config.optim.epochs * config.rounds
+    reference_tokens = (demo_tokens + gen_tokens) * config.rounds if pairs else 0
+    new_tokens = demos * generated * config.rounds if pairs else 0
+    plan: dict[str, Any] = {
+        "run": config.run_name(),
+        "run_dir": str(config.run_dir()),
+        "model": config.model.name_or_path,
+        "method": config.objective.method
+        + (f"-{config.objective.loss}" if config.objective.method == "gsil" else ""),
+        "data": f"{config.data.source} (split {config.data.split})",
+        "demonstrations": demos,
+        "demonstrations_source": size_source,
+        "rounds": config.rounds,
+        "epochs_per_round": config.optim.epochs,
+        "prompts_per_optimizer_step": per_step,
+        "optimizer_steps": total_steps,
+        "generated_responses": demos * config.rounds if pairs else 0,
+        "tokens": {
+            "trained": train_tokens,
+            "reference_pass": reference_tokens,
+            "generated": new_tokens,
+        },  # fmt: skip
+        "token_assumptions": tokens,
+    }
+    if on_cpu:
+        costs = CPU_COSTS
+        seconds = (
+            total_steps
+            * per_step
+            * (costs["pair_step_s_per_pair"] if pairs else costs["sft_step_s_per_sequence"])
+        )
+        if pairs:
+            seconds += (
+                config.rounds
+                * demos
+                * (costs["generate_s_per_prompt"] + costs["reference_s_per_pair"])
+            )
+        plan["estimate"] = {"minutes_on_this_cpu": round(seconds / 60, 1), "costs": costs}
+    else:
+        billions = _params_billions(family)
+        scale = 7.0 / billions  # the throughputs are for 7B; scale inversely with size
+        gpu_seconds = (
+            train_tokens / (GPU_COSTS["train_tokens_per_s_per_gpu"] * scale)
+            + reference_tokens / (GPU_COSTS["reference_tokens_per_s_per_gpu"] * scale)
+            + new_tokens / (GPU_COSTS["generate_tokens_per_s_per_gpu"] * scale)
+        )
+        plan["estimate"] = {
+            "gpus": processes,
+            "gpu_hours": round(gpu_seconds / 3600, 1),
+            "wall_hours": round(gpu_seconds / 3600 / processes, 1),
+            "assumptions": {**GPU_COSTS, "model_billion_params": billions},
+            "train_flops": f"{6 * billions * 1e9 * train_tokens:.2e} (6 * params * tokens; "
+            "gradient checkpointing adds a forward, ~8x)",
+        }
+    return plan
+
+
+def format_plan(plan: dict) -> str:
+    """A plan as indented JSON under a heading (what ``--dry-run`` prints)."""
+    return "dry run: nothing is loaded or trained\n" + json.dumps(plan, indent=2)
+
+
+def plan_pipeline(pipeline: Pipeline) -> dict:
+    """The dry-run plan of a pipeline: each stage's plan, the evaluation, the total time."""
+    stages = []
+    for stage in pipeline.stages:
+        root = stage
+        while root.init_from is not None:
+            root = pipeline.stage(root.init_from)
+        plan = plan_run(stage.config, base_model=root.config.model.name_or_path)
+        plan["starts_from"] = stage.init_from or stage.config.model.name_or_path
+        plan["status"] = run_status(stage.config)
+        stages.append(plan)
+    result: dict[str, Any] = {"pipeline": pipeline.name, "directory": str(pipeline.root),
+                              "stages": stages}  # fmt: skip
+    minutes = sum(s["estimate"].get("minutes_on_this_cpu", 0.0) for s in stages)
+    if pipeline.evaluate:
+        spec = pipeline.evaluate
+        tasks = pipeline.reasoning_tasks()
+        items = {}
+        if "reasoning" in spec.benchmarks:
+            items["reasoning"] = (spec.limit or 300) * len(tasks)
+        if "humaneval" in spec.benchmarks:
+            items["humaneval"] = min(spec.humaneval_limit or HUMANEVAL_PROBLEMS,
+                                     HUMANEVAL_PROBLEMS)  # fmt: skip
+        eval_seconds = len(spec.runs) * sum(
+            count * CPU_COSTS.get(f"eval_{name}_s_per_item", 5.0) for name, count in items.items()
+        )
+        result["evaluation"] = {
+            "runs": spec.runs,
+            "items_per_run": items,
+            "reasoning_tasks": tasks,
+            "baseline": spec.baseline,
+            "minutes_on_this_cpu": round(eval_seconds / 60, 1),
+        }
+        minutes += eval_seconds / 60
+    result["total_minutes_on_this_cpu"] = round(minutes, 1)
+    return result

@@ -1,0 +1,195 @@
+"""Train one resolved configuration: the lifecycle of a run directory.
+
+:func:`execute` loads the model and demonstrations, builds the objective and calls
+``gsil.trainer.run_rounds``; :func:`ensure_run` skips a finished run and resumes an interrupted
+one; :func:`run_status` says which it is. ``experiments.run`` (the command line), the pipeline
+and the sweep all train through here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from experiments.config import RunConfig, leaves, load_saved_config
+from gsil.data import load_demonstrations
+from gsil.estimators import get_estimator
+from gsil.io import read_json, read_jsonl, write_json
+from gsil.layout import RunLayout
+from gsil.models import load_model, native_bf16, resolve_device
+from gsil.objectives import make_objective
+from gsil.optimization import make_accelerator as gsil_accelerator
+from gsil.tracking import start_trackers
+from gsil.trainer import run_rounds
+
+logger = logging.getLogger("experiments.training")
+
+
+def resolve_precision(precision: str) -> str:
+    """``"auto"``: bf16 where this machine computes it natively (a GPU, an AVX-512 BF16 or AMX
+    CPU), else fp32. An explicit bf16 without native support is kept, with a warning."""
+    device = resolve_device()
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and not native_bf16(device):
+        logger.warning(
+            "precision bf16 on a %s without native bf16 (no AVX-512 BF16/AMX): PyTorch emulates "
+            "it, about 100x slower than fp32 on such a CPU; use --precision auto or fp32",
+            device.type,
+        )
+    return precision
+
+
+def make_accelerator(config: RunConfig) -> Accelerator:
+    """The run's accelerator: its precision, accumulation and experiment trackers."""
+    precision = resolve_precision(config.model.precision)
+    mixed_precision = "bf16" if precision == "bf16" else "no"
+    return gsil_accelerator(mixed_precision=mixed_precision, grad_accum=config.optim.grad_accum,
+                            report_to=config.logging.report_to, project_dir=config.run_dir())  # fmt: skip
+
+
+def config_changes(saved: RunConfig, config: RunConfig) -> dict[str, tuple]:
+    """``{"optim.learning_rate": (saved, now), ...}``: the leaves that differ (resume aside)."""
+
+    def value(tree: dict, path: tuple[str, ...]):
+        for part in path:
+            tree = tree[part]
+        return tree
+
+    before, after = saved.to_dict(), config.to_dict()
+    return {
+        ".".join(leaf.path): (value(before, leaf.path), value(after, leaf.path))
+        for leaf in leaves()
+        if leaf.path != ("resume",) and value(before, leaf.path) != value(after, leaf.path)
+    }
+
+
+def check_resume(config: RunConfig) -> None:
+    """A resumed run must use the configuration it started with."""
+    saved_path = RunLayout(config.run_dir()).config
+    if not saved_path.exists():
+        raise SystemExit(f"--resume: {saved_path} does not exist; nothing to resume")
+    changed = config_changes(load_saved_config(saved_path), config)
+    if changed:
+        raise SystemExit(
+            f"--resume: the configuration differs from {saved_path}: {changed} "
+            "(resume with the same flags, or start a new run with another --name)"
+        )
+
+
+def progress_figures(run_dir) -> dict:
+    """First and last step of the metrics: did demos rise, generations fall, accuracy rise?"""
+    path = RunLayout(run_dir).metrics
+    if not path.exists():
+        return {}
+    rows = read_jsonl(path)
+    keys = ["loss", "logps/chosen", "logps/rejected", "rewards/accuracies", "rewards/margins"]
+    return {
+        key: {"first": rows[0][key], "last": rows[-1][key]}
+        for key in keys
+        if rows and key in rows[0]
+    }
+
+
+def execute(config: RunConfig) -> dict:
+    """Train one resolved configuration to the end; returns (and writes) its summary."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    run_dir = config.run_dir()
+    layout = RunLayout(run_dir)
+    if config.resume:
+        check_resume(config)
+    accelerator = make_accelerator(config)
+    if accelerator.is_main_process:
+        write_json(layout.config, config.to_dict())
+    set_seed(config.seed)
+    started = time.perf_counter()
+
+    data, goal = config.data, config.objective
+    model, tokenizer = load_model(config.model.name_or_path, dtype="float32",
+                                  device=accelerator.device, lora_rank=config.model.lora_rank)  # fmt: skip
+    demos = load_demonstrations(
+        data.source, prompt_field=data.prompt_field, response_field=data.response_field,
+        split=data.split, size=data.num_demos, seed=config.seed, skip_invalid=data.skip_invalid,
+        tokenizer=tokenizer, max_prompt_length=data.max_prompt_length,
+    )  # fmt: skip
+    logger.info("%d demonstrations from %s (skipped: %s)", len(demos), data.source,
+                dict(demos.skipped) or "none")  # fmt: skip
+    estimator = get_estimator(goal.loss, **goal.estimator_params())
+    objective = make_objective(goal.method, estimator, beta=goal.beta, shift=goal.shift)
+    # last before training: run_rounds closes the trackers, even when it fails
+    start_trackers(accelerator, "gsil", config.to_dict(), resume=config.resume)
+    summary = run_rounds(
+        model, tokenizer, demos, objective, run_dir, rounds=config.rounds, optim=config.optim,
+        generation=config.generation, max_prompt_length=data.max_prompt_length,
+        max_length=data.max_length, seed=config.seed, drop_ties=goal.drop_ties,
+        resume=config.resume, lora_rank=config.model.lora_rank, accelerator=accelerator,
+    )  # fmt: skip
+    summary.update(
+        {
+            "run_dir": str(run_dir),
+            "num_demonstrations": len(demos),
+            "skipped_records": dict(demos.skipped),
+            "progress": progress_figures(run_dir),
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "final_model": str(layout.model(config.rounds - 1)),
+        }
+    )
+    if accelerator.is_main_process:
+        write_json(layout.summary, summary)
+        print(f"\nrun finished in {summary['wall_seconds']} s: {run_dir}")
+        for key, values in summary["progress"].items():
+            print(
+                f"  {key:<18} first step {values['first']:+.4f}   last step {values['last']:+.4f}"
+            )
+    return summary
+
+
+def run_status(config: RunConfig) -> str:
+    """``done`` (summary.json, same config), ``partial`` (interrupted, same config), ``new``,
+    or ``conflict`` (finished with another configuration: neither rerun nor skipped)."""
+    layout = RunLayout(config.run_dir())
+    if not layout.config.exists():
+        return "new"
+    try:
+        same = not config_changes(load_saved_config(layout.config), config)
+    except ValueError:  # a config.json this version cannot read: not the same run
+        same = False
+    if layout.summary.exists():
+        return "done" if same else "conflict"
+    return "partial" if same else "new"
+
+
+def ensure_run(config: RunConfig, force_resume: bool = False) -> tuple[str, dict]:
+    """Train ``config`` unless it is finished; an interrupted run continues (``--resume``).
+
+    Returns ``(what happened, summary)``: ``skipped``, ``resumed`` or ``ran``.
+
+    Raises:
+        SystemExit: the run directory holds a finished run with another configuration.
+    """
+    from gsil.optimization import process_state
+
+    status = run_status(config)
+    # every process has read the run directory before the main process writes into it
+    process_state().wait_for_everyone()
+    run_dir = config.run_dir()
+    layout = RunLayout(run_dir)
+    if status == "done":
+        logger.info("%s: finished earlier, skipped", run_dir)
+        return "skipped", read_json(layout.summary)
+    if status == "conflict":
+        raise SystemExit(
+            f"{run_dir} holds a finished run with another configuration (see its config.json); "
+            "remove it or choose another --output-dir/--name"
+        )
+    resumable = (
+        force_resume
+        or status == "partial"
+        and (layout.checkpoint.exists() or bool(layout.finished_rounds()))
+    )
+    config = dataclasses.replace(config, resume=resumable)
+    return ("resumed" if resumable else "ran"), execute(config)

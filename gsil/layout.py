@@ -1,0 +1,108 @@
+"""Where a run keeps its files: the one module that spells the run-directory layout.
+
+    <run>/config.json                   the full resolved configuration
+    <run>/metrics.jsonl                 one row per optimizer step
+    <run>/summary.json                  the run's figures; its presence marks the run finished
+    <run>/checkpoint/                   latest in-round state (model, optimizer, scheduler, RNG)
+    <run>/trackers/                     experiment trackers' files (TensorBoard events, ...)
+    <run>/round_<t>/generated.jsonl     the round's self-generated set (+ generated.settings.json)
+    <run>/round_<t>/reference_logps.pt  the round's reference log-probs
+    <run>/round_<t>/model/              the policy after the round
+    <run>/round_<t>/summary.json        the round's figures; its presence marks the round done
+    <run>/round_<t>/eval/               benchmark results of that round's model
+
+An experiment (a pipeline) is a directory of such runs plus its own ``pipeline.json``,
+``summary.json``, ``report.md`` and ``figures/``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_ROUND = re.compile(r"^round_(\d+)$")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths of one run directory."""
+
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint"
+
+    @property
+    def checkpoint_staging(self) -> Path:
+        return self.root / ".checkpoint.staging"
+
+    @property
+    def trackers(self) -> Path:
+        return self.root / "trackers"
+
+    def round_dir(self, round_index: int) -> Path:
+        return self.root / f"round_{round_index}"
+
+    def generated(self, round_index: int) -> Path:
+        return self.round_dir(round_index) / "generated.jsonl"
+
+    def generated_settings(self, round_index: int) -> Path:
+        return self.round_dir(round_index) / "generated.settings.json"
+
+    def reference_logps(self, round_index: int) -> Path:
+        return self.round_dir(round_index) / "reference_logps.pt"
+
+    def model(self, round_index: int) -> Path:
+        return self.round_dir(round_index) / "model"
+
+    def round_summary(self, round_index: int) -> Path:
+        return self.round_dir(round_index) / "summary.json"
+
+    def eval_dir(self, round_index: int) -> Path:
+        return self.round_dir(round_index) / "eval"
+
+    def round_dirs(self) -> list[Path]:
+        """Existing ``round_<t>`` directories, by round."""
+        found = [p for p in self.root.glob("round_*") if _ROUND.match(p.name)]
+        return sorted(found, key=lambda p: int(_ROUND.match(p.name).group(1)))
+
+    def finished_rounds(self) -> list[int]:
+        """Rounds whose ``summary.json`` exists, in order."""
+        return [round_index(p) for p in self.round_dirs() if (p / "summary.json").exists()]
+
+    def is_run(self) -> bool:
+        """Whether ``root`` holds a run (its config and metrics or summary)."""
+        return self.config.is_file() and (self.metrics.exists() or self.summary.exists())
+
+
+def round_index(round_dir: Path) -> int:
+    """``round_3`` -> 3."""
+    match = _ROUND.match(Path(round_dir).name)
+    if match is None:
+        raise ValueError(f"{round_dir} is not a round directory (round_<t>)")
+    return int(match.group(1))
+
+
+def run_of_model(model_dir: str | Path) -> tuple[RunLayout, int] | None:
+    """``<run>/round_<t>/model`` -> (the run's layout, t); None for any other directory."""
+    path = Path(model_dir)
+    if path.name == "model" and _ROUND.match(path.parent.name):
+        return RunLayout(path.parent.parent), round_index(path.parent)
+    return None
