@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gsil.evaluation.runner import DEFAULT_REASONING_TASKS, EvalOptions
 from gsil.generation import GenerationSettings
 from gsil.optimization import OptimSettings
 from gsil.tracking import NONE, TRACKERS, resolve_report_to
@@ -146,6 +147,7 @@ class Leaf:
     default: Any
     help: str
     choices: tuple[str, ...] | None
+    parse: Any = None  # how a flag's text becomes the value (default: from the annotation)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -174,7 +176,7 @@ def leaves(cls: type = RunConfig, prefix: tuple[str, ...] = ()) -> list[Leaf]:
         meta = spec.metadata
         found.append(Leaf(prefix + (spec.name,), meta.get("flag", spec.name),
                           tuple(meta.get("aliases", ())), annotation, _default(spec),
-                          meta.get("help", ""), meta.get("choices")))  # fmt: skip
+                          meta.get("help", ""), meta.get("choices"), meta.get("parse")))  # fmt: skip
     return found
 
 
@@ -285,13 +287,13 @@ def _check(value: Any, annotation: Any, what: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{what} must be a mapping, got {value!r}")
         return {str(k): _check(v, item, f"{what}[{k!r}]") for k, v in value.items()}
-    if origin is list:
-        (item,) = typing.get_args(annotation)
+    if origin in (list, tuple):
+        item = typing.get_args(annotation)[0]
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{what} must be a list, got {value!r}")
-        return [_check(v, item, what) for v in value]
+        return origin(_check(v, item, what) for v in value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is bool and not isinstance(value, bool):
@@ -368,18 +370,23 @@ def load_saved_config(path: str | Path) -> RunConfig:
 # --------------------------------------------------------------------------- command line
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per leaf (``--max-new-tokens``), grouped by section; defaults are left unset
-    (None) so that only flags the user typed override the recipe."""
+def add_config_arguments(
+    parser: argparse.ArgumentParser, cls: type = RunConfig, exclude: tuple[str, ...] = ()
+) -> None:
+    """One flag per leaf of ``cls`` (``--max-new-tokens``), grouped by section; defaults are
+    left unset (None) so that only flags the user typed override the recipe. ``exclude``:
+    leaves (dotted paths) that get no flag."""
     groups: dict[str, Any] = {}
-    for leaf in leaves():
-        section = leaf.path[0] if len(leaf.path) > 1 else "run"
-        group = groups.get(section) or groups.setdefault(
-            section,
-            parser.add_argument_group(
-                f"{section} (recipe section '{section}')" if section != "run" else "run"
-            ),  # fmt: skip
-        )
+    for leaf in leaves(cls):
+        if ".".join(leaf.path) in exclude:
+            continue
+        section = leaf.path[0] if len(leaf.path) > 1 else None
+        if section is None:
+            group = parser
+        elif section in groups:
+            group = groups[section]
+        else:
+            group = groups[section] = parser.add_argument_group(f"{section} (recipe section)")
         names = ["--" + name.replace("_", "-") for name in (leaf.flag, *leaf.aliases)]
         default = leaf.default if leaf.default != [] else "none"
         help_text = f"{leaf.help} (default: {default}; recipe key {'.'.join(leaf.path)})"
@@ -388,17 +395,20 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction,
                                default=None, help=help_text)  # fmt: skip
             continue
-        group.add_argument(*names, dest=dest, type=parse_type(leaf.annotation), default=None,
+        parse = leaf.parse or parse_type(leaf.annotation)
+        group.add_argument(*names, dest=dest, type=parse, default=None,
                            choices=leaf.choices, help=help_text,
                            metavar=None if leaf.choices else leaf.flag.upper())  # fmt: skip
 
 
 def parse_type(annotation: Any):
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        # a mapping has no flag form (per-benchmark budgets are written in recipes)
+        options = [a for a in typing.get_args(annotation)
+                   if a is not type(None) and typing.get_origin(a) is not dict]  # fmt: skip
         inner = parse_type(options[0])
         return lambda text: None if text.lower() in ("none", "null") else inner(text)
-    if typing.get_origin(annotation) is list:
+    if typing.get_origin(annotation) in (list, tuple):
         return str  # "a,b" is split by _check
     if annotation is bool:
         return _parse_bool
@@ -465,23 +475,25 @@ def validate(config: RunConfig) -> None:
 # --------------------------------------------------------------------------- experiments (pipelines)
 
 
-@dataclass
-class EvaluationConfig:
-    """An experiment's evaluation (a pipeline recipe's ``evaluate`` section)."""
+@dataclass(frozen=True)
+class EvaluationConfig(EvalOptions):
+    """An evaluation: what to run, on how many items, in which precision, and the benchmark
+    options (:class:`gsil.evaluation.runner.EvalOptions`, whose defaults are the only ones).
 
-    runs: list[str] | None = _f(None, "stage names to evaluate (default: every stage)")
-    benchmarks: list[str] = _f(lambda: ["reasoning", "humaneval"], "benchmarks to run")
-    limit: int | None = _f(300, "held-out items per reasoning task (None: all)")
-    humaneval_limit: int | None = _f(None, "HumanEval problems (None: all 164)")
-    tasks: list[str] | None = _f(None, "reasoning tasks (default: those of the training data)")
-    max_new_tokens: dict[str, int] | int | None = _f(None, "generation budget per benchmark, or "
-                                               "one for all (None: "
-                                               "gsil.evaluation.runner's defaults)")  # fmt: skip
-    batch_size: int = _f(32, "prompts per generation batch")
-    dtype: str | None = _f("auto", "auto (bf16 where native, else fp32), float32, bfloat16")
-    seed: int = _f(0, "seed of the held-out items (the same items for every run and seed)")
+    ``experiments.evaluate`` (``gsil evaluate``) takes its flags from here; an experiment
+    recipe's ``evaluate`` section also names the runs and the baseline.
+    """
+
+    benchmarks: list[str] = _f(lambda: ["reasoning", "humaneval"], "benchmarks, comma-separated")
+    limit: int | None = _f(None, "at most N items per benchmark (per task for reasoning; "
+                           "default: all, 200 per reasoning task)")  # fmt: skip
+    humaneval_limit: int | None = _f(None, "HumanEval problems in an experiment (None: all 164; "
+                                     "gsil evaluate uses --limit)")  # fmt: skip
+    dtype: str | None = _f("auto", "weights' dtype: auto (bf16 where native, else fp32), "
+                           "float32, bfloat16")  # fmt: skip
+    seed: int = _f(0, "seed of the held-out items and sampling (the same items for every run)")
+    runs: list[str] | None = _f(None, "an experiment's stages to evaluate (default: every stage)")
     baseline: str | None = _f(None, "the stage every other is compared with, item by item")
-    backend: str | None = _f(None, "generation backend (None: the stages' --generator)")
 
     def reasoning_tasks(self, data_source: str) -> list[str]:
         """The tasks to evaluate: given ones, else those of an ``rg:`` training source."""
@@ -489,7 +501,12 @@ class EvaluationConfig:
             return list(self.tasks)
         if data_source.startswith("rg:"):
             return data_source.removeprefix("rg:").split(",")
-        return ["chain_sum", "basic_arithmetic"]
+        return list(DEFAULT_REASONING_TASKS)
+
+    def options(self, **changes: Any) -> EvalOptions:
+        """The benchmark options alone, as ``evaluate_model`` takes them."""
+        values = {spec.name: getattr(self, spec.name) for spec in dataclasses.fields(EvalOptions)}
+        return EvalOptions(**{**values, **changes})
 
 
 # in a stage: keys that describe the stage itself, not its run configuration
@@ -542,10 +559,11 @@ def final_model_dir(config: RunConfig) -> Path:
     return RunLayout(config.run_dir()).model(config.rounds - 1)
 
 
-def evaluation_from_dict(values: dict[str, Any], where: str) -> EvaluationConfig:
+def evaluation_from_dict(
+    values: dict[str, Any], where: str, prefix: tuple[str, ...] = ("evaluate",)
+) -> EvaluationConfig:
     """A checked :class:`EvaluationConfig` (unknown keys and wrong types name the key)."""
-    evaluation = _build(EvaluationConfig, values, where, ("evaluate",))
-    return evaluation
+    return _build(EvaluationConfig, values, where, prefix)
 
 
 def load_pipeline(
@@ -590,7 +608,7 @@ def load_pipeline(
     evaluate = None
     if spec.get("evaluate") is not None:
         evaluate = evaluation_from_dict({**spec["evaluate"], **(eval_overrides or {})}, where)
-        evaluate.runs = evaluate.runs or [s.name for s in stages]
+        evaluate = dataclasses.replace(evaluate, runs=evaluate.runs or [s.name for s in stages])
         names = {s.name for s in stages}
         for run in evaluate.runs + [evaluate.baseline] * bool(evaluate.baseline):
             if run not in names:

