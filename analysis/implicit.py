@@ -67,10 +67,13 @@ def implicit_logits(
         response_field=source.response_field, split="test", size=num_items,
         seed=config.seed, tokenizer=tokenizer, max_prompt_length=source.max_prompt_length,
     )  # fmt: skip
+    # the classifier f = beta * log(pi_theta / pi_ref) + shift was trained to tell the
+    # demonstrations from the REFERENCE's own samples (theory page, sections 2-3): score it on
+    # fresh samples of the reference, the round's starting policy
     generations = [
         result.text
         for result in generate(
-            policy,
+            reference,
             tokenizer,
             [d.prompt for d in demos],
             max_new_tokens=config.generation.max_new_tokens,

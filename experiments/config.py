@@ -80,14 +80,23 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    method: str = _f("gsil", "training objective", choices=("gsil", "spin", "sft"))
+    method: str = _f("gsil", "training objective (dft: discriminative fine-tuning, Guo et al. "
+                     "2025)", choices=("gsil", "spin", "sft", "dft"))  # fmt: skip
     loss: str = _f("logistic", "GSIL density-ratio estimator", choices=(
         "logistic", "brier", "exponential", "kliep", "lsif", "power", "hinge"))  # fmt: skip
     gamma: float | None = _f(None, "parameter of the 'power' estimator (gamma > 0)")
     beta: float = _f(0.1, "scale of the log-ratio logit f = beta * (log pi - log pi_ref) + "
                      "shift; also SPIN's beta")  # fmt: skip
     shift: float = _f(0.0, "offset of the GSIL logit (the paper's script: 2 with beta 0.01)")
-    drop_ties: bool = _f(False, "drop pairs whose generated response equals the demonstration")
+    drop_ties: bool = _f(False, "leave out each generated response that equals its "
+                         "demonstration (a prompt whose k responses all tie is dropped)")  # fmt: skip
+    dft_tau: float = _f(1.0, "DFT's temperature tau of the discriminative likelihood (> 0; the "
+                        "authors' recipes: 1.0 for dft, 0.3 for dft2)")  # fmt: skip
+    dft_gamma: float = _f(0.85, "DFT's moving-average weight of each new estimate of the "
+                          "normaliser, in (0, 1] (1: no memory; recipes: 0.85 dft, 0.9 dft2)")  # fmt: skip
+    dft_variant: str = _f("dft", "dft (log-prob scores, importance weights 1/pi_ref) or dft2 "
+                          "(length-normalised scores, no reference)", choices=("dft", "dft2"))  # fmt: skip
+    dft_u_init: float = _f(0.0, "DFT's initial log normaliser log u of every prompt, each round")
 
     def estimator_params(self) -> dict[str, float]:
         """Keyword arguments of ``gsil.estimators.get_estimator`` beyond the name."""
@@ -119,8 +128,10 @@ class RunConfig:
     def run_name(self) -> str:
         if self.name:
             return self.name
-        loss = f"-{self.objective.loss}" if self.objective.method == "gsil" else ""
-        return f"{self.objective.method}{loss}-seed{self.seed}"
+        goal = self.objective
+        method = goal.dft_variant if goal.method == "dft" else goal.method
+        loss = f"-{goal.loss}" if goal.method == "gsil" else ""
+        return f"{method}{loss}-seed{self.seed}"
 
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name()
@@ -263,7 +274,10 @@ def _build(cls: type, values: dict[str, Any], where: str, prefix: tuple[str, ...
             kwargs[key] = _build(annotation, value, where, prefix + (key,))
         else:
             kwargs[key] = _check(value, annotation, f"{where}: {dotted!r}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a section's own check (e.g. GenerationSettings.__post_init__)
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def _check(value: Any, annotation: Any, what: str) -> Any:
@@ -457,6 +471,12 @@ def validate(config: RunConfig) -> None:
         problems.append("--gamma must be > 0 for the power estimator")
     if config.optim.learning_rate <= 0:
         problems.append("--lr must be > 0")
+    if config.objective.beta <= 0:
+        problems.append("--beta must be > 0 (the scale of the log-ratio)")
+    if config.objective.dft_tau <= 0:
+        problems.append("--dft-tau must be > 0")
+    if not 0 < config.objective.dft_gamma <= 1:
+        problems.append("--dft-gamma must be in (0, 1]")
     for leaf in leaves():
         value = config.to_dict()
         for part in leaf.path:
@@ -510,17 +530,50 @@ class EvaluationConfig(EvalOptions):
 
 
 # in a stage: keys that describe the stage itself, not its run configuration
-STAGE_KEYS = ("name", "init_from", "share_round0_generations")
+STAGE_KEYS = ("name", "init_from", "share_round0_generations", "seeds")
+PIPELINE_KEYS = ("pipeline", "base", "stages", "evaluate", "output_dir", "seeds", "power")
 
 
 @dataclass
 class Stage:
-    """One run of a pipeline: its resolved configuration and the stage it starts from."""
+    """One run of a pipeline: its resolved configuration and the run it starts from.
+
+    A recipe stage repeated over seeds is one run per seed, ``<group>-seed<s>`` (``repeated``),
+    each with ``config.seed = s``; ``group`` is the recipe's stage name (that of an unrepeated
+    stage is its own name). ``init_from`` and ``share_round0_generations`` name runs.
+    """
 
     name: str
     config: RunConfig
     init_from: str | None = None
-    share_round0_generations: str | None = None  # a stage starting from the same model
+    share_round0_generations: str | None = None  # a run starting from the same model
+    group: str = ""
+    repeated: bool = False
+
+    def __post_init__(self) -> None:
+        self.group = self.group or self.name
+
+
+@dataclass(frozen=True)
+class PowerAssumptions:
+    """What the dry-run plan assumes for its minimal detectable differences (recipe key
+    ``power``), used until the evaluation's own results exist."""
+
+    baseline_accuracy: float | dict[str, float] | None = _f(
+        None, "the baseline's expected score per benchmark (or one for all); default 0.5, "
+        "the worst case")  # fmt: skip
+    discordance: float | dict[str, float] | None = _f(
+        None, "expected share of items on which a method and the baseline disagree; default "
+        "2p(1-p) at the baseline accuracy p (independent errors, an upper bound for models "
+        "trained from one parent)")  # fmt: skip
+
+    def for_benchmark(self, benchmark: str) -> tuple[float | None, float | None]:
+        """``(baseline_accuracy, discordance)`` stated for ``benchmark`` (None: not stated)."""
+
+        def pick(value: float | dict[str, float] | None) -> float | None:
+            return value.get(benchmark) if isinstance(value, dict) else value
+
+        return pick(self.baseline_accuracy), pick(self.discordance)
 
 
 @dataclass
@@ -531,8 +584,17 @@ class Pipeline:
 
         pipeline: <name>            the experiment directory: OUTPUT_DIR/<name>/ (--name overrides)
         base: {run configuration}   shared by every stage
-        stages: [{name, init_from, share_round0_generations, run configuration...}, ...]
+        seeds: [0, 1, 2]            (optional) repeat every stage once per seed
+        stages: [{name, init_from, share_round0_generations, seeds, run configuration...}, ...]
         evaluate: {EvaluationConfig fields}   (optional)
+        power: {PowerAssumptions fields}      (optional) the dry-run plan's premises
+
+    ``seeds`` (top level, or per stage, where ``null`` opts a stage out) makes one run per seed
+    of a stage, ``<stage>-seed<s>`` with ``seed: s`` (the demonstration sample, data order,
+    generation and training). A repeated stage starts from the run of its ``init_from`` stage
+    with the same seed (or from that stage's one run when it is not repeated) and shares the
+    round-0 generations of the same seed's run. ``evaluate.runs`` and ``baseline`` name stages:
+    every seed's run is evaluated, and the report groups them.
     """
 
     name: str
@@ -540,12 +602,23 @@ class Pipeline:
     stages: list[Stage]
     evaluate: EvaluationConfig | None = None
     comment: str = ""
+    power: PowerAssumptions = field(default_factory=PowerAssumptions)
 
     def stage(self, name: str) -> Stage:
+        """The run named ``name`` (a repeated stage's runs are ``<stage>-seed<s>``)."""
         for stage in self.stages:
             if stage.name == name:
                 return stage
         raise ConfigError(f"pipeline {self.name}: no stage {name!r}")
+
+    def runs_of(self, name: str) -> list[Stage]:
+        """The runs of a recipe stage (one per seed when repeated), or the one run so named."""
+        found = [s for s in self.stages if s.group == name] or [
+            s for s in self.stages if s.name == name
+        ]
+        if not found:
+            raise ConfigError(f"pipeline {self.name}: no stage {name!r}")
+        return found
 
     def reasoning_tasks(self) -> list[str]:
         evaluation = self.evaluate or EvaluationConfig()
@@ -566,51 +639,113 @@ def evaluation_from_dict(
     return _build(EvaluationConfig, values, where, prefix)
 
 
+def _seed_list(value: Any, where: str) -> list[int] | None:
+    """A recipe's ``seeds``: distinct integers in [0, 2**30), or None (not repeated)."""
+    if value is None:
+        return None
+    seeds = _check(value, list[int], f"{where}: 'seeds'")
+    if not seeds or len(set(seeds)) != len(seeds) or not all(0 <= s < 2**30 for s in seeds):
+        raise ConfigError(f"{where}: 'seeds' must be distinct integers in [0, 2**30), e.g. "
+                          f"[0, 1, 2], got {value!r} (null: run the stage once)")  # fmt: skip
+    return seeds
+
+
+def _matching_run(runs: list[Stage], seed: int | None, what: str, where: str) -> Stage:
+    """The run of an earlier stage that a run of seed ``seed`` links to: the same seed's run
+    of a repeated stage, or the one run of a stage that is not repeated."""
+    if not runs[0].repeated:
+        return runs[0]
+    if seed is None:
+        raise ConfigError(f"{where}: {what} {runs[0].group!r} is repeated over seeds; repeat "
+                          f"this stage too ('seeds'), or name one run, e.g. {runs[0].name!r}")  # fmt: skip
+    for run in runs:
+        if run.config.seed == seed:
+            return run
+    raise ConfigError(f"{where}: {what} {runs[0].group!r} has no run of seed {seed} (its "
+                      f"seeds: {[r.config.seed for r in runs]}); give both stages the same "
+                      "'seeds'")  # fmt: skip
+
+
 def load_pipeline(
     recipe: str, overrides: dict[str, Any] | None = None, eval_overrides: dict | None = None
 ) -> Pipeline:
     """Resolve a pipeline recipe; ``overrides`` (flat or nested run configuration values, e.g.
-    from flags) apply to every stage, ``eval_overrides`` to the evaluation."""
+    from flags) apply to every stage, ``eval_overrides`` to the evaluation. A stage repeated
+    over ``seeds`` becomes one run per seed (see :class:`Pipeline`)."""
     path, spec = read_recipe(recipe)
     where = str(path)
-    unknown = sorted(set(spec) - {"pipeline", "base", "stages", "evaluate", "output_dir"}
-                     - {k for k in spec if k.startswith("_")})  # fmt: skip
+    unknown = sorted(set(spec) - set(PIPELINE_KEYS) - {k for k in spec if k.startswith("_")})
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; a pipeline recipe has pipeline, "
-                          "base, stages, evaluate (and output_dir)")  # fmt: skip
+                          "base, stages, evaluate (and output_dir, seeds, power)")  # fmt: skip
     overrides = nest(dict(overrides or {}), "command line")
     output_dir = overrides.pop("output_dir", None) or spec.get("output_dir", "runs")
     name = overrides.pop("name", None) or spec["pipeline"]
     root = Path(output_dir) / name
     base = nest(dict(spec.get("base", {})), f"{where}: base")
+    all_seeds = _seed_list(spec.get("seeds"), where)
     stages: list[Stage] = []
+    groups: dict[str, list[Stage]] = {}  # recipe stage -> its runs; run name -> [that run]
+
+    def linked(target: str | None, what: str, stage_where: str) -> list[Stage] | None:
+        if target is None:
+            return None
+        if target not in groups:
+            verb = "starts from" if what == "init_from" else "shares generations of"
+            raise ConfigError(f"{stage_where} {verb} unknown {target!r}")
+        return groups[target]
+
     for raw in spec.get("stages", []):
         stage_name = raw.get("name")
         if not stage_name:
             raise ConfigError(f"{where}: every stage needs a 'name'")
-        own = nest({k: v for k, v in raw.items() if k not in STAGE_KEYS},
-                   f"{where}: stage {stage_name}")  # fmt: skip
+        stage_where = f"{where}: stage {stage_name}"
+        if stage_name in groups:
+            raise ConfigError(f"{stage_where}: a stage or run of that name comes earlier")
+        seeds = _seed_list(raw["seeds"], stage_where) if "seeds" in raw else all_seeds
+        if seeds is not None and "seed" in overrides:
+            raise ConfigError(f"command line: --seed {overrides['seed']} conflicts with the "
+                              f"seeds {seeds} of stage {stage_name} in {where}; drop --seed, or "
+                              "the recipe's 'seeds'")  # fmt: skip
+        own = nest({k: v for k, v in raw.items() if k not in STAGE_KEYS}, stage_where)
         values = merge(merge(base, own), overrides)
-        init_from = raw.get("init_from")
-        if init_from is not None:
-            parent = next((s for s in stages if s.name == init_from), None)
-            if parent is None:
-                raise ConfigError(f"{where}: stage {stage_name} starts from unknown {init_from!r}")
-            values = merge(values, {"model": {"name_or_path": str(final_model_dir(parent.config))}})
-        values = merge(values, {"output_dir": str(root), "name": stage_name, "resume": False})
-        config = from_dict(values, f"{where}: stage {stage_name}")
-        share = raw.get("share_round0_generations")
-        if share is not None and share not in {s.name for s in stages}:
-            raise ConfigError(
-                f"{where}: stage {stage_name} shares generations of unknown {share!r}"
-            )
-        stages.append(Stage(stage_name, config, init_from, share))
+        parents = linked(raw.get("init_from"), "init_from", stage_where)
+        sources = linked(raw.get("share_round0_generations"), "share", stage_where)
+        runs = []
+        for seed in seeds or [None]:
+            run_name = stage_name if seed is None else f"{stage_name}-seed{seed}"
+            run_values = values if seed is None else merge(values, {"seed": seed})
+            parent = None
+            if parents is not None:
+                parent = _matching_run(parents, seed, "init_from", stage_where)
+                model = str(final_model_dir(parent.config))
+                run_values = merge(run_values, {"model": {"name_or_path": model}})
+            run_values = merge(run_values, {"output_dir": str(root), "name": run_name,
+                                            "resume": False})  # fmt: skip
+            config = from_dict(run_values, f"{where}: stage {run_name}")
+            # the round-0 set of the run with this seed (another seed's demonstrations differ)
+            source = next((r for r in sources or [] if r.config.seed == config.seed), None)
+            runs.append(Stage(run_name, config, parent and parent.name, source and source.name,
+                              stage_name, seed is not None))  # fmt: skip
+        groups[stage_name] = runs
+        for run in runs:
+            groups.setdefault(run.name, [run])
+        stages += runs
     evaluate = None
     if spec.get("evaluate") is not None:
         evaluate = evaluation_from_dict({**spec["evaluate"], **(eval_overrides or {})}, where)
-        evaluate = dataclasses.replace(evaluate, runs=evaluate.runs or [s.name for s in stages])
-        names = {s.name for s in stages}
+        evaluate = dataclasses.replace(
+            evaluate, runs=evaluate.runs or list(dict.fromkeys(s.group for s in stages))
+        )
         for run in evaluate.runs + [evaluate.baseline] * bool(evaluate.baseline):
-            if run not in names:
+            if run not in groups:
                 raise ConfigError(f"{where}: evaluate names unknown stage {run!r}")
-    return Pipeline(name, root, stages, evaluate, spec.get("_comment", ""))
+    if not isinstance(spec.get("power") or {}, dict):
+        raise ConfigError(f"{where}: 'power' is a section and takes a mapping, got "
+                          f"{spec['power']!r}")  # fmt: skip
+    power = _build(PowerAssumptions, spec.get("power") or {}, where, ("power",))
+    for value in (power.baseline_accuracy, power.discordance):
+        numbers = value.values() if isinstance(value, dict) else [value]
+        if any(v is not None and not 0.0 <= v <= 1.0 for v in numbers):
+            raise ConfigError(f"{where}: 'power' values are proportions in [0, 1], got {value!r}")
+    return Pipeline(name, root, stages, evaluate, spec.get("_comment", ""), power)

@@ -74,46 +74,47 @@ def resolve_evaluation(args: argparse.Namespace) -> EvaluationConfig:
     return config
 
 
+# the evaluation modules report bad inputs (a malformed benchmark file, an unknown benchmark,
+# an option that does not apply) as ValueError and unreadable files as OSError, with the file,
+# line or option named: for this command those are user errors too (experiments.cli)
+USER_ERRORS = (OSError, ValueError, ModelLoadError)
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m experiments.evaluate") -> int:
-    """Run the CLI; returns the exit status."""
+    """Run the CLI; returns the exit status: 2, after ``error: <message>`` on stderr, for a
+    user's mistake (a missing file, an unknown benchmark, an unreachable judge...; see
+    :func:`experiments.cli.run_command`)."""
+    from experiments.cli import run_command
+
+    return run_command(_evaluate, argv, prog, also=USER_ERRORS)
+
+
+def _evaluate(argv: list[str] | None, prog: str) -> int:
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.compare:
-        try:
-            comparison = compare_results(*args.compare)
-        except (OSError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        print(json.dumps(comparison, indent=2))
+        print(json.dumps(compare_results(*args.compare), indent=2))
         return 0
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    try:
-        config = resolve_evaluation(args)
-        out = args.out
-        if out is None and args.model is None and config.humaneval_completions:
-            # scoring a file: write beside it
-            out = str(Path(config.humaneval_completions).parent / "eval")
-        results = evaluate_model(
-            args.model,
-            config.benchmarks,
-            out,
-            config.limit,
-            config.seed,
-            options=config.options(),
-            progress=not args.no_progress,
-            dtype=config.dtype,
-            device=args.device,
-        )
-    except (
-        OSError,
-        ValueError,
-        ModelLoadError,
-    ) as err:  # missing files, bad names: a message, not a trace (ConfigError is a ValueError)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    config = resolve_evaluation(args)
+    out = args.out
+    if out is None and args.model is None and config.humaneval_completions:
+        # scoring a file: write beside it
+        out = str(Path(config.humaneval_completions).parent / "eval")
+    results = evaluate_model(
+        args.model,
+        config.benchmarks,
+        out,
+        config.limit,
+        config.seed,
+        options=config.options(),
+        progress=not args.no_progress,
+        dtype=config.dtype,
+        device=args.device,
+    )
     for result in results.values():
         print(result.summary())
     return 0

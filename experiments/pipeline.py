@@ -3,7 +3,8 @@
 ``python -m experiments.run --preset default`` (or ``gsil train --config recipe.yaml``) with a
 pipeline recipe (see :class:`experiments.config.Pipeline`) trains the stages in order (each a
 run directory ``OUTPUT_DIR/<name>/<stage>/``; ``init_from`` starts a stage from the last
-round's model of an earlier one), evaluates the listed runs, and writes
+round's model of an earlier one; a stage repeated over ``seeds`` is one run per seed,
+``<stage>-seed<s>``), evaluates the listed stages (every seed's run), and writes
 ``report.md``/``report.csv`` and the figures into ``OUTPUT_DIR/<name>/``. Run flags typed on the
 command line (``--num-demos 16``, ``--precision fp32``...) override every stage;
 ``--name``/``--output-dir`` move the whole experiment. Re-running skips what is finished: a run
@@ -125,8 +126,9 @@ def run_pipeline(pipeline: Pipeline) -> dict:
 
             engine = EngineSlot()
         try:
-            for name in pipeline.evaluate.runs:
-                evaluate_stage(pipeline, pipeline.stage(name), engine)
+            for name in pipeline.evaluate.runs:  # a stage's runs: one per seed when repeated
+                for stage in pipeline.runs_of(name):
+                    evaluate_stage(pipeline, stage, engine)
         finally:
             if engine is not None:
                 engine.close()

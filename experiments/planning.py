@@ -2,7 +2,9 @@
 
 :func:`plan_run` / :func:`plan_pipeline` make the ``--dry-run`` plan from known data sizes and
 stated throughput assumptions (:data:`CPU_COSTS` measured here, :data:`GPU_COSTS` assumed for a
-~7B model), without loading weights or data.
+~7B model), without loading weights or data. :func:`plan_power` adds, per comparison the report
+will make, the minimal detectable paired difference (80% power, alpha 0.05) for one seed's
+items and for the items pooled over seeds.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from experiments.config import Pipeline, RunConfig
+from experiments.config import Pipeline, RunConfig, Stage
 from experiments.training import run_status
+from gsil.evaluation.results import detectable_difference, paired_scores
+from gsil.io import read_json
+from gsil.layout import RunLayout
 
 # Known sizes of hub datasets (a dry run loads nothing): (name, split) -> records.
 KNOWN_SIZES = {
@@ -115,7 +120,9 @@ def plan_run(
     on_cpu = family == "smollm2-135m" or _params_billions(family) < 0.5
     if processes is None:
         processes = 1 if on_cpu else accelerate_processes(PAPER_ACCELERATE_CONFIG)
-    pairs = config.objective.method in ("gsil", "spin")
+    pairs = config.objective.method in ("gsil", "spin", "dft")
+    # k responses per prompt: a step forwards the demonstration and k generated rows
+    k = config.generation.num_samples if pairs else 0
     per_step = config.optim.batch_size * config.optim.grad_accum * processes
     steps_per_round = math.ceil(
         math.ceil(demos / config.optim.batch_size / processes) / config.optim.grad_accum
@@ -128,10 +135,10 @@ def plan_run(
         tokens["generated"], config.generation.max_new_tokens, config.data.max_length - prompt
     )
     demo_tokens = demos * (prompt + response)
-    gen_tokens = demos * (prompt + generated) if pairs else 0
+    gen_tokens = demos * k * (prompt + generated)
     train_tokens = (demo_tokens + gen_tokens) * config.optim.epochs * config.rounds
     reference_tokens = (demo_tokens + gen_tokens) * config.rounds if pairs else 0
-    new_tokens = demos * generated * config.rounds if pairs else 0
+    new_tokens = demos * k * generated * config.rounds
     plan: dict[str, Any] = {
         "run": config.run_name(),
         "run_dir": str(config.run_dir()),
@@ -145,7 +152,7 @@ def plan_run(
         "epochs_per_round": config.optim.epochs,
         "prompts_per_optimizer_step": per_step,
         "optimizer_steps": total_steps,
-        "generated_responses": demos * config.rounds if pairs else 0,
+        "generated_responses": demos * k * config.rounds,
         "tokens": {
             "trained": train_tokens,
             "reference_pass": reference_tokens,
@@ -155,16 +162,14 @@ def plan_run(
     }
     if on_cpu:
         costs = CPU_COSTS
-        seconds = (
-            total_steps
-            * per_step
-            * (costs["pair_step_s_per_pair"] if pairs else costs["sft_step_s_per_sequence"])
-        )
+        # a pair's cost is two sequences' (demonstration + one response): 1 + k sequences
+        sequence = costs["pair_step_s_per_pair"] / 2 if pairs else costs["sft_step_s_per_sequence"]
+        seconds = total_steps * per_step * sequence * (1 + k)
         if pairs:
             seconds += (
                 config.rounds
                 * demos
-                * (costs["generate_s_per_prompt"] + costs["reference_s_per_pair"])
+                * (k * costs["generate_s_per_prompt"] + (1 + k) / 2 * costs["reference_s_per_pair"])
             )
         plan["estimate"] = {"minutes_on_this_cpu": round(seconds / 60, 1), "costs": costs}
     else:
@@ -201,6 +206,8 @@ def plan_pipeline(pipeline: Pipeline) -> dict:
         plan = plan_run(stage.config, base_model=root.config.model.name_or_path)
         plan["starts_from"] = stage.init_from or stage.config.model.name_or_path
         plan["status"] = run_status(stage.config)
+        if stage.repeated:
+            plan.update(stage=stage.group, seed=stage.config.seed)
         stages.append(plan)
     result: dict[str, Any] = {"pipeline": pipeline.name, "directory": str(pipeline.root),
                               "stages": stages}  # fmt: skip
@@ -214,16 +221,116 @@ def plan_pipeline(pipeline: Pipeline) -> dict:
         if "humaneval" in spec.benchmarks:
             items["humaneval"] = min(spec.humaneval_limit or HUMANEVAL_PROBLEMS,
                                      HUMANEVAL_PROBLEMS)  # fmt: skip
-        eval_seconds = len(spec.runs) * sum(
+        evaluated = {name: pipeline.runs_of(name) for name in spec.runs}
+        eval_seconds = sum(map(len, evaluated.values())) * sum(
             count * CPU_COSTS.get(f"eval_{name}_s_per_item", 5.0) for name, count in items.items()
         )
         result["evaluation"] = {
             "runs": spec.runs,
+            "seeds": {
+                name: [s.config.seed for s in runs]
+                for name, runs in evaluated.items()
+                if runs[0].repeated
+            },
             "items_per_run": items,
             "reasoning_tasks": tasks,
             "baseline": spec.baseline,
             "minutes_on_this_cpu": round(eval_seconds / 60, 1),
+            "power": plan_power(pipeline, items),
         }
         minutes += eval_seconds / 60
     result["total_minutes_on_this_cpu"] = round(minutes, 1)
     return result
+
+
+# benchmarks whose per-item score is 0 or 1 (McNemar applies): HumanEval with one sample
+BINARY_BENCHMARKS = ("reasoning", "humaneval", "gsm8k", "gsm8k-chat")
+
+
+def _result_path(stage: Stage, benchmark: str) -> Path:
+    """Where the pipeline's evaluation writes ``benchmark``'s result for a run's final model."""
+    return RunLayout(stage.config.run_dir()).eval_dir(stage.config.rounds - 1) / f"{benchmark}.json"
+
+
+def _observed(
+    pairs: list[tuple[Stage, Stage]], benchmark: str
+) -> tuple[float | None, float | None]:
+    """``(baseline accuracy, discordance)`` observed over the pairs (method run, baseline run):
+    the accuracy once every baseline run is scored, the discordance once every pair is."""
+    base_paths = [_result_path(base, benchmark) for _, base in pairs]
+    if not pairs or not all(path.exists() for path in base_paths):
+        return None, None
+    results = [read_json(path) for path in base_paths]
+    total = sum(r.get("n") or 0 for r in results)
+    if any(r.get("score") is None for r in results) or not total:
+        return None, None
+    accuracy = sum(r["score"] * r["n"] for r in results) / total
+    disagreements, items = 0, 0
+    for (run, _), base_path in zip(pairs, base_paths, strict=True):
+        path = _result_path(run, benchmark)
+        if not path.exists():
+            return accuracy, None
+        try:
+            _, a, b = paired_scores(path, base_path)
+        except ValueError:  # other items (e.g. another --eval-limit): the report says so
+            return accuracy, None
+        disagreements += int((a != b).sum())
+        items += a.size
+    return accuracy, disagreements / items if items else None
+
+
+def plan_power(pipeline: Pipeline, items: dict[str, int]) -> list[dict[str, Any]]:
+    """The minimal detectable paired difference (80% power, alpha 0.05, McNemar) of each
+    comparison the report will make: per evaluated stage and benchmark, for one seed's items
+    and for the items pooled over the seed-matched runs.
+
+    The baseline's accuracy and the discordance are the observed ones where the evaluation's
+    results exist; else those stated in the recipe's ``power`` section; else the accuracy is
+    taken as 0.5 (the worst case) and the discordance as ``2p(1-p)`` (independent errors, an
+    upper bound for models trained from one parent, so the MDE is a conservative one).
+    """
+    spec = pipeline.evaluate
+    if spec is None or not spec.baseline:
+        return []
+    baseline = pipeline.runs_of(spec.baseline)
+    comparisons = []
+    for name in spec.runs:
+        if name == spec.baseline:
+            continue
+        pairs = []
+        for run in pipeline.runs_of(name):
+            match = [b for b in baseline if not b.repeated or b.config.seed == run.config.seed]
+            if match and match[0] is not run:
+                pairs.append((run, match[0]))
+        for bench, n in items.items():
+            entry: dict[str, Any] = {"comparison": f"{name} vs {spec.baseline}", "benchmark": bench,
+                                     "items_per_seed": n, "seeds": len(pairs)}  # fmt: skip
+            sampled = bench == "humaneval" and spec.humaneval_samples > 1
+            if bench not in BINARY_BENCHMARKS or sampled:
+                entry["mde"] = "n/a: scores are not 0/1"
+                comparisons.append(entry)
+                continue
+            accuracy, discordance = _observed(pairs, bench) if pairs else (None, None)
+            stated_accuracy, stated_discordance = pipeline.power.for_benchmark(bench)
+            accuracy_source = "observed" if accuracy is not None else "stated"
+            if accuracy is None:
+                accuracy = stated_accuracy
+            if accuracy is None:
+                accuracy, accuracy_source = 0.5, "assumed (worst case)"
+            source = "observed"
+            if discordance is None and stated_discordance is not None:
+                discordance, source = stated_discordance, "stated in the recipe"
+            entry.update(baseline_accuracy=round(accuracy, 4),
+                         baseline_accuracy_source=accuracy_source)  # fmt: skip
+            sizes = {"one_seed": n} | ({"pooled": n * len(pairs)} if len(pairs) > 1 else {})
+            for key, count in sizes.items():
+                mde = detectable_difference(count, baseline_accuracy=accuracy,
+                                            discordance=discordance,
+                                            discordance_source=source)  # fmt: skip
+                entry[f"n_{key}"] = count
+                entry[f"mde_points_{key}"] = (
+                    round(100 * mde.difference, 2) if mde.attainable else "none: too few items"
+                )
+                entry.update(discordance=round(mde.discordance, 4), premise=mde.assumption)
+            comparisons.append(entry)
+    return comparisons

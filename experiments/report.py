@@ -5,8 +5,15 @@ Finds every run directory under the given paths (a ``config.json`` written by
 ``round_<t>/eval/<benchmark>.json``, and writes ``report.md`` and ``report.csv``: one row per
 run (and evaluated round), one column per benchmark with its 95% interval, and the paired
 difference against the SFT baseline on the same items (paired bootstrap interval, exact McNemar
-p) from :func:`gsil.evaluation.results.compare_results`. Where the paired interval contains 0
-the report says that the comparison shows no difference.
+p) from :func:`gsil.evaluation.results.compare_results`.
+
+Runs named ``<stage>-seed<s>`` (with ``seed: s``, as a pipeline stage repeated over seeds names
+them) form one method: each is compared with the baseline's run of the same seed, and
+``report.md``'s methods section (``report_methods.csv``) gives per method and benchmark the
+per-seed scores and differences, their mean with a 95% Student-t interval across seeds, the
+pooled paired test over every seed's items, and the minimal detectable difference (80% power,
+alpha 0.05) at the pooled n and observed discordance. A difference is claimed only where the
+interval across seeds (with one seed: the paired interval) excludes 0.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from experiments.config import RunConfig, load_saved_config
-from gsil.evaluation.results import compare_results
+from gsil.evaluation.results import (
+    DetectableDifference,
+    compare_results,
+    detectable_difference,
+    mean_interval,
+    pooled_comparison,
+)
 from gsil.io import read_json, read_jsonl
 from gsil.layout import RunLayout
 from gsil.layout import round_index as index_of_round
@@ -64,6 +78,50 @@ class RunInfo:
     def metrics(self) -> list[dict[str, Any]]:
         path = RunLayout(self.path).metrics
         return read_jsonl(path) if path.exists() else []
+
+
+SEED_SUFFIX = re.compile(r"^(?P<stage>.+)-seed(?P<seed>\d+)$")
+
+
+def stage_of(run: RunInfo) -> tuple[str, int | None]:
+    """``("spin", 1)`` for a run named ``spin-seed1`` whose seed is 1 (one seed of a repeated
+    stage); ``(run.name, None)`` for any other run."""
+    match = SEED_SUFFIX.match(run.name)
+    if match and int(match["seed"]) == run.config.seed:
+        return match["stage"], run.config.seed
+    return run.name, None
+
+
+@dataclass
+class RunGroup:
+    """A method: one stage's runs, one per seed (or a single run)."""
+
+    name: str
+    runs: list[RunInfo]
+    repeated: bool = False  # runs named <name>-seed<s>
+
+    @property
+    def method(self) -> str:
+        return self.runs[0].method
+
+    def run_for(self, run: RunInfo) -> RunInfo | None:
+        """This group's run to compare ``run`` with: the same seed's run of a repeated stage,
+        else the one run; None when there is none (or ``run`` is one of this group's)."""
+        if any(own is run for own in self.runs):
+            return None
+        if not self.repeated:
+            return self.runs[0]
+        return next((own for own in self.runs if own.config.seed == run.config.seed), None)
+
+
+def group_runs(runs: Sequence[RunInfo]) -> list[RunGroup]:
+    """The runs grouped by stage (``spin-seed0``, ``spin-seed1`` -> ``spin``), in run order."""
+    groups: dict[tuple[str, bool], RunGroup] = {}  # a run "spin" beside "spin-seed1": apart
+    for run in runs:
+        name, seed = stage_of(run)
+        key = (name, seed is not None)
+        groups.setdefault(key, RunGroup(name, [], seed is not None)).runs.append(run)
+    return list(groups.values())
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -116,15 +174,20 @@ def _is_result(path: Path) -> bool:
     return isinstance(data, dict) and "benchmark" in data and "score" in data
 
 
-def pick_baseline(runs: Sequence[RunInfo], name: str | None) -> RunInfo | None:
-    """The run named ``name`` (its directory name), else the SFT run with the most steps."""
+def pick_baseline(runs: Sequence[RunInfo], name: str | None) -> RunGroup | None:
+    """The stage named ``name`` (all its seeds' runs) or the run so named (its directory name),
+    else the evaluated SFT stage with the most optimizer steps."""
+    groups = group_runs(runs)
     if name:
+        for group in groups:
+            if group.name == name:
+                return group
         for run in runs:
             if run.name == name or run.path.name == name:
-                return run
+                return RunGroup(run.name, [run])
         raise SystemExit(f"baseline {name!r} is not among the runs: {[r.name for r in runs]}")
-    sft = [r for r in runs if r.method == "sft" and r.evals]
-    return max(sft, key=lambda r: r.global_steps()) if sft else None
+    sft = [g for g in groups if g.method == "sft" and any(r.evals for r in g.runs)]
+    return max(sft, key=lambda g: max(r.global_steps() for r in g.runs)) if sft else None
 
 
 def benchmarks_of(runs: Sequence[RunInfo]) -> list[str]:
@@ -153,11 +216,13 @@ def _fmt_diff(comparison: dict[str, Any] | None) -> str:
     return f"{100 * comparison['difference']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]{p_text}"
 
 
-def build_rows(runs: Sequence[RunInfo], baseline: RunInfo | None) -> list[dict[str, Any]]:
-    """One row per (run, evaluated round) with every benchmark's result and comparison."""
+def build_rows(runs: Sequence[RunInfo], baseline: RunGroup | None) -> list[dict[str, Any]]:
+    """One row per (run, evaluated round) with every benchmark's result and its comparison with
+    the baseline's run of the same seed (its last evaluated round)."""
     rows = []
-    base_evals = baseline.evals[max(baseline.evals)] if baseline and baseline.evals else {}
     for run in runs:
+        base_run = baseline.run_for(run) if baseline else None
+        base_evals = base_run.evals[max(base_run.evals)] if base_run and base_run.evals else {}
         for round_index in sorted(run.evals) or [None]:
             results, comparisons = {}, {}
             for bench, path in (run.evals.get(round_index) or {}).items():
@@ -171,13 +236,16 @@ def build_rows(runs: Sequence[RunInfo], baseline: RunInfo | None) -> list[dict[s
             rows.append(
                 {
                     "run": run.name,
+                    "stage": stage_of(run)[0],
+                    "seed": run.config.seed,
                     "method": run.method,
                     "round": round_index,
                     "rounds_trained": len(round_summaries),
                     "steps": run.global_steps(),
                     "ties": [r.get("ties") for r in round_summaries if "ties" in r],
                     "finished": run.finished,
-                    "is_baseline": run is baseline,
+                    "is_baseline": bool(baseline) and any(r is run for r in baseline.runs),
+                    "baseline_run": base_run.name if base_run else None,
                     "results": results,
                     "comparisons": comparisons,
                 }
@@ -185,16 +253,22 @@ def build_rows(runs: Sequence[RunInfo], baseline: RunInfo | None) -> list[dict[s
     return rows
 
 
-def to_markdown(rows: Sequence[dict[str, Any]], benchmarks: Sequence[str], baseline: str | None):
-    """The markdown report: the table, then one line per paired comparison."""
+def to_markdown(
+    rows: Sequence[dict[str, Any]],
+    benchmarks: Sequence[str],
+    baseline: str | None,
+    methods: Sequence[dict[str, Any]] = (),
+) -> str:
+    """The markdown report: the table of runs, then per method (:func:`summarize_methods`) the
+    seeds, the interval across seeds, the pooled paired test, the MDE and a verdict."""
     header = ["run", "method", "steps", "ties/round"] + [f"{b} (%)" for b in benchmarks]
     header += [f"Δ {b} vs {baseline} (pts)" for b in benchmarks] if baseline else []
     lines = [
         "# Results",
         "",
         "Scores in percent with 95% intervals (Wilson); Δ: paired difference against "
-        f"{baseline or 'the baseline'} on the same items (paired bootstrap 95% interval, "
-        "exact McNemar p).",
+        f"{baseline or 'the baseline'} (its run of the same seed) on the same items (paired "
+        "bootstrap 95% interval, exact McNemar p).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -211,36 +285,158 @@ def to_markdown(rows: Sequence[dict[str, Any]], benchmarks: Sequence[str], basel
                 for b in benchmarks
             ]
         lines.append("| " + " | ".join(cells) + " |")
-    findings = _findings(rows, benchmarks, baseline)
-    if findings:
-        lines += ["", "## Paired comparisons", "", *findings]
+    if methods:
+        lines += ["", f"## Methods against {baseline}", "", *_methods_table(methods), "",
+                  *(_method_line(m, baseline) for m in methods)]  # fmt: skip
     tasks = _task_lines(rows)
     if tasks:
         lines += ["", "## Reasoning tasks", "", *tasks]
     return "\n".join(lines) + "\n"
 
 
-def _findings(rows, benchmarks, baseline) -> list[str]:
-    lines = []
-    for row in rows:
+def summarize_methods(
+    groups: Sequence[RunGroup],
+    baseline: RunGroup | None,
+    rows: Sequence[dict[str, Any]],
+    benchmarks: Sequence[str],
+) -> list[dict[str, Any]]:
+    """Per method (a stage's runs over seeds) and benchmark, against the baseline.
+
+    Each run's last evaluated round is compared with the baseline's run of the same seed
+    (``rows`` hold those comparisons). Returns dicts with ``seeds`` (per seed: run, score, n,
+    difference, interval), ``mean_difference`` and ``across_interval`` (Student-t 95% over the
+    per-seed differences; None with fewer than 2 seeds), ``pooled`` (one paired comparison over
+    every seed's items, :func:`gsil.evaluation.results.pooled_comparison`), ``mde``
+    (:class:`gsil.evaluation.results.DetectableDifference` at the pooled n and observed
+    discordance; None unless every score is 0/1) and ``verdict``.
+    """
+    if baseline is None:
+        return []
+    by_run = {(row["run"], row["round"]): row for row in rows}
+    summaries = []
+    for group in groups:
+        if group is baseline:
+            continue
         for bench in benchmarks:
-            comparison = row["comparisons"].get(bench)
-            if not comparison or row["is_baseline"]:
+            seeds, pairs, comparisons = [], [], []
+            for run in group.runs:
+                base_run = baseline.run_for(run)
+                if not run.evals or base_run is None or not base_run.evals:
+                    continue
+                row = by_run[(run.name, max(run.evals))]
+                comparison = row["comparisons"].get(bench)
+                if not comparison or "error" in comparison:
+                    continue
+                comparisons.append(comparison)
+                seeds.append({"seed": run.config.seed, "run": run.name, "round": row["round"],
+                              "score": row["results"][bench].get("score"),
+                              "baseline_run": base_run.name, "n": comparison["n"],
+                              "difference": comparison["difference"],
+                              "interval": comparison["interval"]})  # fmt: skip
+                pairs.append((comparison["a"], comparison["b"]))
+            if not seeds:
                 continue
-            if "error" in comparison:
-                lines.append(f"- {row['run']} vs {baseline} on {bench}: {comparison['error']}")
-                continue
-            low, high = comparison["interval"]
-            if low <= 0 <= high:
-                verdict = "no difference resolved (the interval contains 0)"
-            else:
-                verdict = "higher" if low > 0 else "lower"
-                verdict = f"{verdict} than {baseline} (the interval excludes 0)"
-            lines.append(
-                f"- {row['run']} vs {baseline} on {bench} (n={comparison['n']}): "
-                f"Δ {_fmt_diff(comparison)} (points): {verdict}"
-            )
+            differences = [s["difference"] for s in seeds]
+            across = mean_interval(differences) if len(differences) >= 2 else None
+            # one seed: its comparison is the pooled one (no second bootstrap)
+            pooled = pooled_comparison(pairs) if len(pairs) > 1 else comparisons[0]
+            mde = None
+            if "discordance" in pooled:
+                mde = detectable_difference(pooled["n"], baseline_accuracy=pooled["mean_b"],
+                                            discordance=pooled["discordance"])  # fmt: skip
+            summary = {
+                "method": group.name,
+                "benchmark": bench,
+                "baseline": baseline.name,
+                "seeds": seeds,
+                "mean_difference": sum(differences) / len(differences),
+                "across_interval": list(across) if across else None,
+                "pooled": pooled,
+                "mde": mde,
+            }
+            summary["verdict"] = verdict(summary)
+            summaries.append(summary)
+    return summaries
+
+
+def _excludes_zero(interval: Sequence[float] | None) -> bool:
+    if interval is None or any(map(math.isnan, interval)):
+        return False
+    return interval[0] > 0 or interval[1] < 0
+
+
+def verdict(summary: dict[str, Any]) -> str:
+    """Plain words for a method's comparison that claim no difference the intervals do not
+    support: with several seeds the interval across seeds decides (the pooled item-level test
+    ignores seed-to-seed variation), with one seed the paired interval does."""
+    base, k = summary["baseline"], len(summary["seeds"])
+    across, pooled = summary["across_interval"], summary["pooled"]["interval"]
+    mde = summary["mde"]
+    if across is not None:
+        if _excludes_zero(across):
+            text = (f"{'higher' if across[0] > 0 else 'lower'} than {base} across {k} seeds "
+                    "(the 95% interval across seeds excludes 0)")  # fmt: skip
+            if not _excludes_zero(pooled):
+                text += "; the pooled item-level interval contains 0"
+            return text
+        text = f"no difference resolved across {k} seeds (the interval across seeds contains 0"
+        if _excludes_zero(pooled):
+            text += ("; the pooled item-level interval excludes 0, but it ignores seed-to-seed "
+                     "variation, so no difference is claimed)")  # fmt: skip
+        else:
+            text += ", as does the pooled item-level interval)"
+    elif _excludes_zero(pooled):
+        text = (f"{'higher' if pooled[0] > 0 else 'lower'} than {base} (the interval excludes 0"
+                "; one seed: seed-to-seed variation not measured)")  # fmt: skip
+        return text
+    else:
+        text = "no difference resolved (the interval contains 0)"
+    if mde is not None and mde.attainable and not _excludes_zero(pooled):
+        text += f"; differences under {100 * mde.difference:.1f} points would likely be missed"
+    return text
+
+
+def _fmt_points(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def _methods_table(methods: Sequence[dict[str, Any]]) -> list[str]:
+    header = ["method", "benchmark", "seeds", "score per seed (%)", "Δ per seed (pts)",
+              "mean Δ, 95% t across seeds", "pooled Δ (paired bootstrap), McNemar p",
+              "MDE of the pooled test (80% power, α 0.05)"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for m in methods:
+        seeds = m["seeds"]
+        scores = ", ".join("-" if s["score"] is None else f"{100 * s['score']:.1f}" for s in seeds)
+        across = m["across_interval"]
+        across_text = (f"{_fmt_points(m['mean_difference'])} [{_fmt_points(across[0])}, "
+                       f"{_fmt_points(across[1])}]" if across else "n/a (one seed)")  # fmt: skip
+        pooled = m["pooled"]
+        mde = m["mde"]
+        mde_text = "n/a (scores not 0/1)" if mde is None else _fmt_mde(mde)
+        cells = [m["method"], m["benchmark"],
+                 ", ".join(str(s["seed"]) for s in seeds) + f" ({len(seeds)})", scores,
+                 ", ".join(_fmt_points(s["difference"]) for s in seeds), across_text,
+                 f"{_fmt_diff(pooled)} (n={pooled['n']})", mde_text]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _fmt_mde(mde: DetectableDifference) -> str:
+    """``6.1 pts (n=600, discordance 0.24)``; ``none``/``undefined`` with the reason."""
+    where = f"n={mde.n}, discordance {mde.discordance:.2f}"
+    if math.isnan(mde.difference):
+        return f"undefined ({where}: no item differs)"
+    if not mde.attainable:
+        return f"none ({where}: too few items)"
+    return f"{100 * mde.difference:.1f} pts ({where})"
+
+
+def _method_line(m: dict[str, Any], baseline: str | None) -> str:
+    k = len(m["seeds"])
+    seeds = f"{k} seed{'s' * (k != 1)}, pooled n={m['pooled']['n']}"
+    return (f"- {m['method']} vs {baseline} on {m['benchmark']} ({seeds}): "
+            f"Δ {_fmt_diff(m['pooled'])} (points): {m['verdict']}")  # fmt: skip
 
 
 def _task_lines(rows) -> list[str]:
@@ -259,7 +455,12 @@ def _task_lines(rows) -> list[str]:
 
 
 CSV_FIELDS = ["run", "method", "round", "steps", "ties", "benchmark", "metric", "score", "low",
-              "high", "n", "baseline", "difference", "diff_low", "diff_high", "mcnemar_p"]  # fmt: skip
+              "high", "n", "baseline", "difference", "diff_low", "diff_high", "mcnemar_p",
+              "stage", "seed"]  # fmt: skip
+METHOD_CSV_FIELDS = ["method", "benchmark", "baseline", "seeds", "scores", "differences",
+                     "mean_difference", "across_low", "across_high", "pooled_n",
+                     "pooled_difference", "pooled_low", "pooled_high", "mcnemar_p",
+                     "discordance", "mde", "verdict"]  # fmt: skip
 
 
 def to_csv_rows(rows, baseline: str | None) -> list[dict[str, Any]]:
@@ -280,32 +481,61 @@ def to_csv_rows(rows, baseline: str | None) -> list[dict[str, Any]]:
                     "difference": comparison.get("difference"), "diff_low": diff_low,
                     "diff_high": diff_high,
                     "mcnemar_p": comparison.get("mcnemar", {}).get("p_value"),
+                    "stage": row["stage"], "seed": row["seed"],
                 }
             )  # fmt: skip
+    return out
+
+
+def methods_csv_rows(methods: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One CSV row per (method, benchmark) of :func:`summarize_methods` (proportions)."""
+    out = []
+    for m in methods:
+        across = m["across_interval"] or (None, None)
+        pooled = m["pooled"]
+        out.append({
+            "method": m["method"], "benchmark": m["benchmark"], "baseline": m["baseline"],
+            "seeds": " ".join(str(s["seed"]) for s in m["seeds"]),
+            "scores": " ".join(str(s["score"]) for s in m["seeds"]),
+            "differences": " ".join(str(s["difference"]) for s in m["seeds"]),
+            "mean_difference": m["mean_difference"], "across_low": across[0],
+            "across_high": across[1], "pooled_n": pooled["n"],
+            "pooled_difference": pooled["difference"], "pooled_low": pooled["interval"][0],
+            "pooled_high": pooled["interval"][1],
+            "mcnemar_p": pooled.get("mcnemar", {}).get("p_value"),
+            "discordance": pooled.get("discordance"),
+            "mde": m["mde"].difference if m["mde"] is not None else None,
+            "verdict": m["verdict"],
+        })  # fmt: skip
     return out
 
 
 def write_report(
     paths: Sequence[str | Path], out_dir: str | Path, baseline: str | None = None
 ) -> list[Path]:
-    """Write ``report.md`` and ``report.csv`` for the runs under ``paths``; return their paths."""
+    """Write ``report.md``, ``report.csv`` (per run) and ``report_methods.csv`` (per method, over
+    seeds) for the runs under ``paths``; return their paths."""
     runs = discover_runs(paths)
     base = pick_baseline(runs, baseline)
     benchmarks = benchmarks_of(runs)
     rows = build_rows(runs, base)
+    methods = summarize_methods(group_runs(runs), base, rows, benchmarks)
     base_name = base.name if base else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md_path, csv_path = out / "report.md", out / "report.csv"
+    methods_path = out / "report_methods.csv"
     if not runs:
         md_path.write_text(f"# Results\n\nNo runs found under {', '.join(map(str, paths))}.\n")
     else:
-        md_path.write_text(to_markdown(rows, benchmarks, base_name))
-    with csv_path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(to_csv_rows(rows, base_name))
-    return [md_path, csv_path]
+        md_path.write_text(to_markdown(rows, benchmarks, base_name, methods))
+    for path, fields, table in ((csv_path, CSV_FIELDS, to_csv_rows(rows, base_name)),
+                                (methods_path, METHOD_CSV_FIELDS, methods_csv_rows(methods))):  # fmt: skip
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(table)
+    return [md_path, csv_path, methods_path]
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m experiments.report") -> int:
@@ -313,19 +543,25 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.repor
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("paths", nargs="*", default=["runs"], help="runs or directories of runs")
-    parser.add_argument("--baseline", help="run name to compare against (default: the SFT run "
-                        "with the most optimizer steps)")  # fmt: skip
+    parser.add_argument("--baseline", help="stage (all its seeds' runs) or run to compare against "
+                        "(default: the SFT stage with the most optimizer steps)")  # fmt: skip
     parser.add_argument("--out", help="where to write report.md/.csv (default: the first path)")
     args = parser.parse_args(argv)
     out = args.out or args.paths[0]
+    for path in args.paths:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path}: no such run or directory of runs; give the "
+                                    "run directories to report (default: runs)")  # fmt: skip
     if not discover_runs(args.paths):
         print(f"no runs found under {', '.join(args.paths)}", file=sys.stderr)
         return 1
-    md_path, csv_path = write_report(args.paths, out, args.baseline)
+    md_path, *tables = write_report(args.paths, out, args.baseline)
     print(md_path.read_text())
-    print(f"written: {md_path}, {csv_path}")
+    print(f"written: {md_path}, {', '.join(map(str, tables))}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from experiments.cli import run_command
+
+    sys.exit(run_command(main))

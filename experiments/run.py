@@ -10,7 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from experiments.config import ConfigError, add_config_arguments, is_pipeline_preset, resolve_config
+from experiments.config import (
+    ConfigError,
+    add_config_arguments,
+    flag_overrides,
+    is_pipeline_preset,
+    load_pipeline,
+    resolve_config,
+)
 from experiments.training import execute
 
 
@@ -35,12 +42,41 @@ def build_parser(prog: str = "python -m experiments.run") -> argparse.ArgumentPa
     return parser
 
 
+def check_pipeline(args: argparse.Namespace) -> None:
+    """A pipeline recipe's benchmark names, checked before any stage trains (the stages'
+    configurations are checked when the recipe is loaded).
+
+    Raises:
+        ConfigError: naming the recipe key or flag and the unknown benchmark.
+    """
+    from gsil.evaluation.runner import parse_benchmarks
+
+    pipeline = load_pipeline(args.preset, flag_overrides(args))
+    where, names = "--eval-benchmarks", args.eval_benchmarks  # the flag replaces the recipe's
+    if names is None and pipeline.evaluate is not None:
+        where, names = f"{args.preset}: evaluate.benchmarks", pipeline.evaluate.benchmarks
+    if names is not None:
+        try:
+            parse_benchmarks(names)
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from None
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m experiments.run") -> dict:
+    """Train (or plan, ``--dry-run``) a run or a pipeline recipe; returns its summary.
+
+    Raises:
+        SystemExit: a bad configuration, with the message (argparse's own errors exit with
+            status 2). In-process callers see the exception; ``python -m experiments.run`` and
+            ``gsil train`` turn every user error into ``error: ...`` and status 2
+            (:func:`experiments.cli.run_command`).
+    """
     args = build_parser(prog).parse_args(argv)
     try:
         if args.preset and is_pipeline_preset(args.preset):  # several stages
             from experiments.pipeline import main_pipeline
 
+            check_pipeline(args)
             return main_pipeline(args)
         config = resolve_config(args, args.preset)
     except ConfigError as err:
@@ -54,4 +90,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.run")
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    from experiments.cli import run_command
+
+    sys.exit(run_command(main))

@@ -29,7 +29,8 @@ from experiments.config import (
     resolve_config,
 )
 from experiments.training import ensure_run, run_status
-from gsil.io import write_json
+from gsil.faults import kill_point
+from gsil.io import read_json, write_json
 
 logger = logging.getLogger("experiments.sweep")
 
@@ -75,6 +76,81 @@ def combo_name(combo: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "-", "_".join(parts))
 
 
+# swept fields that name the method itself: settings are chosen within each method
+METHOD_FIELDS = ("method", "loss", "objective.method", "objective.loss")
+SEED_FIELDS = ("seed",)
+
+
+def validation_score(config: RunConfig, limit: int, tasks: str | None) -> dict[str, Any]:
+    """Reasoning accuracy of a run's final model on the validation split (cached beside it).
+
+    Validation items come from their own item seeds (``gsil.reasoning_tasks.split_seed``):
+    choosing on them never looks at a test item.
+    """
+    from gsil.evaluation.runner import EvalOptions, evaluate_model
+    from gsil.layout import RunLayout
+
+    layout = RunLayout(config.run_dir())
+    last = config.rounds - 1
+    names = tasks.split(",") if tasks else None
+    if names is None:
+        source = config.data.source
+        names = source.removeprefix("rg:").split(",") if source.startswith("rg:") else None
+    options = EvalOptions(tasks=tuple(names) if names else None, split="validation",
+                          backend=config.generation.backend)  # fmt: skip
+    out_dir = layout.eval_dir(last, split="validation")
+    request = {"limit": limit, "tasks": list(options.tasks or ()), "seed": 0}
+    request_path = out_dir / "request.json"
+    result_path = out_dir / "reasoning.json"
+    if not (result_path.exists() and request_path.exists()
+            and read_json(request_path) == request):  # fmt: skip
+        evaluate_model(str(layout.model(last)), ["reasoning"], out_dir, limit, 0,
+                       options=options)  # fmt: skip
+        write_json(request_path, request)
+    result = read_json(result_path)
+    return {"score": result["score"], "n": result["n"], "interval": result.get("interval")}
+
+
+def select_settings(
+    configs: list[RunConfig], done: list[dict], sweep: dict[str, list[Any]]
+) -> dict[str, Any]:
+    """Per method, the swept setting with the best mean validation score over seeds.
+
+    A *method* is the swept method fields' values (``method``, ``loss``); a *setting* is the
+    other swept fields' values except ``seed``, whose runs are averaged. Ties go to the
+    setting listed first in the sweep (its order is the command line's).
+    """
+    tuned = [key for key in sweep if key not in METHOD_FIELDS + SEED_FIELDS]
+    methods = [key for key in sweep if key in METHOD_FIELDS]
+    table: dict[str, dict[str, list[float]]] = {}
+    settings_of: dict[str, dict[str, Any]] = {}
+    for values, entry in zip(itertools.product(*sweep.values()), done, strict=False):
+        combo = dict(zip(sweep, values, strict=True))
+        method = combo_name({k: combo[k] for k in methods}) or "all"
+        setting = combo_name({k: combo[k] for k in tuned}) or "base"
+        settings_of[setting] = {k: combo[k] for k in tuned}
+        table.setdefault(method, {}).setdefault(setting, []).append(entry["validation"]["score"])
+    chosen = {}
+    for method, scores in table.items():
+        means = {setting: sum(v) / len(v) for setting, v in scores.items()}
+        best = max(means, key=means.get)  # max keeps the first of equal values
+        chosen[method] = {"setting": settings_of[best], "validation_mean": means[best],
+                          "per_setting": means, "seeds": len(scores[best])}  # fmt: skip
+    return {"split": "validation", "tuned": tuned, "methods": chosen,
+            "runs": len(configs)}  # fmt: skip
+
+
+def format_selection(selection: dict[str, Any]) -> str:
+    """A short table: per method, each setting's mean validation score, the chosen one marked."""
+    lines = [f"settings chosen on the validation split (tuned: {', '.join(selection['tuned'])})"]
+    for method, choice in selection["methods"].items():
+        for setting, mean in choice["per_setting"].items():
+            mark = " <- chosen" if mean == choice["validation_mean"] and setting == combo_name(
+                choice["setting"]) else ""  # fmt: skip
+            lines.append(f"  {method:<24} {setting:<32} {mean:6.3f}{mark}")
+    return "\n".join(lines)
+
+
 def build_parser(prog: str = "python -m experiments.sweep") -> argparse.ArgumentParser:
     """The command line: ``--sweep``, ``--preset``, sweep controls and every run flag."""
     parser = argparse.ArgumentParser(
@@ -88,6 +164,15 @@ def build_parser(prog: str = "python -m experiments.sweep") -> argparse.Argument
     parser.add_argument("--preset", "--config", dest="preset",
                         help="a single-run recipe: a preset name (quick, ...) or a JSON/YAML file")  # fmt: skip
     parser.add_argument("--max-runs", type=int, help="stop after training this many runs")
+    select = parser.add_argument_group("choosing settings fairly (on validation items, never test)")
+    select.add_argument("--select-on", choices=("none", "validation"), default="none",
+                        help="evaluate each run's final model on the validation split of the "
+                        "reasoning tasks and pick, per method, the setting with the best mean "
+                        "score over seeds (writes selection.json)")  # fmt: skip
+    select.add_argument("--select-limit", type=int, default=100,
+                        help="validation items per reasoning task")  # fmt: skip
+    select.add_argument("--select-tasks", help="reasoning tasks to select on (default: those "
+                        "of an rg: training source)")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     add_config_arguments(parser)
     return parser
@@ -128,12 +213,20 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.sweep
             break
         logger.info("sweep run %d/%d: %s", index, len(configs), config.run_dir())
         what, summary = ensure_run(config)
+        kill_point("sweep")  # test hook (gsil.faults): a run finished, sweep.json not written
         trained += what != "skipped"
         done.append({"run_dir": str(config.run_dir()), "status": what,
                      "wall_seconds": summary.get("wall_seconds")})  # fmt: skip
+        if args.select_on == "validation":
+            done[-1]["validation"] = validation_score(config, args.select_limit, args.select_tasks)
     if configs:
-        write_json(configs[0].run_dir().parent / "sweep.json",
+        root = configs[0].run_dir().parent
+        write_json(root / "sweep.json",
                    {"argv": argv if argv is not None else sys.argv[1:], "runs": done})  # fmt: skip
+        if args.select_on == "validation" and len(done) == len(configs):
+            selection = select_settings(configs, done, parse_sweep(args.sweep))
+            write_json(root / "selection.json", selection)
+            print(format_selection(selection))
     print(f"sweep: {sum(d['status'] != 'skipped' for d in done)} trained, "
           f"{sum(d['status'] == 'skipped' for d in done)} skipped, "
           f"{len(configs) - len(done)} left")  # fmt: skip
@@ -141,5 +234,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.sweep
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    from experiments.cli import run_command
+
+    sys.exit(run_command(main))

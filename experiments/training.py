@@ -52,6 +52,11 @@ def make_accelerator(config: RunConfig) -> Accelerator:
                             report_to=config.logging.report_to, project_dir=config.run_dir())  # fmt: skip
 
 
+# leaves a resumed run may change: how to react to a non-finite step (a run stopped by a NaN
+# can continue with --on-nonfinite skip), and the resume flag itself
+RESUMABLE_CHANGES = (("resume",), ("optim", "on_nonfinite"))
+
+
 def config_changes(saved: RunConfig, config: RunConfig) -> dict[str, tuple]:
     """``{"optim.learning_rate": (saved, now), ...}``: the leaves that differ (resume aside)."""
 
@@ -64,7 +69,8 @@ def config_changes(saved: RunConfig, config: RunConfig) -> dict[str, tuple]:
     return {
         ".".join(leaf.path): (value(before, leaf.path), value(after, leaf.path))
         for leaf in leaves()
-        if leaf.path != ("resume",) and value(before, leaf.path) != value(after, leaf.path)
+        if leaf.path not in RESUMABLE_CHANGES
+        and value(before, leaf.path) != value(after, leaf.path)
     }
 
 
@@ -119,7 +125,9 @@ def execute(config: RunConfig) -> dict:
     logger.info("%d demonstrations from %s (skipped: %s)", len(demos), data.source,
                 dict(demos.skipped) or "none")  # fmt: skip
     estimator = get_estimator(goal.loss, **goal.estimator_params())
-    objective = make_objective(goal.method, estimator, beta=goal.beta, shift=goal.shift)
+    objective = make_objective(goal.method, estimator, beta=goal.beta, shift=goal.shift,
+                               dft_tau=goal.dft_tau, dft_gamma=goal.dft_gamma,
+                               dft_variant=goal.dft_variant, dft_u_init=goal.dft_u_init)  # fmt: skip
     # last before training: run_rounds closes the trackers, even when it fails
     start_trackers(accelerator, "gsil", config.to_dict(), resume=config.resume)
     summary = run_rounds(

@@ -1,8 +1,11 @@
 """Tokenized training examples and their batches.
 
-An example is one prompt with its demonstration and, for GSIL and SPIN, the policy's own
-generated response. A batch puts the demonstrations first and the generations after them, so
-that one forward pass scores both (rows ``[:n]`` are demos, ``[n:]`` generations).
+An example is one prompt with its demonstration and, for GSIL, SPIN and DFT, the policy's own k
+generated responses (``--num-samples``, default 1). A batch of n examples puts the n
+demonstrations first and then k blocks of n generations, block j holding every example's
+sample j, so that one forward pass scores all of them: rows ``[:n]`` are demos, row
+``n + j * n + i`` is sample j of example i. Memory: a batch of n prompts forwards
+``n * (1 + k)`` rows (``n`` without generations, SFT).
 """
 
 from __future__ import annotations
@@ -19,12 +22,17 @@ from gsil.logprobs import IGNORE_INDEX
 
 @dataclass(frozen=True)
 class Example:
-    """Token ids of one training item; ``index`` is its position in the round's data."""
+    """Token ids of one training item; ``index`` is its position in the round's data.
+
+    ``gen_ids`` holds the k generated responses; ``gen_mask`` says which of them count (None:
+    all; ``--drop-ties`` leaves out those equal to the demonstration).
+    """
 
     index: int
     prompt_ids: tuple[int, ...]
     demo_ids: tuple[int, ...]
-    gen_ids: tuple[int, ...] | None = None
+    gen_ids: tuple[tuple[int, ...], ...] | None = None
+    gen_mask: tuple[bool, ...] | None = None
 
 
 def build_examples(
@@ -35,13 +43,23 @@ def build_examples(
     *,
     max_prompt_length: int | None,
     max_length: int,
+    num_samples: int = 1,
+    gen_mask: Sequence[bool] | None = None,
 ) -> list[Example]:
     """Tokenize prompts (by the one prompt function shared with generation) and responses.
 
-    Responses are cut to ``max_length - len(prompt)`` tokens (see ``encode_response``).
+    ``gen_responses`` (and ``gen_mask``, if given) hold ``num_samples`` responses per prompt,
+    prompt-major: response j to prompt i is at ``i * num_samples + j``, as
+    :func:`gsil.generation.generate_set` returns them. Responses are cut to
+    ``max_length - len(prompt)`` tokens (see ``encode_response``).
     """
-    if gen_responses is not None and len(gen_responses) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(gen_responses)} generated responses")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if gen_responses is not None and len(gen_responses) != len(prompts) * num_samples:
+        raise ValueError(f"{len(prompts)} prompts x {num_samples} samples but "
+                         f"{len(gen_responses)} generated responses")  # fmt: skip
+    if gen_mask is not None and (gen_responses is None or len(gen_mask) != len(gen_responses)):
+        raise ValueError("gen_mask needs one entry per generated response")
     examples = []
     for index, (prompt, demo) in enumerate(zip(prompts, demo_responses, strict=True)):
         prompt_ids = encode_prompt(tokenizer, prompt, max_prompt_length)
@@ -51,15 +69,20 @@ def build_examples(
                 f"prompt {index} has {len(prompt_ids)} tokens, leaving no room for a response "
                 f"within max_length={max_length}; raise max_length or lower max_prompt_length"
             )
-        gen_ids = None
+        gen_ids = mask = None
         if gen_responses is not None:
-            gen_ids = tuple(encode_response(tokenizer, gen_responses[index], room))
+            mine = slice(index * num_samples, (index + 1) * num_samples)
+            gen_ids = tuple(
+                tuple(encode_response(tokenizer, text, room)) for text in gen_responses[mine]
+            )
+            mask = None if gen_mask is None else tuple(bool(keep) for keep in gen_mask[mine])
         examples.append(
             Example(
                 index=index,
                 prompt_ids=tuple(prompt_ids),
                 demo_ids=tuple(encode_response(tokenizer, demo, room)),
                 gen_ids=gen_ids,
+                gen_mask=mask,
             )
         )
     return examples
@@ -68,14 +91,30 @@ def build_examples(
 def collate(examples: Sequence[Example], pad_token_id: int, with_generations: bool) -> dict:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` for a list of examples.
 
-    With generations the batch has ``2 n`` rows: the n demonstrations, then the n generations.
-    ``index`` holds the examples' indices and ``demo_token_counts`` the demo response lengths.
+    With generations the batch has ``(1 + k) n`` rows: the n demonstrations, then k blocks of
+    the n examples' sample j (the module's layout), plus ``gen_mask`` (bool) and
+    ``gen_token_counts``, each ``(n, k)``. ``index`` holds the examples' indices and
+    ``demo_token_counts`` the demo response lengths.
     """
     sequences = [build_sequence(ex.prompt_ids, ex.demo_ids) for ex in examples]
+    extra = {}
     if with_generations:
         if any(ex.gen_ids is None for ex in examples):
             raise ValueError("this objective needs generated responses, and an example has none")
-        sequences += [build_sequence(ex.prompt_ids, ex.gen_ids) for ex in examples]
+        sizes = {len(ex.gen_ids) for ex in examples}
+        if len(sizes) != 1:
+            raise ValueError(f"examples of one batch have different sample counts: {sizes}")
+        num_samples = sizes.pop()
+        for sample in range(num_samples):
+            sequences += [build_sequence(ex.prompt_ids, ex.gen_ids[sample]) for ex in examples]
+        extra = {
+            "gen_mask": torch.tensor(
+                [ex.gen_mask or (True,) * num_samples for ex in examples], dtype=torch.bool
+            ),
+            "gen_token_counts": torch.tensor(
+                [[len(ids) for ids in ex.gen_ids] for ex in examples], dtype=torch.long
+            ),
+        }
     width = max(len(ids) for ids, _ in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
@@ -90,11 +129,12 @@ def collate(examples: Sequence[Example], pad_token_id: int, with_generations: bo
         "labels": labels,
         "index": torch.tensor([ex.index for ex in examples], dtype=torch.long),
         "demo_token_counts": torch.tensor([len(ex.demo_ids) for ex in examples]),
+        **extra,
     }
 
 
 def split_demo_gen(values: Tensor, num_examples: int) -> tuple[Tensor, Tensor | None]:
-    """Undo the batch layout: ``(demo part, generated part or None)``."""
+    """Undo the batch layout: ``(demo part (n,), generated part (n, k) or None)``."""
     if values.shape[0] == num_examples:
         return values, None
-    return values[:num_examples], values[num_examples:]
+    return values[:num_examples], values[num_examples:].reshape(-1, num_examples).T

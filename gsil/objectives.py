@@ -1,8 +1,16 @@
-"""GSIL, SPIN, DPO and SFT objectives as pure functions of per-sequence log-probs.
+"""GSIL, SPIN, DPO, SFT and DFT objectives as pure functions of per-sequence log-probs.
 
 Every function takes summed response log-probabilities (one number per sequence) and returns
 per-example losses plus a dict of per-example, detached statistics; the caller averages.
 None of them sees a model. Theory page, sections 3 and 4.
+
+Shapes. ``B`` examples (prompts), each with one demonstration and ``k`` generated responses
+(``--num-samples``; k = 1 is the paper's setting): demonstration log-probs are ``(B,)``,
+generated ones ``(B, k)`` (a ``(B,)`` tensor is read as k = 1). An optional boolean
+``gen_mask`` ``(B, k)`` leaves responses out (``--drop-ties`` with k > 1); a mean "over k" is
+over the responses left in. Every statistic is ``(B,)``: a quantity of the generated side is
+its mean over k, and ``rewards/accuracies`` is the fraction of the example's k pairs that the
+demonstration wins. With k = 1 every loss and statistic is exactly the one-sample formula.
 
 Statistics are named as TRL's ``DPOTrainer`` names them where the quantity is the same, with
 the demonstration as the *chosen* response and the policy's own sample as the *rejected* one
@@ -15,15 +23,38 @@ another quantity) and the two loss parts are ``loss/chosen|rejected``. The full 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from gsil.estimators import DensityRatioEstimator
 
 Stats = dict[str, Tensor]
+DFT_VARIANTS = ("dft", "dft2")
+
+
+def per_sample(values: Tensor, like: Tensor) -> Tensor:
+    """Generated-side values as ``(*like.shape, k)``: values shaped like the demonstration side
+    are one sample per example (k = 1), so the losses stay elementwise over any shape (the toy
+    testbed evaluates them on ``[n_prompts, N, N]`` grids); ``(B, k)`` or a flat ``(B * k,)``
+    holds k samples per example."""
+    if values.shape == like.shape:
+        return values.unsqueeze(-1)
+    return values.reshape(*like.shape, -1)
+
+
+def sample_mean(values: Tensor, gen_mask: Tensor | None = None) -> Tensor:
+    """Mean over the k samples (last dimension) of ``(B, k)`` values, counting only the
+    responses ``gen_mask`` keeps (every one when None). Returns ``(B,)``."""
+    if gen_mask is None:
+        return values.mean(dim=-1)
+    kept = gen_mask.to(torch.bool)
+    total = torch.where(kept, values, torch.zeros_like(values)).sum(dim=-1)
+    return total / kept.sum(dim=-1).clamp(min=1).to(values.dtype)
 
 
 def gsil_loss(
@@ -34,33 +65,44 @@ def gsil_loss(
     estimator: DensityRatioEstimator,
     beta: float,
     shift: float = 0.0,
+    gen_mask: Tensor | None = None,
 ) -> tuple[Tensor, Stats]:
     """The GSIL loss: classify demonstrations against own samples with a policy-built logit.
 
         Delta(x, y) = log pi_theta(y|x) - log pi_ref(y|x)
         f(x, y)     = beta * Delta(x, y) + shift
-        loss_i      = demo_loss(f(x_i, y_demo_i)) + gen_loss(f(x_i, y_gen_i))
+        loss_i      = demo_loss(f(x_i, y_demo_i)) + (1/k) sum_j gen_loss(f(x_i, y_gen_ij))
 
-    With a calibrated estimator the population optimum is
-    ``beta * log(pi_theta/pi_ref) + shift = log(pi_data/pi_ref)``. At ``theta = ref``, ``f = shift``.
+    The generated side of ``E_P[l_demo] + E_Q[l_gen]`` is estimated from the prompt's k own
+    samples (k = 1: the paper's one-sample loss). With a calibrated estimator the population
+    optimum is ``beta * log(pi_theta/pi_ref) + shift = log(pi_data/pi_ref)``. At
+    ``theta = ref``, ``f = shift``.
 
-    Returns per-example losses and stats: ``rewards/chosen`` (demonstrations) and
-    ``rewards/rejected`` (own samples), each ``beta * Delta``; ``rewards/margins`` (their
-    difference), ``rewards/accuracies`` (1 where the demonstration's reward is higher), the
-    classifier logits ``classifier_logits/chosen|rejected`` (``f``) and the two loss parts
-    ``loss/chosen``, ``loss/rejected``.
+    Args:
+        policy_demo_logps, ref_demo_logps: ``(B,)`` summed log-probs of the demonstrations.
+        policy_gen_logps, ref_gen_logps: ``(B, k)`` (or ``(B,)`` for k = 1), own samples.
+        gen_mask: optional ``(B, k)`` bool, the samples that count (default: all).
+
+    Returns per-example losses ``(B,)`` and stats: ``rewards/chosen`` (demonstrations) and
+    ``rewards/rejected`` (own samples, mean over k), each ``beta * Delta``; ``rewards/margins``
+    (their difference), ``rewards/accuracies`` (the fraction of the k pairs whose
+    demonstration reward is higher), the classifier logits ``classifier_logits/chosen|rejected``
+    (``f``, the rejected one a mean over k) and the two loss parts ``loss/chosen``,
+    ``loss/rejected`` (they sum to the loss).
     """
+    policy_gen_logps = per_sample(policy_gen_logps, policy_demo_logps)
+    ref_gen_logps = per_sample(ref_gen_logps, policy_demo_logps)
     demo_rewards = beta * (policy_demo_logps - ref_demo_logps)
-    gen_rewards = beta * (policy_gen_logps - ref_gen_logps)
+    gen_rewards = beta * (policy_gen_logps - ref_gen_logps)  # (B, k)
     demo_logits = demo_rewards + shift
     gen_logits = gen_rewards + shift
     demo_losses = estimator.demo_loss(demo_logits)
-    gen_losses = estimator.gen_loss(gen_logits)
-    stats = _reward_stats(demo_rewards, gen_rewards)
+    gen_losses = sample_mean(estimator.gen_loss(gen_logits), gen_mask)
+    stats = _reward_stats(demo_rewards, gen_rewards, gen_mask)
     stats.update(
         {
             "classifier_logits/chosen": demo_logits.detach(),
-            "classifier_logits/rejected": gen_logits.detach(),
+            "classifier_logits/rejected": sample_mean(gen_logits.detach(), gen_mask),
             "loss/chosen": demo_losses.detach(),
             "loss/rejected": gen_losses.detach(),
         }
@@ -96,14 +138,139 @@ def spin_loss(
     ref_demo_logps: Tensor,
     ref_gen_logps: Tensor,
     beta: float,
+    gen_mask: Tensor | None = None,
 ) -> tuple[Tensor, Stats]:
-    """SPIN (Chen et al., 2024): DPO with the demonstration as chosen, own sample as rejected.
+    """SPIN (Chen et al., 2024): DPO with the demonstration as chosen, own samples as rejected.
 
-        loss = softplus(-beta * [Delta(y_demo) - Delta(y_gen)])
+        loss_i = (1/k) sum_j softplus(-beta * [Delta(y_demo_i) - Delta(y_gen_ij)])
 
-    Only the difference is constrained, so the demonstrations' likelihood may fall.
+    The demonstration is paired with each of its k own samples (k = 1: SPIN's one pair).
+    Shapes as :func:`gsil_loss`. Only the difference is constrained, so the demonstrations'
+    likelihood may fall.
     """
-    return dpo_loss(policy_demo_logps, policy_gen_logps, ref_demo_logps, ref_gen_logps, beta)
+    policy_gen_logps = per_sample(policy_gen_logps, policy_demo_logps)
+    ref_gen_logps = per_sample(ref_gen_logps, policy_demo_logps)
+    pair_losses, _ = dpo_loss(
+        policy_demo_logps[..., None].expand_as(policy_gen_logps), policy_gen_logps,
+        ref_demo_logps[..., None].expand_as(ref_gen_logps), ref_gen_logps, beta,
+    )  # fmt: skip
+    stats = _reward_stats(
+        beta * (policy_demo_logps - ref_demo_logps),
+        beta * (policy_gen_logps - ref_gen_logps),
+        gen_mask,
+    )
+    return sample_mean(pair_losses, gen_mask), stats
+
+
+def dft_loss(
+    policy_demo_logps: Tensor,
+    policy_gen_logps: Tensor,
+    ref_gen_logps: Tensor | None,
+    log_normalizer: Tensor,
+    *,
+    tau: float,
+    gamma: float,
+    variant: str = "dft",
+    demo_token_counts: Tensor | None = None,
+    gen_token_counts: Tensor | None = None,
+    gen_mask: Tensor | None = None,
+) -> tuple[Tensor, Stats]:
+    """Discriminative fine-tuning (Guo et al., ICML 2025, arXiv 2502.18679): DFT (the paper's
+    section 4) and DFT2 (section 5), as the authors' code (PenGuln/DFT, ``DFTTrainer.dft_loss``
+    and ``dft_loss_ref_free``) computes them.
+
+    The model scores an answer with ``s_theta(y, x)`` and discriminates it among ALL outputs
+    ``Y`` with temperature ``tau``; DFT maximises this discriminative likelihood of the
+    demonstrations (``tau`` times its negative log is minimised)::
+
+        P_d(y|x)  = exp(s_theta(y,x)/tau) / sum_{y' in Y} exp(s_theta(y',x)/tau)
+        F(theta)  = (1/n) sum_i [ -s_theta(y_i,x_i) + tau * log g_i(theta) ]
+        g_i       = sum_{y'} exp(s_theta(y',x_i)/tau)
+                  = E_{y' ~ pi_ref(.|x_i)}[ exp(s_theta(y',x_i)/tau) / pi_ref(y'|x_i) ]
+
+    The sum over outputs is estimated from the prompt's k samples ``y'_ij ~ pi_ref`` (here the
+    round's policy, which is also the reference). ``log`` of a mini-batch estimate is biased,
+    so the paper's optimiser (finite-sum coupled compositional optimisation) keeps one moving
+    average ``u_i`` of ``g_i`` per prompt, updated whenever the prompt is in a batch, and steps
+    along a gradient in which ``u_i`` replaces ``g_i``::
+
+        d_ij      = s_ij / tau - log pi_ref(y'_ij|x_i)      (DFT)
+        log u_i  <- logaddexp(log(1 - gamma) + log u_i,  log gamma + logmeanexp_j d_ij)
+        w_ij      = exp(d_ij - log u_i)                     (detached; w_ij <= k / gamma)
+        grad_i    = -grad s_theta(y_i,x_i) + (1/k) sum_j w_ij grad s_theta(y'_ij,x_i)
+
+    ``gamma = 1`` keeps no memory (``log u_i = logmeanexp_j d_ij``), and then ``grad_i`` is
+    exactly ``tau * grad[-s(y_i)/tau + log ghat_i]`` for the mini-batch estimate ghat_i. The
+    code's ``tau = 1, gamma = 0.85`` (DFT) and ``tau = 0.3, gamma = 0.9`` (DFT2) are its
+    Mistral-7B recipes; its ``u_init`` (the initial ``log u_i``) is 0.
+
+    * DFT: ``s = log pi_theta(y|x)`` (summed log-probs, as given).
+    * DFT2: ``s = log pi_theta(y|x) / |y|`` (length-normalised with the token counts) and the
+      importance weight drops ``pi_ref``: ``d_ij = s_ij / tau``; no reference is needed.
+
+    The loss VALUE is ``-s(y_i) + tau * log u_i``, tau times the estimated negative log
+    discriminative likelihood; its GRADIENT is the code's surrogate
+    ``-s(y_i) + (1/k) sum_j w_ij s_ij`` (w detached), i.e. ``grad_i`` above. Every step in log
+    space (logsumexp, logaddexp), so no exponential overflows.
+
+    Args:
+        policy_demo_logps: ``(B,)`` log pi_theta of the demonstrations (summed, or averaged).
+        policy_gen_logps: ``(B, k)`` log pi_theta of the k samples.
+        ref_gen_logps: ``(B, k)`` log pi_ref of the samples (DFT); None for DFT2.
+        log_normalizer: ``(B,)`` each prompt's ``log u_i`` before this step (the state).
+        tau: temperature > 0. gamma: moving-average weight of the new estimate, in (0, 1].
+        variant: ``"dft"`` or ``"dft2"``.
+        demo_token_counts, gen_token_counts: ``(B,)``, ``(B, k)`` response lengths (DFT2).
+        gen_mask: optional ``(B, k)`` bool, the samples that count (default: all).
+
+    Returns:
+        Per-example losses ``(B,)`` and stats: ``dft/log_normalizer`` (the updated ``log u_i``,
+        the caller's new state), ``dft/weights`` (mean ``w_ij`` over k), the loss parts
+        ``loss/chosen`` (``-s(y_i)``) and ``loss/rejected`` (``tau log u_i``), and TRL's
+        ``rewards/*`` with the discriminative logit ``s / tau`` as the reward: a margin
+        ``> 0`` means the demonstration outscores the sample (``rewards/accuracies``: the
+        fraction of the k samples it outscores).
+    """
+    if variant not in DFT_VARIANTS:
+        raise ValueError(f"unknown DFT variant {variant!r}; choose one of {DFT_VARIANTS}")
+    if tau <= 0 or not 0 < gamma <= 1:
+        raise ValueError(f"DFT needs tau > 0 and 0 < gamma <= 1, got tau={tau}, gamma={gamma}")
+    gen_logps = per_sample(policy_gen_logps, policy_demo_logps)
+    kept = torch.ones_like(gen_logps, dtype=torch.bool) if gen_mask is None else gen_mask.bool()
+    if variant == "dft":
+        if ref_gen_logps is None:
+            raise ValueError("DFT's importance weights need the samples' reference log-probs")
+        demo_scores, gen_scores = policy_demo_logps, gen_logps
+        log_ratios = gen_scores / tau - per_sample(ref_gen_logps, policy_demo_logps)
+    else:
+        if demo_token_counts is None or gen_token_counts is None:
+            raise ValueError("DFT2 length-normalises: it needs the demo and sample token counts")
+        demo_scores = policy_demo_logps / demo_token_counts.clamp(min=1)
+        gen_scores = gen_logps / per_sample(gen_token_counts, policy_demo_logps).clamp(min=1)
+        log_ratios = gen_scores / tau
+    with torch.no_grad():
+        ratios = log_ratios.detach().masked_fill(~kept, float("-inf"))
+        counts = kept.sum(dim=-1).clamp(min=1).to(ratios.dtype)
+        log_mean = torch.logsumexp(ratios, dim=-1) - torch.log(counts)  # log ghat_i
+        if gamma < 1:
+            previous = log_normalizer.to(ratios.dtype)
+            log_u = torch.logaddexp(math.log1p(-gamma) + previous, math.log(gamma) + log_mean)
+        else:
+            log_u = log_mean
+        weights = torch.exp(ratios - log_u[:, None])  # 0 where left out
+    weighted = sample_mean(weights * gen_scores, kept)
+    surrogate = -demo_scores + weighted  # the gradient of the code's loss
+    losses = surrogate - weighted.detach() + tau * log_u  # its value: -s(y_i) + tau log u_i
+    stats = _reward_stats(demo_scores / tau, gen_scores / tau, kept)
+    stats.update(
+        {
+            "dft/log_normalizer": log_u.detach(),
+            "dft/weights": sample_mean(weights, kept),
+            "loss/chosen": -demo_scores.detach(),
+            "loss/rejected": tau * log_u.detach(),
+        }
+    )
+    return losses, stats
 
 
 def sft_loss(policy_demo_logps: Tensor, demo_token_counts: Tensor) -> tuple[Tensor, Stats]:
@@ -112,14 +279,21 @@ def sft_loss(policy_demo_logps: Tensor, demo_token_counts: Tensor) -> tuple[Tens
     return -token_mean_logps, {"logps/chosen_per_token": token_mean_logps.detach()}
 
 
-def _reward_stats(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Stats:
-    """TRL's reward statistics (``DPOTrainer``): the chosen side is the demonstration."""
-    margins = chosen_rewards - rejected_rewards
+def _reward_stats(
+    chosen_rewards: Tensor, rejected_rewards: Tensor, gen_mask: Tensor | None = None
+) -> Stats:
+    """TRL's reward statistics (``DPOTrainer``): the chosen side is the demonstration.
+
+    ``chosen_rewards`` is ``(B,)``, ``rejected_rewards`` ``(B, k)`` or ``(B,)``; the pairs are
+    (demonstration, sample j) and every statistic is its mean over the k pairs.
+    """
+    rejected = per_sample(rejected_rewards, chosen_rewards)
+    margins = chosen_rewards[..., None] - rejected
     return {
         "rewards/chosen": chosen_rewards.detach(),
-        "rewards/rejected": rejected_rewards.detach(),
-        "rewards/margins": margins.detach(),
-        "rewards/accuracies": (margins > 0).float().detach(),
+        "rewards/rejected": sample_mean(rejected.detach(), gen_mask),
+        "rewards/margins": sample_mean(margins.detach(), gen_mask),
+        "rewards/accuracies": sample_mean((margins > 0).float().detach(), gen_mask),
     }
 
 
@@ -128,14 +302,30 @@ class Objective:
     """A loss with the trainer's one calling convention.
 
     ``fn(policy_demo_logps, policy_gen_logps, ref_demo_logps, ref_gen_logps, demo_token_counts)``
-    returns ``(per-example losses, stats)``. The flags tell the trainer what to prepare, so it
-    never branches on a loss name.
+    returns ``(per-example losses, stats)``; the generated and reference-generated log-probs
+    are ``(B, k)`` for k samples per prompt. Keyword arguments carry only what those five do
+    not: ``gen_mask`` when some response is left out, and, for a stateful objective, ``state``
+    (its per-example state before the step, ``(B,)``) and ``gen_token_counts`` ``(B, k)``.
+
+    The flags tell the trainer what to prepare, so it never branches on a loss name. A
+    stateful objective (``state_key`` set; DFT's moving average) has one number per example,
+    ``state_init`` at the start of each round; its ``fn`` returns each example's new value as
+    the statistic ``state_key``, and the trainer keeps it across steps, epochs and processes
+    and in its checkpoints (:func:`gsil.optimization.train_round`).
     """
 
     name: str
     fn: Callable[..., tuple[Tensor, Stats]]
     needs_generations: bool
     needs_reference: bool
+    state_key: str | None = None
+    state_init: float = 0.0
+
+    def initial_state(self, num_examples: int) -> Tensor | None:
+        """The round's starting state, ``(num_examples,)`` float32; None if stateless."""
+        if self.state_key is None:
+            return None
+        return torch.full((num_examples,), float(self.state_init), dtype=torch.float32)
 
     def __call__(
         self,
@@ -144,10 +334,20 @@ class Objective:
         ref_demo_logps: Tensor | None,
         ref_gen_logps: Tensor | None,
         demo_token_counts: Tensor,
+        *,
+        gen_mask: Tensor | None = None,
+        gen_token_counts: Tensor | None = None,
+        state: Tensor | None = None,
     ) -> tuple[Tensor, Stats]:
+        extras: dict[str, Tensor | None] = {}
+        if gen_mask is not None and not bool(gen_mask.all()):
+            extras["gen_mask"] = gen_mask
+        if self.state_key is not None:
+            extras.update(state=state, gen_token_counts=gen_token_counts)
         return self.fn(
-            policy_demo_logps, policy_gen_logps, ref_demo_logps, ref_gen_logps, demo_token_counts
-        )
+            policy_demo_logps, policy_gen_logps, ref_demo_logps, ref_gen_logps, demo_token_counts,
+            **extras,
+        )  # fmt: skip
 
 
 def make_objective(
@@ -155,20 +355,29 @@ def make_objective(
     estimator: DensityRatioEstimator | None = None,
     beta: float = 0.1,
     shift: float = 0.0,
+    *,
+    dft_tau: float = 1.0,
+    dft_gamma: float = 0.85,
+    dft_variant: str = "dft",
+    dft_u_init: float = 0.0,
 ) -> Objective:
-    """Bind a method (``gsil``, ``spin`` or ``sft``) and its hyper-parameters."""
+    """Bind a method (``gsil``, ``spin``, ``sft`` or ``dft``) and its hyper-parameters.
+
+    ``dft_*`` are DFT's (:func:`dft_loss`): temperature, moving-average weight, variant
+    (``dft`` or the reference-free ``dft2``) and the initial ``log u`` of every prompt.
+    """
     if method == "gsil":
         if estimator is None:
             raise ValueError("method 'gsil' needs an estimator (see gsil.estimators)")
 
-        def gsil_fn(pd, pg, rd, rg, _counts):
-            return gsil_loss(pd, pg, rd, rg, estimator, beta, shift)
+        def gsil_fn(pd, pg, rd, rg, _counts, gen_mask=None):
+            return gsil_loss(pd, pg, rd, rg, estimator, beta, shift, gen_mask)
 
         return Objective(f"gsil-{estimator.name}", gsil_fn, True, True)
     if method == "spin":
 
-        def spin_fn(pd, pg, rd, rg, _counts):
-            return spin_loss(pd, pg, rd, rg, beta)
+        def spin_fn(pd, pg, rd, rg, _counts, gen_mask=None):
+            return spin_loss(pd, pg, rd, rg, beta, gen_mask)
 
         return Objective("spin", spin_fn, True, True)
     if method == "sft":
@@ -177,4 +386,19 @@ def make_objective(
             return sft_loss(pd, counts)
 
         return Objective("sft", sft_fn, False, False)
-    raise ValueError(f"unknown method {method!r}; choose one of: gsil, spin, sft")
+    if method == "dft":
+        if dft_variant not in DFT_VARIANTS:
+            raise ValueError(f"--dft-variant must be one of {DFT_VARIANTS}, got {dft_variant!r}")
+        if dft_tau <= 0 or not 0 < dft_gamma <= 1:
+            raise ValueError(f"DFT needs --dft-tau > 0 and 0 < --dft-gamma <= 1, got "
+                             f"{dft_tau} and {dft_gamma}")  # fmt: skip
+
+        def dft_fn(pd, pg, _rd, rg, counts, state, gen_token_counts, gen_mask=None):
+            return dft_loss(
+                pd, pg, rg, state, tau=dft_tau, gamma=dft_gamma, variant=dft_variant,
+                demo_token_counts=counts, gen_token_counts=gen_token_counts, gen_mask=gen_mask,
+            )  # fmt: skip
+
+        return Objective(dft_variant, dft_fn, True, dft_variant == "dft",
+                         state_key="dft/log_normalizer", state_init=dft_u_init)  # fmt: skip
+    raise ValueError(f"unknown method {method!r}; choose one of: gsil, spin, sft, dft")

@@ -8,11 +8,13 @@ A ``metrics.jsonl`` row (one per optimizer step; the same values go to the track
 :mod:`gsil.tracking`) uses TRL's ``DPOTrainer`` names where the quantity is the same, the
 demonstration being the *chosen* response and the policy's own sample the *rejected* one (as in
 SPIN). Per-example statistics are means over the step's examples (on all processes); a reward is
-``beta * (log pi_theta - log pi_ref)`` of a response.
+``beta * (log pi_theta - log pi_ref)`` of a response (DFT: its discriminative logit ``s / tau``).
+With k own samples per prompt (``--num-samples``) a quantity of the rejected side is its mean
+over the prompt's k samples, and an accuracy the fraction of its k pairs the demonstration wins.
 
     key                           TRL name             quantity
     ----------------------------  -------------------  -------------------------------------------
-    loss                          loss                 the objective (GSIL, SPIN or SFT)
+    loss                          loss                 the objective (GSIL, SPIN, SFT or DFT)
     grad_norm                     grad_norm            gradient norm before clipping
     learning_rate                 learning_rate        after this step's scheduler step
     epoch                         epoch                fractional epochs done in this round
@@ -25,10 +27,15 @@ SPIN). Per-example statistics are means over the step's examples (on all process
     logps/rejected                logps/rejected       log pi_theta(own sample), likewise
     classifier_logits/chosen      (none) [1]           GSIL's classifier logit f = reward + shift
     classifier_logits/rejected    (none) [1]           the same for the own samples
-    loss/chosen, loss/rejected    (none)               GSIL's two loss parts (they sum to loss)
+    loss/chosen, loss/rejected    (none)               GSIL's (and DFT's) two loss parts (sum: loss)
+    dft/log_normalizer            (none)               DFT: log u, each prompt's moving average of
+                                                       the discriminative normaliser
+    dft/weights                   (none)               DFT: mean importance weight of the samples
     logps/chosen_per_token        (none)               SFT: token-mean log pi_theta(demo)
     tokens                        (none) [2]           non-padding tokens in the step
     step, round, round_step       (step: global step)  global step, round, step within the round
+    skipped                       (none)               1: a non-finite loss or gradient, update
+                                                       dropped (--on-nonfinite skip); else 0
     step_seconds                  (none)               wall time of the step
 
     [1] TRL's logits/chosen and logits/rejected are mean LM-head logits, another quantity.
@@ -43,9 +50,12 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,11 +68,26 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from gsil.batching import Example, collate, split_demo_gen
+from gsil.faults import kill_point
+from gsil.integrity import (
+    CorruptFileError,
+    NonFiniteError,
+    all_processes,
+    any_process,
+    nonfinite_rows,
+    verify_manifest,
+    write_manifest,
+)
 from gsil.io import read_json, replace_dir, write_json
 from gsil.layout import RunLayout
 from gsil.logprobs import sequence_logps
-from gsil.objectives import Objective
+from gsil.objectives import Objective, sample_mean
 from gsil.tracking import accelerator_tracking_kwargs, log_metrics
+
+logger = logging.getLogger(__name__)
+
+
+OBJECTIVE_STATE_FILE = "objective_state.pt"  # in the checkpoint, beside scheduler_state.pt
 
 
 def _opt(default, help: str, **metadata):
@@ -80,13 +105,17 @@ class OptimSettings:
     weight_decay: float = _opt(0.0, "weight decay")
     warmup_steps: int = _opt(0, "linear warm-up steps (then linear decay to 0 over the round)")
     epochs: int = _opt(1, "epochs over the demonstrations per round")
-    batch_size: int = _opt(8, "prompts per micro-batch and device (GSIL/SPIN forward 2x rows)")
+    batch_size: int = _opt(8, "prompts per micro-batch and device (GSIL/SPIN/DFT forward "
+                           "(1 + k)x rows, k = --num-samples)")  # fmt: skip
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm")
     average_logps: bool = _opt(False, "length-averaged log-probs instead of sums (the default)")
     checkpoint_every: int = _opt(50, "optimizer steps between resumable checkpoints (0: at the "
                                  "end of each round only)")  # fmt: skip
     gradient_checkpointing: bool = _opt(False, "trade compute for activation memory")
+    on_nonfinite: str = _opt("stop", "a NaN or inf loss or gradient norm: stop (raise before the "
+                             "optimizer steps, naming the examples) or skip (drop that step's "
+                             "update, record skipped=1)", choices=("stop", "skip"))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -96,6 +125,7 @@ class RoundData:
     examples: list[Example]
     ref_demo_logps: torch.Tensor | None
     ref_gen_logps: torch.Tensor | None
+    ids: Sequence | None = None  # the demonstrations' ids, by example index (errors name them)
 
 
 def forward_logps(model, batch: dict, average: bool) -> torch.Tensor:
@@ -175,16 +205,18 @@ def reference_logps(
     model, examples: Sequence[Example], pad_id: int, batch_size: int, average: bool,
     accelerator: Accelerator, with_generations: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """Log-probs of every demo (and generated) response under the current model, no grad.
+    """Log-probs of every demo (and generated) response under the current model, no grad:
+    demonstrations ``(N,)``, generated responses ``(N, k)`` (None without generations).
 
     Each process scores its share of every batch; one gather at the end puts the values back
     in example order on every process.
     """
     model.eval()
     count = len(examples)
+    num_samples = len(examples[0].gen_ids) if with_generations and examples else 1
     plan = plan_steps(range(count), batch_size, 1, accelerator.num_processes,
                       accelerator.process_index)  # fmt: skip
-    local: list[tuple[int, float, float]] = []
+    local: list[tuple[int, float, list[float]]] = []
     for step in tqdm(plan, desc="reference log-probs", disable=not accelerator.is_main_process):
         (micro,) = step.micro_batches
         batch = _to_device(_collate(examples, micro, pad_id, with_generations), accelerator.device)
@@ -192,20 +224,22 @@ def reference_logps(
             forward_logps(model, batch, average), len(micro.indices)
         )
         gen_values = (
-            gen_part.float().tolist() if gen_part is not None else [0.0] * len(micro.indices)
+            gen_part.float().tolist() if gen_part is not None else [[0.0]] * len(micro.indices)
         )
         for index, weight, demo_value, gen_value in zip(
             micro.indices, micro.weights, demo_part.float().tolist(), gen_values, strict=True
         ):
             if weight:
                 local.append((index, demo_value, gen_value))
+        kill_point("reference")  # test hook (gsil.faults)
     rows = gather_object(local) if accelerator.num_processes > 1 else local
     demo = torch.full((count,), float("nan"), dtype=torch.float32)
-    gen = torch.full((count,), float("nan"), dtype=torch.float32) if with_generations else None
+    gen = (torch.full((count, num_samples), float("nan"), dtype=torch.float32)
+           if with_generations else None)  # fmt: skip
     for index, demo_value, gen_value in rows:
         demo[index] = demo_value
         if gen is not None:
-            gen[index] = gen_value
+            gen[index] = torch.tensor(gen_value, dtype=torch.float32)
     if torch.isnan(demo).any() or (gen is not None and torch.isnan(gen).any()):
         raise RuntimeError("reference pass: some examples were scored by no process (a bug)")
     return demo, gen
@@ -250,6 +284,12 @@ def train_round(
     it to the accelerator's trackers (:func:`gsil.tracking.log_metrics`), and writes a
     checkpoint every ``settings.checkpoint_every`` steps (every process); ``resume_state`` (from
     :func:`load_checkpoint`) continues exactly where that checkpoint stopped.
+
+    A stateful objective (DFT's per-prompt moving average) starts the round from
+    :meth:`~gsil.objectives.Objective.initial_state`; its state lives on every process (the
+    same values: each step's updates are gathered), is saved in every checkpoint
+    (``objective_state.pt``) and loaded with it on resume. A new round starts it afresh: the
+    round's reference and samples are new.
     """
     world, rank = accelerator.num_processes, accelerator.process_index
     steps_per_epoch = len(plan_steps(range(len(data.examples)), settings.batch_size,
@@ -258,6 +298,12 @@ def train_round(
     accelerator.free_memory()  # forget the previous round's prepared objects
     # accelerate divides each micro-batch loss by this and syncs gradients on its last one
     accelerator.gradient_accumulation_steps = settings.grad_accum
+    if (
+        settings.on_nonfinite == "skip"
+        and accelerator.distributed_type == DistributedType.DEEPSPEED
+    ):
+        raise ValueError("--on-nonfinite skip cannot drop a step under DeepSpeed (accelerate "
+                         "steps its engine inside backward): use --on-nonfinite stop")  # fmt: skip
     configure_engine(accelerator, settings)
     optimizer = _make_optimizer(model, settings)
     scheduler = get_linear_schedule_with_warmup(optimizer, settings.warmup_steps, total_steps)
@@ -269,6 +315,9 @@ def train_round(
         accelerator.load_state(str(checkpoint))
         scheduler.load_state_dict(torch.load(checkpoint / "scheduler_state.pt"))
         step = resume_state["step_in_round"]
+    objective_state = objective.initial_state(len(data.examples))
+    if resume_state is not None and objective_state is not None:
+        objective_state = _load_objective_state(RunLayout(run_dir).checkpoint, objective_state)
     if settings.gradient_checkpointing:
         accelerator.unwrap_model(model).gradient_checkpointing_enable()
     model.train()
@@ -285,7 +334,8 @@ def train_round(
             step_start = time.perf_counter()
             stats = optimizer_step(
                 model, step_plan, data, objective, settings, optimizer, scheduler, accelerator,
-                pad_id,
+                pad_id, where=f"round {round_index}, step {global_step_offset + step + 1} "
+                f"(step {step + 1} of the round)", objective_state=objective_state,
             )  # fmt: skip
             step += 1
             last_metrics = {
@@ -305,8 +355,10 @@ def train_round(
             progress.set_postfix(loss=f"{stats['loss']:.4f}")
             if settings.checkpoint_every and step % settings.checkpoint_every == 0:
                 _save_checkpoint(
-                    accelerator, scheduler, run_dir, round_index, step, global_step_offset
-                )
+                    accelerator, scheduler, run_dir, round_index, step, global_step_offset,
+                    objective_state=objective_state,
+                )  # fmt: skip
+            kill_point("training")  # test hook (gsil.faults): after the step and its checkpoint
     progress.close()
     model.eval()
     if settings.gradient_checkpointing:
@@ -316,19 +368,40 @@ def train_round(
 
 def optimizer_step(
     model, step_plan: StepPlan, data: RoundData, objective: Objective, settings: OptimSettings,
-    optimizer, scheduler, accelerator: Accelerator, pad_id: int,
+    optimizer, scheduler, accelerator: Accelerator, pad_id: int, *, where: str = "",
+    objective_state: torch.Tensor | None = None,
 ) -> dict:  # fmt: skip
     """Accumulate gradients over the step's micro-batches, clip, step; return mean stats.
+
+    A micro-batch of n examples with k own samples each forwards ``n (1 + k)`` rows; the
+    objective gets the generated side as ``(n, k)`` (:mod:`gsil.batching`), and a statistic of
+    that side is its mean over k. ``objective_state`` (a stateful objective's per-example state,
+    ``(N,)``, from :meth:`~gsil.objectives.Objective.initial_state`) is read for the step's
+    examples and updated in place with the values the objective returns, from every process
+    (one gather), unless the step's update is dropped.
 
     The step's loss is the mean over its ``num_examples`` real examples on all processes. Each
     micro-batch contributes ``sum(weight * loss) / num_examples``, multiplied by the number of
     processes (DDP, FSDP and DeepSpeed average gradients over processes) and by ``grad_accum``
     (``accelerator.backward`` and DeepSpeed divide by it): exactly the one-process gradient.
+
+    Non-finite guard (``settings.on_nonfinite``), decided alike on every process (an
+    all-reduce of a flag per check): a NaN or infinite loss in any micro-batch (checked before
+    the step's last backward, inside which DeepSpeed steps) or gradient norm (after the
+    backward, before the optimizer steps). ``stop`` raises :class:`~gsil.integrity.NonFiniteError`
+    naming ``where`` and the examples' ids, before the optimizer touches the weights (under
+    DeepSpeed a non-finite gradient with finite losses is seen only after its engine stepped,
+    and the error says so). ``skip`` zeroes the gradients and does not step the optimizer
+    (its state is untouched) but steps the learning-rate schedule, so every later step has
+    the learning rate it has in a run without the skip; the row records ``skipped: 1``.
     """
     scale = accelerator.num_processes * settings.grad_accum / step_plan.num_examples
     sums: dict[str, torch.Tensor] = {}  # per-key weighted sums over this process's examples
     tokens = torch.zeros(())
     grad_norm = None
+    nonfinite: list[int] = []  # this process's examples whose loss is NaN or infinite
+    skip = False
+    state_updates: list[tuple[int, float]] = []  # (example index, new state) of real examples
     for micro in step_plan.micro_batches:
         batch = _to_device(_collate(data.examples, micro, pad_id, objective.needs_generations),
                            accelerator.device)  # fmt: skip
@@ -340,23 +413,52 @@ def optimizer_step(
             counts = batch["demo_token_counts"].float()
             ref_demo = _take(data.ref_demo_logps, index, logps)
             ref_gen = _take(data.ref_gen_logps, index, logps)
+            gen_counts = batch.get("gen_token_counts")
+            if gen_counts is not None:
+                gen_counts = gen_counts.float()
+                if settings.average_logps:  # the log-probs are per token already
+                    gen_counts = torch.ones_like(gen_counts)
             losses, stats = objective(
                 policy_demo, policy_gen, ref_demo, ref_gen,
                 torch.ones_like(counts) if settings.average_logps else counts,
+                gen_mask=batch.get("gen_mask"), gen_token_counts=gen_counts,
+                state=_take(objective_state, index, logps),
             )  # fmt: skip
+            nonfinite += nonfinite_rows(losses, micro.indices)
+            if accelerator.sync_gradients:  # before the backward in which DeepSpeed steps
+                skip = _nonfinite_step(accelerator, settings, data, "loss", nonfinite, where)
             accelerator.backward((losses * weight.to(losses.dtype)).sum() * scale)
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-            optimizer.step()  # a no-op until gradients are synced
+                if not skip:  # the same on every process
+                    bad = grad_norm is not None and not math.isfinite(float(grad_norm))
+                    real = [i for m in step_plan.micro_batches
+                            for i, w in zip(m.indices, m.weights, strict=True) if w]  # fmt: skip
+                    skip = _nonfinite_step(accelerator, settings, data, "gradient norm",
+                                           real if bad else [], where)  # fmt: skip
+            if not skip:
+                optimizer.step()  # a no-op until gradients are synced
             optimizer.zero_grad(set_to_none=True)
         stats = {**stats, "loss": losses.detach(), "logps/chosen": policy_demo.detach()}
         if policy_gen is not None:
-            stats["logps/rejected"] = policy_gen.detach()
+            stats["logps/rejected"] = sample_mean(policy_gen.detach(), batch.get("gen_mask"))
+        if objective_state is not None:
+            new_values = stats[objective.state_key].float().cpu().tolist()
+            state_updates += [(i, value) for i, w, value in zip(
+                micro.indices, micro.weights, new_values, strict=True) if w]  # fmt: skip
         for key, values in stats.items():
             sums[key] = sums.get(key, 0.0) + (values.float().cpu() * weight.cpu()).sum()
-        rows = batch["attention_mask"].sum(dim=1).cpu().view(-1, len(index))  # (1 or 2, n)
+        rows = batch["attention_mask"].sum(dim=1).cpu().view(-1, len(index))  # (1 or 1 + k, n)
         tokens = tokens + (rows * weight.cpu()).sum()
-    scheduler.step()
+    with warnings.catch_warnings():  # torch warns when a skipped first step never stepped
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        scheduler.step()  # also after a skipped update: later steps keep their learning rate
+    if objective_state is not None:  # every process applies every process's updates
+        if accelerator.num_processes > 1:
+            state_updates = gather_object(state_updates)
+        if not skip:
+            for i, value in state_updates:
+                objective_state[i] = value
     # one collective per step: every key's sum, the example count and the token count
     local = torch.cat([torch.stack(list(sums.values())),
                        torch.tensor([sum(sum(m.weights) for m in step_plan.micro_batches)]),
@@ -366,7 +468,30 @@ def optimizer_step(
     means = {key: value / world_examples for key, value in zip(sums, world, strict=False)}
     means["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     means["tokens"] = int(world_tokens)
+    means["skipped"] = int(skip)
     return means
+
+
+def _nonfinite_step(
+    accelerator: Accelerator, settings: OptimSettings, data: RoundData, quantity: str,
+    local: Sequence[int], where: str,
+) -> bool:  # fmt: skip
+    """Whether to drop this step's update for a non-finite ``quantity`` found at the example
+    indices ``local`` on this process (a collective: every process calls it, all decide alike).
+
+    Returns False when no process found one; with ``on_nonfinite == "skip"`` logs a warning
+    and returns True; with ``"stop"`` raises :class:`NonFiniteError` on every process.
+    """
+    if not any_process(accelerator, bool(local)):
+        return False
+    indices = list(dict.fromkeys(all_processes(accelerator, local)))
+    ids = [data.ids[i] if data.ids is not None else f"#{i}" for i in indices]
+    applied = quantity != "loss" and accelerator.distributed_type == DistributedType.DEEPSPEED
+    error = NonFiniteError(quantity, ids, where, applied=applied)
+    if settings.on_nonfinite == "stop" or applied:
+        raise error
+    logger.warning("%s: this step's update is dropped (--on-nonfinite skip)", error.describe())
+    return True
 
 
 def _take(values: torch.Tensor | None, index: torch.Tensor, like: torch.Tensor):
@@ -561,14 +686,19 @@ def save_round_model(accelerator: Accelerator, model, tokenizer, path: Path) -> 
     if accelerator.is_main_process:
         policy = accelerator.unwrap_model(model)
         save_model(policy, tokenizer, path, None if is_peft_model(policy) else state_dict)
+        # before the round's summary marks it done: a finished round's model has its manifest
+        write_manifest(path)
     accelerator.wait_for_everyone()
 
 
-def _save_checkpoint(accelerator, scheduler, run_dir: Path, round_index: int, step: int, offset):
-    """Model, optimizer, scheduler and every process's RNG state plus the step, replaced whole.
+def _save_checkpoint(accelerator, scheduler, run_dir: Path, round_index: int, step: int, offset,
+                     objective_state: torch.Tensor | None = None):  # fmt: skip
+    """Model, optimizer, scheduler and every process's RNG state plus the step (and a stateful
+    objective's state, the same on every process), replaced whole.
 
     ``save_state`` runs on every process: it is a collective under DeepSpeed and FSDP, and each
-    process writes its own RNG state. The main process then swaps the new directory in.
+    process writes its own RNG state. The main process then records every file's size and
+    sha256 in ``manifest.json`` (:mod:`gsil.integrity`) and swaps the new directory in.
     """
     staging = RunLayout(run_dir).checkpoint_staging
     if accelerator.is_main_process:
@@ -579,17 +709,63 @@ def _save_checkpoint(accelerator, scheduler, run_dir: Path, round_index: int, st
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), staging / "scheduler_state.pt")
+        if objective_state is not None:
+            torch.save(objective_state.clone(), staging / OBJECTIVE_STATE_FILE)
         write_json(
             staging / "trainer_state.json",
             {"round": round_index, "step_in_round": step, "global_step": offset + step},
         )
+        write_manifest(staging)
         replace_dir(staging, RunLayout(run_dir).checkpoint)
     accelerator.wait_for_everyone()
 
 
+def _load_objective_state(checkpoint: Path, initial: torch.Tensor) -> torch.Tensor:
+    """A stateful objective's per-example state saved in ``checkpoint``, checked against the
+    round's ``initial`` state (same shape).
+
+    Raises:
+        RuntimeError: the file is missing or holds another number of examples; the message
+            names it and the fix.
+    """
+    path = checkpoint / OBJECTIVE_STATE_FILE
+    fix = (f"delete {checkpoint} to train the interrupted round again from its start, or start "
+           "without --resume")  # fmt: skip
+    if not path.exists():
+        raise RuntimeError(f"{path} is missing: this objective keeps a per-example state (DFT's "
+                           f"moving average) that the checkpoint must hold; {fix}")  # fmt: skip
+    state = torch.load(path)
+    if state.shape != initial.shape:
+        raise RuntimeError(f"{path} holds {tuple(state.shape)} values but the round has "
+                           f"{tuple(initial.shape)} examples; {fix}")  # fmt: skip
+    return state.to(initial.dtype)
+
+
 def load_checkpoint(run_dir: Path) -> dict | None:
-    state_file = RunLayout(run_dir).checkpoint / "trainer_state.json"
-    return read_json(state_file) if state_file.exists() else None
+    """The checkpoint's trainer state (round, step), after checking every file of it against
+    its manifest (:func:`gsil.integrity.verify_manifest`; on every process, before
+    :func:`train_round` loads it); None without a checkpoint.
+
+    Raises:
+        CorruptFileError: a checkpoint file is missing, truncated or changed, or its state
+            unreadable; the message names the file and the fix.
+    """
+    checkpoint = RunLayout(run_dir).checkpoint
+    state_file = checkpoint / "trainer_state.json"
+    if not state_file.exists():
+        return None
+    fix = (f"Delete {checkpoint} to resume from the last finished round (the interrupted round "
+           "is trained again from its start), or start without --resume")  # fmt: skip
+    verify_manifest(checkpoint, what="checkpoint", fix=fix)
+    try:
+        state = read_json(state_file)
+        for key in ("round", "step_in_round", "global_step"):
+            int(state[key])
+    except (ValueError, KeyError, TypeError) as error:
+        raise CorruptFileError(
+            state_file, f"unreadable checkpoint state ({error!r})", fix
+        ) from error
+    return state
 
 
 def truncate_metrics(metrics_path: Path, global_step: int) -> None:

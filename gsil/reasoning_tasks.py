@@ -31,12 +31,15 @@ logger = logging.getLogger(__name__)
 ANSWER_PREFIX = "Answer:"
 ANSWER_INSTRUCTION = "End your response with a final line of the form 'Answer: <answer>'."
 EXPRESSION_TASKS = ("basic_arithmetic", "chain_sum")
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
 # reasoning-gym draws item i of a dataset seeded s from Random(s + i), so a split's item seeds
-# are [base, base + items). Train bases lie in [0, 2**30) and test bases in [2**31, 2**31 + 2**30);
-# with fewer than 2**30 items drawn the two sets of item seeds never meet.
+# are [base, base + items). Train bases lie in [0, 2**30), test bases in [2**31, 2**31 + 2**30)
+# and validation bases in [2**32, 2**32 + 2**30); with fewer than 2**30 items drawn, item seeds
+# stay in [0, 2**31), [2**31, 2**32) and [2**32, 2**32 + 2**31): the three sets never meet.
 MAX_SEED = 2**30
 TEST_SEED_OFFSET = 2**31
+VALIDATION_SEED_OFFSET = 2**32
+_SPLIT_OFFSETS = {"train": 0, "validation": VALIDATION_SEED_OFFSET, "test": TEST_SEED_OFFSET}
 
 _ANSWER_LINE = re.compile(
     r"^[ \t>#*_]*answer[ \t*_]*:[ \t*_]*(.*?)[ \t*_]*$", re.IGNORECASE | re.MULTILINE
@@ -51,16 +54,17 @@ _OPERATORS = {
 
 
 def split_seed(seed: int, split: str) -> int:
-    """The reasoning-gym base seed for ``split``: ``seed`` for train, ``seed + 2**31`` for test.
+    """The reasoning-gym base seed for ``split``: ``seed`` for train, ``seed + 2**31`` for test,
+    ``seed + 2**32`` for validation (model selection: tuning never sees a test item).
 
-    Item seeds of the two splits are disjoint for every ``0 <= seed < 2**30`` (see
-    ``TEST_SEED_OFFSET``), so a test set never regenerates a training item by seed.
+    Item seeds of the three splits are disjoint for every ``0 <= seed < 2**30`` (see
+    ``SPLITS``), so no split regenerates another's item by seed.
     """
     if not 0 <= seed < MAX_SEED:
         raise DataError(f"seed must be in [0, 2**30), got {seed}")
     if split not in SPLITS:
         raise DataError(f"reasoning-gym split must be one of {SPLITS}, got {split!r}")
-    return seed if split == "train" else seed + TEST_SEED_OFFSET
+    return seed + _SPLIT_OFFSETS[split]
 
 
 def task_names(spec: str) -> list[str]:

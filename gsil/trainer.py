@@ -35,7 +35,9 @@ from accelerate import Accelerator
 
 from gsil.batching import build_examples
 from gsil.data import tie_mask
+from gsil.faults import kill_point
 from gsil.generation import GenerationSettings, generate_set, resolve_backend
+from gsil.integrity import CorruptFileError, discard_manifest, verify_manifest, write_manifest
 from gsil.io import atomic_file, read_json, write_json
 from gsil.layout import RunLayout
 from gsil.models import apply_lora, is_peft_model
@@ -68,9 +70,14 @@ def prepare_round(
     ``seed`` seeds the round's sampling; ``extra_settings`` (the round, the precision) are
     recorded beside the generated set. ``engine`` (a
     :class:`~gsil.generation.vllm_engine.VLLMEngine` holding this round's policy) generates
-    instead of the model itself when given."""
+    instead of the model itself when given.
+
+    Each prompt gets ``generation.num_samples`` (k) responses. Ties (a response equal to its
+    demonstration) are counted per response (``info["ties"]``); ``drop_ties`` leaves each tied
+    response out of the loss, and drops a prompt whose k responses all tie."""
     info: dict = {"num_demonstrations": len(demos)}
-    generations = None
+    generations = gen_mask = None
+    num_samples = generation.num_samples
     started = time.perf_counter()
     if objective.needs_generations:
         # the same precision as training (bf16 autocast when mixed precision is on); each
@@ -84,12 +91,18 @@ def prepare_round(
                 batch_size=generation.batch_size, backend=generation.backend, seed=seed,
                 max_prompt_length=max_prompt_length, progress=accelerator.is_main_process,
                 extra_settings=extra_settings, accelerator=accelerator,
+                num_samples=num_samples,
             )  # fmt: skip
-        ties = tie_mask([d.response for d in demos], generations)
+        kill_point("generation")  # test hook (gsil.faults): the set is written
+        # response j to demos[i] is generations[i * k + j]; a tie is one response
+        ties = tie_mask([d.response for d in demos for _ in range(num_samples)], generations)
         info["ties"] = sum(ties)
         if drop_ties:
-            demos = [d for d, tie in zip(demos, ties, strict=True) if not tie]
-            generations = [g for g, tie in zip(generations, ties, strict=True) if not tie]
+            kept = [not all(ties[i * num_samples : (i + 1) * num_samples])
+                    for i in range(len(demos))]  # fmt: skip
+            demos = [d for d, keep in zip(demos, kept, strict=True) if keep]
+            generations = [g for n, g in enumerate(generations) if kept[n // num_samples]]
+            gen_mask = [not tie for n, tie in enumerate(ties) if kept[n // num_samples]]
             if not demos:
                 raise RuntimeError(
                     "every generated response equals its demonstration; nothing to contrast "
@@ -101,13 +114,13 @@ def prepare_round(
     examples = build_examples(
         tokenizer, [d.prompt for d in demos], [d.response for d in demos], generations,
         max_prompt_length=max_prompt_length, max_length=max_length,
+        num_samples=num_samples if generations is not None else 1, gen_mask=gen_mask,
     )  # fmt: skip
     ref_demo = ref_gen = None
     if objective.needs_reference:
         ref_path = run.reference_logps(round_index)
         if ref_path.exists():
-            stored = torch.load(ref_path)
-            ref_demo, ref_gen = stored["demo"], stored["gen"]
+            ref_demo, ref_gen = _load_reference_logps(ref_path, len(examples))
         else:
             pad_id = tokenizer.pad_token_id
             # autocast like the training forward, so that Delta = 0 at the first step
@@ -117,14 +130,18 @@ def prepare_round(
                     objective.needs_generations,
                 )  # fmt: skip
             if accelerator.is_main_process:
+                discard_manifest(
+                    ref_path
+                )  # a crash before the new one leaves none, not a stale one
                 with atomic_file(ref_path, "wb") as handle:
                     torch.save({"demo": ref_demo, "gen": ref_gen}, handle)
+                write_manifest(ref_path)
         info["ref_logps/chosen"] = float(ref_demo.mean())
         if ref_gen is not None:
             info["ref_logps/rejected"] = float(ref_gen.mean())
     info["reference_seconds"] = round(time.perf_counter() - started, 3)
     accelerator.wait_for_everyone()
-    return RoundData(examples, ref_demo, ref_gen), info
+    return RoundData(examples, ref_demo, ref_gen, ids=[d.id for d in demos]), info
 
 
 def run_rounds(
@@ -187,7 +204,8 @@ def run_rounds(
                 global_step = round_summary["global_step"]
                 if not run.round_summary(round_index + 1).exists():
                     # the last finished round: continue from its policy
-                    model = _load_round_weights(model, run.model(round_index), lora_rank)
+                    model = _load_round_weights(model, run.model(round_index), lora_rank,
+                                                seed + round_index + 1)  # fmt: skip
                 continue
             torch.manual_seed(seed + round_index)
             started = time.perf_counter()
@@ -236,7 +254,9 @@ def run_rounds(
             summary["rounds"].append(round_summary)
             if is_peft_model(policy) and round_index + 1 < rounds:
                 # pi_{t+1} is the merged policy; the next round trains fresh adapters on it
-                model = apply_lora(policy.merge_and_unload(), rank=lora_rank)
+                model = _fresh_adapters(
+                    policy.merge_and_unload(), lora_rank, seed + round_index + 1
+                )
             accelerator.wait_for_everyone()
     finally:
         vllm.close()
@@ -290,10 +310,23 @@ def _reset_run_outputs(run: RunLayout) -> None:
         shutil.rmtree(round_dir)
 
 
-def _load_round_weights(model, model_dir: Path, lora_rank: int):
+def _fresh_adapters(base, lora_rank: int, seed: int):
+    """New LoRA adapters on ``base`` for the next round, initialised from ``seed`` alone: the
+    same whether the run went on without a stop or resumed at the round's start (the global
+    RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return apply_lora(base, rank=lora_rank)
+
+
+def _load_round_weights(model, model_dir: Path, lora_rank: int, seed: int):
     """Load a finished round's (merged) weights into ``model``; fresh adapters if LoRA."""
     from safetensors.torch import load_file
 
+    verify_manifest(model_dir, what="round model", fix=(
+        f"Delete {model_dir.parent}, the later round_<t> directories and checkpoint/ beside it "
+        "(made from this model), then rerun with --resume to train them again; or start "
+        "without --resume"))  # fmt: skip
     base = model.merge_and_unload() if is_peft_model(model) else model
     state = {}
     for shard in sorted(model_dir.glob("*.safetensors")):
@@ -303,4 +336,27 @@ def _load_round_weights(model, model_dir: Path, lora_rank: int):
         raise RuntimeError(f"round weights at {model_dir} do not fit the model: {missing[:3]}")
     if getattr(base.config, "tie_word_embeddings", False):
         base.tie_weights()
-    return apply_lora(base, rank=lora_rank) if lora_rank > 0 else base
+    return _fresh_adapters(base, lora_rank, seed) if lora_rank > 0 else base
+
+
+def _load_reference_logps(path: Path, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A round's stored reference log-probs, checked against their manifest and the round's
+    ``count`` examples (on every process alike).
+
+    Raises:
+        CorruptFileError: the file is truncated, changed, unreadable or holds another number
+            of examples; the message names it and the fix.
+    """
+    fix = f"Delete {path} (and its .manifest.json) to compute them again, or start without --resume"
+    verify_manifest(path, what="reference log-probs", fix=fix)
+    try:
+        stored = torch.load(path)
+        demo, gen = stored["demo"], stored["gen"]
+    except Exception as error:  # torch.load raises pickle, zip and runtime errors alike
+        raise CorruptFileError(path, f"unreadable reference log-probs ({error!r})", fix) from error
+    if demo.shape[0] != count or (gen is not None and gen.shape[0] != count):
+        sizes = f"{demo.shape[0]} demonstration" + (f" and {gen.shape[0]} own-sample"
+                                                    if gen is not None else "")  # fmt: skip
+        raise CorruptFileError(path, f"holds {sizes} log-probs, but the round has {count} "
+                               "examples (another data set, or --drop-ties changed)", fix)  # fmt: skip
+    return demo, gen

@@ -1,5 +1,7 @@
 """Experiment figures from trained runs: benchmark scores per method and round, and the
-training curves (rewards, margins, log-probs) of ``metrics.jsonl``.
+training curves (rewards, margins, log-probs) of ``metrics.jsonl``. A stage repeated over seeds
+(runs ``<stage>-seed<s>``) is drawn as its per-seed points and their mean with a 95% Student-t
+interval across seeds.
 
 Reads the runs under ``$GSIL_RUNS_DIR`` (default ``runs/``; the default pipeline writes
 ``runs/default/``). With no runs it prints a message and draws nothing.
@@ -8,9 +10,11 @@ Reads the runs under ``$GSIL_RUNS_DIR`` (default ``runs/``; the default pipeline
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from pathlib import Path
 
-from experiments.report import RunInfo, discover_runs
+from experiments.report import RunInfo, discover_runs, group_runs
+from gsil.evaluation.results import mean_interval
 from gsil.io import read_json
 from gsil.layout import run_of_model
 from paper_figs.style import color, figure, save_figure, save_numbers
@@ -54,35 +58,72 @@ def _start_score(run: RunInfo, bench: str) -> tuple[float, list[float]] | None:
     return None
 
 
+def _score_points(run: RunInfo, bench: str) -> list[tuple[int, float, list[float]]]:
+    """``(rounds trained, score, interval)`` of a run on ``bench``, from its starting model on."""
+    points = []
+    start = _start_score(run, bench)
+    if start is not None:
+        points.append((0, start[0], start[1]))
+    for round_index, evals in sorted(run.evals.items()):
+        if bench in evals:
+            result = read_json(evals[bench])
+            if result.get("score") is not None:
+                points.append((round_index + 1, result["score"], result["interval"]))
+    return points
+
+
+def _seed_mean(per_seed: list[list[tuple]]) -> list[tuple[int, float, list[float], int]]:
+    """Per round: the mean score over seeds, its 95% t-interval across seeds, and the count."""
+    by_round: dict[int, list[float]] = defaultdict(list)
+    for points in per_seed:
+        for x, score, _ in points:
+            by_round[x].append(score)
+    means = []
+    for x, scores in sorted(by_round.items()):
+        mean = sum(scores) / len(scores)
+        low, high = mean_interval(scores) if len(scores) > 1 else (mean, mean)
+        means.append((x, mean, [low, high], len(scores)))
+    return means
+
+
 def draw_scores(runs: list[RunInfo], out_dir: Path) -> tuple[list[Path], dict]:
-    """Score (with 95% interval) against rounds trained, one line per run and benchmark."""
+    """Score (with 95% interval) against rounds trained, one line per run and benchmark; for a
+    stage repeated over seeds, its seeds' points and their mean (interval across seeds)."""
     benches = sorted({b for run in runs for evals in run.evals.values() for b in evals})
     if not benches:
         return [], {}
     fig, axes = figure(1, len(benches), height=2.6)
     numbers: dict = {}
+    groups = group_runs(runs)
+    tints = _run_colors({group.name: group.method for group in groups})  # greys for SFT
     for ax, bench in zip(axes[0], benches, strict=True):
-        for offset, run in enumerate(runs):
-            points = []
-            start = _start_score(run, bench)
-            if start is not None:
-                points.append((0, start[0], start[1]))
-            for round_index, evals in sorted(run.evals.items()):
-                if bench in evals:
-                    result = read_json(evals[bench])
-                    if result.get("score") is not None:
-                        points.append((round_index + 1, result["score"], result["interval"]))
-            if not points:
+        for offset, group in enumerate(groups):
+            per_run = {run.name: _score_points(run, bench) for run in group.runs}
+            per_run = {name: points for name, points in per_run.items() if points}
+            if not per_run:
                 continue
-            xs = [p[0] + 0.04 * (offset - len(runs) / 2) for p in points]
+            numbers.setdefault(bench, {}).update(per_run)
+            shift = 0.04 * (offset - len(groups) / 2)
+            if group.repeated:
+                means = _seed_mean(list(per_run.values()))
+                numbers[bench][f"{group.name} (mean over seeds)"] = means
+                label = f"{group.name} (mean of {len(per_run)} seeds)"
+                points = [(x, mean, interval) for x, mean, interval, _ in means]
+            else:
+                label, points = group.name, next(iter(per_run.values()))
+            xs = [p[0] + shift for p in points]
             ys = [100 * p[1] for p in points]
             errs = [
                 [100 * (p[1] - p[2][0]) for p in points],
                 [100 * (p[2][1] - p[1]) for p in points],
             ]
-            ax.errorbar(xs, ys, yerr=errs, marker="o", ms=3, capsize=2, label=run.name,
-                        color=color(run.method) if run.method != "sft" else None)  # fmt: skip
-            numbers.setdefault(bench, {})[run.name] = points
+            ax.errorbar(xs, ys, yerr=errs, marker="o", ms=3, capsize=2, label=label,
+                        color=tints[group.name])  # fmt: skip
+            if group.repeated:  # each seed's score, in the line's colour
+                for seed_points in per_run.values():
+                    ax.plot([p[0] + shift for p in seed_points],
+                            [100 * p[1] for p in seed_points], ls="none", marker=".", ms=3,
+                            alpha=0.5, color=tints[group.name])  # fmt: skip
         ax.set_title(bench)
         ax.set_xlabel("rounds trained (0: the starting model)")
         ax.set_ylabel("score (%) with 95% interval")

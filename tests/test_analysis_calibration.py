@@ -4,6 +4,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from scipy.optimize import minimize_scalar
+from scipy.special import expit
 
 from analysis.calibration import (
     calibrate_run,
@@ -12,23 +15,71 @@ from analysis.calibration import (
     rank_auc,
     reliability,
 )
-from analysis.gradients import DEFAULT_ESTIMATORS
+from analysis.gradients import DEFAULT_ESTIMATORS, resolve_estimator
 from analysis.ratio_fit import categorical_problem, evaluate_fit, gaussian_problem
 
 CALIBRATED = ("logistic", "brier", "exponential", "kliep", "lsif", "power")
 TOLERANCE = 0.15  # nats: RMSE of the recovered log ratio, 20000 samples per class
 
 
+# Theory page, section 2: each loss pair written out by hand (float64 numpy, independent of
+# gsil.estimators), its population minimiser f*(log r) and its link (the log ratio a logit
+# stands for). power is power(gamma = 0.5), as in analysis.gradients.
+GAMMA = 0.5
+THEORY = {
+    "logistic": (lambda f: np.logaddexp(0, -f), lambda f: np.logaddexp(0, f),
+                 lambda lr: lr, lambda f: f),
+    "brier": (lambda f: (1 - expit(f)) ** 2, lambda f: expit(f) ** 2,
+              lambda lr: lr, lambda f: f),
+    "exponential": (lambda f: np.exp(-f), np.exp, lambda lr: lr / 2, lambda f: 2 * f),
+    "kliep": (lambda f: -f, np.exp, lambda lr: lr, lambda f: f),
+    "lsif": (lambda f: -np.exp(f), lambda f: np.exp(2 * f) / 2, lambda lr: lr, lambda f: f),
+    "power(0.5)": (lambda f: -(1 + 1 / GAMMA) * np.exp(GAMMA * f),
+                   lambda f: np.exp((1 + GAMMA) * f), lambda lr: lr, lambda f: f),
+}  # fmt: skip
+
+
+def _minimise_table_losses(demo_loss, gen_loss, log_r: float) -> float:
+    """argmin over f of ``p l_demo(f) + q l_gen(f)`` with ``p / q = exp(log_r)``, ``p + q = 1``."""
+    p, q = expit(log_r), expit(-log_r)
+    found = minimize_scalar(lambda f: p * demo_loss(f) + q * gen_loss(f), bounds=(-8.0, 8.0),
+                            method="bounded", options={"xatol": 1e-10})  # fmt: skip
+    return float(found.x)
+
+
 def test_population_minimisers_and_links():
-    links = population_links(DEFAULT_ESTIMATORS)
-    for name, link in links.items():
-        np.testing.assert_allclose(link["minimiser"], link["numeric_minimiser"], atol=1e-9,
-                                   err_msg=name) if name != "hinge" else None  # fmt: skip
-        if name != "hinge":
-            np.testing.assert_allclose(link["recovered_log_ratio"], link["log_ratio"], atol=1e-12)
+    """Every column of ``population_links`` against the theory page's table, computed apart.
+
+    ``minimiser`` (the estimator's closed form) and ``numeric_minimiser`` (bisection on the
+    estimator's weights) must both equal the table's ``f*``, which must in turn minimise the
+    table's own losses ``p l_demo(f) + q l_gen(f)`` (scipy, on the formulas written out above);
+    the estimator's link must be the table's "ratio from f" column, and
+    ``recovered_log_ratio`` the log ratio itself. The hinge: ``sign(log r)``, no link.
+    """
+    grid = np.array([-3.0, -1.2, -0.3, 0.0, 0.45, 1.0, 2.5])
+    links = population_links(DEFAULT_ESTIMATORS, grid)
+    assert set(links) == set(THEORY) | {"hinge"}
+    for name, (demo_loss, gen_loss, f_star, link) in THEORY.items():
+        got = links[name]
+        np.testing.assert_allclose(got["log_ratio"], grid)
+        np.testing.assert_allclose(got["minimiser"], f_star(grid), atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(got["numeric_minimiser"], f_star(grid), atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(got["recovered_log_ratio"], grid, atol=1e-12, err_msg=name)
+        for log_r in grid:
+            found = _minimise_table_losses(demo_loss, gen_loss, log_r)
+            assert found == pytest.approx(f_star(log_r), abs=1e-5), (name, log_r)
+        logits = np.linspace(-3.0, 3.0, 13)
+        est = resolve_estimator("power" if name.startswith("power") else name)
+        recovered = est.log_ratio(torch.as_tensor(logits, dtype=torch.float64)).numpy()
+        np.testing.assert_allclose(recovered, link(logits), atol=1e-12, err_msg=name)
     hinge = links["hinge"]
+    off_zero = grid != 0
+    np.testing.assert_array_equal(hinge["minimiser"][off_zero], np.sign(grid[off_zero]))
+    np.testing.assert_allclose(hinge["numeric_minimiser"][off_zero], np.sign(grid[off_zero]),
+                               atol=1e-6)  # fmt: skip
+    # at p = q every f in [-1, 1] minimises relu(1 - f) + relu(1 + f) = 2
+    assert abs(hinge["minimiser"][~off_zero][0]) <= 1
     assert np.isnan(hinge["recovered_log_ratio"]).all()
-    assert set(np.unique(hinge["minimiser"])) <= {-1.0, 0.0, 1.0}
 
 
 @pytest.mark.parametrize("name", CALIBRATED)

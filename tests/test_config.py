@@ -101,15 +101,16 @@ def test_a_yaml_recipe_and_its_json_preset_resolve_to_the_same_config(capsys, na
     assert via_json == via_yaml and via_json["rounds"] == 3
 
 
-def test_the_default_yaml_recipe_is_the_default_pipeline(tmp_path):
+@pytest.mark.parametrize("name", ["default", "full"])
+def test_a_yaml_pipeline_recipe_is_its_json_preset(tmp_path, name):
     overrides = {"output_dir": str(tmp_path)}
-    from_yaml = load_pipeline(str(ROOT / "recipes" / "default.yaml"), overrides)
-    from_json = load_pipeline("default", overrides)
+    from_yaml = load_pipeline(str(ROOT / "recipes" / f"{name}.yaml"), overrides)
+    from_json = load_pipeline(name, overrides)
     assert [s.config for s in from_yaml.stages] == [s.config for s in from_json.stages]
     assert [(s.init_from, s.share_round0_generations) for s in from_yaml.stages] == [
         (s.init_from, s.share_round0_generations) for s in from_json.stages
     ]
-    assert from_yaml.evaluate == from_json.evaluate
+    assert from_yaml.evaluate == from_json.evaluate and from_yaml.power == from_json.power
 
 
 def test_flags_override_the_recipe_and_the_run_writes_the_resolved_tree(tmp_path):
@@ -180,3 +181,28 @@ def test_no_two_modules_import_each_other():
         if (b, a) in edges and a < b and not b.startswith(a + ".") and not a.startswith(b + ".")
     )
     assert mutual == []
+
+
+def test_the_plan_counts_k_responses_per_prompt():
+    from experiments.planning import plan_run
+
+    one = from_dict({"method": "dft", "num_demos": 40, "do_sample": True, "num_samples": 1})
+    three = one.replace(num_samples=3)
+    plan_one, plan_three = plan_run(one), plan_run(three)
+    assert plan_three["generated_responses"] == 3 * plan_one["generated_responses"] == 3 * 40
+    assert plan_three["tokens"]["generated"] == 3 * plan_one["tokens"]["generated"]
+    assert plan_three["optimizer_steps"] == plan_one["optimizer_steps"]
+    assert (
+        plan_three["estimate"]["minutes_on_this_cpu"] > plan_one["estimate"]["minutes_on_this_cpu"]
+    )
+    assert three.run_name() == "dft-seed0" and three.replace(dft_variant="dft2").run_name() == (
+        "dft2-seed0"
+    )
+
+
+def test_errors_of_a_section_are_configuration_errors():
+    with pytest.raises(ConfigError, match="needs generation.do_sample"):
+        from_dict({"num_samples": 2})
+    for key, value in [("beta", 0.0), ("lr", -1.0), ("dft_tau", 0.0), ("dft_gamma", 1.5)]:
+        with pytest.raises(ConfigError, match=key.replace("_", "-")):
+            from_dict({key: value})

@@ -322,7 +322,7 @@ def test_split_seeds_are_disjoint_and_validated():
     with pytest.raises(DataError):
         split_seed(-1, "train")
     with pytest.raises(DataError):
-        split_seed(0, "validation")
+        split_seed(0, "dev")  # the splits are train, validation and test
     train = load_demonstrations("rg:basic_arithmetic", size=50, seed=5, split="train")
     test = load_demonstrations("rg:basic_arithmetic", size=50, seed=5, split="test")
     assert not {d.prompt for d in train} & {d.prompt for d in test}

@@ -65,9 +65,37 @@ def test_cli_scores_given_humaneval_completions(tmp_path, capsys):
     assert result["interval_method"] == "wilson" and result["interval"][0] < 2 / 3
     records = [json.loads(line) for line in (tmp_path / "eval" / "humaneval.records.jsonl").open()]
     assert [r["score"] for r in records] == [1.0, 1.0, 0.0]
-    # Two scorings of the same items compare through the CLI as well.
-    assert main(["--compare", *[str(tmp_path / "eval" / "humaneval.json")] * 2]) == 0
-    assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["difference"] == 0.0
+    # A second scoring of the same items, with other outcomes: B solves only HumanEval/2
+    # (A: 1, 1, 0; B: 0, 0, 1), so by hand mean(A) - mean(B) = 2/3 - 1/3 = 1/3, A alone
+    # passes 2 items and B alone 1; the exact two-sided McNemar p of 2 against 1 of 3
+    # discordant pairs is 2 * P(Binomial(3, 1/2) >= 2) = 2 * 4/8 = 1.
+    other = [
+        {"task_id": "HumanEval/0", "completion": "    return None\n"},
+        {"task_id": "HumanEval/1", "completion": "    return []\n"},
+        {"task_id": "HumanEval/2", "completion": problems["HumanEval/2"]["canonical_solution"]},
+    ]
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in other))
+    argv_b = ["--benchmarks", "humaneval", "--completions", str(tmp_path / "b" / "samples.jsonl"),
+              "--limit", "3", "--no-progress"]  # fmt: skip
+    assert main(argv_b) == 0
+    records_b = (tmp_path / "b" / "eval" / "humaneval.records.jsonl").read_text().splitlines()
+    assert [json.loads(line)["score"] for line in records_b] == [0.0, 0.0, 1.0]
+    result_a = tmp_path / "eval" / "humaneval.json"
+    result_b = tmp_path / "b" / "eval" / "humaneval.json"
+    for first, second, sign in ((result_a, result_b, 1), (result_b, result_a, -1)):
+        capsys.readouterr()
+        assert main(["--compare", str(first), str(second)]) == 0
+        comparison = json.loads(capsys.readouterr().out)
+        assert comparison["n"] == 3
+        assert comparison["difference"] == pytest.approx(sign / 3)
+        assert (comparison["mean_a"], comparison["mean_b"]) == pytest.approx(
+            (2 / 3, 1 / 3)[::sign])  # fmt: skip
+        only = (2, 1)[::sign]
+        assert (comparison["mcnemar"]["a_only"], comparison["mcnemar"]["b_only"]) == only
+        assert comparison["mcnemar"]["p_value"] == pytest.approx(1.0)
+        low, high = comparison["interval"]
+        assert -1 <= low <= sign / 3 <= high <= 1
 
 
 @pytest.mark.parametrize(

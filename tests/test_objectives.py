@@ -122,3 +122,98 @@ def test_make_objective_binds_methods_with_one_signature():
         make_objective("ppo")
     with pytest.raises(ValueError, match="estimator"):
         make_objective("gsil")
+
+
+# --------------------------------------------------------------------------- k samples per prompt
+
+
+def k_sample_logps(n=4, k=3, seed=7):
+    generator = torch.Generator().manual_seed(seed)
+    demo = [-50 * torch.rand(n, generator=generator, dtype=torch.float64) for _ in range(2)]
+    gen = [-50 * torch.rand(n, k, generator=generator, dtype=torch.float64) for _ in range(2)]
+    return demo[0], gen[0], demo[1], gen[1]
+
+
+def test_one_sample_path_is_exactly_the_one_sample_formula():
+    """k = 1, given as (B,) or (B, 1): bit for bit the formulas without samples."""
+    policy_demo, policy_gen, ref_demo, ref_gen = random_logps(seed=8)
+    beta, shift = 0.3, 0.7
+    estimator = get_estimator("brier")
+    f_demo = beta * (policy_demo - ref_demo) + shift
+    f_gen = beta * (policy_gen - ref_gen) + shift
+    gsil_expected = estimator.demo_loss(f_demo) + estimator.gen_loss(f_gen)
+    # the one-pair code: margin of the two rewards, label smoothing 0 (dpo_loss)
+    margin = beta * (policy_demo - ref_demo) - beta * (policy_gen - ref_gen)
+    spin_expected = (1 - 0.0) * F.softplus(-margin) + 0.0 * F.softplus(margin)
+    for gen, ref in ((policy_gen, ref_gen), (policy_gen[:, None], ref_gen[:, None])):
+        losses, stats = gsil_loss(policy_demo, gen, ref_demo, ref, estimator, beta, shift)
+        assert torch.equal(losses, gsil_expected)
+        assert torch.equal(stats["classifier_logits/rejected"], f_gen)
+        assert torch.equal(stats["rewards/accuracies"], (margin > 0).float())
+        losses, stats = spin_loss(policy_demo, gen, ref_demo, ref, beta)
+        assert torch.equal(losses, spin_expected)
+        assert torch.equal(stats["rewards/rejected"], beta * (policy_gen - ref_gen))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_gsil_and_spin_average_over_k_samples_like_a_loop(masked):
+    policy_demo, policy_gen, ref_demo, ref_gen = k_sample_logps()
+    mask = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 0, 1], [1, 1, 0]], dtype=torch.bool)
+    gen_mask = mask if masked else None
+    beta, shift = 0.2, 0.5
+    estimator = get_estimator("logistic")
+    gsil, gsil_stats = gsil_loss(policy_demo, policy_gen, ref_demo, ref_gen, estimator, beta,
+                                 shift, gen_mask)  # fmt: skip
+    spin, spin_stats = spin_loss(policy_demo, policy_gen, ref_demo, ref_gen, beta, gen_mask)
+    for i in range(4):
+        samples = [j for j in range(3) if not masked or mask[i, j]]
+        demo_part = None
+        gen_parts, pairs, wins, rejected = [], [], [], []
+        for j in samples:  # one sample at a time, through the one-sample functions
+            one = slice(i, i + 1)
+            loss, stats = gsil_loss(policy_demo[one], policy_gen[one, j], ref_demo[one],
+                                    ref_gen[one, j], estimator, beta, shift)  # fmt: skip
+            demo_part = stats["loss/chosen"]
+            gen_parts.append(stats["loss/rejected"])
+            pair, pair_stats = spin_loss(policy_demo[one], policy_gen[one, j], ref_demo[one],
+                                         ref_gen[one, j], beta)  # fmt: skip
+            pairs.append(pair)
+            wins.append(pair_stats["rewards/accuracies"])
+            rejected.append(pair_stats["rewards/rejected"])
+        mean = lambda parts: torch.stack(parts).mean()  # noqa: E731
+        torch.testing.assert_close(gsil[i], (demo_part + mean(gen_parts))[0])
+        torch.testing.assert_close(gsil_stats["loss/rejected"][i], mean(gen_parts))
+        torch.testing.assert_close(spin[i], mean(pairs))
+        torch.testing.assert_close(spin_stats["rewards/accuracies"][i], mean(wins))
+        torch.testing.assert_close(gsil_stats["rewards/accuracies"][i], mean(wins))
+        torch.testing.assert_close(spin_stats["rewards/rejected"][i], mean(rejected))
+
+
+def test_gsil_gradient_over_k_samples_is_the_mean_of_the_sample_weights():
+    policy_demo, policy_gen, ref_demo, ref_gen = k_sample_logps(seed=9)
+    policy_gen.requires_grad_(True)
+    beta, estimator = 0.5, get_estimator("exponential")
+    losses, _ = gsil_loss(policy_demo, policy_gen, ref_demo, ref_gen, estimator, beta)
+    losses.sum().backward()
+    logits = beta * (policy_gen - ref_gen)
+    torch.testing.assert_close(policy_gen.grad, beta * estimator.gen_weight(logits.detach()) / 3)
+
+
+def test_objective_passes_a_mask_only_when_it_leaves_something_out():
+    seen = []
+
+    def fn(pd, pg, rd, rg, counts, **extras):
+        seen.append(sorted(extras))
+        return pd, {}
+
+    from gsil.objectives import Objective
+
+    objective = Objective("probe", fn, True, True)
+    policy_demo, policy_gen, ref_demo, ref_gen = k_sample_logps()
+    counts = torch.ones(4)
+    objective(policy_demo, policy_gen, ref_demo, ref_gen, counts,
+              gen_mask=torch.ones(4, 3, dtype=torch.bool))  # fmt: skip
+    partial = torch.ones(4, 3, dtype=torch.bool)
+    partial[0, 0] = False
+    objective(policy_demo, policy_gen, ref_demo, ref_gen, counts, gen_mask=partial)
+    assert seen == [[], ["gen_mask"]]

@@ -4,7 +4,6 @@ that trains, evaluates, reports, and skips everything when re-run."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
@@ -54,22 +53,75 @@ def test_paper_zephyr_preset_is_the_papers_setting():
 
 
 def test_paper_zephyr_dry_run_plan(capsys, nothing_loads):
+    """The paper's run, counted by hand. Theory page, section 6: per-device batch 16,
+    accumulation 2, 4 GPUs, an effective batch of 128 prompts; 61,135 prompts in
+    ultrafeedback_binarized's train_prefs = 477 x 128 + 79, so 477 full steps and one partial
+    step in its one epoch and one round; one greedy response per prompt."""
     plan = _dry_run(capsys, "--preset", "paper-zephyr")
     assert plan["demonstrations"] == 61_135
-    assert plan["prompts_per_optimizer_step"] == 16 * 2 * 4
-    assert plan["optimizer_steps"] == math.ceil(61_135 / 128) == 478
+    assert plan["prompts_per_optimizer_step"] == 128
+    assert plan["optimizer_steps"] == 478
     assert plan["generated_responses"] == 61_135
-    tokens = plan["tokens"]
-    assumed = plan["token_assumptions"]
-    assert tokens["generated"] == 61_135 * assumed["generated"]
-    pair_tokens = 2 * assumed["prompt"] + assumed["response"] + assumed["generated"]
-    assert tokens["trained"] == 61_135 * pair_tokens
     estimate = plan["estimate"]
     assert estimate["gpus"] == 4
     assert estimate["assumptions"]["model_billion_params"] == 7.0
     assert estimate["assumptions"]["train_tokens_per_s_per_gpu"] > 0
     assert 1 < estimate["gpu_hours"] < 100
     assert estimate["wall_hours"] == pytest.approx(estimate["gpu_hours"] / 4, abs=0.06)
+
+
+SMALL_RUN = ["--model", "smollm2-135m", "--data", "rg:chain_sum", "--num-demos", "10",
+             "--batch-size", "2", "--grad-accum", "2", "--epochs", "2", "--rounds", "2",
+             "--max-prompt-length", "20", "--max-length", "30", "--max-new-tokens", "4"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("method", "trained", "reference", "generated", "responses"),
+    [("gsil", 2160, 1080, 80, 20), ("sft", 1200, 0, 0, 0)],
+)
+def test_dry_run_counts_steps_and_tokens_by_hand(
+    capsys, nothing_loads, method, trained, reference, generated, responses
+):
+    """A stated small run on one process, counted by hand (not by the planner's formula).
+
+    10 reasoning-gym demonstrations, micro-batch 2, accumulation 2, 2 epochs, 2 rounds; prompts
+    cut at 20 tokens, sequences at 30, generations at 4 new tokens. Steps: 10 / 2 = 5
+    micro-batches an epoch, grouped 2 + 2 + 1 = 3 steps, x 2 epochs x 2 rounds = 12, of 2 x 2 = 4
+    prompts each. Tokens (the caps bind: the plan's assumed means exceed them): a demonstration
+    sequence is 20 + 10 = 30 tokens, a generated one 20 + 4 = 24. GSIL trains on both, 10 x 54 x 2
+    epochs x 2 rounds = 2160, scores both once a round, 10 x 54 x 2 = 1080, and generates
+    10 x 4 x 2 = 80 new tokens in 20 responses; SFT trains on demonstrations only,
+    10 x 30 x 2 x 2 = 1200, with no reference pass and no generation.
+    """
+    plan = _dry_run(capsys, *SMALL_RUN, "--method", method)
+    assumed = plan["token_assumptions"]
+    assert assumed["prompt"] > 20 and assumed["response"] > 10 and assumed["generated"] > 4
+    assert plan["demonstrations"] == 10
+    assert plan["prompts_per_optimizer_step"] == 4
+    assert plan["optimizer_steps"] == 12
+    assert plan["generated_responses"] == responses
+    assert plan["tokens"] == {"trained": trained, "reference_pass": reference,
+                              "generated": generated}  # fmt: skip
+
+
+@pytest.mark.parametrize("demos", [1, 7, 10, 13, 24])
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_planned_steps_are_the_trainers_steps(demos, processes):
+    """The plan's step count against the trainer's own step planner
+    (``gsil.optimization.plan_steps``, a separate implementation), one epoch, one round. By
+    hand for 10 demonstrations on 3 processes of micro-batch 2: a global micro-batch of 6, so
+    6 + 4, one step with accumulation 2."""
+    from gsil.optimization import plan_steps
+
+    config = from_dict({"model": "smollm2-135m", "data": "rg:chain_sum", "num_demos": demos,
+                        "batch_size": 2, "grad_accum": 2, "method": "sft"})  # fmt: skip
+    plan = plan_run(config, processes=processes)
+    trainer_steps = plan_steps(range(demos), 2, 2, processes, 0)
+    assert plan["optimizer_steps"] == len(trainer_steps)
+    assert sum(step.num_examples for step in trainer_steps) == demos
+    assert plan["prompts_per_optimizer_step"] == 4 * processes
+    if (demos, processes) == (10, 3):
+        assert plan["optimizer_steps"] == 1
 
 
 def test_dry_run_follows_flags(capsys, nothing_loads):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
+
+import pytest
 
 from experiments import report
 from gsil.evaluation.results import BenchmarkResult, proportion_interval, write_result
@@ -16,7 +19,8 @@ N = 200
 def make_run(root: Path, name: str, method: str, scores: list[int], rounds: int = 2, **cfg):
     """A finished run with metrics and a reasoning evaluation of its last round."""
     run = root / name
-    write_json(run / "config.json", {"method": method, "loss": cfg.get("loss", "logistic")})
+    write_json(run / "config.json", {"method": method, "loss": cfg.get("loss", "logistic"),
+                                     "seed": cfg.get("seed", 0)})  # fmt: skip
     round_summaries = [
         {"round": r, "global_step": 4 * (r + 1), "ties": 3 + r} for r in range(rounds)
     ]
@@ -47,7 +51,7 @@ def make_experiment(root: Path) -> Path:
 
 def test_report_table_intervals_and_paired_differences(tmp_path):
     root = make_experiment(tmp_path / "exp")
-    md_path, csv_path = report.write_report([root], root, baseline="sft-continued")
+    md_path, csv_path, _ = report.write_report([root], root, baseline="sft-continued")
     text = md_path.read_text()
     assert "| sft-continued (round 1) | sft | 8 | 3, 4 | 40.0 [" in text
     assert "baseline" in text
@@ -92,3 +96,117 @@ def test_experiment_figures(tmp_path, capsys):
     assert all(p.stat().st_size > 0 for p in paths)
     numbers = json.loads((tmp_path / "figs" / "experiments.json").read_text())
     assert numbers["scores"]["reasoning"]["gsil-logistic"][0][0] == 2  # after 2 rounds
+
+
+def make_seeded_experiment(root: Path, extra: dict[str, list[int]]) -> Path:
+    """``sft-continued-seed<s>`` (70 + 10 s of 200 items right) and, per method, runs
+    ``<method>-seed<s>`` right on those items and ``extra[method][i]`` more (seed i)."""
+    for s in range(3):
+        base = [1] * (70 + 10 * s) + [0] * (130 - 10 * s)
+        make_run(root, f"sft-continued-seed{s}", "sft", base, seed=s)
+        for method, more in extra.items():
+            scores = [1] * (70 + 10 * s + more[s]) + [0] * (130 - 10 * s - more[s])
+            make_run(root, f"{method}-seed{s}", method, scores, seed=s)
+    return root
+
+
+def test_seeds_per_seed_rows_interval_across_seeds_pooled_test_and_mde(tmp_path):
+    from gsil.evaluation.results import minimal_detectable_difference
+
+    # spin: +2, +5, +8 points (of 200 items) over the seeds; gsil: +9, +10, +11
+    root = make_seeded_experiment(tmp_path / "exp", {"spin": [4, 10, 16], "gsil": [18, 20, 22]})
+    md_path, csv_path, methods_path = report.write_report([root], root)  # default baseline
+    text = md_path.read_text()
+    for s in range(3):
+        assert f"| spin-seed{s} (round 1) | spin |" in text
+    # each seed is compared with the baseline's run of the same seed
+    rows = {r["run"]: r for r in csv.DictReader(csv_path.open())}
+    assert [float(rows[f"spin-seed{s}"]["difference"]) for s in range(3)] == [0.02, 0.05, 0.08]
+    assert rows["spin-seed1"]["stage"] == "spin" and rows["spin-seed1"]["seed"] == "1"
+    assert rows["sft-continued-seed2"]["baseline"] == ""  # the baseline itself
+
+    methods = {r["method"]: r for r in csv.DictReader(methods_path.open())}
+    assert set(methods) == {"spin", "gsil"} and methods["spin"]["baseline"] == "sft-continued"
+    spin = methods["spin"]
+    assert spin["seeds"] == "0 1 2" and spin["scores"] == "0.37 0.45 0.53"
+    # by hand: mean 0.05, sd 0.03, t(0.975, df 2) = 4.303 from a t table
+    half = 4.303 * 0.03 / math.sqrt(3)
+    assert float(spin["mean_difference"]) == pytest.approx(0.05)
+    assert float(spin["across_low"]) == pytest.approx(0.05 - half, abs=1e-4)
+    assert float(spin["across_high"]) == pytest.approx(0.05 + half, abs=1e-4)
+    # pooled over 600 items: 30 right only for spin, none only for the baseline
+    assert int(spin["pooled_n"]) == 600
+    assert float(spin["pooled_difference"]) == pytest.approx(0.05)
+    assert float(spin["pooled_low"]) > 0
+    assert float(spin["mcnemar_p"]) == pytest.approx(2 * 0.5**30)
+    assert float(spin["discordance"]) == pytest.approx(30 / 600)
+    assert float(spin["mde"]) == pytest.approx(minimal_detectable_difference(600, 0.05))
+    gsil = methods["gsil"]
+    half = 4.303 * 0.01 / math.sqrt(3)
+    assert float(gsil["across_low"]) == pytest.approx(0.10 - half, abs=1e-4)
+
+    # the verdict follows the interval across seeds, not the pooled item-level test
+    assert "no difference resolved across 3 seeds" in spin["verdict"]
+    assert "no difference is claimed" in spin["verdict"]
+    assert gsil["verdict"].startswith("higher than sft-continued across 3 seeds")
+    lines = {line.split(" vs ")[0]: line for line in text.splitlines() if line.startswith("- ")}
+    assert "(3 seeds, pooled n=600)" in lines["- spin"]
+    assert "higher than" not in lines["- spin"]
+    assert "higher than sft-continued across 3 seeds" in lines["- gsil"]
+    table = next(line for line in text.splitlines() if line.startswith("| spin | reasoning |"))
+    assert "| 0, 1, 2 (3) | 37.0, 45.0, 53.0 | +2.0, +5.0, +8.0 | +5.0 [-2.5, +12.5] |" in table
+    assert "(n=600)" in table and "pts (n=600, discordance 0.05)" in table
+
+
+def test_a_baseline_seed_missing_leaves_that_seed_out(tmp_path):
+    root = make_seeded_experiment(tmp_path / "exp", {"spin": [4, 10, 16]})
+    make_run(root, "spin-seed7", "spin", [1] * 90 + [0] * 110, seed=7)  # no sft-continued-seed7
+    runs = report.discover_runs([root])
+    groups = {g.name: g for g in report.group_runs(runs)}
+    assert sorted(r.name for r in groups["spin"].runs) == [f"spin-seed{s}" for s in (0, 1, 2, 7)]
+    baseline = report.pick_baseline(runs, "sft-continued")
+    assert baseline.repeated and len(baseline.runs) == 3
+    rows = report.build_rows(runs, baseline)
+    (methods,) = report.summarize_methods([groups["spin"]], baseline, rows, ["reasoning"])
+    assert [s["seed"] for s in methods["seeds"]] == [0, 1, 2]
+    assert methods["pooled"]["n"] == 600
+
+
+def test_experiment_figures_draw_seeds_and_their_mean(tmp_path):
+    from paper_figs.fig_experiments import draw
+
+    root = make_seeded_experiment(tmp_path / "exp", {"spin": [4, 10, 16]})
+    assert len(draw(tmp_path / "figs", runs_dir=root)) == 4
+    scores = json.loads((tmp_path / "figs" / "experiments.json").read_text())["scores"]
+    reasoning = scores["reasoning"]
+    assert reasoning["spin-seed1"] == [[2, 0.45, reasoning["spin-seed1"][0][2]]]  # per seed
+    ((x, mean, (low, high), count),) = reasoning["spin (mean over seeds)"]
+    # scores 0.37, 0.45, 0.53: mean 0.45, sd 0.08, t(0.975, df 2) = 4.303
+    assert (x, count) == (2, 3) and mean == pytest.approx(0.45)
+    assert (low, high) == pytest.approx((0.45 - 4.303 * 0.08 / 3**0.5, 0.45 + 4.303 * 0.08 / 3**0.5),
+                                        abs=1e-4)  # fmt: skip
+    assert "sft-continued (mean over seeds)" in reasoning
+
+
+def test_the_verdict_claims_only_what_its_interval_supports():
+    from gsil.evaluation.results import detectable_difference
+
+    def summary(across, pooled, seeds=3):
+        return {"baseline": "b", "seeds": [{}] * seeds, "across_interval": across,
+                "pooled": {"interval": pooled},
+                "mde": detectable_difference(600, discordance=0.2)}  # fmt: skip
+
+    # one seed: the paired interval decides, and seed-to-seed variation is said unmeasured
+    one = report.verdict(summary(None, [0.01, 0.05], seeds=1))
+    assert one.startswith("higher than b") and "seed-to-seed variation not measured" in one
+    none = report.verdict(summary(None, [-0.02, 0.03], seeds=1))
+    assert none.startswith("no difference resolved")
+    assert "under 5.1 points" in none  # 2.8 sqrt(0.2 / 600)
+    # several seeds: the interval across seeds decides, whatever the pooled test says
+    assert report.verdict(summary([-0.04, -0.01], [-0.03, 0.01])).startswith(
+        "lower than b across 3 seeds")  # fmt: skip
+    assert "pooled item-level interval contains 0" in report.verdict(
+        summary([0.01, 0.04], [-0.01, 0.05]))  # fmt: skip
+    split = report.verdict(summary([-0.01, 0.09], [0.02, 0.06]))
+    assert split.startswith("no difference resolved across 3 seeds") and "higher" not in split
+    assert "would likely be missed" not in split  # the pooled test did see it

@@ -111,3 +111,56 @@ def test_changed_flags_do_not_silently_skip(tmp_path, tiny_model_dir):
     sweep.main(argv)
     with pytest.raises(SystemExit, match="another configuration"):
         sweep.main([*argv, "--lr", "3e-5"])
+
+
+def test_validation_items_never_meet_train_or_test_items():
+    from gsil.reasoning_tasks import MAX_SEED, split_seed
+
+    # item seeds of a split are [base, base + items) with items < 2**30 (see SPLITS)
+    spans = {
+        split: (split_seed(0, split), split_seed(MAX_SEED - 1, split) + 2**30)
+        for split in ("train", "test", "validation")
+    }
+    ordered = sorted(spans.values())
+    assert all(end <= start for (_, end), (start, _) in zip(ordered, ordered[1:], strict=False))
+    from gsil.evaluation.reasoning import load_test_items
+
+    test = load_test_items(("chain_sum",), 20, seed=0, split="test")
+    validation = load_test_items(("chain_sum",), 20, seed=0, split="validation")
+    assert {d.prompt for d in test}.isdisjoint({d.prompt for d in validation})
+
+
+def test_select_settings_picks_the_best_mean_over_seeds_per_method():
+    sweep_values = {"method": ["spin", "gsil"], "lr": [1e-5, 1e-4], "seed": [0, 1]}
+    # validation scores in sweep order (method, lr, seed)
+    scores = [0.10, 0.30,  0.25, 0.25,   # spin: lr 1e-5 mean 0.20, lr 1e-4 mean 0.25
+              0.40, 0.40,  0.10, 0.70]  # gsil: both means 0.40 -> the first listed wins  # fmt: skip
+    done = [{"validation": {"score": s}} for s in scores]
+    selection = sweep.select_settings([None] * len(done), done, sweep_values)
+    assert selection["tuned"] == ["lr"]
+    spin, gsil = selection["methods"]["method-spin"], selection["methods"]["method-gsil"]
+    assert spin["setting"] == {"lr": 1e-4} and spin["validation_mean"] == pytest.approx(0.25)
+    assert spin["seeds"] == 2
+    assert gsil["setting"] == {"lr": 1e-5} and gsil["validation_mean"] == pytest.approx(0.40)
+
+
+def test_sweep_selects_on_validation_items_only(tmp_path, tiny_model_dir):
+    out = tmp_path / "runs"
+    argv = [
+        "--sweep", "method=sft", "lr=1e-3,1e-2",
+        "--model", str(tiny_model_dir), "--data", "rg:chain_sum", "--num-demos", "2",
+        "--batch-size", "2", "--max-prompt-length", "400", "--max-length", "440",
+        "--checkpoint-every", "0", "--precision", "fp32", "--output-dir", str(out),
+        "--name", "sel", "--select-on", "validation", "--select-limit", "2",
+    ]  # fmt: skip
+    done = sweep.main(argv)
+    assert [d["validation"]["n"] for d in done] == [2, 2]
+    root = out / "sweep-sel"
+    selection = json.loads((root / "selection.json").read_text())
+    assert selection["split"] == "validation" and selection["tuned"] == ["lr"]
+    assert selection["methods"]["method-sft"]["setting"]["lr"] in (1e-3, 1e-2)
+    for name in ("method-sft_lr-0.001", "method-sft_lr-0.01"):
+        round_dir = root / name / "round_0"
+        result = json.loads((round_dir / "eval-validation" / "reasoning.json").read_text())
+        assert result["settings"]["split"] == "validation"
+        assert not (round_dir / "eval").exists()  # no test item was looked at

@@ -9,6 +9,7 @@ from tiny import Interrupt, interrupting, tiny_demos
 
 from gsil.estimators import get_estimator
 from gsil.generation import GenerationSettings
+from gsil.layout import RunLayout
 from gsil.objectives import make_objective
 from gsil.trainer import OptimSettings, run_rounds
 
@@ -63,21 +64,102 @@ def test_two_round_gsil_run_end_to_end(tiny_model, tiny_tokenizer, tmp_path):
     assert not (tmp_path / "checkpoint").exists()
 
 
+def response_logps(model, tokenizer, prompt, response, *, average=False):
+    """``log pi(response | prompt)`` by hand: one unpadded sequence, a full ``log_softmax``.
+
+    Independent of :mod:`gsil.logprobs` and of the trainer's batching (its padding, its chunks);
+    the token ids are the trainer's own (``build_examples``: the chat prompt, the response and
+    its EOS). Summed over the response tokens, or their mean with ``average``. Keeps the graph.
+    """
+    from gsil.batching import build_examples
+
+    (example,) = build_examples(tokenizer, [prompt], [response], None, max_prompt_length=64,
+                                max_length=96)  # fmt: skip
+    ids = torch.tensor([example.prompt_ids + example.demo_ids])
+    logits = model(input_ids=ids).logits[0].double()
+    start = len(example.prompt_ids)
+    targets = ids[0, start:, None]
+    total = logits[start - 1 : -1].log_softmax(-1).gather(1, targets).sum()
+    return total / len(example.demo_ids) if average else total
+
+
+def subset_matching(values, size, target, atol=1e-5):
+    """The index sets of ``size`` values whose mean is ``target``: which examples a step saw."""
+    from itertools import combinations
+
+    return [
+        set(subset)
+        for subset in combinations(range(len(values)), size)
+        if abs(sum(values[i] for i in subset) / size - target) < atol
+    ]
+
+
 @pytest.mark.parametrize("method", ["spin", "sft"])
 def test_spin_and_sft_runs(method, tiny_model, tiny_tokenizer, tmp_path):
-    objective = make_objective(method, beta=0.5)
+    """SPIN and SFT against by-hand log-probs of the starting policy and of the trained one.
+
+    One round, 8 demos, micro-batch 2, accumulation 2: 2 steps per epoch, 2 epochs. The first
+    step runs at the starting weights on 4 of the 8 examples, so its statistics are means of
+    by-hand values over one 4-subset. SPIN (theory page, section 4): at theta = ref every margin
+    is 0 and the loss softplus(0) = log 2; its reference log-probs are the starting policy's;
+    the trained policy lowers the SPIN objective ``mean softplus(-beta (Delta_demo -
+    Delta_gen))`` recomputed by hand from the saved model. SFT: the loss is the token-mean NLL,
+    and it needs neither generations nor reference log-probs.
+    """
+    import copy
+    import math
+
+    from gsil.models import load_model
+
+    start = copy.deepcopy(tiny_model)
+    data, beta = demos(), 0.5
+    objective = make_objective(method, beta=beta)
     run_rounds(
-        tiny_model, tiny_tokenizer, demos(), objective, tmp_path, rounds=1, optim=optim(),
+        tiny_model, tiny_tokenizer, data, objective, tmp_path, rounds=1, optim=optim(),
         generation=GENERATION, max_prompt_length=64, max_length=96,
     )  # fmt: skip
     metrics = read_metrics(tmp_path)
-    assert len(metrics) == 4
-    assert (tmp_path / "round_0" / "generated.jsonl").exists() == (method == "spin")
-    assert metrics[-1]["logps/chosen"] > metrics[0]["logps/chosen"] or method == "spin"
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    run = RunLayout(tmp_path)
+    trained, _ = load_model(str(run.model(0)), dtype="float32")
+    with torch.no_grad():
+        start_demo = [float(response_logps(start, tiny_tokenizer, d.prompt, d.response))
+                      for d in data]  # fmt: skip
     if method == "sft":
+        assert not run.generated(0).exists() and not run.reference_logps(0).exists()
+        with torch.no_grad():
+            nll = [-float(response_logps(start, tiny_tokenizer, d.prompt, d.response, average=True))
+                   for d in data]  # fmt: skip
+        assert subset_matching(nll, 4, metrics[0]["loss"])  # the token-mean NLL of 4 demos
         assert metrics[-1]["loss"] < metrics[0]["loss"]
-    else:
-        assert metrics[-1]["rewards/margins"] > metrics[0]["rewards/margins"]
+        assert metrics[-1]["logps/chosen"] > metrics[0]["logps/chosen"]
+        return
+    rows = [json.loads(line) for line in run.generated(0).read_text().splitlines()]
+    assert [row["demo_response"] for row in rows] == [d.response for d in data]
+    generated = [row["generated_response"] for row in rows]
+    with torch.no_grad():
+        start_gen = [float(response_logps(start, tiny_tokenizer, d.prompt, g))
+                     for d, g in zip(data, generated, strict=True)]  # fmt: skip
+        end_demo = [float(response_logps(trained, tiny_tokenizer, d.prompt, d.response))
+                    for d in data]  # fmt: skip
+        end_gen = [float(response_logps(trained, tiny_tokenizer, d.prompt, g))
+                   for d, g in zip(data, generated, strict=True)]  # fmt: skip
+    reference = torch.load(run.reference_logps(0))
+    torch.testing.assert_close(reference["demo"], torch.tensor(start_demo), rtol=0, atol=1e-4)
+    gen_reference = reference["gen"].reshape(-1)  # (n,) or (n, k = 1)
+    torch.testing.assert_close(gen_reference, torch.tensor(start_gen), rtol=0, atol=1e-4)
+    first = metrics[0]
+    # the same 4 pairs explain the first step's demo and generation log-probs
+    seen = subset_matching(start_demo, 4, first["logps/chosen"], atol=1e-4)
+    assert any(s in subset_matching(start_gen, 4, first["logps/rejected"], atol=1e-4) for s in seen)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/rejected"]) < 1e-5
+    assert metrics[-1]["rewards/margins"] > first["rewards/margins"]
+    margins = [beta * ((ed - sd) - (eg - sg))
+               for ed, sd, eg, sg in zip(end_demo, start_demo, end_gen, start_gen, strict=True)]  # fmt: skip
+    spin_after = sum(math.log1p(math.exp(-m)) for m in margins) / len(margins)
+    assert spin_after < math.log(2) - 0.05, spin_after
+    assert sum(m > 0 for m in margins) >= 6, margins  # most pairs are now ranked right
 
 
 @pytest.mark.parametrize("interrupt_after_calls", [3, 10])  # round 0 mid-epoch; round 1

@@ -38,8 +38,11 @@ def load_test_items(
     tasks: Sequence[str] = DEFAULT_TASKS,
     items_per_task: int = DEFAULT_ITEMS_PER_TASK,
     seed: int = 0,
+    split: str = "test",
 ) -> list[Demonstration]:
-    """``items_per_task`` held-out items of each task (split ``"test"``), deterministic in seed.
+    """``items_per_task`` held-out items of each task, deterministic in seed: split ``"test"``
+    for results, ``"validation"`` for choosing settings (disjoint item seeds, see
+    ``gsil.reasoning_tasks.split_seed``).
 
     The returned list carries ``.skipped`` (items dropped for a bad gold, by task and reason).
     """
@@ -47,7 +50,7 @@ def load_test_items(
         raise ValueError(f"items_per_task must be >= 1, got {items_per_task}")
     spec = ",".join(tasks)
     return load_reasoning_demonstrations(
-        spec, size=items_per_task * len(tasks), seed=seed, split="test"
+        spec, size=items_per_task * len(tasks), seed=seed, split=split
     )
 
 
@@ -124,14 +127,16 @@ def evaluate_reasoning(
     seed: int = 0,
     decoding: Decoding | None = None,
     progress: bool = True,
+    split: str = "test",
 ) -> tuple[BenchmarkResult, list[dict[str, Any]]]:
-    """Generate answers to held-out items of ``tasks`` and score them.
+    """Generate answers to held-out items of ``tasks`` (``split``: test or validation) and
+    score them.
 
     Returns:
         ``(result, records)``; write them with ``gsil.evaluation.results.write_result``.
     """
     decoding = decoding or Decoding()
-    items = load_test_items(tasks, items_per_task, seed)
+    items = load_test_items(tasks, items_per_task, seed, split)
     outputs = generate(
         model, tokenizer, [item.prompt for item in items], **decoding.generate_kwargs(progress)
     )
@@ -144,7 +149,7 @@ def evaluate_reasoning(
         tasks=list(tasks),
         items_per_task=items_per_task,
         data_seed=seed,
-        split="test",
+        split=split,
         skipped=dict(getattr(items, "skipped", {})),
     )
     result = summarize(records, settings)

@@ -272,18 +272,10 @@ def _item_scores(records: Sequence[Mapping[str, Any]], where: str) -> dict[str, 
     return {item: float(np.mean(scores)) for item, scores in grouped.items()}
 
 
-def compare_results(
-    path_a: str | os.PathLike[str],
-    path_b: str | os.PathLike[str],
-    confidence: float = CONFIDENCE,
-    resamples: int = 10_000,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Paired comparison of two evaluations of the same items: ``mean(a) - mean(b)``.
-
-    Returns a dict with ``n``, ``mean_a``, ``mean_b``, ``difference``, its paired bootstrap
-    ``interval``, and, when every per-item score is 0 or 1, ``mcnemar`` (``a_only``,
-    ``b_only``, exact two-sided ``p_value``).
+def paired_scores(
+    path_a: str | os.PathLike[str], path_b: str | os.PathLike[str]
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The item ids two evaluations share and their per-item scores ``(items, a, b)``.
 
     Raises:
         ValueError: when the two files do not hold the same item ids (names a few of each).
@@ -299,21 +291,40 @@ def compare_results(
             f"second, e.g. {only_b[:3]}); evaluate both with the same benchmark, --limit and --seed"
         )
     items = sorted(scores_a)
-    a = np.array([scores_a[item] for item in items])
-    b = np.array([scores_b[item] for item in items])
+    a = np.array([scores_a[item] for item in items], dtype=float)
+    b = np.array([scores_b[item] for item in items], dtype=float)
+    return items, a, b
+
+
+def paired_comparison(
+    a: np.ndarray,
+    b: np.ndarray,
+    confidence: float = CONFIDENCE,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Paired comparison of per-item scores ``a[i]``, ``b[i]`` of the same items: ``mean(a - b)``.
+
+    Returns ``n``, ``mean_a``, ``mean_b``, ``difference``, its paired bootstrap ``interval``,
+    and, when every score is 0 or 1, ``mcnemar`` (``a_only``, ``b_only``, exact two-sided
+    ``p_value``) and ``discordance`` (``(a_only + b_only) / n``).
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(
+            f"paired scores need two 1-D arrays of one length, got {a.shape}, {b.shape}"
+        )
     low, high = paired_bootstrap_interval(a - b, confidence, resamples, seed)
     comparison: dict[str, Any] = {
-        "a": str(path_a),
-        "b": str(path_b),
-        "n": len(items),
-        "mean_a": float(a.mean()),
-        "mean_b": float(b.mean()),
-        "difference": float((a - b).mean()),
+        "n": int(a.size),
+        "mean_a": float(a.mean()) if a.size else math.nan,
+        "mean_b": float(b.mean()) if b.size else math.nan,
+        "difference": float((a - b).mean()) if a.size else math.nan,
         "interval": [low, high],
         "interval_method": f"paired bootstrap (percentile, {resamples} resamples)",
         "confidence": confidence,
     }
-    if np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all():
+    if a.size and np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all():
         a_only = int(((a == 1) & (b == 0)).sum())
         b_only = int(((a == 0) & (b == 1)).sum())
         comparison["mcnemar"] = {
@@ -321,4 +332,189 @@ def compare_results(
             "b_only": b_only,
             "p_value": mcnemar_exact(a_only, b_only),
         }
+        comparison["discordance"] = (a_only + b_only) / a.size
     return comparison
+
+
+def compare_results(
+    path_a: str | os.PathLike[str],
+    path_b: str | os.PathLike[str],
+    confidence: float = CONFIDENCE,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Paired comparison of two evaluations of the same items: ``mean(a) - mean(b)``.
+
+    Returns :func:`paired_comparison`'s dict with the two paths (``a``, ``b``) added.
+
+    Raises:
+        ValueError: when the two files do not hold the same item ids (names a few of each).
+    """
+    _, a, b = paired_scores(path_a, path_b)
+    comparison = paired_comparison(a, b, confidence, resamples, seed)
+    return {"a": str(path_a), "b": str(path_b), **comparison}
+
+
+def pooled_comparison(
+    pairs: Sequence[tuple[str | os.PathLike[str], str | os.PathLike[str]]],
+    confidence: float = CONFIDENCE,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """One paired comparison over the items of several ``(a, b)`` result pairs, stacked.
+
+    Each pair (e.g. a method's run and the baseline's run of one training seed) contributes its
+    items; the pooled test treats every item of every pair as one independent pair of scores,
+    so it measures item-to-item variation only, not seed-to-seed variation (compare the
+    per-pair differences across seeds for that: :func:`mean_interval`).
+    ``pairs`` is also returned, as ``[[a, b], ...]``.
+    """
+    if not pairs:
+        raise ValueError("pooled_comparison: no (a, b) result pairs to pool")
+    stacked_a, stacked_b = [], []
+    for path_a, path_b in pairs:
+        _, a, b = paired_scores(path_a, path_b)
+        stacked_a.append(a)
+        stacked_b.append(b)
+    comparison = paired_comparison(np.concatenate(stacked_a), np.concatenate(stacked_b),
+                                   confidence, resamples, seed)  # fmt: skip
+    return {"pairs": [[str(a), str(b)] for a, b in pairs], **comparison}
+
+
+# --------------------------------------------------------------------------- statistical power
+
+ALPHA = 0.05  # two-sided
+POWER = 0.8
+
+
+def independent_discordance(accuracy: float) -> float:
+    """Discordance ``P(a != b)`` of two 0/1 scores with accuracy ``p`` and independent errors.
+
+    ``2 p (1 - p)``; for two models whose item outcomes are positively correlated (models
+    fine-tuned from one parent) the discordance ``2 p (1 - p) (1 - rho)`` is smaller, so this is
+    an upper bound there (and the detectable difference computed from it a conservative one).
+    """
+    if not 0.0 <= accuracy <= 1.0:
+        raise ValueError(f"accuracy must be in [0, 1], got {accuracy}")
+    return 2.0 * accuracy * (1.0 - accuracy)
+
+
+def mcnemar_power(n: int, discordance: float, difference: float, alpha: float = ALPHA) -> float:
+    """Power of the two-sided McNemar test (normal approximation) for a paired difference.
+
+    Items are pairs of 0/1 scores; ``discordance`` ``p_d = P(a != b)`` and ``difference``
+    ``delta = P(a=1, b=0) - P(a=0, b=1)``. Per item ``D = a - b`` has mean ``delta`` and
+    variance ``p_d - delta^2`` (``p_d`` under H0), so (Connor 1987)::
+
+        power = Phi( (|delta| sqrt(n) - z_{1-alpha/2} sqrt(p_d)) / sqrt(p_d - delta^2) )
+
+    (the far tail, ``< 1e-8`` here, is left out). Needs ``|delta| <= p_d``.
+    """
+    if n <= 0 or discordance <= 0.0:  # no discordant items: nothing for the test to count
+        return 0.0
+    delta = abs(difference)
+    if delta > discordance:
+        raise ValueError(f"a paired difference {difference} cannot exceed the discordance "
+                         f"{discordance} (delta = p10 - p01, p_d = p10 + p01)")  # fmt: skip
+    spread = math.sqrt(max(discordance - delta**2, 1e-300))
+    z_alpha = float(stats.norm.ppf(1.0 - alpha / 2.0))
+    return float(stats.norm.cdf((delta * math.sqrt(n) - z_alpha * math.sqrt(discordance)) / spread))
+
+
+def minimal_detectable_difference(
+    n: int, discordance: float, alpha: float = ALPHA, power: float = POWER
+) -> float:
+    """The smallest paired difference ``delta`` the McNemar test detects with ``power``.
+
+    The closed-form inverse of :func:`mcnemar_power`: with ``za = z_{1-alpha/2}``,
+    ``zb = z_{power}``, solving ``delta sqrt(n) = za sqrt(p_d) + zb sqrt(p_d - delta^2)`` for
+    ``delta`` gives::
+
+        delta = sqrt(p_d / n) * (za + zb sqrt(1 + (zb^2 - za^2) / n)) / (1 + zb^2 / n)
+
+    (about ``(za + zb) sqrt(p_d / n)``, i.e. ``2.80 sqrt(p_d / n)`` at alpha 0.05, power 0.8).
+    Returns ``inf`` when ``n`` is too small for any difference (``n < za^2 - zb^2``) and
+    ``nan`` when ``p_d == 0`` (no discordant items: the test has nothing to count).
+    A value above ``p_d`` cannot occur (``|delta| <= p_d``): such ``n`` detect nothing.
+    """
+    if not 0.0 <= discordance <= 1.0:
+        raise ValueError(f"discordance must be in [0, 1], got {discordance}")
+    if discordance == 0.0:
+        return math.nan
+    z_alpha = float(stats.norm.ppf(1.0 - alpha / 2.0))
+    z_beta = float(stats.norm.ppf(power))
+    inside = 1.0 + (z_beta**2 - z_alpha**2) / n if n > 0 else -1.0
+    if inside < 0.0:
+        return math.inf
+    scaled = (z_alpha + z_beta * math.sqrt(inside)) / (1.0 + z_beta**2 / n)
+    return math.sqrt(discordance / n) * scaled
+
+
+@dataclass(frozen=True)
+class DetectableDifference:
+    """A minimal detectable paired difference and what it assumed.
+
+    ``difference`` is a proportion (0.05: 5 points); ``discordance`` the share of items on
+    which the two systems disagree, and ``assumption`` where it came from (observed, stated,
+    or derived from the baseline's accuracy under independent errors).
+    """
+
+    difference: float
+    n: int
+    discordance: float
+    assumption: str
+    baseline_accuracy: float | None = None
+    alpha: float = ALPHA
+    power: float = POWER
+
+    @property
+    def attainable(self) -> bool:
+        """Whether a difference this large can occur at this discordance (``delta <= p_d``)."""
+        return self.difference <= self.discordance
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "difference_points": round(100 * self.difference, 2),
+                "attainable": self.attainable}  # fmt: skip
+
+    def summary(self) -> str:
+        """``MDE 6.1 pts (80% power, alpha 0.05, n=600, discordance 0.24 observed)``."""
+        if math.isnan(self.difference):
+            return f"MDE undefined (n={self.n}: no discordant items)"
+        if not self.attainable:
+            return (f"MDE: none at n={self.n} (discordance {self.discordance:.2f}, "
+                    f"{self.assumption}): too few items for {self.power:.0%} power")  # fmt: skip
+        return (f"MDE {100 * self.difference:.1f} pts ({self.power:.0%} power, alpha "
+                f"{self.alpha:g}, n={self.n}, discordance {self.discordance:.2f} "
+                f"{self.assumption})")  # fmt: skip
+
+
+def detectable_difference(
+    n: int,
+    *,
+    baseline_accuracy: float | None = None,
+    discordance: float | None = None,
+    discordance_source: str = "observed",
+    alpha: float = ALPHA,
+    power: float = POWER,
+) -> DetectableDifference:
+    """The minimal detectable paired difference for ``n`` items (0/1 scores), with its premise.
+
+    With ``discordance`` (observed once both systems are scored, or stated), that value,
+    labelled ``discordance_source``; else one derived from ``baseline_accuracy`` under
+    independent errors (:func:`independent_discordance`, an upper bound for positively
+    correlated systems).
+
+    Raises:
+        ValueError: when neither ``discordance`` nor ``baseline_accuracy`` is given.
+    """
+    if discordance is not None:
+        assumption = discordance_source
+    elif baseline_accuracy is not None:
+        discordance = independent_discordance(baseline_accuracy)
+        assumption = (f"assumed: independent errors at baseline accuracy {baseline_accuracy:.2f}, "
+                      "2p(1-p), an upper bound for models trained from one parent")  # fmt: skip
+    else:
+        raise ValueError("detectable_difference needs the discordance or the baseline accuracy")
+    mde = minimal_detectable_difference(n, discordance, alpha, power)
+    return DetectableDifference(mde, int(n), float(discordance), assumption, baseline_accuracy,
+                                alpha, power)  # fmt: skip

@@ -25,6 +25,7 @@ from gsil.evaluation.results import (
     proportion_interval,
     write_result,
 )
+from gsil.faults import kill_point
 from gsil.io import read_json, write_json
 from gsil.layout import run_of_model
 
@@ -82,6 +83,9 @@ class EvalOptions:
     batch_size: int = _opt(32, "prompts per generation batch")
     backend: str = _opt("auto", "generation backend", choices=("auto", "hf", "vllm"))
     max_prompt_length: int | None = _opt(None, "longest prompt in tokens (default: no limit)")
+    split: str = _opt("test", "held-out split of the reasoning tasks: test (results) or "
+                      "validation (choosing settings; disjoint items)",
+                      choices=("test", "validation"))  # fmt: skip
     humaneval_samples: int = _opt(1, "HumanEval samples per task (pass@k)", flag="samples")
     temperature: float | None = _opt(None, "sampling temperature (HumanEval with --samples > 1; "
                                      f"default {DEFAULT_SAMPLING_TEMPERATURE})")  # fmt: skip
@@ -232,6 +236,7 @@ def evaluate_model(
             result.wall_s = round(time.monotonic() - started, 2)
             result.settings = {"model": model_name, **result.settings}
             path = write_result(result, records, out_dir)
+            kill_point("evaluation")  # test hook (gsil.faults): the result is written
             logger.info("%s -> %s", result.summary(), path)
             results[name] = result
     finally:
@@ -300,6 +305,7 @@ def _run_reasoning(model, tokenizer, options, limit, seed, progress, judge):
         tasks=options.tasks or DEFAULT_REASONING_TASKS,
         items_per_task=limit or DEFAULT_ITEMS_PER_TASK,
         seed=seed,
+        split=options.split,
         decoding=options.decoding("reasoning", seed),
         progress=progress,
     )

@@ -46,6 +46,21 @@ class GenerationSettings:
         "vllm (one engine for the run)", "choices": ("auto", "hf", "vllm"), "flag": "generator"})  # fmt: skip
     batch_size: int = field(default=16, metadata={"help": "prompts per generation batch",
                                                   "flag": "gen_batch_size"})  # fmt: skip
+    num_samples: int = field(default=1, metadata={
+        "help": "k: own responses sampled per prompt each round (k > 1 needs --do-sample; "
+        "GSIL averages its generated-side loss over them, SPIN pairs the demonstration with "
+        "each, DFT takes them as negatives; a batch then forwards (1 + k) x its prompts)"})  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"generation.num_samples (--num-samples) must be >= 1, got "
+                             f"{self.num_samples}")  # fmt: skip
+        if self.num_samples > 1 and not self.do_sample:
+            raise ValueError(
+                f"generation.num_samples={self.num_samples} needs generation.do_sample: greedy "
+                "decoding would give k identical responses (add --do-sample, or set "
+                "--num-samples 1)"
+            )
 
 
 @dataclass(frozen=True)

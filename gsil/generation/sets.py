@@ -1,10 +1,11 @@
-"""Generated sets for the trainer: a JSONL of responses with a sidecar of the settings that
-made it, reused when a resumed run asks for the same thing."""
+"""Generated sets for the trainer: a JSONL of responses (k per prompt) with a sidecar of the
+settings that made it, reused when a resumed run asks for the same thing."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -15,9 +16,11 @@ from accelerate import Accelerator
 from gsil.data import encode_prompt, save_jsonl
 from gsil.generation import core
 from gsil.generation.core import resolve_backend
+from gsil.integrity import check_file, file_record
 from gsil.io import atomic_file
 
-SETTINGS_FORMAT_VERSION = 2  # 2: sampling seeded per batch
+SETTINGS_FORMAT_VERSION = 3  # 2: sampling seeded per batch; 3: k samples per prompt (rows)
+logger = logging.getLogger(__name__)
 
 
 class DemonstrationLike(Protocol):
@@ -45,36 +48,49 @@ def generate_set(
     progress: bool = True,
     extra_settings: Mapping[str, Any] | None = None,
     accelerator: Accelerator | None = None,
+    num_samples: int = 1,
 ) -> list[str]:
-    """Generate responses to the demonstrations' prompts, cached as JSONL at ``path``.
+    """Generate ``num_samples`` responses to each demonstration's prompt, cached as JSONL at
+    ``path``.
 
     If ``path`` and its sidecar ``path.with_suffix(".settings.json")`` exist and record the same
-    settings -- decoding settings, the encoded prompt token ids (so a changed tokenizer or
-    template counts as a change), the demonstrations, and ``extra_settings`` (e.g. the round or
-    policy checkpoint) -- the file is reused. Otherwise responses are generated and written
-    atomically. ``batch_size``, ``backend`` and ``progress`` do not affect reuse.
+    settings -- decoding settings and ``num_samples``, the encoded prompt token ids (so a
+    changed tokenizer or template counts as a change), the demonstrations, and
+    ``extra_settings`` (e.g. the round or policy checkpoint) -- the file is reused. Otherwise
+    responses are generated and written atomically. ``batch_size``, ``backend`` and
+    ``progress`` do not affect reuse.
 
-    Each JSONL row holds ``id, prompt, demo_response, generated_response, num_tokens,
-    truncated, tie`` where ``tie`` says the generated response equals the demonstration
-    (after stripping whitespace).
+    The k samples of a prompt are k requests of their own, each seeded apart from the others
+    (HF: the batch's seed, drawn row by row; vLLM: ``seed`` + the request's number), so they
+    differ, and the same ``seed`` repeats them. k > 1 needs ``do_sample``.
+
+    Each JSONL row is one response: ``id, sample, prompt, demo_response, generated_response,
+    num_tokens, truncated, tie``, where ``sample`` is j in 0..k-1 (a prompt's k rows are
+    consecutive) and ``tie`` says this response equals the demonstration (after stripping
+    whitespace): ties are counted per response.
 
     Returns:
-        The generated responses, in the order of ``demos``.
+        The generated responses, prompt-major: response j to ``demos[i]`` is at
+        ``i * num_samples + j`` (one per demonstration, in order, when ``num_samples`` is 1).
     """
+    if num_samples < 1 or (num_samples > 1 and not do_sample):
+        raise ValueError(f"num_samples={num_samples}: k must be >= 1, and k > 1 needs "
+                         "do_sample (greedy decoding gives k identical responses)")  # fmt: skip
     path = Path(path)
     prompt_ids = [encode_prompt(tokenizer, demo.prompt, max_prompt_length) for demo in demos]
     settings = _set_settings(
         demos, prompt_ids, max_new_tokens, do_sample, temperature, top_p, seed,
-        max_prompt_length, extra_settings,
+        max_prompt_length, extra_settings, num_samples,
     )  # fmt: skip
-    cached = _load_matching_set(path, settings, demos)
+    cached = _load_matching_set(path, settings, demos, num_samples)
     if cached is not None:
         return cached
 
+    # request i * k + j is sample j of prompt i: its own row of an HF batch, its own vLLM seed
     results = core.generate_from_ids(
         model,
         tokenizer,
-        prompt_ids,
+        [ids for ids in prompt_ids for _ in range(num_samples)],
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
         temperature=temperature,
@@ -88,6 +104,7 @@ def generate_set(
     rows = [
         {
             "id": demo.id,
+            "sample": number % num_samples,
             "prompt": demo.prompt,
             "demo_response": demo.response,
             "generated_response": result.text,
@@ -95,7 +112,9 @@ def generate_set(
             "truncated": result.truncated,
             "tie": result.text.strip() == demo.response.strip(),
         }
-        for demo, result in zip(demos, results, strict=True)
+        for number, (demo, result) in enumerate(
+            zip([d for d in demos for _ in range(num_samples)], results, strict=True)
+        )
     ]
     if accelerator is None or accelerator.is_main_process:
         sidecar = settings_path(path)
@@ -106,6 +125,7 @@ def generate_set(
             "settings": settings,
             "backend": resolve_backend(backend, model),
             "num_rows": len(rows),
+            "files": {path.name: file_record(path)},  # size and sha256, checked before reuse
         }
         with atomic_file(sidecar) as handle:
             handle.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -135,6 +155,7 @@ def _set_settings(
     seed: int,
     max_prompt_length: int | None,
     extra_settings: Mapping[str, Any] | None,
+    num_samples: int = 1,
 ) -> dict[str, Any]:
     """Everything that determines a generated set, as a JSON-comparable dict."""
     demo_record = [[demo.id, demo.prompt, demo.response] for demo in demos]
@@ -147,6 +168,7 @@ def _set_settings(
         "top_p": top_p if do_sample else None,
         "seed": seed if do_sample else None,
         "max_prompt_length": max_prompt_length,
+        "num_samples": num_samples,
         "num_prompts": len(demos),
         "prompt_ids_sha256": _sha256_json([list(ids) for ids in prompt_ids]),
         "demos_sha256": _sha256_json(demo_record),
@@ -156,21 +178,43 @@ def _set_settings(
 
 
 def _load_matching_set(
-    path: Path, settings: Mapping[str, Any], demos: Sequence[DemonstrationLike]
+    path: Path, settings: Mapping[str, Any], demos: Sequence[DemonstrationLike], num_samples: int
 ) -> list[str] | None:
-    """Return the cached responses if ``path`` was made with ``settings``, else None."""
+    """Return the cached responses if ``path`` was made with ``settings``, else None.
+
+    A set to be reused must first match the size and sha256 its sidecar recorded (a sidecar
+    from before those were recorded: a warning).
+
+    Raises:
+        CorruptFileError: the JSONL was truncated or changed since it was written.
+    """
     sidecar = settings_path(path)
     if not (path.is_file() and sidecar.is_file()):
         return None
     try:
         record = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None  # unreadable or half-written: regenerate
+    if not isinstance(record, dict) or record.get("settings") != settings:
+        return None
+    files = record.get("files")
+    recorded = files.get(path.name) if isinstance(files, dict) else None
+    if recorded is None:
+        logger.warning("generated set %s: its sidecar records no checksum (written before gsil "
+                       "recorded them); reused unchecked", path)  # fmt: skip
+    else:
+        check_file(path, recorded, source=sidecar, fix=f"Delete {path} and {sidecar.name} to "
+                   "generate the round's responses again")  # fmt: skip
+    try:
         rows = read_generated_set(path)
     except (OSError, json.JSONDecodeError):
         return None  # unreadable or half-written: regenerate
-    if record.get("settings") != settings or len(rows) != len(demos):
+    if len(rows) != len(demos) * num_samples:
         return None
-    if any(row.get("id") != _json_value(demo.id) for row, demo in zip(rows, demos, strict=True)):
-        return None
+    for number, row in enumerate(rows):
+        demo = demos[number // num_samples]
+        if row.get("id") != _json_value(demo.id) or row.get("sample", 0) != number % num_samples:
+            return None
     return [row["generated_response"] for row in rows]
 
 
