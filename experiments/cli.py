@@ -66,15 +66,10 @@ def user_error_message(
     """
     from experiments.config import ConfigError
     from gsil.data import DataError
+    from gsil.integrity import CorruptFileError, NonFiniteError
     from gsil.models import ModelLoadError
 
-    known: tuple[type[BaseException], ...] = (ConfigError, DataError, ModelLoadError)
-    try:  # the integrity checks' errors (gsil.integrity)
-        from gsil.integrity import CorruptFileError, NonFiniteError
-
-        known += (CorruptFileError, NonFiniteError)
-    except ImportError:  # pragma: no cover - an install without that module
-        pass
+    known = (ConfigError, DataError, ModelLoadError, CorruptFileError, NonFiniteError)
     if isinstance(error, SystemExit):
         return None if error.code is None or isinstance(error.code, int) else str(error.code)
     if isinstance(error, OSError) and error.errno in DISK_FULL:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import build_tiny_model, build_tiny_tokenizer
+from tiny import build_tiny_model, build_tiny_tokenizer, doubling_experiment
 
 import experiments.run
 from experiments import sweep
@@ -75,16 +75,7 @@ def run_args(inputs, out: Path, name: str = "gsil", *extra: str) -> list[str]:
 def write_recipe(inputs, path: Path) -> Path:
     """The reference experiment: the run of :func:`run_args` as a stage, evaluated."""
     model_dir, data = inputs
-    path.write_text(json.dumps({
-        "pipeline": "exp",
-        "base": {"model": str(model_dir), "data": str(data), "num_demos": 6, "rounds": 2,
-                 "batch_size": 2, "max_new_tokens": 6, "max_prompt_length": 64,
-                 "max_length": 96, "gen_batch_size": 4, "lr": 1e-2, "checkpoint_every": 2,
-                 "precision": "fp32"},
-        "stages": [{"name": "gsil", "method": "gsil"}],
-        "evaluate": {"benchmarks": ["reasoning"], "limit": 2, "dtype": "float32",
-                     "max_new_tokens": {"reasoning": 8}, "batch_size": 4},
-    }))  # fmt: skip
+    path.write_text(json.dumps(doubling_experiment(model_dir, data)))
     return path
 
 

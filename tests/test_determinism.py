@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import build_tiny_model, build_tiny_tokenizer
+from tiny import build_tiny_model, build_tiny_tokenizer, doubling_experiment
 
 import experiments.run
 from gsil.models import save_model
@@ -51,16 +51,8 @@ def recipe(tmp_path_factory) -> Path:
     rows = [{"prompt": f"double {i}", "response": f"{2 * i}"} for i in range(6)]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     path = root / "exp.json"
-    path.write_text(json.dumps({
-        "pipeline": "exp",
-        "base": {"model": str(model_dir), "data": str(data), "num_demos": 6, "rounds": 2,
-                 "batch_size": 2, "max_new_tokens": 6, "max_prompt_length": 64,
-                 "max_length": 96, "gen_batch_size": 4, "lr": 1e-2, "checkpoint_every": 0,
-                 "precision": "auto"},
-        "stages": [{"name": "gsil", "method": "gsil"}],
-        "evaluate": {"benchmarks": ["reasoning"], "limit": 2, "dtype": "auto",
-                     "max_new_tokens": {"reasoning": 8}, "batch_size": 4},
-    }))  # fmt: skip
+    experiment = doubling_experiment(model_dir, data, checkpoint_every=0, precision="auto")
+    path.write_text(json.dumps(experiment))
     return path
 
 

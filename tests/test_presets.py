@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny import tiny_pipeline_base
 
 import experiments.run
 import experiments.training
@@ -170,10 +171,7 @@ def test_tiny_pipeline_trains_evaluates_reports_and_skips(tmp_path, tiny_model, 
     preset = tmp_path / "tiny.json"
     preset.write_text(json.dumps({
         "pipeline": "tiny",
-        "base": {"model": str(model_dir), "data": "rg:chain_sum", "num_demos": 2,
-                 "batch_size": 2, "max_prompt_length": 400, "max_length": 440,
-                 "max_new_tokens": 4, "gen_batch_size": 2, "checkpoint_every": 0,
-                 "precision": "fp32"},
+        "base": tiny_pipeline_base(model_dir),
         "stages": [
             {"name": "sft", "method": "sft"},
             {"name": "sft-continued", "init_from": "sft", "method": "sft", "rounds": 2},

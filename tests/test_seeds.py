@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny import tiny_pipeline_base
 
 import experiments.run
 from experiments.config import ConfigError, load_pipeline
@@ -165,10 +166,7 @@ def test_tiny_pipeline_over_two_seeds_trains_evaluates_and_reports(tmp_path, tin
     preset.write_text(json.dumps({
         "pipeline": "tiny",
         "seeds": [0, 1],
-        "base": {"model": str(model_dir), "data": "rg:chain_sum", "num_demos": 2,
-                 "batch_size": 2, "max_prompt_length": 400, "max_length": 440,
-                 "max_new_tokens": 4, "gen_batch_size": 2, "checkpoint_every": 0,
-                 "precision": "fp32"},
+        "base": tiny_pipeline_base(model_dir),
         "stages": [
             {"name": "sft", "method": "sft"},
             {"name": "sft-continued", "init_from": "sft", "method": "sft"},
