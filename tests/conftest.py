@@ -47,3 +47,14 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def cpu_only():
+    """Runs are compared bit for bit, which holds on CPUs (GPU kernels need not be
+    deterministic): every run of a module using this is on the CPU, also on a machine with a
+    GPU (forked children then never touch CUDA either)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        patch.setenv("CUDA_VISIBLE_DEVICES", "")
+        yield

@@ -25,7 +25,6 @@ import traceback
 from pathlib import Path
 
 import pytest
-import torch
 from tiny import build_tiny_model, build_tiny_tokenizer, doubling_experiment
 
 import experiments.run
@@ -39,15 +38,8 @@ LEFTOVER = re.compile(r"\.tmp|staging|\.old-")
 TIMING = re.compile(r"seconds|wall_s$")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cpu_only():
-    """Runs are compared bit for bit, which holds on CPUs (GPU kernels need not be
-    deterministic): every run here is on the CPU, also on a machine with a GPU (the forked
-    children then never touch CUDA either)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.cuda, "is_available", lambda: False)
-        patch.setenv("CUDA_VISIBLE_DEVICES", "")
-        yield
+# runs are compared bit for bit: on the CPU only (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("cpu_only")
 
 
 @pytest.fixture(scope="module")

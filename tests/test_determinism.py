@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from tiny import build_tiny_model, build_tiny_tokenizer, doubling_experiment
 
 import experiments.run
@@ -31,15 +30,8 @@ TIMING = re.compile(r"seconds|wall_s$")
 ROUNDS = (0, 1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cpu_only():
-    """Runs are compared bit for bit, which holds on CPUs (GPU kernels need not be
-    deterministic): every run here is on the CPU, also on a machine with a GPU (the forked
-    children then never touch CUDA either)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.cuda, "is_available", lambda: False)
-        patch.setenv("CUDA_VISIBLE_DEVICES", "")
-        yield
+# runs are compared bit for bit: on the CPU only (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("cpu_only")
 
 
 @pytest.fixture(scope="module")
