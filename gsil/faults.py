@@ -23,6 +23,8 @@ ENV = "GSIL_TEST_KILL_AT"
 
 # where each point is reached (one call each), and what is on disk when it kills
 KILL_POINTS = {
+    "mid_generation": "gsil.generation.hf.generate_hf: after each generated batch, before the "
+    "set is complete (nothing of it is written yet)",
     "generation": "gsil.trainer.prepare_round: the round's generated set is written, the "
     "reference pass has not started",
     "reference": "gsil.optimization.reference_logps: after each scored batch, before the "

@@ -148,6 +148,7 @@ def assert_nothing_left(directory: Path) -> None:
 @pytest.mark.parametrize(
     "kill_at",
     [
+        "mid_generation:2",  # round 0's second batch generated, its set not yet written
         "generation:2",  # round 1's set written (round 0 finished): resume reuses it
         "reference:1",  # round 0, after the reference pass's first batch
         "training:4",  # round 1 after its first step (no checkpoint of round 1 yet)

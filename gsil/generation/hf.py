@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from gsil.faults import kill_point
 from gsil.generation.common import Decoding, GenerationResult, eos_token_ids, make_result
 
 
@@ -64,6 +65,7 @@ def generate_hf(
                     results.append(
                         (index, make_result(tokens, tokenizer, eos_ids, decoding.max_new_tokens))
                     )
+                kill_point("mid_generation")  # test hook (gsil.faults): the set is incomplete
     finally:
         model.train(was_training)
     return results
