@@ -25,12 +25,11 @@ import traceback
 from pathlib import Path
 
 import pytest
-from tiny import build_tiny_model, build_tiny_tokenizer, doubling_experiment
+from tiny import doubling_experiment, save_doubling_inputs
 
 import experiments.run
 from experiments import sweep
 from gsil.faults import ENV
-from gsil.models import save_model
 
 ROOT = Path(__file__).resolve().parent.parent
 # every file a write leaves behind when it is interrupted (gsil.io, save_model, checkpoints)
@@ -44,13 +43,7 @@ pytestmark = pytest.mark.usefixtures("cpu_only")
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inputs")
-    tokenizer = build_tiny_tokenizer()
-    model_dir = save_model(build_tiny_model(tokenizer), tokenizer, root / "model")
-    data = root / "demos.jsonl"
-    rows = [{"prompt": f"double {i}", "response": f"{2 * i}"} for i in range(6)]
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return model_dir, data
+    return save_doubling_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 def run_args(inputs, out: Path, name: str = "gsil", *extra: str) -> list[str]:

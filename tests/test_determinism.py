@@ -20,10 +20,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import build_tiny_model, build_tiny_tokenizer, doubling_experiment
+from tiny import doubling_experiment, save_doubling_inputs
 
 import experiments.run
-from gsil.models import save_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMING = re.compile(r"seconds|wall_s$")
@@ -37,11 +36,7 @@ pytestmark = pytest.mark.usefixtures("cpu_only")
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("inputs")
-    tokenizer = build_tiny_tokenizer()
-    model_dir = save_model(build_tiny_model(tokenizer), tokenizer, root / "model")
-    data = root / "demos.jsonl"
-    rows = [{"prompt": f"double {i}", "response": f"{2 * i}"} for i in range(6)]
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    model_dir, data = save_doubling_inputs(root)
     path = root / "exp.json"
     experiment = doubling_experiment(model_dir, data, checkpoint_every=0, precision="auto")
     path.write_text(json.dumps(experiment))

@@ -121,3 +121,18 @@ def doubling_experiment(model_dir, data, **overrides) -> dict:
                      "dtype": "float32" if base["precision"] == "fp32" else "auto",
                      "max_new_tokens": {"reasoning": 8}, "batch_size": 4},
     }  # fmt: skip
+
+
+def save_doubling_inputs(root, count: int = 6):
+    """A saved tiny model and ``count`` "double i" -> "2i" demonstrations (JSONL) under
+    ``root``: the inputs of :func:`doubling_experiment`. Returns ``(model_dir, data)``."""
+    import json
+
+    from gsil.models import save_model
+
+    tokenizer = build_tiny_tokenizer()
+    model_dir = save_model(build_tiny_model(tokenizer), tokenizer, root / "model")
+    data = root / "demos.jsonl"
+    rows = [{"prompt": f"double {i}", "response": f"{2 * i}"} for i in range(count)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return model_dir, data
