@@ -160,6 +160,12 @@ class Leaf:
     choices: tuple[str, ...] | None
     parse: Any = None  # how a flag's text becomes the value (default: from the annotation)
 
+    def value_in(self, tree: dict[str, Any]) -> Any:
+        """This leaf's value in a nested dict (``config.to_dict()``)."""
+        for part in self.path:
+            tree = tree[part]
+        return tree
+
 
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -477,10 +483,9 @@ def validate(config: RunConfig) -> None:
         problems.append("--dft-tau must be > 0")
     if not 0 < config.objective.dft_gamma <= 1:
         problems.append("--dft-gamma must be in (0, 1]")
+    tree = config.to_dict()
     for leaf in leaves():
-        value = config.to_dict()
-        for part in leaf.path:
-            value = value[part]
+        value = leaf.value_in(tree)
         if leaf.choices and value not in leaf.choices:
             problems.append(f"{'.'.join(leaf.path)} must be one of {list(leaf.choices)}, "
                             f"got {value!r}")  # fmt: skip

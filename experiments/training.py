@@ -59,18 +59,11 @@ RESUMABLE_CHANGES = (("resume",), ("optim", "on_nonfinite"))
 
 def config_changes(saved: RunConfig, config: RunConfig) -> dict[str, tuple]:
     """``{"optim.learning_rate": (saved, now), ...}``: the leaves that differ (resume aside)."""
-
-    def value(tree: dict, path: tuple[str, ...]):
-        for part in path:
-            tree = tree[part]
-        return tree
-
     before, after = saved.to_dict(), config.to_dict()
     return {
-        ".".join(leaf.path): (value(before, leaf.path), value(after, leaf.path))
+        ".".join(leaf.path): (leaf.value_in(before), leaf.value_in(after))
         for leaf in leaves()
-        if leaf.path not in RESUMABLE_CHANGES
-        and value(before, leaf.path) != value(after, leaf.path)
+        if leaf.path not in RESUMABLE_CHANGES and leaf.value_in(before) != leaf.value_in(after)
     }
 
 
