@@ -42,12 +42,12 @@ $(VLLM_STAMP): pyproject.toml
 
 setup-vllm: $(VLLM_STAMP)
 
-# The main job: the default experiment on the embedded model (SFT, then continued SFT, SPIN and
-# GSIL over 2 rounds, evaluated; finished parts are skipped on a rerun), then every analysis
-# figure (about 1.5 minutes). It runs in .venv-vllm, so that vLLM's CPU build generates the
-# rounds' sets and the evaluation's answers (2-8x HF's tokens/s here, see
-# benchmarks/generation.py); where that build cannot be installed, in .venv with HF generate.
-# A smoke check in minutes: `make quick`.
+# The main job: the default experiment on the embedded model (SFT once, then continued SFT,
+# SPIN, GSIL and DFT from it over 3 seeds, evaluated and reported with per-seed scores, the
+# interval across seeds, the pooled paired test and the minimal detectable difference; finished
+# parts are skipped on a rerun), then every analysis figure. It runs in .venv-vllm, so that
+# vLLM's CPU build generates the evaluation's answers (one engine for all twelve models); where
+# that build cannot be installed, in .venv with HF generate. A smoke check in minutes: `make quick`.
 run:
 	@if $(MAKE) --no-print-directory setup-vllm; then py=$(VLLM_PY); else \
 		echo "vLLM's CPU build could not be installed (make setup-vllm): generating with HF"; \

@@ -18,6 +18,7 @@ from typing import Any
 from experiments.config import Pipeline, RunConfig, Stage
 from experiments.training import run_status
 from gsil.evaluation.results import detectable_difference, paired_scores
+from gsil.generation import resolve_backend
 from gsil.io import read_json
 from gsil.layout import RunLayout
 
@@ -44,12 +45,19 @@ TOKEN_ASSUMPTIONS = {
 # tokens), and this module's shrunk default run (62-80 s per SFT step of 8 under heavier load:
 # the costs are loose, a quiet machine is 2-4x faster). See experiments/README.md.
 CPU_COSTS = {
+    # measured on 2 AVX2 cores in fp32: make run (default preset), quiet machine, 2026-11-26
     "sft_step_s_per_sequence": 2.0,  # forward + backward, ~110-token sequences
-    "pair_step_s_per_pair": 4.0,  # GSIL/SPIN: demo + generated rows in one forward
+    "pair_step_s_per_pair": 3.2,  # GSIL/SPIN: demo + generated rows in one forward
     "reference_s_per_pair": 1.0,  # one no-grad forward of demo + generated rows
-    "generate_s_per_prompt": 4.0,  # greedy, batches of 16-32, up to 96 new tokens (fp32)
-    "eval_reasoning_s_per_item": 1.3,  # greedy, batch 16-32, up to 160-256 new tokens
-    "eval_humaneval_s_per_item": 4.5,  # greedy, 256 new tokens + sandboxed test run
+    "generate_s_per_prompt": 2.5,  # HF, greedy, batches of 8-32, up to 96 new tokens
+    "eval_reasoning_s_per_item": 1.3,  # HF, greedy, batch 16-32, up to 160-256 new tokens
+    "eval_humaneval_s_per_item": 4.5,  # HF, greedy, 256 new tokens + sandboxed test run
+    # vLLM's CPU build, one engine for the whole evaluation: 0.49 s per reasoning item in
+    # make run (weights pushed per model included); HumanEval from benchmarks/generation.py's
+    # 6.6x HF tokens/s plus the sandbox, not measured inside a pipeline
+    "eval_reasoning_s_per_item_vllm": 0.5,
+    "eval_humaneval_s_per_item_vllm": 1.0,
+    "vllm_engine_start_s": 45.0,
 }
 
 # GPU assumptions for a ~7B model (stated in the plan; edit to your hardware).
@@ -222,9 +230,13 @@ def plan_pipeline(pipeline: Pipeline) -> dict:
             items["humaneval"] = min(spec.humaneval_limit or HUMANEVAL_PROBLEMS,
                                      HUMANEVAL_PROBLEMS)  # fmt: skip
         evaluated = {name: pipeline.runs_of(name) for name in spec.runs}
+        # the backend the evaluation will use here: vLLM (one engine for every model) or HF
+        backend = resolve_backend(spec.backend)
+        suffix = "_vllm" if backend == "vllm" else ""
         eval_seconds = sum(map(len, evaluated.values())) * sum(
-            count * CPU_COSTS.get(f"eval_{name}_s_per_item", 5.0) for name, count in items.items()
-        )
+            count * CPU_COSTS.get(f"eval_{name}_s_per_item{suffix}", 5.0)
+            for name, count in items.items()
+        ) + (CPU_COSTS["vllm_engine_start_s"] if backend == "vllm" else 0.0)
         result["evaluation"] = {
             "runs": spec.runs,
             "seeds": {
@@ -235,6 +247,7 @@ def plan_pipeline(pipeline: Pipeline) -> dict:
             "items_per_run": items,
             "reasoning_tasks": tasks,
             "baseline": spec.baseline,
+            "backend": backend,
             "minutes_on_this_cpu": round(eval_seconds / 60, 1),
             "power": plan_power(pipeline, items),
         }

@@ -344,6 +344,10 @@ def summarize_methods(
             if "discordance" in pooled:
                 mde = detectable_difference(pooled["n"], baseline_accuracy=pooled["mean_b"],
                                             discordance=pooled["discordance"])  # fmt: skip
+            elif pooled.get("difference_sd") is not None:  # partial credit: not McNemar's
+                mde = detectable_difference(pooled["n"], baseline_accuracy=pooled["mean_b"],
+                                            discordance=pooled["differing"],
+                                            difference_sd=pooled["difference_sd"])  # fmt: skip
             summary = {
                 "method": group.name,
                 "benchmark": bench,
@@ -413,7 +417,7 @@ def _methods_table(methods: Sequence[dict[str, Any]]) -> list[str]:
                        f"{_fmt_points(across[1])}]" if across else "n/a (one seed)")  # fmt: skip
         pooled = m["pooled"]
         mde = m["mde"]
-        mde_text = "n/a (scores not 0/1)" if mde is None else _fmt_mde(mde)
+        mde_text = "n/a" if mde is None else _fmt_mde(mde)
         cells = [m["method"], m["benchmark"],
                  ", ".join(str(s["seed"]) for s in seeds) + f" ({len(seeds)})", scores,
                  ", ".join(_fmt_points(s["difference"]) for s in seeds), across_text,
@@ -425,6 +429,8 @@ def _methods_table(methods: Sequence[dict[str, Any]]) -> list[str]:
 def _fmt_mde(mde: DetectableDifference) -> str:
     """``6.1 pts (n=600, discordance 0.24)``; ``none``/``undefined`` with the reason."""
     where = f"n={mde.n}, discordance {mde.discordance:.2f}"
+    if mde.difference_sd is not None:
+        where = f"n={mde.n}, SD of paired differences {mde.difference_sd:.2f}: paired z-test"
     if math.isnan(mde.difference):
         return f"undefined ({where}: no item differs)"
     if not mde.attainable:

@@ -135,25 +135,32 @@ def test_dry_run_follows_flags(capsys, nothing_loads):
 def test_default_pipeline_compares_at_equal_demos_and_steps(tmp_path):
     pipeline = load_pipeline("default", {"output_dir": str(tmp_path)})
     stages = {stage.name: stage for stage in pipeline.stages}
-    assert list(stages) == ["sft", "sft-continued", "spin", "gsil-logistic"]
+    compared_groups = ["sft-continued", "spin", "gsil-logistic", "dft"]
+    assert list(stages) == ["sft"] + [f"{g}-seed{s}" for g in compared_groups for s in (0, 1, 2)]
     sft = stages["sft"].config
+    assert not stages["sft"].repeated  # one SFT model, the parent of every compared run
     assert (sft.objective.method, sft.model.name_or_path, sft.data.source) == (
         "sft",
         "smollm2-135m",
         "rg:chain_sum,basic_arithmetic",
     )
-    compared = [stages[name].config for name in ("sft-continued", "spin", "gsil-logistic")]
-    assert [c.objective.method for c in compared] == ["sft", "spin", "gsil"]
-    for config in compared:
-        assert config.model.name_or_path == str(tmp_path / "default" / "sft" / "round_0" / "model")
-        assert config.rounds == 2 and config.model.precision == "auto"
-        assert config.objective.drop_ties is False
-    assert len({(repr(c.data), repr(c.optim), c.seed) for c in compared}) == 1
-    assert len({plan_run(c)["optimizer_steps"] for c in compared}) == 1
+    for seed in (0, 1, 2):
+        compared = [stages[f"{g}-seed{seed}"].config for g in compared_groups]
+        assert [c.objective.method for c in compared] == ["sft", "spin", "gsil", "dft"]
+        for config in compared:
+            assert config.model.name_or_path == str(
+                tmp_path / "default" / "sft" / "round_0" / "model"
+            )
+            assert config.rounds == 2 and config.model.precision == "auto"
+            assert config.objective.drop_ties is False and config.seed == seed
+        # equal demonstrations (the same draw for a seed), optimizer and steps for every method
+        assert len({(repr(c.data), repr(c.optim), c.seed) for c in compared}) == 1
+        assert len({plan_run(c)["optimizer_steps"] for c in compared}) == 1
+        assert compared[3].generation.num_samples == 2 and compared[3].generation.do_sample
     assert "drop_ties" in json.loads(open("experiments/presets/default.json").read())["_comment"]
     spec = pipeline.evaluate
-    assert spec.limit >= 300 and spec.baseline == "sft-continued"
-    assert spec.benchmarks == ["reasoning", "humaneval"]
+    assert spec.limit >= 100 and spec.baseline == "sft-continued"
+    assert spec.runs == compared_groups and spec.benchmarks == ["reasoning"]
 
 
 def test_pipeline_flags_override_every_stage(tmp_path):
@@ -208,3 +215,24 @@ def test_tiny_pipeline_trains_evaluates_reports_and_skips(tmp_path, tiny_model, 
     monkeypatch.setattr("gsil.evaluation.runner.evaluate_model", fail)
     again = experiments.run.main(argv)
     assert {s["status"] for s in again["stages"].values()} == {"skipped"}
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_dry_run_prices_the_evaluation_with_the_backend_it_will_use(
+    capsys, nothing_loads, monkeypatch, tmp_path, backend
+):
+    from experiments.planning import CPU_COSTS
+
+    monkeypatch.setattr("experiments.planning.resolve_backend", lambda name: backend)
+    plan = _dry_run(capsys, "--preset", "default", "--output-dir", str(tmp_path))
+    evaluation = plan["evaluation"]
+    assert evaluation["backend"] == backend
+    models = sum(len(seeds) for seeds in evaluation["seeds"].values())
+    assert models == 12  # four methods x three seeds
+    items = evaluation["items_per_run"]["reasoning"]
+    if backend == "vllm":
+        expected = models * items * CPU_COSTS["eval_reasoning_s_per_item_vllm"]
+        expected += CPU_COSTS["vllm_engine_start_s"]
+    else:
+        expected = models * items * CPU_COSTS["eval_reasoning_s_per_item"]
+    assert evaluation["minutes_on_this_cpu"] == round(expected / 60, 1)

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from experiments import report
@@ -210,3 +211,27 @@ def test_the_verdict_claims_only_what_its_interval_supports():
     split = report.verdict(summary([-0.01, 0.09], [0.02, 0.06]))
     assert split.startswith("no difference resolved across 3 seeds") and "higher" not in split
     assert "would likely be missed" not in split  # the pooled test did see it
+
+
+def test_partial_credit_scores_get_the_paired_z_test_mde(tmp_path):
+    from gsil.evaluation.results import paired_detectable_difference
+
+    # reasoning-gym gives partial credit on some tasks (0.5 here): no McNemar test, but the
+    # report still gives an MDE, the paired z-test's from the SD of the differences
+    root = make_seeded_experiment(tmp_path / "exp", {"spin": [4, 10, 16]})
+    for s in range(3):
+        records_path = root / f"spin-seed{s}" / "round_1" / "eval" / "reasoning.records.jsonl"
+        records = [json.loads(line) for line in records_path.read_text().splitlines()]
+        records[-1]["score"] = 0.5  # one item, wrong for both, half right for spin
+        records_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    md_path, _, methods_path = report.write_report([root], root)
+    (spin,) = csv.DictReader(methods_path.open())
+    assert spin["mcnemar_p"] == "" and spin["mde"] != ""
+    differences = np.concatenate([
+        np.r_[np.ones(more), np.zeros(199 - more), 0.5] for more in (4, 10, 16)
+    ])  # fmt: skip
+    expected = paired_detectable_difference(600, float(np.std(differences, ddof=1)))
+    assert float(spin["mde"]) == pytest.approx(expected)
+    table = next(line for line in md_path.read_text().splitlines()
+                 if line.startswith("| spin | reasoning |"))  # fmt: skip
+    assert "SD of paired differences" in table and "paired z-test" in table

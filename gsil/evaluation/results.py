@@ -306,8 +306,10 @@ def paired_comparison(
     """Paired comparison of per-item scores ``a[i]``, ``b[i]`` of the same items: ``mean(a - b)``.
 
     Returns ``n``, ``mean_a``, ``mean_b``, ``difference``, its paired bootstrap ``interval``,
-    and, when every score is 0 or 1, ``mcnemar`` (``a_only``, ``b_only``, exact two-sided
-    ``p_value``) and ``discordance`` (``(a_only + b_only) / n``).
+    ``difference_sd`` (the standard deviation of ``a - b``, ddof 1; None for n < 2),
+    ``differing`` (the share of items with ``a != b``), and, when every score is 0 or 1,
+    ``mcnemar`` (``a_only``, ``b_only``, exact two-sided ``p_value``) and ``discordance``
+    (``(a_only + b_only) / n``).
     """
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape or a.ndim != 1:
@@ -323,6 +325,8 @@ def paired_comparison(
         "interval": [low, high],
         "interval_method": f"paired bootstrap (percentile, {resamples} resamples)",
         "confidence": confidence,
+        "difference_sd": float((a - b).std(ddof=1)) if a.size > 1 else None,
+        "differing": float((a != b).mean()) if a.size else math.nan,
     }
     if a.size and np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all():
         a_only = int(((a == 1) & (b == 0)).sum())
@@ -450,13 +454,34 @@ def minimal_detectable_difference(
     return math.sqrt(discordance / n) * scaled
 
 
+def paired_detectable_difference(
+    n: int, difference_sd: float, alpha: float = ALPHA, power: float = POWER
+) -> float:
+    """The smallest mean paired difference a two-sided paired z-test detects with ``power``,
+    for scores of any kind (e.g. partial credit), from the spread of the per-item differences::
+
+        delta = (z_{1-alpha/2} + z_{power}) * sd(a - b) / sqrt(n)
+
+    For 0/1 scores ``sd(a - b)^2 = p_d - delta^2`` and this is McNemar's normal approximation
+    (:func:`minimal_detectable_difference`) with the null variance ``p_d`` replaced by that
+    of the alternative. Returns ``nan`` when ``sd == 0`` (no item differs) or ``n < 2``.
+    """
+    if n < 2 or not difference_sd > 0.0:
+        return math.nan
+    z_alpha = float(stats.norm.ppf(1.0 - alpha / 2.0))
+    z_beta = float(stats.norm.ppf(power))
+    return (z_alpha + z_beta) * difference_sd / math.sqrt(n)
+
+
 @dataclass(frozen=True)
 class DetectableDifference:
     """A minimal detectable paired difference and what it assumed.
 
     ``difference`` is a proportion (0.05: 5 points); ``discordance`` the share of items on
     which the two systems disagree, and ``assumption`` where it came from (observed, stated,
-    or derived from the baseline's accuracy under independent errors).
+    or derived from the baseline's accuracy under independent errors). ``difference_sd`` is
+    set when the scores are not all 0/1 (partial credit): then the MDE is the paired z-test's
+    (:func:`paired_detectable_difference`) from that observed spread, not McNemar's.
     """
 
     difference: float
@@ -466,6 +491,7 @@ class DetectableDifference:
     baseline_accuracy: float | None = None
     alpha: float = ALPHA
     power: float = POWER
+    difference_sd: float | None = None
 
     @property
     def attainable(self) -> bool:
@@ -494,10 +520,15 @@ def detectable_difference(
     baseline_accuracy: float | None = None,
     discordance: float | None = None,
     discordance_source: str = "observed",
+    difference_sd: float | None = None,
     alpha: float = ALPHA,
     power: float = POWER,
 ) -> DetectableDifference:
-    """The minimal detectable paired difference for ``n`` items (0/1 scores), with its premise.
+    """The minimal detectable paired difference for ``n`` items, with its premise.
+
+    0/1 scores: McNemar's (:func:`minimal_detectable_difference`). Scores that are not all
+    0/1: give the observed ``difference_sd`` (and ``discordance``, the share of items that
+    differ), and the paired z-test's (:func:`paired_detectable_difference`) is returned.
 
     With ``discordance`` (observed once both systems are scored, or stated), that value,
     labelled ``discordance_source``; else one derived from ``baseline_accuracy`` under
@@ -507,6 +538,14 @@ def detectable_difference(
     Raises:
         ValueError: when neither ``discordance`` nor ``baseline_accuracy`` is given.
     """
+    if difference_sd is not None:
+        if discordance is None:
+            raise ValueError("detectable_difference: give the share of differing items "
+                             "(discordance) with difference_sd")  # fmt: skip
+        mde = paired_detectable_difference(n, difference_sd, alpha, power)
+        return DetectableDifference(mde, int(n), float(discordance),
+                                    "observed (scores not all 0/1: paired z-test on their SD)",
+                                    baseline_accuracy, alpha, power, float(difference_sd))  # fmt: skip
     if discordance is not None:
         assumption = discordance_source
     elif baseline_accuracy is not None:
