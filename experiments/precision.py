@@ -99,15 +99,17 @@ def measure(
         bf16_model, _ = load_model(model_spec, dtype="bfloat16", device=device)
         records["bf16"] = run("bf16", bf16_model)
 
-    summary: dict[str, Any] = {
-        "model": model_spec,
-        "device": str(device),
-        "native_bf16": native_bf16(device),
-        "items": limit,
-        "seed": seed,
-        "backend": backend,
-        "variants": {},
-    }
+    meta = {"model": model_spec, "device": str(device), "native_bf16": native_bf16(device),
+            "items": limit, "seed": seed, "backend": backend}  # fmt: skip
+    return summarize(out, records, meta, bf16_compute)
+
+
+def summarize(
+    out: Path, records: dict[str, Path], meta: dict[str, Any], bf16_compute: bool
+) -> dict[str, Any]:
+    """Compare each variant's records with ``records["fp32"]`` item by item; write and return
+    ``<out>/precision.json``."""
+    summary: dict[str, Any] = {**meta, "variants": {}}
     for variant, path in records.items():
         if variant == "fp32":
             continue
@@ -136,10 +138,10 @@ def table(summary: dict[str, Any]) -> str:
     for variant, v in summary["variants"].items():
         low, high = v["interval"]
         same = v["identical_completions"]
-        p = v["mcnemar"]["p_value"] if v["mcnemar"] else float("nan")
+        p = f"{v['mcnemar']['p_value']:.3f}" if v["mcnemar"] else "n/a"
         rows.append(f"| {variant} | {100 * v['accuracy']:.1f} | {100 * v['fp32_accuracy']:.1f} | "
                     f"{100 * v['difference']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] | "
-                    f"{p:.3f} | {same['identical']}/{same['n']} |")  # fmt: skip
+                    f"{p} | {same['identical']}/{same['n']} |")  # fmt: skip
     return "\n".join(rows)
 
 

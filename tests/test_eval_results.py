@@ -97,6 +97,23 @@ def test_compare_ratings_has_no_mcnemar(tmp_path):
     assert "mcnemar" not in result
 
 
+def test_compare_counts_correct_answers_not_partial_credit(tmp_path):
+    # reasoning-gym scores some near answers 0.5; the headline accuracy counts `correct`
+    # answers only, so the paired test does too (and McNemar's applies)
+    def write(path, rows):
+        path.write_text("".join(json.dumps({"id": f"i{k}", "score": s, "correct": c}) + "\n"
+                                for k, (s, c) in enumerate(rows)))  # fmt: skip
+        return path
+
+    a = write(tmp_path / "a.jsonl", [(1.0, True), (0.5, False), (0.0, False), (1.0, True)])
+    b = write(tmp_path / "b.jsonl", [(1.0, True), (0.0, False), (0.5, False), (0.0, False)])
+    result = compare_results(a, b)
+    assert result["mean_a"] == 0.5 and result["mean_b"] == 0.25
+    assert result["difference"] == 0.25
+    assert result["mcnemar"]["a_only"] == 1 and result["mcnemar"]["b_only"] == 0
+    assert result["differing"] == 0.25
+
+
 def test_compare_mismatched_items_raise(tmp_path):
     a = _write_records(tmp_path / "a.jsonl", [1, 0, 1], ["q1", "q2", "q3"])
     b = _write_records(tmp_path / "b.jsonl", [1, 0, 1], ["q1", "q2", "q4"])

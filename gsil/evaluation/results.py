@@ -258,11 +258,20 @@ def load_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def _item_scores(records: Sequence[Mapping[str, Any]], where: str) -> dict[str, float]:
-    """Mean score per item id (several samples of one item, e.g. pass@k, are averaged)."""
+    """Mean score per item id (several samples of one item, e.g. pass@k, are averaged).
+
+    An item's score is its 0/1 ``correct`` where the record has one (the reasoning tasks and
+    GSM8K, whose headline accuracy counts correct answers: reasoning-gym's partial credit,
+    e.g. 0.5 for some near answers, is kept in ``score`` but not counted), else its ``score``.
+    So a paired difference is a difference of the reported accuracies.
+    """
     grouped: dict[str, list[float]] = defaultdict(list)
     for index, record in enumerate(records):
         if "id" not in record:
             raise ValueError(f"{where}: record {index} has no 'id'; cannot pair items")
+        if record.get("correct") is not None:
+            grouped[str(record["id"])].append(float(bool(record["correct"])))
+            continue
         if record.get("score") is None:
             raise ValueError(
                 f"{where}: item {record['id']!r} has no score (e.g. MT-Bench answers that were "
