@@ -225,8 +225,10 @@ def build_rows(runs: Sequence[RunInfo], baseline: RunGroup | None) -> list[dict[
         base_evals = base_run.evals[max(base_run.evals)] if base_run and base_run.evals else {}
         for round_index in sorted(run.evals) or [None]:
             results, comparisons = {}, {}
+            dtypes = {}  # the weights' dtype each benchmark was evaluated in
             for bench, path in (run.evals.get(round_index) or {}).items():
                 results[bench] = read_json(path)
+                dtypes[bench] = eval_dtype_of(path)
                 if bench in base_evals and base_evals[bench] != path:
                     try:
                         comparisons[bench] = compare_results(path, base_evals[bench])
@@ -247,10 +249,40 @@ def build_rows(runs: Sequence[RunInfo], baseline: RunGroup | None) -> list[dict[
                     "is_baseline": bool(baseline) and any(r is run for r in baseline.runs),
                     "baseline_run": base_run.name if base_run else None,
                     "results": results,
+                    "dtypes": dtypes,
                     "comparisons": comparisons,
                 }
             )
     return rows
+
+
+def eval_dtype_of(result_path: Path) -> str | None:
+    """The dtype a benchmark result was evaluated in: its ``request.json`` (written beside it
+    by the evaluation), else its settings; None when neither says."""
+    bench = result_path.stem
+    request = result_path.parent / "request.json"
+    if request.is_file():
+        dtype = (read_json(request).get(bench) or {}).get("dtype")
+        if dtype:
+            return str(dtype)
+    return (read_json(result_path).get("settings") or {}).get("dtype")
+
+
+def precision_line(rows: Sequence[dict[str, Any]]) -> str:
+    """``Evaluated in float32 (reasoning).``, or which runs used which dtype when they differ."""
+    by_dtype: dict[str, set[str]] = {}
+    for row in rows:
+        for bench, dtype in row.get("dtypes", {}).items():
+            by_dtype.setdefault(dtype or "an unrecorded dtype", set()).add(f"{row['run']}:{bench}")
+    if not by_dtype:
+        return ""
+    if len(by_dtype) == 1:
+        ((dtype, where),) = by_dtype.items()
+        benches = sorted({w.split(":", 1)[1] for w in where})
+        return f"Evaluated in {dtype} ({', '.join(benches)}; each run's eval/request.json)."
+    parts = [f"{dtype}: {', '.join(sorted(where))}" for dtype, where in sorted(by_dtype.items())]
+    return ("Evaluated in different precisions, so differences mix methods and dtypes: "
+            + "; ".join(parts) + ".")  # fmt: skip
 
 
 def to_markdown(
@@ -268,7 +300,7 @@ def to_markdown(
         "",
         "Scores in percent with 95% intervals (Wilson); Δ: paired difference against "
         f"{baseline or 'the baseline'} (its run of the same seed) on the same items (paired "
-        "bootstrap 95% interval, exact McNemar p).",
+        "bootstrap 95% interval, exact McNemar p). " + precision_line(rows),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

@@ -235,3 +235,18 @@ def test_partial_credit_scores_get_the_paired_z_test_mde(tmp_path):
     table = next(line for line in md_path.read_text().splitlines()
                  if line.startswith("| spin | reasoning |"))  # fmt: skip
     assert "SD of paired differences" in table and "paired z-test" in table
+
+
+def test_the_report_states_the_evaluation_dtype_and_flags_a_mix(tmp_path):
+    root = make_experiment(tmp_path / "exp")
+    for name in ("sft-continued", "spin", "gsil-logistic"):
+        write_json(root / name / "round_1" / "eval" / "request.json",
+                   {"reasoning": {"limit": 100, "dtype": "float32"}})  # fmt: skip
+    md_path, _, _ = report.write_report([root], root)
+    assert "Evaluated in float32 (reasoning; each run's eval/request.json)." in md_path.read_text()
+    write_json(root / "spin" / "round_1" / "eval" / "request.json",
+               {"reasoning": {"limit": 100, "dtype": "bfloat16"}})  # fmt: skip
+    md_path, _, _ = report.write_report([root], root)
+    text = md_path.read_text()
+    assert "Evaluated in different precisions" in text
+    assert "bfloat16: spin:reasoning" in text and "float32: gsil-logistic:reasoning" in text
