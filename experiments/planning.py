@@ -39,13 +39,13 @@ TOKEN_ASSUMPTIONS = {
     "other": {"prompt": 150, "response": 250, "generated": 200, "source": "a rough guess"},
 }  # fmt: skip
 
-# Per-unit costs on this project's 2-core CPU machine with SmolLM2-135M while other jobs run
-# (load ~3): the pilot's training and generation timings, the evaluator's baseline measurement
-# (400 reasoning items in 515 s, 164 HumanEval problems at ~53 s per batch of 8 with 384 new
-# tokens), and this module's shrunk default run (62-80 s per SFT step of 8 under heavier load:
-# the costs are loose, a quiet machine is 2-4x faster). See experiments/README.md.
+# Per-unit costs on this project's 2-core AVX2 machine with SmolLM2-135M in fp32. Training,
+# reference and round-generation costs were re-measured on a quiet machine in the default
+# experiment's make run (2026-11-26: SFT 128 sequences in 227 s, SPIN/GSIL rounds of 8 pairs
+# in 25 s of training, 8 s of reference pass and 18 s of greedy generation); the HF evaluation
+# costs are the evaluator's earlier measurement under load (400 reasoning items in 515 s,
+# HumanEval at ~53 s per batch of 8), so they are loose. See experiments/README.md.
 CPU_COSTS = {
-    # measured on 2 AVX2 cores in fp32: make run (default preset), quiet machine, 2026-11-26
     "sft_step_s_per_sequence": 2.0,  # forward + backward, ~110-token sequences
     "pair_step_s_per_pair": 3.2,  # GSIL/SPIN: demo + generated rows in one forward
     "reference_s_per_pair": 1.0,  # one no-grad forward of demo + generated rows
