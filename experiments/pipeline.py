@@ -25,7 +25,7 @@ from experiments.config import Pipeline, Stage, final_model_dir, flag_overrides,
 from experiments.planning import format_plan, plan_pipeline
 from experiments.training import ensure_run, run_status
 from gsil.io import read_json, write_json
-from gsil.layout import RunLayout
+from gsil.layout import EVAL_REQUEST, RunLayout
 
 logger = logging.getLogger("experiments.pipeline")
 
@@ -65,7 +65,7 @@ def evaluate_stage(pipeline: Pipeline, stage: Stage, engine: Any = None) -> dict
     spec = pipeline.evaluate
     model_dir = final_model_dir(stage.config)
     out_dir = default_out_dir(model_dir)
-    request_path = out_dir / "request.json"
+    request_path = out_dir / EVAL_REQUEST
     requests = read_json(request_path) if request_path.exists() else {}
     tasks = tuple(pipeline.reasoning_tasks())
     paths = {}

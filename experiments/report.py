@@ -37,7 +37,7 @@ from gsil.evaluation.results import (
     pooled_comparison,
 )
 from gsil.io import read_json, read_jsonl
-from gsil.layout import RunLayout
+from gsil.layout import EVAL_REQUEST, RunLayout
 from gsil.layout import round_index as index_of_round
 
 
@@ -165,7 +165,7 @@ def discover_runs(paths: Iterable[str | Path]) -> list[RunInfo]:
 
 
 def _is_result(path: Path) -> bool:
-    if path.name in ("summary.json", "request.json"):
+    if path.name in ("summary.json", EVAL_REQUEST):
         return False
     try:
         data = read_json(path)
@@ -260,7 +260,7 @@ def eval_dtype_of(result_path: Path) -> str | None:
     """The dtype a benchmark result was evaluated in: its ``request.json`` (written beside it
     by the evaluation), else its settings; None when neither says."""
     bench = result_path.stem
-    request = result_path.parent / "request.json"
+    request = result_path.parent / EVAL_REQUEST
     if request.is_file():
         dtype = (read_json(request).get(bench) or {}).get("dtype")
         if dtype:

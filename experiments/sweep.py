@@ -31,6 +31,7 @@ from experiments.config import (
 from experiments.training import ensure_run, run_status
 from gsil.faults import kill_point
 from gsil.io import read_json, write_json
+from gsil.layout import EVAL_REQUEST, RunLayout
 
 logger = logging.getLogger("experiments.sweep")
 
@@ -88,7 +89,6 @@ def validation_score(config: RunConfig, limit: int, tasks: str | None) -> dict[s
     choosing on them never looks at a test item.
     """
     from gsil.evaluation.runner import EvalOptions, evaluate_model
-    from gsil.layout import RunLayout
 
     layout = RunLayout(config.run_dir())
     last = config.rounds - 1
@@ -100,7 +100,7 @@ def validation_score(config: RunConfig, limit: int, tasks: str | None) -> dict[s
                           backend=config.generation.backend)  # fmt: skip
     out_dir = layout.eval_dir(last, split="validation")
     request = {"limit": limit, "tasks": list(options.tasks or ()), "seed": 0}
-    request_path = out_dir / "request.json"
+    request_path = out_dir / EVAL_REQUEST
     result_path = out_dir / "reasoning.json"
     if not (result_path.exists() and request_path.exists()
             and read_json(request_path) == request):  # fmt: skip

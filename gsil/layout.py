@@ -11,6 +11,7 @@
     <run>/round_<t>/model/              the policy after the round (+ model/manifest.json)
     <run>/round_<t>/summary.json        the round's figures; its presence marks the round done
     <run>/round_<t>/eval/               benchmark results of that round's model
+    <run>/round_<t>/eval/request.json   what each benchmark there was asked for (limit, dtype...)
     <run>/round_<t>/eval-validation/    its validation-split results (choosing settings)
 
 The generated set's sidecar (``generated.settings.json``) records the sha256 and size of the
@@ -28,6 +29,7 @@ from pathlib import Path
 
 _ROUND = re.compile(r"^round_(\d+)$")
 MANIFEST = "manifest.json"  # a directory artefact's manifest, inside it
+EVAL_REQUEST = "request.json"  # in an eval directory: what each benchmark was asked for
 
 
 @dataclass(frozen=True)
