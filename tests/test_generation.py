@@ -249,3 +249,31 @@ def test_auto_backend_falls_back_to_hf_without_vllm_or_gpu():
     assert generation.resolve_backend("hf") == "hf"
     with pytest.raises(ValueError, match="unknown generation backend"):
         generation.resolve_backend("tgi")
+
+
+def test_each_ranks_vllm_engine_is_shown_only_the_ranks_gpu(monkeypatch):
+    """vLLM's engine process uses the first GPU it sees: on rank r it must see rank r's GPU,
+    numbered as CUDA_VISIBLE_DEVICES numbers it, and this process's setting comes back after."""
+    from gsil.generation.vllm_engine import _only_visible, visible_device_id
+
+    assert visible_device_id(None, 3) == "3"
+    assert visible_device_id("", 1) == "1"
+    assert visible_device_id("4,6,7", 1) == "6"
+    assert visible_device_id(" 4, 6 ", 0) == "4"
+    assert visible_device_id("GPU-aa,GPU-bb", 1) == "GPU-bb"
+    with pytest.raises(ValueError, match="not among CUDA_VISIBLE_DEVICES"):
+        visible_device_id("4,6", 2)
+
+    import os
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    with _only_visible("6"):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "6"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,6"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with pytest.raises(RuntimeError), _only_visible("1"):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+        raise RuntimeError("engine start failed")
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    with _only_visible(None):  # CPU: left alone
+        assert "CUDA_VISIBLE_DEVICES" not in os.environ

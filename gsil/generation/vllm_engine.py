@@ -5,14 +5,16 @@ Imported only when vLLM is selected, so the package works without vLLM. On GPUs 
 ``vllm``; on CPUs vLLM's CPU build (``make setup-vllm``, see the README).
 
 An engine takes about 40 s to start (on this project's 2-core CPU), so
-:class:`VLLMEngine` is created once per run: the policy is written to disk once for the start,
-and each later round pushes the new weights in memory (``load_weights``; see
+:class:`VLLMEngine` is created once per run: it starts from the policy's config with
+placeholder weights (nothing but the config and tokenizer touches the disk), then the policy's
+weights and each later round's are pushed in memory (``load_weights``; see
 :mod:`gsil.generation.vllm_worker`). Each request gets its own seed (``seed + prompt index``),
 so k sampled responses to one prompt differ and equal seeds give equal samples.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import logging
@@ -81,7 +83,14 @@ class VLLMEngine:
         self.eos_ids = eos_token_ids(tokenizer, None if _is_path(model) else model)
         self._scratch = Path(tempfile.mkdtemp(prefix="gsil-vllm-"))
         try:
-            model_dir = os.fspath(model) if _is_path(model) else self._write(model)
+            if _is_path(model):
+                model_dir, load_format = os.fspath(model), "auto"
+            else:
+                # a live policy: the engine starts from its config with placeholder weights,
+                # then gets the real ones in memory as every later round does. Writing the
+                # weights for the start would not work on several ranks: transformers'
+                # save_pretrained writes nothing on a rank other than 0.
+                model_dir, load_format = self._write_config(model), "dummy"
             on_gpu = torch.cuda.is_available()
             options: dict[str, Any] = {"enforce_eager": not on_gpu}
             if enforce_eager is not None:
@@ -93,20 +102,35 @@ class VLLMEngine:
                 )
             else:
                 _cpu_environment()
-            self.llm = vllm.LLM(
-                model=model_dir, tokenizer=model_dir, dtype=dtype, seed=seed,
-                max_model_len=max_model_len, worker_extension_cls=WORKER_EXTENSION, **options,
-            )  # fmt: skip
+            # vLLM puts its model on the first GPU its engine process sees: show it only this
+            # process's GPU, so that each rank's engine sits beside the rank's own policy
+            with _only_visible(_this_gpu() if on_gpu else None):
+                self.llm = vllm.LLM(
+                    model=model_dir, tokenizer=model_dir, dtype=dtype, seed=seed,
+                    max_model_len=max_model_len, worker_extension_cls=WORKER_EXTENSION,
+                    load_format=load_format, **options,
+                )  # fmt: skip
+            if load_format == "dummy":
+                self.load_weights(model)
         except BaseException:
+            self.close()
             shutil.rmtree(self._scratch, ignore_errors=True)
             raise
-        # the start-up copy is no longer needed: later weights arrive in memory
+        # the config copy is no longer needed: weights arrive in memory
         shutil.rmtree(self._scratch, ignore_errors=True)
 
-    def _write(self, model: Any) -> str:
-        from gsil.models import save_model
+    def _write_config(self, model: Any) -> str:
+        """The policy's config and tokenizer (no weights) in a scratch directory, for vLLM to
+        build its model from."""
+        from gsil.models import is_peft_model
 
-        return os.fspath(save_model(model, self.tokenizer, self._scratch / "policy"))
+        policy = model.get_base_model() if is_peft_model(model) else model
+        model_dir = self._scratch / "policy"
+        policy.config.save_pretrained(model_dir)
+        if getattr(policy, "generation_config", None) is not None:
+            policy.generation_config.save_pretrained(model_dir)
+        self.tokenizer.save_pretrained(model_dir)
+        return os.fspath(model_dir)
 
     def load_weights(self, model: Any) -> None:
         """Push the policy's current weights into the engine, in memory (LoRA merged)."""
@@ -199,6 +223,46 @@ def _cpu_environment() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
     if (os.cpu_count() or 1) <= 4:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+def _this_gpu() -> str:
+    """The physical id of this process's current GPU (accelerate sets it to the rank's)."""
+    index = torch.cuda.current_device()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible_device_id(visible, index)
+
+
+def visible_device_id(visible: str | None, index: int) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` entry of device ``index`` as this process numbers it:
+    ``visible`` is this process's ``CUDA_VISIBLE_DEVICES`` (``None``: every GPU, in order)."""
+    if visible is None or not visible.strip():
+        return str(index)
+    ids = [entry.strip() for entry in visible.split(",") if entry.strip()]
+    if index >= len(ids):
+        raise ValueError(f"GPU {index} is not among CUDA_VISIBLE_DEVICES={visible!r}")
+    return ids[index]
+
+
+@contextlib.contextmanager
+def _only_visible(device: str | None):
+    """Set ``CUDA_VISIBLE_DEVICES`` to ``device`` while vLLM spawns its engine process (which
+    reads it at start; this process's CUDA is already initialised and keeps its devices).
+
+    With ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` vLLM runs in this process and uses its GPU 0
+    whatever this says: several ranks then need the external-launcher executor instead.
+    """
+    if device is None:
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = device
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
 class EngineSlot:
