@@ -42,15 +42,18 @@ TOKEN_ASSUMPTIONS = {
 # Per-unit costs on this project's 2-core AVX2 machine with SmolLM2-135M in fp32. Training,
 # reference and round-generation costs were re-measured on a quiet machine in the default
 # experiment's make run (2026-11-26: SFT 128 sequences in 227 s, SPIN/GSIL rounds of 8 pairs
-# in 25 s of training, 8 s of reference pass and 18 s of greedy generation); the HF evaluation
-# costs are the evaluator's earlier measurement under load (400 reasoning items in 515 s,
-# HumanEval at ~53 s per batch of 8), so they are loose. See experiments/README.md.
+# in 25 s of training, 8 s of reference pass and 18 s of greedy generation); the HF reasoning
+# evaluation's by benchmarks/generation.py on the same day; HumanEval's is the evaluator's
+# earlier measurement under load (~53 s per batch of 8), so it is loose. See
+# experiments/README.md.
 CPU_COSTS = {
     "sft_step_s_per_sequence": 2.0,  # forward + backward, ~110-token sequences
     "pair_step_s_per_pair": 3.2,  # GSIL/SPIN: demo + generated rows in one forward
     "reference_s_per_pair": 1.0,  # one no-grad forward of demo + generated rows
     "generate_s_per_prompt": 2.5,  # HF, greedy, batches of 8-32, up to 96 new tokens
-    "eval_reasoning_s_per_item": 1.3,  # HF, greedy, batch 16-32, up to 160-256 new tokens
+    # HF, greedy, batches of 32, 160 new tokens: 200 items of the default run's SFT model in
+    # 342 s, generation alone, quiet (benchmarks/generation.py; vLLM: 92 s)
+    "eval_reasoning_s_per_item": 1.7,
     "eval_humaneval_s_per_item": 4.5,  # HF, greedy, 256 new tokens + sandboxed test run
     # vLLM's CPU build, one engine for the whole evaluation: 0.49 s per reasoning item in
     # make run (weights pushed per model included); HumanEval from benchmarks/generation.py's

@@ -146,8 +146,9 @@ def resolve_backend(backend: str, model: Any = None) -> str:
 
     ``"auto"`` is vLLM when a :class:`~gsil.generation.vllm_engine.VLLMEngine` is given, or when
     vLLM is installed where it is faster than ``model.generate``: with a GPU, or as vLLM's CPU
-    build (measured on 2 AVX2 cores, fp32: 2.3x to 6.6x HF's tokens/s on the default run's
-    workloads, after a start of about 40 s; ``benchmarks/generation.py``).
+    build (measured on 2 AVX2 cores, fp32, ``benchmarks/generation.py``: 3.7x HF's tokens/s on
+    200 evaluation prompts, 1.7-2.4x on a round's 8-16, after a start of about 55 s, so a run
+    that generates a few sets gains little; the default recipe rounds with HF).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown generation backend {backend!r}; use one of {BACKENDS}")
