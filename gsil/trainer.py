@@ -265,7 +265,7 @@ def run_rounds(
 
 
 class _RunEngine:
-    """The run's vLLM engine: started at the first round that generates (about 40 s on 2 CPU cores),
+    """The run's vLLM engine: started at the first round that generates (40-60 s on 2 CPU cores),
     then given each later round's policy in memory; closed when the run ends."""
 
     def __init__(self, needed: bool, generation: GenerationSettings, seed: int, tokenizer,

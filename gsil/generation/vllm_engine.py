@@ -4,7 +4,7 @@ for a whole run.
 Imported only when vLLM is selected, so the package works without vLLM. On GPUs install
 ``vllm``; on CPUs vLLM's CPU build (``make setup-vllm``, see the README).
 
-An engine takes about 40 s to start (on this project's 2-core CPU), so
+An engine takes 40-60 s to start (on this project's 2-core CPU), so
 :class:`VLLMEngine` is created once per run: it starts from the policy's config with
 placeholder weights (nothing but the config and tokenizer touches the disk), then the policy's
 weights and each later round's are pushed in memory (``load_weights``; see
