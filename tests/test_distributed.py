@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
 from distributed_run import run_job
+from launch import DDP, ZERO3, accelerate_launch
 from safetensors.torch import load_file
 from tiny import build_tiny_model, build_tiny_tokenizer
 
@@ -49,28 +46,11 @@ RESUMED = {"gsil-resumed-round0": 2, "gsil-resumed-round1": 4}
 SMALL_LR_ATOL = 1e-5
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-DDP = ["--multi_gpu"]  # on a machine without GPUs: torchrun, gloo, DistributedDataParallel
-ZERO3 = ["--use_deepspeed", "--zero_stage", "3"]
-
-
 def launch(out: Path, jobs: list[dict], engine: list[str] = DDP, num_processes: int = 2) -> None:
     """``accelerate launch`` the jobs on ``num_processes`` CPU processes (gloo)."""
     script = Path(__file__).with_name("distributed_run.py")
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", *engine,
-        "--num_processes", str(num_processes), "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), str(script), str(out), json.dumps(jobs),
-    ]  # fmt: skip
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    accelerate_launch([str(script), str(out), json.dumps(jobs)], engine=engine,
+                      num_processes=num_processes)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -240,12 +220,4 @@ def test_the_pipeline_command_on_two_processes(tmp_path):
 
 def launch_module(args: list[str]) -> None:
     """``accelerate launch --multi_gpu --num_processes 2`` a module with arguments."""
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", *DDP, "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), *args,
-    ]  # fmt: skip
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600,
-                            cwd=Path(__file__).parents[1])  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    accelerate_launch(args)
