@@ -277,3 +277,19 @@ def test_each_ranks_vllm_engine_is_shown_only_the_ranks_gpu(monkeypatch):
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
     with _only_visible(None):  # CPU: left alone
         assert "CUDA_VISIBLE_DEVICES" not in os.environ
+
+
+def test_vllm_runs_eagerly_on_cpus_unless_told_otherwise(monkeypatch):
+    from gsil.generation.vllm_engine import eager_mode
+
+    monkeypatch.delenv("GSIL_VLLM_EAGER", raising=False)
+    assert eager_mode(None, on_gpu=False) is True
+    assert eager_mode(None, on_gpu=True) is False
+    monkeypatch.setenv("GSIL_VLLM_EAGER", "0")  # compile on a CPU (long generation)
+    assert eager_mode(None, on_gpu=False) is False
+    assert eager_mode(True, on_gpu=False) is True  # an explicit argument wins
+    monkeypatch.setenv("GSIL_VLLM_EAGER", "1")
+    assert eager_mode(None, on_gpu=True) is True
+    monkeypatch.setenv("GSIL_VLLM_EAGER", "yes")
+    with pytest.raises(ValueError, match="GSIL_VLLM_EAGER='yes'"):
+        eager_mode(None, on_gpu=False)
