@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from gsil.data import encode_prompt, load_demonstrations
+from gsil.evaluation.reasoning import DEFAULT_ITEMS_PER_TASK, load_test_items
 from gsil.evaluation.runner import EvalOptions
 from gsil.generation import generate_from_ids
 from gsil.models import load_model, native_bf16
@@ -101,21 +102,18 @@ def run_workloads(recipe: str, tokenizer, limit: int | None) -> dict[str, Worklo
     def budget(benchmark: str) -> int:  # the recipe's, else the evaluator's default
         return EvalOptions(max_new_tokens=spec.max_new_tokens).max_new_tokens_for(benchmark)
 
-    if "reasoning" in spec.benchmarks:
-        tasks = pipeline.reasoning_tasks()
-        source = "rg:" + ",".join(tasks)
-        test = load_demonstrations(source, split="test", size=take(spec.limit or 300) * len(tasks),
-                                   seed=spec.seed, tokenizer=tokenizer,
-                                   max_prompt_length=256)  # fmt: skip
-        sets["reasoning"] = Workload([encode_prompt(tokenizer, d.prompt, 256) for d in test],
-                                     budget("reasoning"), False, 1.0, models, 0)  # fmt: skip
+    if "reasoning" in spec.benchmarks:  # the evaluator's items and prompt encoding
+        items = load_test_items(pipeline.reasoning_tasks(),
+                                take(spec.limit or DEFAULT_ITEMS_PER_TASK), spec.seed)  # fmt: skip
+        prompts = [encode_prompt(tokenizer, item.prompt, spec.max_prompt_length) for item in items]
+        sets["reasoning"] = Workload(prompts, budget("reasoning"), False, 1.0, models, 0)
     if "humaneval" in spec.benchmarks:  # greedy, one sample per problem (pass@1)
         from gsil.evaluation import humaneval
 
         problems = list(humaneval.load_problems().items())
         problems = dict(problems[: take(spec.humaneval_limit or len(problems))])
         coding = [item["model_input"] for item in humaneval.build_prompts(problems, chat=True)]
-        sets["humaneval"] = Workload([encode_prompt(tokenizer, p, None) for p in coding],
+        sets["humaneval"] = Workload([encode_prompt(tokenizer, p, spec.max_prompt_length) for p in coding],
                                      budget("humaneval"), False, 1.0, models, 0)  # fmt: skip
     return sets
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from experiments.config import Pipeline, RunConfig, Stage
 from experiments.training import run_status
+from gsil.evaluation.reasoning import DEFAULT_ITEMS_PER_TASK
 from gsil.evaluation.results import detectable_difference, paired_scores
 from gsil.generation import resolve_backend
 from gsil.io import read_json
@@ -228,7 +229,7 @@ def plan_pipeline(pipeline: Pipeline) -> dict:
         tasks = pipeline.reasoning_tasks()
         items = {}
         if "reasoning" in spec.benchmarks:
-            items["reasoning"] = (spec.limit or 300) * len(tasks)
+            items["reasoning"] = (spec.limit or DEFAULT_ITEMS_PER_TASK) * len(tasks)
         if "humaneval" in spec.benchmarks:
             items["humaneval"] = min(spec.humaneval_limit or HUMANEVAL_PROBLEMS,
                                      HUMANEVAL_PROBLEMS)  # fmt: skip
