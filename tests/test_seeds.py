@@ -215,3 +215,13 @@ def test_tiny_pipeline_over_two_seeds_trains_evaluates_and_reports(tmp_path, tin
     assert method["across_low"] != "" and method["across_high"] != ""
     assert method["mcnemar_p"] != ""
     assert (root / "figures" / "experiments_scores.png").exists()
+
+
+def test_the_plan_counts_the_items_the_evaluator_runs_without_a_limit(tmp_path):
+    from gsil.evaluation.reasoning import DEFAULT_ITEMS_PER_TASK
+
+    recipe = write_recipe(tmp_path, seeds=[0], stages=[{"name": "sft", "method": "sft"}],
+                          evaluate={"benchmarks": ["reasoning"]})  # fmt: skip
+    evaluation = plan_pipeline(load_pipeline(recipe, {"output_dir": str(tmp_path)}))["evaluation"]
+    tasks = evaluation["reasoning_tasks"]
+    assert evaluation["items_per_run"]["reasoning"] == DEFAULT_ITEMS_PER_TASK * len(tasks)
