@@ -50,8 +50,10 @@ def implicit_logits(
     config = load_saved_config(layout.config)
     goal = config.objective
     if goal.method != "gsil":
-        raise ValueError(f"{run_dir} trained {goal.method!r}; the implicit classifier "
-                         "is GSIL's (beta and shift define its logit)")  # fmt: skip
+        raise ValueError(
+            f"{run_dir} trained {goal.method!r}; the implicit classifier "
+            "is GSIL's (beta and shift define its logit)"
+        )
     rounds = layout.finished_rounds()
     if not rounds:
         raise FileNotFoundError(f"{run_dir} has no finished round (round_<t>/summary.json)")
@@ -63,10 +65,15 @@ def implicit_logits(
     reference, _ = load_model(reference_spec, dtype="float32")
     source = config.data
     demos = load_demonstrations(
-        data or source.source, prompt_field=source.prompt_field,
-        response_field=source.response_field, split="test", size=num_items,
-        seed=config.seed, tokenizer=tokenizer, max_prompt_length=source.max_prompt_length,
-    )  # fmt: skip
+        data or source.source,
+        prompt_field=source.prompt_field,
+        response_field=source.response_field,
+        split="test",
+        size=num_items,
+        seed=config.seed,
+        tokenizer=tokenizer,
+        max_prompt_length=source.max_prompt_length,
+    )
     # the classifier f = beta * log(pi_theta / pi_ref) + shift was trained to tell the
     # demonstrations from the REFERENCE's own samples (theory page, sections 2-3): score it on
     # fresh samples of the reference, the round's starting policy
@@ -79,19 +86,28 @@ def implicit_logits(
             max_new_tokens=config.generation.max_new_tokens,
             batch_size=batch_size,
             seed=config.seed,
-        )  # fmt: skip
+        )
     ]
     examples = build_examples(
-        tokenizer, [d.prompt for d in demos], [d.response for d in demos], generations,
-        max_prompt_length=source.max_prompt_length, max_length=source.max_length,
-    )  # fmt: skip
+        tokenizer,
+        [d.prompt for d in demos],
+        [d.response for d in demos],
+        generations,
+        max_prompt_length=source.max_prompt_length,
+        max_length=source.max_length,
+    )
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     scores = {}
     for name, model in (("policy", policy), ("reference", reference)):
         scores[name] = reference_logps(
-            model, examples, tokenizer.pad_token_id, batch_size, config.optim.average_logps,
-            accelerator, with_generations=True,
-        )  # fmt: skip
+            model,
+            examples,
+            tokenizer.pad_token_id,
+            batch_size,
+            config.optim.average_logps,
+            accelerator,
+            with_generations=True,
+        )
     beta, shift = goal.beta, goal.shift
     demo_logits = beta * (scores["policy"][0] - scores["reference"][0]) + shift
     gen_logits = beta * (scores["policy"][1] - scores["reference"][1]) + shift

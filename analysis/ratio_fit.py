@@ -100,9 +100,13 @@ def fit_logit(
     phi_q = torch.as_tensor(gen_features, dtype=torch.float64)
     w = torch.zeros(phi_p.shape[1], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS(
-        [w], max_iter=max_iter, tolerance_grad=1e-10, tolerance_change=1e-14,
-        history_size=20, line_search_fn="strong_wolfe",
-    )  # fmt: skip
+        [w],
+        max_iter=max_iter,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-14,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> Tensor:
         opt.zero_grad()

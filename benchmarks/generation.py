@@ -85,15 +85,23 @@ def run_workloads(recipe: str, tokenizer, limit: int | None) -> dict[str, Worklo
     for kind, entry in rounds.items():
         config = entry["config"]
         data, generation = config.data, config.generation
-        demos = load_demonstrations(data.source, split="train", size=take(data.num_demos),
-                                    seed=0, tokenizer=tokenizer,
-                                    max_prompt_length=data.max_prompt_length)  # fmt: skip
+        demos = load_demonstrations(
+            data.source,
+            split="train",
+            size=take(data.num_demos),
+            seed=0,
+            tokenizer=tokenizer,
+            max_prompt_length=data.max_prompt_length,
+        )
         prompts = [encode_prompt(tokenizer, d.prompt, data.max_prompt_length) for d in demos]
         sets[kind] = Workload(
             [ids for ids in prompts for _ in range(generation.num_samples)],
-            generation.max_new_tokens, generation.do_sample, generation.temperature,
-            entry["sets"], entry["runs"],
-        )  # fmt: skip
+            generation.max_new_tokens,
+            generation.do_sample,
+            generation.temperature,
+            entry["sets"],
+            entry["runs"],
+        )
     spec = pipeline.evaluate
     if spec is None:
         return sets
@@ -103,8 +111,9 @@ def run_workloads(recipe: str, tokenizer, limit: int | None) -> dict[str, Worklo
         return EvalOptions(max_new_tokens=spec.max_new_tokens).max_new_tokens_for(benchmark)
 
     if "reasoning" in spec.benchmarks:  # the evaluator's items and prompt encoding
-        items = load_test_items(pipeline.reasoning_tasks(),
-                                take(spec.limit or DEFAULT_ITEMS_PER_TASK), spec.seed)  # fmt: skip
+        items = load_test_items(
+            pipeline.reasoning_tasks(), take(spec.limit or DEFAULT_ITEMS_PER_TASK), spec.seed
+        )
         prompts = [encode_prompt(tokenizer, item.prompt, spec.max_prompt_length) for item in items]
         sets["reasoning"] = Workload(prompts, budget("reasoning"), False, 1.0, models, 0)
     if "humaneval" in spec.benchmarks:  # greedy, one sample per problem (pass@1)
@@ -113,8 +122,14 @@ def run_workloads(recipe: str, tokenizer, limit: int | None) -> dict[str, Worklo
         problems = list(humaneval.load_problems().items())
         problems = dict(problems[: take(spec.humaneval_limit or len(problems))])
         coding = [item["model_input"] for item in humaneval.build_prompts(problems, chat=True)]
-        sets["humaneval"] = Workload([encode_prompt(tokenizer, p, spec.max_prompt_length) for p in coding],
-                                     budget("humaneval"), False, 1.0, models, 0)  # fmt: skip
+        sets["humaneval"] = Workload(
+            [encode_prompt(tokenizer, p, spec.max_prompt_length) for p in coding],
+            budget("humaneval"),
+            False,
+            1.0,
+            models,
+            0,
+        )
     return sets
 
 
@@ -124,8 +139,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--preset", default="default", help="the run whose generation to measure")
     parser.add_argument("--limit", type=int, help="at most N prompts per workload (per task)")
     parser.add_argument("--batch-size", type=int, default=32, help="HF prompts per batch")
-    parser.add_argument("--precisions", default=None,
-                        help="comma-separated fp32,bf16 (default: fp32, and bf16 if native)")  # fmt: skip
+    parser.add_argument(
+        "--precisions",
+        default=None,
+        help="comma-separated fp32,bf16 (default: fp32, and bf16 if native)",
+    )
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
 
@@ -140,10 +158,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         hf_model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
         reference = {}
         for name, work in sets.items():
-            results, seconds = timed(lambda: generate_from_ids(  # noqa: B023
-                hf_model, tokenizer, work.prompt_ids, backend="hf",  # noqa: B023
-                batch_size=args.batch_size, **decoding(work),  # noqa: B023
-            ))  # fmt: skip
+            results, seconds = timed(
+                lambda work=work, hf_model=hf_model: generate_from_ids(
+                    hf_model,
+                    tokenizer,
+                    work.prompt_ids,
+                    backend="hf",
+                    batch_size=args.batch_size,
+                    **decoding(work),
+                )
+            )
             reference[name] = [r.token_ids for r in results]
             rows.append(_row("HF generate", precision, name, results, seconds, 0.0, reference))
             print(json.dumps(rows[-1]), flush=True)
@@ -168,28 +192,43 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def decoding(work: Workload) -> dict:
-    return dict(max_new_tokens=work.max_new_tokens, do_sample=work.do_sample,
-                temperature=work.temperature, top_p=1.0, seed=0, progress=False)  # fmt: skip
+    return dict(
+        max_new_tokens=work.max_new_tokens,
+        do_sample=work.do_sample,
+        temperature=work.temperature,
+        top_p=1.0,
+        seed=0,
+        progress=False,
+    )
 
 
 def _row(backend, precision, workload, results, seconds, start, reference) -> dict:
     tokens = sum(result.num_tokens for result in results)
     same = sum(r.token_ids == ref for r, ref in zip(results, reference[workload], strict=True))
     return {
-        "backend": backend, "precision": precision, "workload": workload,
-        "prompts": len(results), "tokens": tokens, "seconds": round(seconds, 2),
-        "tokens_per_s": tokens / seconds, "start_s": round(start, 2), "identical_to_hf": same,
-    }  # fmt: skip
+        "backend": backend,
+        "precision": precision,
+        "workload": workload,
+        "prompts": len(results),
+        "tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": tokens / seconds,
+        "start_s": round(start, 2),
+        "identical_to_hf": same,
+    }
 
 
 def run_mix(rows: list[dict], sets: dict[str, Workload], precision: str) -> list[dict]:
     """The run's whole generation at ``precision``, projected from the measured sets: HF for
     all of it, vLLM for the evaluation only (runs' rounds by HF), and vLLM for all of it."""
     by = {
-        backend: {r["workload"]: r for r in rows
-                  if r["backend"] == backend and r["precision"] == precision}
+        backend: {
+            r["workload"]: r
+            for r in rows
+            if r["backend"] == backend and r["precision"] == precision
+        }
         for backend in ("HF generate", "vLLM")
-    }  # fmt: skip
+    }
     if not by["vLLM"]:
         return []
     start = next(iter(by["vLLM"].values()))["start_s"]
@@ -205,28 +244,48 @@ def run_mix(rows: list[dict], sets: dict[str, Workload], precision: str) -> list
     if evaluating:
         eval_only = seconds(lambda n: "vLLM" if n == "reasoning" else "HF generate")
         mixes.append(("vLLM evaluates, HF rounds", eval_only + start, 1))
-    mixes.append(("vLLM everywhere", seconds(lambda name: "vLLM") + start * (rounds_runs + evaluating),
-                  rounds_runs + evaluating))  # fmt: skip
-    return [{"mix": label, "precision": precision, "minutes": s / 60, "tokens_per_s": tokens / s,
-             "vs_hf": hf_s / s, "engine_starts": starts} for label, s, starts in mixes]  # fmt: skip
+    mixes.append(
+        (
+            "vLLM everywhere",
+            seconds(lambda name: "vLLM") + start * (rounds_runs + evaluating),
+            rounds_runs + evaluating,
+        )
+    )
+    return [
+        {
+            "mix": label,
+            "precision": precision,
+            "minutes": s / 60,
+            "tokens_per_s": tokens / s,
+            "vs_hf": hf_s / s,
+            "engine_starts": starts,
+        }
+        for label, s, starts in mixes
+    ]
 
 
 def summary_lines(rows: list[dict], sets: dict[str, Workload], model: str) -> list[str]:
-    lines = [f"\n{model}, {torch.get_num_threads()} threads, native bf16: {native_bf16('cpu')}",
-             f"{'backend':<13}{'prec.':<6}{'workload':<15}{'prompts':>8}{'tokens':>8}"
-             f"{'tok/s':>8}{'vs HF':>7}{'start s':>9}{'= HF':>10}{'sets':>6}"]  # fmt: skip
+    lines = [
+        f"\n{model}, {torch.get_num_threads()} threads, native bf16: {native_bf16('cpu')}",
+        f"{'backend':<13}{'prec.':<6}{'workload':<15}{'prompts':>8}{'tokens':>8}"
+        f"{'tok/s':>8}{'vs HF':>7}{'start s':>9}{'= HF':>10}{'sets':>6}",
+    ]
     hf = {(r["precision"], r["workload"]): r for r in rows if r["backend"] == "HF generate"}
     for r in rows:
         ratio = r["tokens_per_s"] / hf[r["precision"], r["workload"]]["tokens_per_s"]
-        lines.append(f"{r['backend']:<13}{r['precision']:<6}{r['workload']:<15}{r['prompts']:>8}"
-                     f"{r['tokens']:>8}{r['tokens_per_s']:>8.1f}{ratio:>7.2f}{r['start_s']:>9.1f}"
-                     f"{r['identical_to_hf']:>6}/{r['prompts']}"
-                     f"{sets[r['workload']].sets:>6}")  # fmt: skip
+        lines.append(
+            f"{r['backend']:<13}{r['precision']:<6}{r['workload']:<15}{r['prompts']:>8}"
+            f"{r['tokens']:>8}{r['tokens_per_s']:>8.1f}{ratio:>7.2f}{r['start_s']:>9.1f}"
+            f"{r['identical_to_hf']:>6}/{r['prompts']}"
+            f"{sets[r['workload']].sets:>6}"
+        )
     for precision in dict.fromkeys(r["precision"] for r in rows):
         for mix in run_mix(rows, sets, precision):
-            lines.append(f"the run's generation ({precision}), {mix['mix']}: {mix['minutes']:.1f} "
-                         f"min, {mix['tokens_per_s']:.1f} tok/s, {mix['vs_hf']:.2f}x HF "
-                         f"({mix['engine_starts']} engine starts)")  # fmt: skip
+            lines.append(
+                f"the run's generation ({precision}), {mix['mix']}: {mix['minutes']:.1f} "
+                f"min, {mix['tokens_per_s']:.1f} tok/s, {mix['vs_hf']:.2f}x HF "
+                f"({mix['engine_starts']} engine starts)"
+            )
     return lines
 
 

@@ -30,8 +30,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     model, tokenizer = load_model(args.model, dtype="float32", device="cpu")
-    demos = load_demonstrations(args.data, split="test", size=args.prompts, seed=0,
-                                tokenizer=tokenizer, max_prompt_length=256)  # fmt: skip
+    demos = load_demonstrations(
+        args.data,
+        split="test",
+        size=args.prompts,
+        seed=0,
+        tokenizer=tokenizer,
+        max_prompt_length=256,
+    )
     prompt_ids = [encode_prompt(tokenizer, demo.prompt, 256) for demo in demos]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
@@ -40,16 +46,24 @@ def main(argv: list[str] | None = None) -> None:
         for start in range(0, len(prompt_ids), args.batch_size):
             input_ids, mask = left_pad(prompt_ids[start : start + args.batch_size], pad)
             with torch.inference_mode():
-                output = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
-                                        max_new_tokens=args.max_new_tokens, eos_token_id=[eos],
-                                        pad_token_id=pad, **options)  # fmt: skip
+                output = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    do_sample=False,
+                    max_new_tokens=args.max_new_tokens,
+                    eos_token_id=[eos],
+                    pad_token_id=pad,
+                    **options,
+                )
             for row in output[:, input_ids.shape[1] :].tolist():
                 row = row[: row.index(eos) + 1] if eos in row else row
                 outputs.append(row)
                 tokens += len(row)
         seconds = time.perf_counter() - started
-        print(f"{label:<36}{tokens:>7} tokens {seconds:>7.1f} s {tokens / seconds:>7.1f} tok/s",
-              flush=True)  # fmt: skip
+        print(
+            f"{label:<36}{tokens:>7} tokens {seconds:>7.1f} s {tokens / seconds:>7.1f} tok/s",
+            flush=True,
+        )
         return outputs
 
     dynamic = run("dynamic cache")

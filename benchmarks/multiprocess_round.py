@@ -27,13 +27,39 @@ PHASES = ("generation_seconds", "reference_seconds", "training_seconds")
 
 def run_args(args: argparse.Namespace, name: str, batch_size: int) -> list[str]:
     return [
-        "-m", "experiments.run", "--model", "smollm2-135m",
-        "--data", "rg:chain_sum,basic_arithmetic", "--num-demos", str(args.num_demos),
-        "--rounds", "1", "--method", "gsil", "--batch-size", str(batch_size),
-        "--max-new-tokens", str(args.max_new_tokens), "--gen-batch-size", str(args.gen_batch_size),
-        "--max-prompt-length", "192", "--max-length", "384", "--checkpoint-every", "0",
-        "--precision", "fp32", "--generator", "hf", "--output-dir", str(args.out), "--name", name,
-    ]  # fmt: skip
+        "-m",
+        "experiments.run",
+        "--model",
+        "smollm2-135m",
+        "--data",
+        "rg:chain_sum,basic_arithmetic",
+        "--num-demos",
+        str(args.num_demos),
+        "--rounds",
+        "1",
+        "--method",
+        "gsil",
+        "--batch-size",
+        str(batch_size),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--gen-batch-size",
+        str(args.gen_batch_size),
+        "--max-prompt-length",
+        "192",
+        "--max-length",
+        "384",
+        "--checkpoint-every",
+        "0",
+        "--precision",
+        "fp32",
+        "--generator",
+        "hf",
+        "--output-dir",
+        str(args.out),
+        "--name",
+        name,
+    ]
 
 
 def free_port() -> int:
@@ -60,20 +86,35 @@ def main(argv: list[str] | None = None) -> dict:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     one = timed([sys.executable, *run_args(args, "one-process", args.global_batch)], env)
     launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-        "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()),
-    ]  # fmt: skip
-    two = timed(launch + run_args(args, "two-process", args.global_batch // 2),
-                {**env, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
+    two = timed(
+        launch + run_args(args, "two-process", args.global_batch // 2),
+        {**env, "OMP_NUM_THREADS": "1"},
+    )
     rounds = {
         name: json.loads((args.out / name / "round_0" / "summary.json").read_text())
         for name in ("one-process", "two-process")
     }
     rows = {phase: (rounds["one-process"][phase], rounds["two-process"][phase]) for phase in PHASES}
     rows["command wall (incl. start-up)"] = (one, two)
-    print(f"\nGSIL round, {args.num_demos} demos, global batch {args.global_batch}, "
-          f"{args.max_new_tokens} new tokens, SmolLM2-135M fp32, {os.cpu_count()} cores")  # fmt: skip
+    print(
+        f"\nGSIL round, {args.num_demos} demos, global batch {args.global_batch}, "
+        f"{args.max_new_tokens} new tokens, SmolLM2-135M fp32, {os.cpu_count()} cores"
+    )
     print(f"{'phase':<32}{'1 process':>12}{'2 processes':>14}{'2p / 1p':>10}")
     for phase, (single, double) in rows.items():
         print(f"{phase:<32}{single:>11.1f}s{double:>13.1f}s{double / single:>10.2f}")

@@ -73,8 +73,17 @@ def _step(model, tokenizer, optimizer, scheduler, accelerator, settings, objecti
     # one optimizer step over every example, in one micro-batch on this one process
     (step_plan,) = plan_steps(range(len(data.examples)), len(data.examples), 1, 1, 0)
     start = time.perf_counter()
-    stats = optimizer_step(model, step_plan, data, objective, settings, optimizer, scheduler,
-                           accelerator, tokenizer.pad_token_id)  # fmt: skip
+    stats = optimizer_step(
+        model,
+        step_plan,
+        data,
+        objective,
+        settings,
+        optimizer,
+        scheduler,
+        accelerator,
+        tokenizer.pad_token_id,
+    )
     return time.perf_counter() - start, stats["tokens"]
 
 
@@ -127,9 +136,11 @@ def peak_memory(kind: str, precision: str, checkpointing: bool) -> dict:
         def run():
             with accelerator.autocast():
                 loss = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    labels=batch["labels"], use_cache=False,
-                ).loss  # fmt: skip
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    labels=batch["labels"],
+                    use_cache=False,
+                ).loss
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -164,13 +175,20 @@ def generation_speed(num_prompts: int, max_new_tokens: int) -> dict:
     for label, batch_size in (("batched", 16), ("unbatched", 1)):
         start = time.perf_counter()
         results = generate_from_ids(
-            model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            model,
+            tokenizer,
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
             progress=False,
-        )  # fmt: skip
+        )
         seconds = time.perf_counter() - start
         new_tokens = sum(r.num_tokens for r in results)
-        out[label] = {"seconds": round(seconds, 2), "new_tokens": new_tokens,
-                      "tokens_per_s": round(new_tokens / seconds, 1)}  # fmt: skip
+        out[label] = {
+            "seconds": round(seconds, 2),
+            "new_tokens": new_tokens,
+            "tokens_per_s": round(new_tokens / seconds, 1),
+        }
     out["batched_speedup"] = round(
         out["batched"]["tokens_per_s"] / out["unbatched"]["tokens_per_s"], 2
     )
@@ -199,8 +217,10 @@ def main() -> None:
         print(json.dumps(result))
         return
     repeats = 3 if args.quick else args.repeats
-    print(f"SmolLM2-135M, {BATCH_ROWS} sequences x {LENGTH} tokens per step, CPU "
-          f"({torch.get_num_threads()} threads)")  # fmt: skip
+    print(
+        f"SmolLM2-135M, {BATCH_ROWS} sequences x {LENGTH} tokens per step, CPU "
+        f"({torch.get_num_threads()} threads)"
+    )
     for precision in ("fp32",) if args.quick else ("fp32", "bf16"):
         print("step time:", json.dumps(_child("time", str(repeats), precision)))
     cases = [("naive-sft", "fp32", "0"), ("sft", "fp32", "0"), ("gsil", "fp32", "0")]

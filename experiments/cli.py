@@ -73,22 +73,28 @@ def user_error_message(
     if isinstance(error, SystemExit):
         return None if error.code is None or isinstance(error.code, int) else str(error.code)
     if isinstance(error, OSError) and error.errno in DISK_FULL:
-        return (f"the disk is full ({error.strerror}) writing {error.filename or 'a file'}: "
-                "free some space (or choose another --output-dir), then run the same command "
-                "again (a training run: add --resume; everything finished, and the last "
-                "checkpoint, is intact)")  # fmt: skip
+        return (
+            f"the disk is full ({error.strerror}) writing {error.filename or 'a file'}: "
+            "free some space (or choose another --output-dir), then run the same command "
+            "again (a training run: add --resume; everything finished, and the last "
+            "checkpoint, is intact)"
+        )
     if isinstance(error, OSError) and error.errno in NOT_WRITABLE and error.filename:
-        return (f"{error.filename}: {error.strerror}: choose a writable --output-dir (or "
-                "--out), or fix that directory's permissions")  # fmt: skip
+        return (
+            f"{error.filename}: {error.strerror}: choose a writable --output-dir (or "
+            "--out), or fix that directory's permissions"
+        )
     if isinstance(error, FileNotFoundError | IsADirectoryError | NotADirectoryError):
         if error.filename is None:  # our own messages name the file and the fix
             return str(error)
         return f"{error.filename}: {error.strerror}"
     if isinstance(error, RuntimeError) and str(error).startswith("every call to judge"):
         # gsil.evaluation.mtbench.grade: not one judge request succeeded
-        return (f"{error}. Check that the judge endpoint ({os.environ.get('GSIL_JUDGE_BASE_URL', 'GSIL_JUDGE_BASE_URL')}) "
-                "is up and serves OpenAI chat completions for GSIL_JUDGE_MODEL, or pass "
-                "--judge-model SPEC for a local judge")  # fmt: skip
+        return (
+            f"{error}. Check that the judge endpoint ({os.environ.get('GSIL_JUDGE_BASE_URL', 'GSIL_JUDGE_BASE_URL')}) "
+            "is up and serves OpenAI chat completions for GSIL_JUDGE_MODEL, or pass "
+            "--judge-model SPEC for a local judge"
+        )
     if isinstance(error, known + also):
         return str(error)
     return None

@@ -54,25 +54,36 @@ def _f(default: Any, help: str, **metadata: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = _f("smollm2-135m", "policy to start from: 'smollm2-135m' (embedded, "
-                           "offline), a local model directory, or a Hugging Face hub id",
-                           flag="model")  # fmt: skip
+    name_or_path: str = _f(
+        "smollm2-135m",
+        "policy to start from: 'smollm2-135m' (embedded, "
+        "offline), a local model directory, or a Hugging Face hub id",
+        flag="model",
+    )
     lora_rank: int = _f(0, "LoRA rank (0: full fine-tuning)")
-    precision: str = _f("auto", "compute precision: auto (bf16 where native: a GPU, an AVX-512 "
-                        "BF16/AMX CPU; else fp32), fp32 or bf16 (mixed-precision autocast)",
-                        choices=("auto", "fp32", "bf16"))  # fmt: skip
+    precision: str = _f(
+        "auto",
+        "compute precision: auto (bf16 where native: a GPU, an AVX-512 "
+        "BF16/AMX CPU; else fp32), fp32 or bf16 (mixed-precision autocast)",
+        choices=("auto", "fp32", "bf16"),
+    )
 
 
 @dataclass
 class DataConfig:
-    source: str = _f("rg:chain_sum,basic_arithmetic", "demonstrations: a .jsonl/.json/.parquet "
-                     "file, 'rg:task1,task2' (reasoning-gym, generated offline), or a hub "
-                     "dataset", flag="data")  # fmt: skip
+    source: str = _f(
+        "rg:chain_sum,basic_arithmetic",
+        "demonstrations: a .jsonl/.json/.parquet "
+        "file, 'rg:task1,task2' (reasoning-gym, generated offline), or a hub "
+        "dataset",
+        flag="data",
+    )
     prompt_field: str = _f("prompt", "record field holding the prompt (string or chat messages)")
     response_field: str = _f("response", "record field holding the demonstration response")
     split: str = _f("train", "dataset split (hub datasets; 'train' for reasoning-gym)")
-    num_demos: int | None = _f(64, "number of demonstrations to use (None: all; required for "
-                               "rg: sources)")  # fmt: skip
+    num_demos: int | None = _f(
+        64, "number of demonstrations to use (None: all; required for rg: sources)"
+    )
     skip_invalid: bool = _f(False, "drop bad records (counted and reported) instead of stopping")
     max_prompt_length: int = _f(256, "longest prompt in tokens (longer ones are bad records)")
     max_length: int = _f(512, "longest prompt + response in tokens (responses are cut)")
@@ -80,22 +91,43 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    method: str = _f("gsil", "training objective (dft: discriminative fine-tuning, Guo et al. "
-                     "2025)", choices=("gsil", "spin", "sft", "dft"))  # fmt: skip
-    loss: str = _f("logistic", "GSIL density-ratio estimator", choices=(
-        "logistic", "brier", "exponential", "kliep", "lsif", "power", "hinge"))  # fmt: skip
+    method: str = _f(
+        "gsil",
+        "training objective (dft: discriminative fine-tuning, Guo et al. 2025)",
+        choices=("gsil", "spin", "sft", "dft"),
+    )
+    loss: str = _f(
+        "logistic",
+        "GSIL density-ratio estimator",
+        choices=("logistic", "brier", "exponential", "kliep", "lsif", "power", "hinge"),
+    )
     gamma: float | None = _f(None, "parameter of the 'power' estimator (gamma > 0)")
-    beta: float = _f(0.1, "scale of the log-ratio logit f = beta * (log pi - log pi_ref) + "
-                     "shift; also SPIN's beta")  # fmt: skip
+    beta: float = _f(
+        0.1,
+        "scale of the log-ratio logit f = beta * (log pi - log pi_ref) + shift; also SPIN's beta",
+    )
     shift: float = _f(0.0, "offset of the GSIL logit (the paper's script: 2 with beta 0.01)")
-    drop_ties: bool = _f(False, "leave out each generated response that equals its "
-                         "demonstration (a prompt whose k responses all tie is dropped)")  # fmt: skip
-    dft_tau: float = _f(1.0, "DFT's temperature tau of the discriminative likelihood (> 0; the "
-                        "authors' recipes: 1.0 for dft, 0.3 for dft2)")  # fmt: skip
-    dft_gamma: float = _f(0.85, "DFT's moving-average weight of each new estimate of the "
-                          "normaliser, in (0, 1] (1: no memory; recipes: 0.85 dft, 0.9 dft2)")  # fmt: skip
-    dft_variant: str = _f("dft", "dft (log-prob scores, importance weights 1/pi_ref) or dft2 "
-                          "(length-normalised scores, no reference)", choices=("dft", "dft2"))  # fmt: skip
+    drop_ties: bool = _f(
+        False,
+        "leave out each generated response that equals its "
+        "demonstration (a prompt whose k responses all tie is dropped)",
+    )
+    dft_tau: float = _f(
+        1.0,
+        "DFT's temperature tau of the discriminative likelihood (> 0; the "
+        "authors' recipes: 1.0 for dft, 0.3 for dft2)",
+    )
+    dft_gamma: float = _f(
+        0.85,
+        "DFT's moving-average weight of each new estimate of the "
+        "normaliser, in (0, 1] (1: no memory; recipes: 0.85 dft, 0.9 dft2)",
+    )
+    dft_variant: str = _f(
+        "dft",
+        "dft (log-prob scores, importance weights 1/pi_ref) or dft2 "
+        "(length-normalised scores, no reference)",
+        choices=("dft", "dft2"),
+    )
     dft_u_init: float = _f(0.0, "DFT's initial log normaliser log u of every prompt, each round")
 
     def estimator_params(self) -> dict[str, float]:
@@ -105,18 +137,26 @@ class ObjectiveConfig:
 
 @dataclass
 class LoggingConfig:
-    report_to: list[str] = _f(list, "experiment trackers through accelerate, comma-separated: "
-                              f"{', '.join([NONE, *TRACKERS])} (offline by default)")  # fmt: skip
+    report_to: list[str] = _f(
+        list,
+        "experiment trackers through accelerate, comma-separated: "
+        f"{', '.join([NONE, *TRACKERS])} (offline by default)",
+    )
 
 
 @dataclass
 class RunConfig:
-    name: str | None = _f(None, "run name; results go to OUTPUT_DIR/NAME (default: derived "
-                          "from the method, loss and seed)")  # fmt: skip
+    name: str | None = _f(
+        None,
+        "run name; results go to OUTPUT_DIR/NAME (default: derived from the method, loss and seed)",
+    )
     output_dir: str = _f("runs", "parent directory of run directories")
     seed: int = _f(0, "the one seed: data sampling, generation and training")
-    rounds: int = _f(1, "self-imitation rounds (each regenerates responses and resets the "
-                     "reference to the current policy)")  # fmt: skip
+    rounds: int = _f(
+        1,
+        "self-imitation rounds (each regenerates responses and resets the "
+        "reference to the current policy)",
+    )
     resume: bool = _f(False, "continue an interrupted run in the same directory")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -191,9 +231,18 @@ def leaves(cls: type = RunConfig, prefix: tuple[str, ...] = ()) -> list[Leaf]:
             found += leaves(annotation, prefix + (spec.name,))
             continue
         meta = spec.metadata
-        found.append(Leaf(prefix + (spec.name,), meta.get("flag", spec.name),
-                          tuple(meta.get("aliases", ())), annotation, _default(spec),
-                          meta.get("help", ""), meta.get("choices"), meta.get("parse")))  # fmt: skip
+        found.append(
+            Leaf(
+                prefix + (spec.name,),
+                meta.get("flag", spec.name),
+                tuple(meta.get("aliases", ())),
+                annotation,
+                _default(spec),
+                meta.get("help", ""),
+                meta.get("choices"),
+                meta.get("parse"),
+            )
+        )
     return found
 
 
@@ -275,8 +324,9 @@ def _build(cls: type, values: dict[str, Any], where: str, prefix: tuple[str, ...
         annotation = hints[key]
         if _is_section(annotation):
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}: {dotted!r} is a section and takes a mapping, "
-                                  f"got {value!r}")  # fmt: skip
+                raise ConfigError(
+                    f"{where}: {dotted!r} is a section and takes a mapping, got {value!r}"
+                )
             kwargs[key] = _build(annotation, value, where, prefix + (key,))
         else:
             kwargs[key] = _check(value, annotation, f"{where}: {dotted!r}")
@@ -412,20 +462,34 @@ def add_config_arguments(
         help_text = f"{leaf.help} (default: {default}; recipe key {'.'.join(leaf.path)})"
         dest = "cfg__" + "__".join(leaf.path)
         if leaf.annotation is bool:
-            group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction,
-                               default=None, help=help_text)  # fmt: skip
+            group.add_argument(
+                *names,
+                dest=dest,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
             continue
         parse = leaf.parse or parse_type(leaf.annotation)
-        group.add_argument(*names, dest=dest, type=parse, default=None,
-                           choices=leaf.choices, help=help_text,
-                           metavar=None if leaf.choices else leaf.flag.upper())  # fmt: skip
+        group.add_argument(
+            *names,
+            dest=dest,
+            type=parse,
+            default=None,
+            choices=leaf.choices,
+            help=help_text,
+            metavar=None if leaf.choices else leaf.flag.upper(),
+        )
 
 
 def parse_type(annotation: Any):
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         # a mapping has no flag form (per-benchmark budgets are written in recipes)
-        options = [a for a in typing.get_args(annotation)
-                   if a is not type(None) and typing.get_origin(a) is not dict]  # fmt: skip
+        options = [
+            a
+            for a in typing.get_args(annotation)
+            if a is not type(None) and typing.get_origin(a) is not dict
+        ]
         inner = parse_type(options[0])
         return lambda text: None if text.lower() in ("none", "null") else inner(text)
     if typing.get_origin(annotation) in (list, tuple):
@@ -487,8 +551,9 @@ def validate(config: RunConfig) -> None:
     for leaf in leaves():
         value = leaf.value_in(tree)
         if leaf.choices and value not in leaf.choices:
-            problems.append(f"{'.'.join(leaf.path)} must be one of {list(leaf.choices)}, "
-                            f"got {value!r}")  # fmt: skip
+            problems.append(
+                f"{'.'.join(leaf.path)} must be one of {list(leaf.choices)}, got {value!r}"
+            )
     try:
         resolve_report_to(config.logging.report_to, check_installed=False)
     except ValueError as err:  # an unknown name (make_accelerator checks the packages)
@@ -510,12 +575,17 @@ class EvaluationConfig(EvalOptions):
     """
 
     benchmarks: list[str] = _f(lambda: ["reasoning", "humaneval"], "benchmarks, comma-separated")
-    limit: int | None = _f(None, "at most N items per benchmark (per task for reasoning; "
-                           "default: all, 200 per reasoning task)")  # fmt: skip
-    humaneval_limit: int | None = _f(None, "HumanEval problems in an experiment (None: all 164; "
-                                     "gsil evaluate uses --limit)")  # fmt: skip
-    dtype: str | None = _f("auto", "weights' dtype: auto (bf16 where native, else fp32), "
-                           "float32, bfloat16")  # fmt: skip
+    limit: int | None = _f(
+        None,
+        "at most N items per benchmark (per task for reasoning; "
+        "default: all, 200 per reasoning task)",
+    )
+    humaneval_limit: int | None = _f(
+        None, "HumanEval problems in an experiment (None: all 164; gsil evaluate uses --limit)"
+    )
+    dtype: str | None = _f(
+        "auto", "weights' dtype: auto (bf16 where native, else fp32), float32, bfloat16"
+    )
     seed: int = _f(0, "seed of the held-out items and sampling (the same items for every run)")
     runs: list[str] | None = _f(None, "an experiment's stages to evaluate (default: every stage)")
     baseline: str | None = _f(None, "the stage every other is compared with, item by item")
@@ -565,12 +635,15 @@ class PowerAssumptions:
     ``power``), used until the evaluation's own results exist."""
 
     baseline_accuracy: float | dict[str, float] | None = _f(
-        None, "the baseline's expected score per benchmark (or one for all); default 0.5, "
-        "the worst case")  # fmt: skip
+        None,
+        "the baseline's expected score per benchmark (or one for all); default 0.5, the worst case",
+    )
     discordance: float | dict[str, float] | None = _f(
-        None, "expected share of items on which a method and the baseline disagree; default "
+        None,
+        "expected share of items on which a method and the baseline disagree; default "
         "2p(1-p) at the baseline accuracy p (independent errors, an upper bound for models "
-        "trained from one parent)")  # fmt: skip
+        "trained from one parent)",
+    )
 
     def for_benchmark(self, benchmark: str) -> tuple[float | None, float | None]:
         """``(baseline_accuracy, discordance)`` stated for ``benchmark`` (None: not stated)."""
@@ -650,8 +723,10 @@ def _seed_list(value: Any, where: str) -> list[int] | None:
         return None
     seeds = _check(value, list[int], f"{where}: 'seeds'")
     if not seeds or len(set(seeds)) != len(seeds) or not all(0 <= s < 2**30 for s in seeds):
-        raise ConfigError(f"{where}: 'seeds' must be distinct integers in [0, 2**30), e.g. "
-                          f"[0, 1, 2], got {value!r} (null: run the stage once)")  # fmt: skip
+        raise ConfigError(
+            f"{where}: 'seeds' must be distinct integers in [0, 2**30), e.g. "
+            f"[0, 1, 2], got {value!r} (null: run the stage once)"
+        )
     return seeds
 
 
@@ -661,14 +736,18 @@ def _matching_run(runs: list[Stage], seed: int | None, what: str, where: str) ->
     if not runs[0].repeated:
         return runs[0]
     if seed is None:
-        raise ConfigError(f"{where}: {what} {runs[0].group!r} is repeated over seeds; repeat "
-                          f"this stage too ('seeds'), or name one run, e.g. {runs[0].name!r}")  # fmt: skip
+        raise ConfigError(
+            f"{where}: {what} {runs[0].group!r} is repeated over seeds; repeat "
+            f"this stage too ('seeds'), or name one run, e.g. {runs[0].name!r}"
+        )
     for run in runs:
         if run.config.seed == seed:
             return run
-    raise ConfigError(f"{where}: {what} {runs[0].group!r} has no run of seed {seed} (its "
-                      f"seeds: {[r.config.seed for r in runs]}); give both stages the same "
-                      "'seeds'")  # fmt: skip
+    raise ConfigError(
+        f"{where}: {what} {runs[0].group!r} has no run of seed {seed} (its "
+        f"seeds: {[r.config.seed for r in runs]}); give both stages the same "
+        "'seeds'"
+    )
 
 
 def load_pipeline(
@@ -681,8 +760,10 @@ def load_pipeline(
     where = str(path)
     unknown = sorted(set(spec) - set(PIPELINE_KEYS) - {k for k in spec if k.startswith("_")})
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; a pipeline recipe has pipeline, "
-                          "base, stages, evaluate (and output_dir, seeds, power)")  # fmt: skip
+        raise ConfigError(
+            f"{where}: unknown key(s) {unknown}; a pipeline recipe has pipeline, "
+            "base, stages, evaluate (and output_dir, seeds, power)"
+        )
     overrides = nest(dict(overrides or {}), "command line")
     output_dir = overrides.pop("output_dir", None) or spec.get("output_dir", "runs")
     name = overrides.pop("name", None) or spec["pipeline"]
@@ -709,9 +790,11 @@ def load_pipeline(
             raise ConfigError(f"{stage_where}: a stage or run of that name comes earlier")
         seeds = _seed_list(raw["seeds"], stage_where) if "seeds" in raw else all_seeds
         if seeds is not None and "seed" in overrides:
-            raise ConfigError(f"command line: --seed {overrides['seed']} conflicts with the "
-                              f"seeds {seeds} of stage {stage_name} in {where}; drop --seed, or "
-                              "the recipe's 'seeds'")  # fmt: skip
+            raise ConfigError(
+                f"command line: --seed {overrides['seed']} conflicts with the "
+                f"seeds {seeds} of stage {stage_name} in {where}; drop --seed, or "
+                "the recipe's 'seeds'"
+            )
         own = nest({k: v for k, v in raw.items() if k not in STAGE_KEYS}, stage_where)
         values = merge(merge(base, own), overrides)
         parents = linked(raw.get("init_from"), "init_from", stage_where)
@@ -725,13 +808,22 @@ def load_pipeline(
                 parent = _matching_run(parents, seed, "init_from", stage_where)
                 model = str(final_model_dir(parent.config))
                 run_values = merge(run_values, {"model": {"name_or_path": model}})
-            run_values = merge(run_values, {"output_dir": str(root), "name": run_name,
-                                            "resume": False})  # fmt: skip
+            run_values = merge(
+                run_values, {"output_dir": str(root), "name": run_name, "resume": False}
+            )
             config = from_dict(run_values, f"{where}: stage {run_name}")
             # the round-0 set of the run with this seed (another seed's demonstrations differ)
             source = next((r for r in sources or [] if r.config.seed == config.seed), None)
-            runs.append(Stage(run_name, config, parent and parent.name, source and source.name,
-                              stage_name, seed is not None))  # fmt: skip
+            runs.append(
+                Stage(
+                    run_name,
+                    config,
+                    parent and parent.name,
+                    source and source.name,
+                    stage_name,
+                    seed is not None,
+                )
+            )
         groups[stage_name] = runs
         for run in runs:
             groups.setdefault(run.name, [run])
@@ -746,8 +838,9 @@ def load_pipeline(
             if run not in groups:
                 raise ConfigError(f"{where}: evaluate names unknown stage {run!r}")
     if not isinstance(spec.get("power") or {}, dict):
-        raise ConfigError(f"{where}: 'power' is a section and takes a mapping, got "
-                          f"{spec['power']!r}")  # fmt: skip
+        raise ConfigError(
+            f"{where}: 'power' is a section and takes a mapping, got {spec['power']!r}"
+        )
     power = _build(PowerAssumptions, spec.get("power") or {}, where, ("power",))
     for value in (power.baseline_accuracy, power.discordance):
         numbers = value.values() if isinstance(value, dict) else [value]

@@ -73,16 +73,29 @@ def evaluate_stage(pipeline: Pipeline, stage: Stage, engine: Any = None) -> dict
         limit = spec.humaneval_limit if benchmark == "humaneval" else spec.limit
         max_new = spec.max_new_tokens_for(benchmark)
         dtype = eval_dtype(spec.dtype)
-        request = {"limit": limit, "tasks": list(tasks), "max_new_tokens": max_new,
-                   "seed": spec.seed, "dtype": dtype}  # fmt: skip
+        request = {
+            "limit": limit,
+            "tasks": list(tasks),
+            "max_new_tokens": max_new,
+            "seed": spec.seed,
+            "dtype": dtype,
+        }
         result_path = out_dir / f"{benchmark}.json"
         if requests.get(benchmark) == request and result_path.exists():
             logger.info("%s: %s evaluated earlier, skipped", stage.name, benchmark)
             paths[benchmark] = result_path
             continue
         options = spec.options(tasks=tasks)
-        evaluate_model(str(model_dir), [benchmark], out_dir, limit, spec.seed,
-                       options=options, dtype=dtype, engine=engine)  # fmt: skip
+        evaluate_model(
+            str(model_dir),
+            [benchmark],
+            out_dir,
+            limit,
+            spec.seed,
+            options=options,
+            dtype=dtype,
+            engine=engine,
+        )
         requests[benchmark] = request
         write_json(request_path, requests)
         paths[benchmark] = result_path
@@ -101,8 +114,11 @@ def run_pipeline(pipeline: Pipeline) -> dict:
     if state.is_main_process:
         pipeline.root.mkdir(parents=True, exist_ok=True)
         write_json(pipeline.root / "pipeline.json", plan_pipeline(pipeline))
-    outcome: dict[str, Any] = {"pipeline": pipeline.name, "directory": str(pipeline.root),
-                               "stages": {}}  # fmt: skip
+    outcome: dict[str, Any] = {
+        "pipeline": pipeline.name,
+        "directory": str(pipeline.root),
+        "stages": {},
+    }
     for stage in pipeline.stages:
         shared = [False]
         if stage.share_round0_generations and state.is_main_process:

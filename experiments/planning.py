@@ -32,13 +32,21 @@ HUMANEVAL_PROBLEMS = 164
 
 # Mean token counts assumed by the plan, per data source (prompt, demonstration, generated).
 TOKEN_ASSUMPTIONS = {
-    "rg": {"prompt": 65, "response": 45, "generated": 50,
-           "source": "measured on SmolLM2's tokenizer (chain_sum + basic_arithmetic)"},
-    "ultrafeedback": {"prompt": 180, "response": 290, "generated": 230,
-                      "source": "assumed for UltraFeedback with a Mistral tokenizer; "
-                      "generations are often cut at 256"},
+    "rg": {
+        "prompt": 65,
+        "response": 45,
+        "generated": 50,
+        "source": "measured on SmolLM2's tokenizer (chain_sum + basic_arithmetic)",
+    },
+    "ultrafeedback": {
+        "prompt": 180,
+        "response": 290,
+        "generated": 230,
+        "source": "assumed for UltraFeedback with a Mistral tokenizer; "
+        "generations are often cut at 256",
+    },
     "other": {"prompt": 150, "response": 250, "generated": 200, "source": "a rough guess"},
-}  # fmt: skip
+}
 
 # Per-unit costs on this project's 2-core AVX2 machine with SmolLM2-135M in fp32. Training,
 # reference and round-generation costs were re-measured on a quiet machine in the default
@@ -169,7 +177,7 @@ def plan_run(
             "trained": train_tokens,
             "reference_pass": reference_tokens,
             "generated": new_tokens,
-        },  # fmt: skip
+        },
         "token_assumptions": tokens,
     }
     if on_cpu:
@@ -221,8 +229,11 @@ def plan_pipeline(pipeline: Pipeline) -> dict:
         if stage.repeated:
             plan.update(stage=stage.group, seed=stage.config.seed)
         stages.append(plan)
-    result: dict[str, Any] = {"pipeline": pipeline.name, "directory": str(pipeline.root),
-                              "stages": stages}  # fmt: skip
+    result: dict[str, Any] = {
+        "pipeline": pipeline.name,
+        "directory": str(pipeline.root),
+        "stages": stages,
+    }
     minutes = sum(s["estimate"].get("minutes_on_this_cpu", 0.0) for s in stages)
     if pipeline.evaluate:
         spec = pipeline.evaluate
@@ -231,8 +242,7 @@ def plan_pipeline(pipeline: Pipeline) -> dict:
         if "reasoning" in spec.benchmarks:
             items["reasoning"] = (spec.limit or DEFAULT_ITEMS_PER_TASK) * len(tasks)
         if "humaneval" in spec.benchmarks:
-            items["humaneval"] = min(spec.humaneval_limit or HUMANEVAL_PROBLEMS,
-                                     HUMANEVAL_PROBLEMS)  # fmt: skip
+            items["humaneval"] = min(spec.humaneval_limit or HUMANEVAL_PROBLEMS, HUMANEVAL_PROBLEMS)
         evaluated = {name: pipeline.runs_of(name) for name in spec.runs}
         # the backend the evaluation will use here: vLLM (one engine for every model) or HF
         backend = resolve_backend(spec.backend)
@@ -320,8 +330,12 @@ def plan_power(pipeline: Pipeline, items: dict[str, int]) -> list[dict[str, Any]
             if match and match[0] is not run:
                 pairs.append((run, match[0]))
         for bench, n in items.items():
-            entry: dict[str, Any] = {"comparison": f"{name} vs {spec.baseline}", "benchmark": bench,
-                                     "items_per_seed": n, "seeds": len(pairs)}  # fmt: skip
+            entry: dict[str, Any] = {
+                "comparison": f"{name} vs {spec.baseline}",
+                "benchmark": bench,
+                "items_per_seed": n,
+                "seeds": len(pairs),
+            }
             sampled = bench == "humaneval" and spec.humaneval_samples > 1
             if bench not in BINARY_BENCHMARKS or sampled:
                 entry["mde"] = "n/a: scores are not 0/1"
@@ -337,13 +351,17 @@ def plan_power(pipeline: Pipeline, items: dict[str, int]) -> list[dict[str, Any]
             source = "observed"
             if discordance is None and stated_discordance is not None:
                 discordance, source = stated_discordance, "stated in the recipe"
-            entry.update(baseline_accuracy=round(accuracy, 4),
-                         baseline_accuracy_source=accuracy_source)  # fmt: skip
+            entry.update(
+                baseline_accuracy=round(accuracy, 4), baseline_accuracy_source=accuracy_source
+            )
             sizes = {"one_seed": n} | ({"pooled": n * len(pairs)} if len(pairs) > 1 else {})
             for key, count in sizes.items():
-                mde = detectable_difference(count, baseline_accuracy=accuracy,
-                                            discordance=discordance,
-                                            discordance_source=source)  # fmt: skip
+                mde = detectable_difference(
+                    count,
+                    baseline_accuracy=accuracy,
+                    discordance=discordance,
+                    discordance_source=source,
+                )
                 entry[f"n_{key}"] = count
                 entry[f"mde_points_{key}"] = (
                     round(100 * mde.difference, 2) if mde.attainable else "none: too few items"

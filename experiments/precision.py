@@ -82,8 +82,15 @@ def measure(
         engine = EngineSlot()  # one fp32 engine: the fp32 weights, then the rounded ones
 
     def run(variant: str, policy: Any, **kwargs: Any) -> Path:
-        evaluate_model((policy, tokenizer), ["reasoning"], out / variant, limit=limit, seed=seed,
-                       options=options, **kwargs)  # fmt: skip
+        evaluate_model(
+            (policy, tokenizer),
+            ["reasoning"],
+            out / variant,
+            limit=limit,
+            seed=seed,
+            options=options,
+            **kwargs,
+        )
         return result_paths(out / variant, "reasoning")[1]
 
     try:
@@ -99,8 +106,14 @@ def measure(
         bf16_model, _ = load_model(model_spec, dtype="bfloat16", device=device)
         records["bf16"] = run("bf16", bf16_model)
 
-    meta = {"model": model_spec, "device": str(device), "native_bf16": native_bf16(device),
-            "items": limit, "seed": seed, "backend": backend}  # fmt: skip
+    meta = {
+        "model": model_spec,
+        "device": str(device),
+        "native_bf16": native_bf16(device),
+        "items": limit,
+        "seed": seed,
+        "backend": backend,
+    }
     return summarize(out, records, meta, bf16_compute)
 
 
@@ -133,15 +146,19 @@ def summarize(
 
 def table(summary: dict[str, Any]) -> str:
     """The comparison as a markdown table (points, paired against fp32)."""
-    rows = ["| precision | accuracy | fp32 | Δ [95% CI] | McNemar p | identical completions |",
-            "|---|---|---|---|---|---|"]  # fmt: skip
+    rows = [
+        "| precision | accuracy | fp32 | Δ [95% CI] | McNemar p | identical completions |",
+        "|---|---|---|---|---|---|",
+    ]
     for variant, v in summary["variants"].items():
         low, high = v["interval"]
         same = v["identical_completions"]
         p = f"{v['mcnemar']['p_value']:.3f}" if v["mcnemar"] else "n/a"
-        rows.append(f"| {variant} | {100 * v['accuracy']:.1f} | {100 * v['fp32_accuracy']:.1f} | "
-                    f"{100 * v['difference']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] | "
-                    f"{p} | {same['identical']}/{same['n']} |")  # fmt: skip
+        rows.append(
+            f"| {variant} | {100 * v['accuracy']:.1f} | {100 * v['fp32_accuracy']:.1f} | "
+            f"{100 * v['difference']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] | "
+            f"{p} | {same['identical']}/{same['n']} |"
+        )
     return "\n".join(rows)
 
 
@@ -155,15 +172,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out items")
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm"))
-    parser.add_argument("--bf16-compute", action=argparse.BooleanOptionalAction, default=None,
-                        help="also evaluate in bf16 arithmetic (default: where bf16 is native)")  # fmt: skip
+    parser.add_argument(
+        "--bf16-compute",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also evaluate in bf16 arithmetic (default: where bf16 is native)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(
         args.out or Path("runs") / "precision" / Path(args.model).as_posix().replace("/", "_")
     )
-    summary = measure(args.model, out, args.limit, args.seed, args.backend, args.bf16_compute,
-                      args.max_new_tokens)  # fmt: skip
+    summary = measure(
+        args.model, out, args.limit, args.seed, args.backend, args.bf16_compute, args.max_new_tokens
+    )
     print(table(summary))
     if "bf16_compute" in summary:
         print(f"bf16 arithmetic {summary['bf16_compute']}")

@@ -281,8 +281,11 @@ def precision_line(rows: Sequence[dict[str, Any]]) -> str:
         benches = sorted({w.split(":", 1)[1] for w in where})
         return f"Evaluated in {dtype} ({', '.join(benches)}; each run's eval/request.json)."
     parts = [f"{dtype}: {', '.join(sorted(where))}" for dtype, where in sorted(by_dtype.items())]
-    return ("Evaluated in different precisions, so differences mix methods and dtypes: "
-            + "; ".join(parts) + ".")  # fmt: skip
+    return (
+        "Evaluated in different precisions, so differences mix methods and dtypes: "
+        + "; ".join(parts)
+        + "."
+    )
 
 
 def to_markdown(
@@ -318,8 +321,14 @@ def to_markdown(
             ]
         lines.append("| " + " | ".join(cells) + " |")
     if methods:
-        lines += ["", f"## Methods against {baseline}", "", *_methods_table(methods), "",
-                  *(_method_line(m, baseline) for m in methods)]  # fmt: skip
+        lines += [
+            "",
+            f"## Methods against {baseline}",
+            "",
+            *_methods_table(methods),
+            "",
+            *(_method_line(m, baseline) for m in methods),
+        ]
     tasks = _task_lines(rows)
     if tasks:
         lines += ["", "## Reasoning tasks", "", *tasks]
@@ -360,11 +369,18 @@ def summarize_methods(
                 if not comparison or "error" in comparison:
                     continue
                 comparisons.append(comparison)
-                seeds.append({"seed": run.config.seed, "run": run.name, "round": row["round"],
-                              "score": row["results"][bench].get("score"),
-                              "baseline_run": base_run.name, "n": comparison["n"],
-                              "difference": comparison["difference"],
-                              "interval": comparison["interval"]})  # fmt: skip
+                seeds.append(
+                    {
+                        "seed": run.config.seed,
+                        "run": run.name,
+                        "round": row["round"],
+                        "score": row["results"][bench].get("score"),
+                        "baseline_run": base_run.name,
+                        "n": comparison["n"],
+                        "difference": comparison["difference"],
+                        "interval": comparison["interval"],
+                    }
+                )
                 pairs.append((comparison["a"], comparison["b"]))
             if not seeds:
                 continue
@@ -374,12 +390,18 @@ def summarize_methods(
             pooled = pooled_comparison(pairs) if len(pairs) > 1 else comparisons[0]
             mde = None
             if "discordance" in pooled:
-                mde = detectable_difference(pooled["n"], baseline_accuracy=pooled["mean_b"],
-                                            discordance=pooled["discordance"])  # fmt: skip
+                mde = detectable_difference(
+                    pooled["n"],
+                    baseline_accuracy=pooled["mean_b"],
+                    discordance=pooled["discordance"],
+                )
             elif pooled.get("difference_sd") is not None:  # partial credit: not McNemar's
-                mde = detectable_difference(pooled["n"], baseline_accuracy=pooled["mean_b"],
-                                            discordance=pooled["differing"],
-                                            difference_sd=pooled["difference_sd"])  # fmt: skip
+                mde = detectable_difference(
+                    pooled["n"],
+                    baseline_accuracy=pooled["mean_b"],
+                    discordance=pooled["differing"],
+                    difference_sd=pooled["difference_sd"],
+                )
             summary = {
                 "method": group.name,
                 "benchmark": bench,
@@ -410,20 +432,26 @@ def verdict(summary: dict[str, Any]) -> str:
     mde = summary["mde"]
     if across is not None:
         if _excludes_zero(across):
-            text = (f"{'higher' if across[0] > 0 else 'lower'} than {base} across {k} seeds "
-                    "(the 95% interval across seeds excludes 0)")  # fmt: skip
+            text = (
+                f"{'higher' if across[0] > 0 else 'lower'} than {base} across {k} seeds "
+                "(the 95% interval across seeds excludes 0)"
+            )
             if not _excludes_zero(pooled):
                 text += "; the pooled item-level interval contains 0"
             return text
         text = f"no difference resolved across {k} seeds (the interval across seeds contains 0"
         if _excludes_zero(pooled):
-            text += ("; the pooled item-level interval excludes 0, but it ignores seed-to-seed "
-                     "variation, so no difference is claimed)")  # fmt: skip
+            text += (
+                "; the pooled item-level interval excludes 0, but it ignores seed-to-seed "
+                "variation, so no difference is claimed)"
+            )
         else:
             text += ", as does the pooled item-level interval)"
     elif _excludes_zero(pooled):
-        text = (f"{'higher' if pooled[0] > 0 else 'lower'} than {base} (the interval excludes 0"
-                "; one seed: seed-to-seed variation not measured)")  # fmt: skip
+        text = (
+            f"{'higher' if pooled[0] > 0 else 'lower'} than {base} (the interval excludes 0"
+            "; one seed: seed-to-seed variation not measured)"
+        )
         return text
     else:
         text = "no difference resolved (the interval contains 0)"
@@ -437,23 +465,40 @@ def _fmt_points(value: float) -> str:
 
 
 def _methods_table(methods: Sequence[dict[str, Any]]) -> list[str]:
-    header = ["method", "benchmark", "seeds", "score per seed (%)", "Δ per seed (pts)",
-              "mean Δ, 95% t across seeds", "pooled Δ (paired bootstrap), McNemar p",
-              "MDE of the pooled test (80% power, α 0.05)"]  # fmt: skip
+    header = [
+        "method",
+        "benchmark",
+        "seeds",
+        "score per seed (%)",
+        "Δ per seed (pts)",
+        "mean Δ, 95% t across seeds",
+        "pooled Δ (paired bootstrap), McNemar p",
+        "MDE of the pooled test (80% power, α 0.05)",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in methods:
         seeds = m["seeds"]
         scores = ", ".join("-" if s["score"] is None else f"{100 * s['score']:.1f}" for s in seeds)
         across = m["across_interval"]
-        across_text = (f"{_fmt_points(m['mean_difference'])} [{_fmt_points(across[0])}, "
-                       f"{_fmt_points(across[1])}]" if across else "n/a (one seed)")  # fmt: skip
+        across_text = (
+            f"{_fmt_points(m['mean_difference'])} [{_fmt_points(across[0])}, "
+            f"{_fmt_points(across[1])}]"
+            if across
+            else "n/a (one seed)"
+        )
         pooled = m["pooled"]
         mde = m["mde"]
         mde_text = "n/a" if mde is None else _fmt_mde(mde)
-        cells = [m["method"], m["benchmark"],
-                 ", ".join(str(s["seed"]) for s in seeds) + f" ({len(seeds)})", scores,
-                 ", ".join(_fmt_points(s["difference"]) for s in seeds), across_text,
-                 f"{_fmt_diff(pooled)} (n={pooled['n']})", mde_text]  # fmt: skip
+        cells = [
+            m["method"],
+            m["benchmark"],
+            ", ".join(str(s["seed"]) for s in seeds) + f" ({len(seeds)})",
+            scores,
+            ", ".join(_fmt_points(s["difference"]) for s in seeds),
+            across_text,
+            f"{_fmt_diff(pooled)} (n={pooled['n']})",
+            mde_text,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -473,8 +518,10 @@ def _fmt_mde(mde: DetectableDifference) -> str:
 def _method_line(m: dict[str, Any], baseline: str | None) -> str:
     k = len(m["seeds"])
     seeds = f"{k} seed{'s' * (k != 1)}, pooled n={m['pooled']['n']}"
-    return (f"- {m['method']} vs {baseline} on {m['benchmark']} ({seeds}): "
-            f"Δ {_fmt_diff(m['pooled'])} (points): {m['verdict']}")  # fmt: skip
+    return (
+        f"- {m['method']} vs {baseline} on {m['benchmark']} ({seeds}): "
+        f"Δ {_fmt_diff(m['pooled'])} (points): {m['verdict']}"
+    )
 
 
 def _task_lines(rows) -> list[str]:
@@ -492,13 +539,45 @@ def _task_lines(rows) -> list[str]:
     return lines
 
 
-CSV_FIELDS = ["run", "method", "round", "steps", "ties", "benchmark", "metric", "score", "low",
-              "high", "n", "baseline", "difference", "diff_low", "diff_high", "mcnemar_p",
-              "stage", "seed"]  # fmt: skip
-METHOD_CSV_FIELDS = ["method", "benchmark", "baseline", "seeds", "scores", "differences",
-                     "mean_difference", "across_low", "across_high", "pooled_n",
-                     "pooled_difference", "pooled_low", "pooled_high", "mcnemar_p",
-                     "discordance", "mde", "verdict"]  # fmt: skip
+CSV_FIELDS = [
+    "run",
+    "method",
+    "round",
+    "steps",
+    "ties",
+    "benchmark",
+    "metric",
+    "score",
+    "low",
+    "high",
+    "n",
+    "baseline",
+    "difference",
+    "diff_low",
+    "diff_high",
+    "mcnemar_p",
+    "stage",
+    "seed",
+]
+METHOD_CSV_FIELDS = [
+    "method",
+    "benchmark",
+    "baseline",
+    "seeds",
+    "scores",
+    "differences",
+    "mean_difference",
+    "across_low",
+    "across_high",
+    "pooled_n",
+    "pooled_difference",
+    "pooled_low",
+    "pooled_high",
+    "mcnemar_p",
+    "discordance",
+    "mde",
+    "verdict",
+]
 
 
 def to_csv_rows(rows, baseline: str | None) -> list[dict[str, Any]]:
@@ -511,17 +590,26 @@ def to_csv_rows(rows, baseline: str | None) -> list[dict[str, Any]]:
             diff_low, diff_high = comparison.get("interval") or (None, None)
             out.append(
                 {
-                    "run": row["run"], "method": row["method"], "round": row["round"],
-                    "steps": row["steps"], "ties": " ".join(map(str, row["ties"])),
-                    "benchmark": bench, "metric": result.get("metric"),
-                    "score": result.get("score"), "low": low, "high": high, "n": result.get("n"),
+                    "run": row["run"],
+                    "method": row["method"],
+                    "round": row["round"],
+                    "steps": row["steps"],
+                    "ties": " ".join(map(str, row["ties"])),
+                    "benchmark": bench,
+                    "metric": result.get("metric"),
+                    "score": result.get("score"),
+                    "low": low,
+                    "high": high,
+                    "n": result.get("n"),
                     "baseline": baseline if comparison and "error" not in comparison else None,
-                    "difference": comparison.get("difference"), "diff_low": diff_low,
+                    "difference": comparison.get("difference"),
+                    "diff_low": diff_low,
                     "diff_high": diff_high,
                     "mcnemar_p": comparison.get("mcnemar", {}).get("p_value"),
-                    "stage": row["stage"], "seed": row["seed"],
+                    "stage": row["stage"],
+                    "seed": row["seed"],
                 }
-            )  # fmt: skip
+            )
     return out
 
 
@@ -531,20 +619,27 @@ def methods_csv_rows(methods: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for m in methods:
         across = m["across_interval"] or (None, None)
         pooled = m["pooled"]
-        out.append({
-            "method": m["method"], "benchmark": m["benchmark"], "baseline": m["baseline"],
-            "seeds": " ".join(str(s["seed"]) for s in m["seeds"]),
-            "scores": " ".join(str(s["score"]) for s in m["seeds"]),
-            "differences": " ".join(str(s["difference"]) for s in m["seeds"]),
-            "mean_difference": m["mean_difference"], "across_low": across[0],
-            "across_high": across[1], "pooled_n": pooled["n"],
-            "pooled_difference": pooled["difference"], "pooled_low": pooled["interval"][0],
-            "pooled_high": pooled["interval"][1],
-            "mcnemar_p": pooled.get("mcnemar", {}).get("p_value"),
-            "discordance": pooled.get("discordance"),
-            "mde": m["mde"].difference if m["mde"] is not None else None,
-            "verdict": m["verdict"],
-        })  # fmt: skip
+        out.append(
+            {
+                "method": m["method"],
+                "benchmark": m["benchmark"],
+                "baseline": m["baseline"],
+                "seeds": " ".join(str(s["seed"]) for s in m["seeds"]),
+                "scores": " ".join(str(s["score"]) for s in m["seeds"]),
+                "differences": " ".join(str(s["difference"]) for s in m["seeds"]),
+                "mean_difference": m["mean_difference"],
+                "across_low": across[0],
+                "across_high": across[1],
+                "pooled_n": pooled["n"],
+                "pooled_difference": pooled["difference"],
+                "pooled_low": pooled["interval"][0],
+                "pooled_high": pooled["interval"][1],
+                "mcnemar_p": pooled.get("mcnemar", {}).get("p_value"),
+                "discordance": pooled.get("discordance"),
+                "mde": m["mde"].difference if m["mde"] is not None else None,
+                "verdict": m["verdict"],
+            }
+        )
     return out
 
 
@@ -567,8 +662,10 @@ def write_report(
         md_path.write_text(f"# Results\n\nNo runs found under {', '.join(map(str, paths))}.\n")
     else:
         md_path.write_text(to_markdown(rows, benchmarks, base_name, methods))
-    for path, fields, table in ((csv_path, CSV_FIELDS, to_csv_rows(rows, base_name)),
-                                (methods_path, METHOD_CSV_FIELDS, methods_csv_rows(methods))):  # fmt: skip
+    for path, fields, table in (
+        (csv_path, CSV_FIELDS, to_csv_rows(rows, base_name)),
+        (methods_path, METHOD_CSV_FIELDS, methods_csv_rows(methods)),
+    ):
         with path.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
@@ -578,18 +675,24 @@ def write_report(
 
 def main(argv: list[str] | None = None, prog: str = "python -m experiments.report") -> int:
     """``python -m experiments.report PATH [PATH ...] [--baseline RUN] [--out DIR]``."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("paths", nargs="*", default=["runs"], help="runs or directories of runs")
-    parser.add_argument("--baseline", help="stage (all its seeds' runs) or run to compare against "
-                        "(default: the SFT stage with the most optimizer steps)")  # fmt: skip
+    parser.add_argument(
+        "--baseline",
+        help="stage (all its seeds' runs) or run to compare against "
+        "(default: the SFT stage with the most optimizer steps)",
+    )
     parser.add_argument("--out", help="where to write report.md/.csv (default: the first path)")
     args = parser.parse_args(argv)
     out = args.out or args.paths[0]
     for path in args.paths:
         if not Path(path).exists():
-            raise FileNotFoundError(f"{path}: no such run or directory of runs; give the "
-                                    "run directories to report (default: runs)")  # fmt: skip
+            raise FileNotFoundError(
+                f"{path}: no such run or directory of runs; give the "
+                "run directories to report (default: runs)"
+            )
     if not discover_runs(args.paths):
         print(f"no runs found under {', '.join(args.paths)}", file=sys.stderr)
         return 1

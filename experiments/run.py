@@ -28,12 +28,21 @@ def build_parser(prog: str = "python -m experiments.run") -> argparse.ArgumentPa
         "for one or more self-imitation rounds.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--preset", "--config", dest="preset", help="a recipe: a preset name "
-                        "under experiments/presets/ (quick, default, ...) or a .json/.yaml "
-                        "file; flags override it")  # fmt: skip
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved plan (runs, "
-                        "data sizes, steps, tokens, estimated time) without loading weights or "
-                        "data, and exit")  # fmt: skip
+    parser.add_argument(
+        "--preset",
+        "--config",
+        dest="preset",
+        help="a recipe: a preset name "
+        "under experiments/presets/ (quick, default, ...) or a .json/.yaml "
+        "file; flags override it",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved plan (runs, "
+        "data sizes, steps, tokens, estimated time) without loading weights or "
+        "data, and exit",
+    )
     pipeline = parser.add_argument_group("pipeline presets (e.g. default): the evaluation")
     pipeline.add_argument("--eval-limit", type=int, help="held-out items per reasoning task")
     pipeline.add_argument("--eval-humaneval-limit", type=int, help="HumanEval problems")

@@ -96,16 +96,15 @@ def validation_score(config: RunConfig, limit: int, tasks: str | None) -> dict[s
     if names is None:
         source = config.data.source
         names = source.removeprefix("rg:").split(",") if source.startswith("rg:") else None
-    options = EvalOptions(tasks=tuple(names) if names else None, split="validation",
-                          backend=config.generation.backend)  # fmt: skip
+    options = EvalOptions(
+        tasks=tuple(names) if names else None, split="validation", backend=config.generation.backend
+    )
     out_dir = layout.eval_dir(last, split="validation")
     request = {"limit": limit, "tasks": list(options.tasks or ()), "seed": 0}
     request_path = out_dir / EVAL_REQUEST
     result_path = out_dir / "reasoning.json"
-    if not (result_path.exists() and request_path.exists()
-            and read_json(request_path) == request):  # fmt: skip
-        evaluate_model(str(layout.model(last)), ["reasoning"], out_dir, limit, 0,
-                       options=options)  # fmt: skip
+    if not (result_path.exists() and request_path.exists() and read_json(request_path) == request):
+        evaluate_model(str(layout.model(last)), ["reasoning"], out_dir, limit, 0, options=options)
         write_json(request_path, request)
     result = read_json(result_path)
     return {"score": result["score"], "n": result["n"], "interval": result.get("interval")}
@@ -134,10 +133,13 @@ def select_settings(
     for method, scores in table.items():
         means = {setting: sum(v) / len(v) for setting, v in scores.items()}
         best = max(means, key=means.get)  # max keeps the first of equal values
-        chosen[method] = {"setting": settings_of[best], "validation_mean": means[best],
-                          "per_setting": means, "seeds": len(scores[best])}  # fmt: skip
-    return {"split": "validation", "tuned": tuned, "methods": chosen,
-            "runs": len(configs)}  # fmt: skip
+        chosen[method] = {
+            "setting": settings_of[best],
+            "validation_mean": means[best],
+            "per_setting": means,
+            "seeds": len(scores[best]),
+        }
+    return {"split": "validation", "tuned": tuned, "methods": chosen, "runs": len(configs)}
 
 
 def format_selection(selection: dict[str, Any]) -> str:
@@ -145,8 +147,11 @@ def format_selection(selection: dict[str, Any]) -> str:
     lines = [f"settings chosen on the validation split (tuned: {', '.join(selection['tuned'])})"]
     for method, choice in selection["methods"].items():
         for setting, mean in choice["per_setting"].items():
-            mark = " <- chosen" if mean == choice["validation_mean"] and setting == combo_name(
-                choice["setting"]) else ""  # fmt: skip
+            mark = (
+                " <- chosen"
+                if mean == choice["validation_mean"] and setting == combo_name(choice["setting"])
+                else ""
+            )
             lines.append(f"  {method:<24} {setting:<32} {mean:6.3f}{mark}")
     return "\n".join(lines)
 
@@ -159,20 +164,36 @@ def build_parser(prog: str = "python -m experiments.sweep") -> argparse.Argument
         "runs are skipped, so an interrupted sweep continues where it stopped.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--sweep", nargs="+", required=True, metavar="FIELD=V1,V2",
-                        help="run fields and their values, e.g. loss=logistic,brier seed=0,1")  # fmt: skip
-    parser.add_argument("--preset", "--config", dest="preset",
-                        help="a single-run recipe: a preset name (quick, ...) or a JSON/YAML file")  # fmt: skip
+    parser.add_argument(
+        "--sweep",
+        nargs="+",
+        required=True,
+        metavar="FIELD=V1,V2",
+        help="run fields and their values, e.g. loss=logistic,brier seed=0,1",
+    )
+    parser.add_argument(
+        "--preset",
+        "--config",
+        dest="preset",
+        help="a single-run recipe: a preset name (quick, ...) or a JSON/YAML file",
+    )
     parser.add_argument("--max-runs", type=int, help="stop after training this many runs")
     select = parser.add_argument_group("choosing settings fairly (on validation items, never test)")
-    select.add_argument("--select-on", choices=("none", "validation"), default="none",
-                        help="evaluate each run's final model on the validation split of the "
-                        "reasoning tasks and pick, per method, the setting with the best mean "
-                        "score over seeds (writes selection.json)")  # fmt: skip
-    select.add_argument("--select-limit", type=int, default=100,
-                        help="validation items per reasoning task")  # fmt: skip
-    select.add_argument("--select-tasks", help="reasoning tasks to select on (default: those "
-                        "of an rg: training source)")  # fmt: skip
+    select.add_argument(
+        "--select-on",
+        choices=("none", "validation"),
+        default="none",
+        help="evaluate each run's final model on the validation split of the "
+        "reasoning tasks and pick, per method, the setting with the best mean "
+        "score over seeds (writes selection.json)",
+    )
+    select.add_argument(
+        "--select-limit", type=int, default=100, help="validation items per reasoning task"
+    )
+    select.add_argument(
+        "--select-tasks",
+        help="reasoning tasks to select on (default: those of an rg: training source)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     add_config_arguments(parser)
     return parser
@@ -189,7 +210,7 @@ def plan_sweep(args: argparse.Namespace) -> list[RunConfig]:
                 **dict(zip(sweep, values, strict=True)),
                 name=combo_name(dict(zip(sweep, values, strict=True))),
                 output_dir=output_dir,
-            )  # fmt: skip
+            )
             for values in itertools.product(*sweep.values())
         ]
     except ConfigError as err:
@@ -215,21 +236,29 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.sweep
         what, summary = ensure_run(config)
         kill_point("sweep")  # test hook (gsil.faults): a run finished, sweep.json not written
         trained += what != "skipped"
-        done.append({"run_dir": str(config.run_dir()), "status": what,
-                     "wall_seconds": summary.get("wall_seconds")})  # fmt: skip
+        done.append(
+            {
+                "run_dir": str(config.run_dir()),
+                "status": what,
+                "wall_seconds": summary.get("wall_seconds"),
+            }
+        )
         if args.select_on == "validation":
             done[-1]["validation"] = validation_score(config, args.select_limit, args.select_tasks)
     if configs:
         root = configs[0].run_dir().parent
-        write_json(root / "sweep.json",
-                   {"argv": argv if argv is not None else sys.argv[1:], "runs": done})  # fmt: skip
+        write_json(
+            root / "sweep.json", {"argv": argv if argv is not None else sys.argv[1:], "runs": done}
+        )
         if args.select_on == "validation" and len(done) == len(configs):
             selection = select_settings(configs, done, parse_sweep(args.sweep))
             write_json(root / "selection.json", selection)
             print(format_selection(selection))
-    print(f"sweep: {sum(d['status'] != 'skipped' for d in done)} trained, "
-          f"{sum(d['status'] == 'skipped' for d in done)} skipped, "
-          f"{len(configs) - len(done)} left")  # fmt: skip
+    print(
+        f"sweep: {sum(d['status'] != 'skipped' for d in done)} trained, "
+        f"{sum(d['status'] == 'skipped' for d in done)} skipped, "
+        f"{len(configs) - len(done)} left"
+    )
     return done
 
 

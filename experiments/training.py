@@ -48,8 +48,12 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     """The run's accelerator: its precision, accumulation and experiment trackers."""
     precision = resolve_precision(config.model.precision)
     mixed_precision = "bf16" if precision == "bf16" else "no"
-    return gsil_accelerator(mixed_precision=mixed_precision, grad_accum=config.optim.grad_accum,
-                            report_to=config.logging.report_to, project_dir=config.run_dir())  # fmt: skip
+    return gsil_accelerator(
+        mixed_precision=mixed_precision,
+        grad_accum=config.optim.grad_accum,
+        report_to=config.logging.report_to,
+        project_dir=config.run_dir(),
+    )
 
 
 # leaves a resumed run may change: how to react to a non-finite step (a run stopped by a NaN
@@ -108,27 +112,59 @@ def execute(config: RunConfig) -> dict:
     started = time.perf_counter()
 
     data, goal = config.data, config.objective
-    model, tokenizer = load_model(config.model.name_or_path, dtype="float32",
-                                  device=accelerator.device, lora_rank=config.model.lora_rank)  # fmt: skip
+    model, tokenizer = load_model(
+        config.model.name_or_path,
+        dtype="float32",
+        device=accelerator.device,
+        lora_rank=config.model.lora_rank,
+    )
     demos = load_demonstrations(
-        data.source, prompt_field=data.prompt_field, response_field=data.response_field,
-        split=data.split, size=data.num_demos, seed=config.seed, skip_invalid=data.skip_invalid,
-        tokenizer=tokenizer, max_prompt_length=data.max_prompt_length,
-    )  # fmt: skip
-    logger.info("%d demonstrations from %s (skipped: %s)", len(demos), data.source,
-                dict(demos.skipped) or "none")  # fmt: skip
+        data.source,
+        prompt_field=data.prompt_field,
+        response_field=data.response_field,
+        split=data.split,
+        size=data.num_demos,
+        seed=config.seed,
+        skip_invalid=data.skip_invalid,
+        tokenizer=tokenizer,
+        max_prompt_length=data.max_prompt_length,
+    )
+    logger.info(
+        "%d demonstrations from %s (skipped: %s)",
+        len(demos),
+        data.source,
+        dict(demos.skipped) or "none",
+    )
     estimator = get_estimator(goal.loss, **goal.estimator_params())
-    objective = make_objective(goal.method, estimator, beta=goal.beta, shift=goal.shift,
-                               dft_tau=goal.dft_tau, dft_gamma=goal.dft_gamma,
-                               dft_variant=goal.dft_variant, dft_u_init=goal.dft_u_init)  # fmt: skip
+    objective = make_objective(
+        goal.method,
+        estimator,
+        beta=goal.beta,
+        shift=goal.shift,
+        dft_tau=goal.dft_tau,
+        dft_gamma=goal.dft_gamma,
+        dft_variant=goal.dft_variant,
+        dft_u_init=goal.dft_u_init,
+    )
     # last before training: run_rounds closes the trackers, even when it fails
     start_trackers(accelerator, "gsil", config.to_dict(), resume=config.resume)
     summary = run_rounds(
-        model, tokenizer, demos, objective, run_dir, rounds=config.rounds, optim=config.optim,
-        generation=config.generation, max_prompt_length=data.max_prompt_length,
-        max_length=data.max_length, seed=config.seed, drop_ties=goal.drop_ties,
-        resume=config.resume, lora_rank=config.model.lora_rank, accelerator=accelerator,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        demos,
+        objective,
+        run_dir,
+        rounds=config.rounds,
+        optim=config.optim,
+        generation=config.generation,
+        max_prompt_length=data.max_prompt_length,
+        max_length=data.max_length,
+        seed=config.seed,
+        drop_ties=goal.drop_ties,
+        resume=config.resume,
+        lora_rank=config.model.lora_rank,
+        accelerator=accelerator,
+    )
     summary.update(
         {
             "run_dir": str(run_dir),

@@ -56,8 +56,10 @@ def build_examples(
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if gen_responses is not None and len(gen_responses) != len(prompts) * num_samples:
-        raise ValueError(f"{len(prompts)} prompts x {num_samples} samples but "
-                         f"{len(gen_responses)} generated responses")  # fmt: skip
+        raise ValueError(
+            f"{len(prompts)} prompts x {num_samples} samples but "
+            f"{len(gen_responses)} generated responses"
+        )
     if gen_mask is not None and (gen_responses is None or len(gen_mask) != len(gen_responses)):
         raise ValueError("gen_mask needs one entry per generated response")
     examples = []

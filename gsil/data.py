@@ -142,10 +142,14 @@ def load_demonstrations(
     if not kept and size != 0:
         if skipped:
             hint = "; rerun without --skip-invalid to see the first bad one" * skip_invalid
-            raise DataError(f"{source}: no usable demonstrations, every record was skipped "
-                            f"({dict(skipped)}){hint}")  # fmt: skip
-        raise DataError(f"{source}: no demonstrations in it (an empty file?); give a file with "
-                        "one record per line (JSONL) or a non-empty list (JSON)")  # fmt: skip
+            raise DataError(
+                f"{source}: no usable demonstrations, every record was skipped "
+                f"({dict(skipped)}){hint}"
+            )
+        raise DataError(
+            f"{source}: no demonstrations in it (an empty file?); give a file with "
+            "one record per line (JSONL) or a non-empty list (JSON)"
+        )
     return Demonstrations(kept, skipped)
 
 

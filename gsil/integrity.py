@@ -74,9 +74,12 @@ def file_record(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def check_file(
-    path: str | os.PathLike[str], record: dict[str, Any], *, source: str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    record: dict[str, Any],
+    *,
+    source: str | os.PathLike[str],
     fix: str,
-) -> None:  # fmt: skip
+) -> None:
     """Refuse ``path`` unless it has the ``size`` and ``sha256`` of ``record`` (read from
     ``source``, named in the message).
 
@@ -86,20 +89,25 @@ def check_file(
     """
     path = Path(path)
     if not path.is_file():
-        raise CorruptFileError(path, f"missing, but {source} records it "
-                               f"({record.get('size')} bytes)", fix)  # fmt: skip
+        raise CorruptFileError(
+            path, f"missing, but {source} records it ({record.get('size')} bytes)", fix
+        )
     size = path.stat().st_size
     if size != record.get("size"):
         raise CorruptFileError(
-            path, f"{size} bytes, but {source} records {record.get('size')} bytes "
-            "(truncated or overwritten)", fix,
-        )  # fmt: skip
+            path,
+            f"{size} bytes, but {source} records {record.get('size')} bytes "
+            "(truncated or overwritten)",
+            fix,
+        )
     found = file_record(path)["sha256"]
     if found != record.get("sha256"):
         raise CorruptFileError(
-            path, f"sha256 {found[:16]}..., but {source} records {str(record.get('sha256'))[:16]}"
-            "... (same size, changed content)", fix,
-        )  # fmt: skip
+            path,
+            f"sha256 {found[:16]}..., but {source} records {str(record.get('sha256'))[:16]}"
+            "... (same size, changed content)",
+            fix,
+        )
 
 
 def write_manifest(artefact: str | os.PathLike[str]) -> Path:
@@ -140,15 +148,23 @@ def verify_manifest(
     manifest = manifest_path(artefact)
     if not manifest.is_file():
         if warn_missing:
-            logger.warning("%s %s has no manifest (%s): written before gsil recorded checksums, "
-                           "loaded unchecked", what, artefact, manifest.name)  # fmt: skip
+            logger.warning(
+                "%s %s has no manifest (%s): written before gsil recorded checksums, "
+                "loaded unchecked",
+                what,
+                artefact,
+                manifest.name,
+            )
         return False
     try:
         files = read_json(manifest)["files"]
         items = [(str(name), dict(record)) for name, record in files.items()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise CorruptFileError(manifest, f"the manifest of {what} {artefact} is unreadable "
-                               f"({type(error).__name__}: {error})", fix) from error  # fmt: skip
+        raise CorruptFileError(
+            manifest,
+            f"the manifest of {what} {artefact} is unreadable ({type(error).__name__}: {error})",
+            fix,
+        ) from error
     base = artefact if artefact.is_dir() else artefact.parent
     for name, record in items:
         check_file(base / name, record, source=manifest, fix=fix)
@@ -165,8 +181,9 @@ class NonFiniteError(RuntimeError):
     round and step once :func:`gsil.optimization.train_round` has filled it in.
     """
 
-    def __init__(self, quantity: str, example_ids: Sequence[Any], where: str = "",
-                 applied: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, quantity: str, example_ids: Sequence[Any], where: str = "", applied: bool = False
+    ) -> None:
         self.quantity, self.example_ids, self.applied = quantity, list(example_ids), applied
         self.where = where
         super().__init__(quantity)

@@ -240,8 +240,10 @@ def save_model(
     to_save = copy.deepcopy(model).merge_and_unload() if is_peft_model(model) else model
     # an earlier save of this path killed midway left its temporary copy (or replace_dir's
     # backup of the old one): never read, removed here so that nothing stays duplicated
-    for stale in [*final_path.parent.glob(f".{final_path.name}.tmp-*"),
-                  *final_path.parent.glob(f".{final_path.name}.old-*")]:  # fmt: skip
+    for stale in [
+        *final_path.parent.glob(f".{final_path.name}.tmp-*"),
+        *final_path.parent.glob(f".{final_path.name}.old-*"),
+    ]:
         shutil.rmtree(stale, ignore_errors=True)
     temp_dir = Path(tempfile.mkdtemp(prefix=f".{final_path.name}.tmp-", dir=final_path.parent))
     temp_dir.chmod(0o755)  # mkdtemp makes it private; checkpoints are ordinary directories
@@ -340,8 +342,10 @@ def _check_manifest(source: str) -> None:
 
     if not Path(source).is_dir():
         return
-    fix = (f"Delete {source} and make it again (a run's round_<t>/model: delete round_<t> and "
-           "rerun with --resume), or load another copy")  # fmt: skip
+    fix = (
+        f"Delete {source} and make it again (a run's round_<t>/model: delete round_<t> and "
+        "rerun with --resume), or load another copy"
+    )
     try:
         verify_manifest(source, what="model directory", fix=fix, warn_missing=False)
     except CorruptFileError as error:

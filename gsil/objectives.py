@@ -151,9 +151,12 @@ def spin_loss(
     policy_gen_logps = per_sample(policy_gen_logps, policy_demo_logps)
     ref_gen_logps = per_sample(ref_gen_logps, policy_demo_logps)
     pair_losses, _ = dpo_loss(
-        policy_demo_logps[..., None].expand_as(policy_gen_logps), policy_gen_logps,
-        ref_demo_logps[..., None].expand_as(ref_gen_logps), ref_gen_logps, beta,
-    )  # fmt: skip
+        policy_demo_logps[..., None].expand_as(policy_gen_logps),
+        policy_gen_logps,
+        ref_demo_logps[..., None].expand_as(ref_gen_logps),
+        ref_gen_logps,
+        beta,
+    )
     stats = _reward_stats(
         beta * (policy_demo_logps - ref_demo_logps),
         beta * (policy_gen_logps - ref_gen_logps),
@@ -351,9 +354,13 @@ class Objective:
         if self.state_key is not None:
             extras.update(state=state, gen_token_counts=gen_token_counts)
         return self.fn(
-            policy_demo_logps, policy_gen_logps, ref_demo_logps, ref_gen_logps, demo_token_counts,
+            policy_demo_logps,
+            policy_gen_logps,
+            ref_demo_logps,
+            ref_gen_logps,
+            demo_token_counts,
             **extras,
-        )  # fmt: skip
+        )
 
 
 def make_objective(
@@ -396,15 +403,30 @@ def make_objective(
         if dft_variant not in DFT_VARIANTS:
             raise ValueError(f"--dft-variant must be one of {DFT_VARIANTS}, got {dft_variant!r}")
         if dft_tau <= 0 or not 0 < dft_gamma <= 1:
-            raise ValueError(f"DFT needs --dft-tau > 0 and 0 < --dft-gamma <= 1, got "
-                             f"{dft_tau} and {dft_gamma}")  # fmt: skip
+            raise ValueError(
+                f"DFT needs --dft-tau > 0 and 0 < --dft-gamma <= 1, got {dft_tau} and {dft_gamma}"
+            )
 
         def dft_fn(pd, pg, _rd, rg, counts, state, gen_token_counts, gen_mask=None):
             return dft_loss(
-                pd, pg, rg, state, tau=dft_tau, gamma=dft_gamma, variant=dft_variant,
-                demo_token_counts=counts, gen_token_counts=gen_token_counts, gen_mask=gen_mask,
-            )  # fmt: skip
+                pd,
+                pg,
+                rg,
+                state,
+                tau=dft_tau,
+                gamma=dft_gamma,
+                variant=dft_variant,
+                demo_token_counts=counts,
+                gen_token_counts=gen_token_counts,
+                gen_mask=gen_mask,
+            )
 
-        return Objective(dft_variant, dft_fn, True, dft_variant == "dft",
-                         state_key="dft/log_normalizer", state_init=dft_u_init)  # fmt: skip
+        return Objective(
+            dft_variant,
+            dft_fn,
+            True,
+            dft_variant == "dft",
+            state_key="dft/log_normalizer",
+            state_init=dft_u_init,
+        )
     raise ValueError(f"unknown method {method!r}; choose one of: gsil, spin, sft, dft")

@@ -100,22 +100,31 @@ class OptimSettings:
     """How each round is optimised: the run configuration's ``optim`` section."""
 
     learning_rate: float = _opt(1e-5, "peak learning rate", aliases=("lr",))
-    optimizer: str = _opt("adamw", "optimizer (rmsprop: the paper's script)",
-                          choices=("adamw", "rmsprop"))  # fmt: skip
+    optimizer: str = _opt(
+        "adamw", "optimizer (rmsprop: the paper's script)", choices=("adamw", "rmsprop")
+    )
     weight_decay: float = _opt(0.0, "weight decay")
     warmup_steps: int = _opt(0, "linear warm-up steps (then linear decay to 0 over the round)")
     epochs: int = _opt(1, "epochs over the demonstrations per round")
-    batch_size: int = _opt(8, "prompts per micro-batch and device (GSIL/SPIN/DFT forward "
-                           "(1 + k)x rows, k = --num-samples)")  # fmt: skip
+    batch_size: int = _opt(
+        8,
+        "prompts per micro-batch and device (GSIL/SPIN/DFT forward "
+        "(1 + k)x rows, k = --num-samples)",
+    )
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm")
     average_logps: bool = _opt(False, "length-averaged log-probs instead of sums (the default)")
-    checkpoint_every: int = _opt(50, "optimizer steps between resumable checkpoints (0: at the "
-                                 "end of each round only)")  # fmt: skip
+    checkpoint_every: int = _opt(
+        50, "optimizer steps between resumable checkpoints (0: at the end of each round only)"
+    )
     gradient_checkpointing: bool = _opt(False, "trade compute for activation memory")
-    on_nonfinite: str = _opt("stop", "a NaN or inf loss or gradient norm: stop (raise before the "
-                             "optimizer steps, naming the examples) or skip (drop that step's "
-                             "update, record skipped=1)", choices=("stop", "skip"))  # fmt: skip
+    on_nonfinite: str = _opt(
+        "stop",
+        "a NaN or inf loss or gradient norm: stop (raise before the "
+        "optimizer steps, naming the examples) or skip (drop that step's "
+        "update, record skipped=1)",
+        choices=("stop", "skip"),
+    )
 
 
 @dataclass(frozen=True)
@@ -202,9 +211,14 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 @torch.no_grad()
 def reference_logps(
-    model, examples: Sequence[Example], pad_id: int, batch_size: int, average: bool,
-    accelerator: Accelerator, with_generations: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    model,
+    examples: Sequence[Example],
+    pad_id: int,
+    batch_size: int,
+    average: bool,
+    accelerator: Accelerator,
+    with_generations: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of every demo (and generated) response under the current model, no grad:
     demonstrations ``(N,)``, generated responses ``(N, k)`` (None without generations).
 
@@ -214,8 +228,9 @@ def reference_logps(
     model.eval()
     count = len(examples)
     num_samples = len(examples[0].gen_ids) if with_generations and examples else 1
-    plan = plan_steps(range(count), batch_size, 1, accelerator.num_processes,
-                      accelerator.process_index)  # fmt: skip
+    plan = plan_steps(
+        range(count), batch_size, 1, accelerator.num_processes, accelerator.process_index
+    )
     local: list[tuple[int, float, list[float]]] = []
     for step in tqdm(plan, desc="reference log-probs", disable=not accelerator.is_main_process):
         (micro,) = step.micro_batches
@@ -234,8 +249,11 @@ def reference_logps(
         kill_point("reference")  # test hook (gsil.faults)
     rows = gather_object(local) if accelerator.num_processes > 1 else local
     demo = torch.full((count,), float("nan"), dtype=torch.float32)
-    gen = (torch.full((count, num_samples), float("nan"), dtype=torch.float32)
-           if with_generations else None)  # fmt: skip
+    gen = (
+        torch.full((count, num_samples), float("nan"), dtype=torch.float32)
+        if with_generations
+        else None
+    )
     for index, demo_value, gen_value in rows:
         demo[index] = demo_value
         if gen is not None:
@@ -292,8 +310,9 @@ def train_round(
     round's reference and samples are new.
     """
     world, rank = accelerator.num_processes, accelerator.process_index
-    steps_per_epoch = len(plan_steps(range(len(data.examples)), settings.batch_size,
-                                     settings.grad_accum, world, rank))  # fmt: skip
+    steps_per_epoch = len(
+        plan_steps(range(len(data.examples)), settings.batch_size, settings.grad_accum, world, rank)
+    )
     total_steps = steps_per_epoch * settings.epochs
     accelerator.free_memory()  # forget the previous round's prepared objects
     # accelerate divides each micro-batch loss by this and syncs gradients on its last one
@@ -302,8 +321,10 @@ def train_round(
         settings.on_nonfinite == "skip"
         and accelerator.distributed_type == DistributedType.DEEPSPEED
     ):
-        raise ValueError("--on-nonfinite skip cannot drop a step under DeepSpeed (accelerate "
-                         "steps its engine inside backward): use --on-nonfinite stop")  # fmt: skip
+        raise ValueError(
+            "--on-nonfinite skip cannot drop a step under DeepSpeed (accelerate "
+            "steps its engine inside backward): use --on-nonfinite stop"
+        )
     configure_engine(accelerator, settings)
     optimizer = _make_optimizer(model, settings)
     scheduler = get_linear_schedule_with_warmup(optimizer, settings.warmup_steps, total_steps)
@@ -324,19 +345,30 @@ def train_round(
     metrics_path = RunLayout(run_dir).metrics
     last_metrics: dict = {}
     progress = tqdm(
-        total=total_steps, initial=step, desc=f"round {round_index} ({objective.name})",
+        total=total_steps,
+        initial=step,
+        desc=f"round {round_index} ({objective.name})",
         disable=not accelerator.is_main_process,
-    )  # fmt: skip
+    )
     for epoch in range(step // steps_per_epoch, settings.epochs):
         order = _epoch_order(len(data.examples), seed, round_index, epoch)
         plan = plan_steps(order, settings.batch_size, settings.grad_accum, world, rank)
         for step_plan in plan[step - epoch * steps_per_epoch :]:
             step_start = time.perf_counter()
             stats = optimizer_step(
-                model, step_plan, data, objective, settings, optimizer, scheduler, accelerator,
-                pad_id, where=f"round {round_index}, step {global_step_offset + step + 1} "
-                f"(step {step + 1} of the round)", objective_state=objective_state,
-            )  # fmt: skip
+                model,
+                step_plan,
+                data,
+                objective,
+                settings,
+                optimizer,
+                scheduler,
+                accelerator,
+                pad_id,
+                where=f"round {round_index}, step {global_step_offset + step + 1} "
+                f"(step {step + 1} of the round)",
+                objective_state=objective_state,
+            )
             step += 1
             last_metrics = {
                 "round": round_index,
@@ -355,9 +387,14 @@ def train_round(
             progress.set_postfix(loss=f"{stats['loss']:.4f}")
             if settings.checkpoint_every and step % settings.checkpoint_every == 0:
                 _save_checkpoint(
-                    accelerator, scheduler, run_dir, round_index, step, global_step_offset,
+                    accelerator,
+                    scheduler,
+                    run_dir,
+                    round_index,
+                    step,
+                    global_step_offset,
                     objective_state=objective_state,
-                )  # fmt: skip
+                )
             kill_point("training")  # test hook (gsil.faults): after the step and its checkpoint
     progress.close()
     model.eval()
@@ -367,10 +404,19 @@ def train_round(
 
 
 def optimizer_step(
-    model, step_plan: StepPlan, data: RoundData, objective: Objective, settings: OptimSettings,
-    optimizer, scheduler, accelerator: Accelerator, pad_id: int, *, where: str = "",
+    model,
+    step_plan: StepPlan,
+    data: RoundData,
+    objective: Objective,
+    settings: OptimSettings,
+    optimizer,
+    scheduler,
+    accelerator: Accelerator,
+    pad_id: int,
+    *,
+    where: str = "",
     objective_state: torch.Tensor | None = None,
-) -> dict:  # fmt: skip
+) -> dict:
     """Accumulate gradients over the step's micro-batches, clip, step; return mean stats.
 
     A micro-batch of n examples with k own samples each forwards ``n (1 + k)`` rows; the
@@ -403,8 +449,9 @@ def optimizer_step(
     skip = False
     state_updates: list[tuple[int, float]] = []  # (example index, new state) of real examples
     for micro in step_plan.micro_batches:
-        batch = _to_device(_collate(data.examples, micro, pad_id, objective.needs_generations),
-                           accelerator.device)  # fmt: skip
+        batch = _to_device(
+            _collate(data.examples, micro, pad_id, objective.needs_generations), accelerator.device
+        )
         weight = batch["weight"]
         index = batch["index"].cpu()
         with accelerator.accumulate(model):  # syncs gradients on the step's last micro-batch
@@ -419,11 +466,15 @@ def optimizer_step(
                 if settings.average_logps:  # the log-probs are per token already
                     gen_counts = torch.ones_like(gen_counts)
             losses, stats = objective(
-                policy_demo, policy_gen, ref_demo, ref_gen,
+                policy_demo,
+                policy_gen,
+                ref_demo,
+                ref_gen,
                 torch.ones_like(counts) if settings.average_logps else counts,
-                gen_mask=batch.get("gen_mask"), gen_token_counts=gen_counts,
+                gen_mask=batch.get("gen_mask"),
+                gen_token_counts=gen_counts,
                 state=_take(objective_state, index, logps),
-            )  # fmt: skip
+            )
             nonfinite += nonfinite_rows(losses, micro.indices)
             if accelerator.sync_gradients:  # before the backward in which DeepSpeed steps
                 skip = _nonfinite_step(accelerator, settings, data, "loss", nonfinite, where)
@@ -432,10 +483,15 @@ def optimizer_step(
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
                 if not skip:  # the same on every process
                     bad = grad_norm is not None and not math.isfinite(float(grad_norm))
-                    real = [i for m in step_plan.micro_batches
-                            for i, w in zip(m.indices, m.weights, strict=True) if w]  # fmt: skip
-                    skip = _nonfinite_step(accelerator, settings, data, "gradient norm",
-                                           real if bad else [], where)  # fmt: skip
+                    real = [
+                        i
+                        for m in step_plan.micro_batches
+                        for i, w in zip(m.indices, m.weights, strict=True)
+                        if w
+                    ]
+                    skip = _nonfinite_step(
+                        accelerator, settings, data, "gradient norm", real if bad else [], where
+                    )
             if not skip:
                 optimizer.step()  # a no-op until gradients are synced
             optimizer.zero_grad(set_to_none=True)
@@ -444,8 +500,11 @@ def optimizer_step(
             stats["logps/rejected"] = sample_mean(policy_gen.detach(), batch.get("gen_mask"))
         if objective_state is not None:
             new_values = stats[objective.state_key].float().cpu().tolist()
-            state_updates += [(i, value) for i, w, value in zip(
-                micro.indices, micro.weights, new_values, strict=True) if w]  # fmt: skip
+            state_updates += [
+                (i, value)
+                for i, w, value in zip(micro.indices, micro.weights, new_values, strict=True)
+                if w
+            ]
         for key, values in stats.items():
             sums[key] = sums.get(key, 0.0) + (values.float().cpu() * weight.cpu()).sum()
         rows = batch["attention_mask"].sum(dim=1).cpu().view(-1, len(index))  # (1 or 1 + k, n)
@@ -460,9 +519,13 @@ def optimizer_step(
             for i, value in state_updates:
                 objective_state[i] = value
     # one collective per step: every key's sum, the example count and the token count
-    local = torch.cat([torch.stack(list(sums.values())),
-                       torch.tensor([sum(sum(m.weights) for m in step_plan.micro_batches)]),
-                       tokens.view(1)])  # fmt: skip
+    local = torch.cat(
+        [
+            torch.stack(list(sums.values())),
+            torch.tensor([sum(sum(m.weights) for m in step_plan.micro_batches)]),
+            tokens.view(1),
+        ]
+    )
     world = accelerator.reduce(local.to(accelerator.device), reduction="sum").tolist()
     world_examples, world_tokens = world[-2], world[-1]
     means = {key: value / world_examples for key, value in zip(sums, world, strict=False)}
@@ -473,9 +536,13 @@ def optimizer_step(
 
 
 def _nonfinite_step(
-    accelerator: Accelerator, settings: OptimSettings, data: RoundData, quantity: str,
-    local: Sequence[int], where: str,
-) -> bool:  # fmt: skip
+    accelerator: Accelerator,
+    settings: OptimSettings,
+    data: RoundData,
+    quantity: str,
+    local: Sequence[int],
+    where: str,
+) -> bool:
     """Whether to drop this step's update for a non-finite ``quantity`` found at the example
     indices ``local`` on this process (a collective: every process calls it, all decide alike).
 
@@ -532,9 +599,12 @@ def resolve_deepspeed_config(ds_config: dict, settings: OptimSettings, num_proce
         "gradient_clipping": settings.max_grad_norm,
         "train_batch_size": settings.batch_size * settings.grad_accum * num_processes,
     }
-    flags = {"train_micro_batch_size_per_gpu": "--batch-size",
-             "gradient_accumulation_steps": "--grad-accum", "gradient_clipping": "--max-grad-norm",
-             "train_batch_size": "--batch-size x --grad-accum x processes"}  # fmt: skip
+    flags = {
+        "train_micro_batch_size_per_gpu": "--batch-size",
+        "gradient_accumulation_steps": "--grad-accum",
+        "gradient_clipping": "--max-grad-norm",
+        "train_batch_size": "--batch-size x --grad-accum x processes",
+    }
     problems = []
     for key, value in wanted.items():
         given = ds_config.get(key, "auto")
@@ -542,8 +612,10 @@ def resolve_deepspeed_config(ds_config: dict, settings: OptimSettings, num_proce
             problems.append(f"{key}={given} but the run has {flags[key]} = {value}")
     for section in ("optimizer", "scheduler"):
         if section in ds_config:
-            problems.append(f"the DeepSpeed config defines '{section}'; gsil builds its own "
-                            f"(--optimizer, --lr, --warmup-steps): remove '{section}'")  # fmt: skip
+            problems.append(
+                f"the DeepSpeed config defines '{section}'; gsil builds its own "
+                f"(--optimizer, --lr, --warmup-steps): remove '{section}'"
+            )
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}) or {}
     if offload.get("device") not in (None, "none") and settings.optimizer != "adamw":
         problems.append(
@@ -551,8 +623,11 @@ def resolve_deepspeed_config(ds_config: dict, settings: OptimSettings, num_proce
             "with DeepSpeedCPUAdam; use --optimizer adamw or turn optimizer offload off"
         )
     if problems:
-        raise ValueError("DeepSpeed config disagrees with the run: " + "; ".join(problems)
-                         + " (set those DeepSpeed fields to 'auto' to take the run's values)")  # fmt: skip
+        raise ValueError(
+            "DeepSpeed config disagrees with the run: "
+            + "; ".join(problems)
+            + " (set those DeepSpeed fields to 'auto' to take the run's values)"
+        )
     ds_config.update(wanted)
     zero = ds_config.setdefault("zero_optimization", {})
     if zero.get("stage") == 3:
@@ -577,8 +652,11 @@ def make_accelerator(
     DeepSpeed's communication but counts one process per rank, and every rank would do all the
     work.
     """
-    settings = dict(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
-                    **accelerator_tracking_kwargs(report_to, project_dir))  # fmt: skip
+    settings = dict(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+        **accelerator_tracking_kwargs(report_to, project_dir),
+    )
     if _deepspeed_on_cpu():
         handlers = [InitProcessGroupKwargs(backend="gloo")]
         accelerator = Accelerator(kwargs_handlers=handlers, **settings)
@@ -634,8 +712,10 @@ def check_processes(accelerator: Accelerator) -> None:
             f"{accelerator.num_processes} ({accelerator.distributed_type}); every process "
             "would train alone on all the data"
         )
-    for flag, engine in (("ACCELERATE_USE_FSDP", DistributedType.FSDP),
-                         ("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED)):  # fmt: skip
+    for flag, engine in (
+        ("ACCELERATE_USE_FSDP", DistributedType.FSDP),
+        ("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED),
+    ):
         if _env_flag(flag) and accelerator.distributed_type != engine:
             problems.append(
                 f"the launch asked for {engine.value} but accelerate runs "
@@ -691,8 +771,15 @@ def save_round_model(accelerator: Accelerator, model, tokenizer, path: Path) -> 
     accelerator.wait_for_everyone()
 
 
-def _save_checkpoint(accelerator, scheduler, run_dir: Path, round_index: int, step: int, offset,
-                     objective_state: torch.Tensor | None = None):  # fmt: skip
+def _save_checkpoint(
+    accelerator,
+    scheduler,
+    run_dir: Path,
+    round_index: int,
+    step: int,
+    offset,
+    objective_state: torch.Tensor | None = None,
+):
     """Model, optimizer, scheduler and every process's RNG state plus the step (and a stateful
     objective's state, the same on every process), replaced whole.
 
@@ -729,15 +816,21 @@ def _load_objective_state(checkpoint: Path, initial: torch.Tensor) -> torch.Tens
             names it and the fix.
     """
     path = checkpoint / OBJECTIVE_STATE_FILE
-    fix = (f"delete {checkpoint} to train the interrupted round again from its start, or start "
-           "without --resume")  # fmt: skip
+    fix = (
+        f"delete {checkpoint} to train the interrupted round again from its start, or start "
+        "without --resume"
+    )
     if not path.exists():
-        raise RuntimeError(f"{path} is missing: this objective keeps a per-example state (DFT's "
-                           f"moving average) that the checkpoint must hold; {fix}")  # fmt: skip
+        raise RuntimeError(
+            f"{path} is missing: this objective keeps a per-example state (DFT's "
+            f"moving average) that the checkpoint must hold; {fix}"
+        )
     state = torch.load(path)
     if state.shape != initial.shape:
-        raise RuntimeError(f"{path} holds {tuple(state.shape)} values but the round has "
-                           f"{tuple(initial.shape)} examples; {fix}")  # fmt: skip
+        raise RuntimeError(
+            f"{path} holds {tuple(state.shape)} values but the round has "
+            f"{tuple(initial.shape)} examples; {fix}"
+        )
     return state.to(initial.dtype)
 
 
@@ -754,8 +847,10 @@ def load_checkpoint(run_dir: Path) -> dict | None:
     state_file = checkpoint / "trainer_state.json"
     if not state_file.exists():
         return None
-    fix = (f"Delete {checkpoint} to resume from the last finished round (the interrupted round "
-           "is trained again from its start), or start without --resume")  # fmt: skip
+    fix = (
+        f"Delete {checkpoint} to resume from the last finished round (the interrupted round "
+        "is trained again from its start), or start without --resume"
+    )
     verify_manifest(checkpoint, what="checkpoint", fix=fix)
     try:
         state = read_json(state_file)

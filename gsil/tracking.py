@@ -87,18 +87,21 @@ def resolve_report_to(
     valid = ", ".join([NONE, *TRACKERS])
     unknown = [name for name in names if name != NONE and name not in TRACKERS]
     if unknown:
-        raise ValueError(f"unknown tracker(s) {', '.join(unknown)} for --report-to; "
-                         f"choose from: {valid}")  # fmt: skip
+        raise ValueError(
+            f"unknown tracker(s) {', '.join(unknown)} for --report-to; choose from: {valid}"
+        )
     if NONE in names:
         if len(names) > 1:
-            raise ValueError(f"--report-to none cannot be combined with {names}; "
-                             "give either none or trackers")  # fmt: skip
+            raise ValueError(
+                f"--report-to none cannot be combined with {names}; give either none or trackers"
+            )
         return []
     missing = [name for name in names if check_installed and not _AVAILABLE[name]()]
     if missing:
         packages = " ".join(TRACKERS[name] for name in missing)
-        raise ValueError(f"--report-to {' '.join(missing)}: not installed here; "
-                         f"pip install {packages}")  # fmt: skip
+        raise ValueError(
+            f"--report-to {' '.join(missing)}: not installed here; pip install {packages}"
+        )
     return names
 
 
@@ -184,8 +187,7 @@ def start_trackers(
 
             where = (files or Path.cwd()) / "mlruns"
             mlflow.set_tracking_uri(where.resolve().as_uri())
-    accelerator.init_trackers(project_name, config=flatten_hparams(config),
-                              init_kwargs=init_kwargs)  # fmt: skip
+    accelerator.init_trackers(project_name, config=flatten_hparams(config), init_kwargs=init_kwargs)
 
 
 def tracker_values(row: Mapping[str, Any]) -> dict[str, int | float]:

@@ -60,11 +60,24 @@ logger = logging.getLogger(__name__)
 
 
 def prepare_round(
-    model, tokenizer, demos, objective: Objective, run: RunLayout, round_index: int, *,
-    generation: GenerationSettings, seed: int, max_prompt_length: int | None, max_length: int,
-    batch_size: int, average_logps: bool, drop_ties: bool, accelerator: Accelerator,
-    engine: Any = None, extra_settings: dict | None = None,
-) -> tuple[RoundData, dict]:  # fmt: skip
+    model,
+    tokenizer,
+    demos,
+    objective: Objective,
+    run: RunLayout,
+    round_index: int,
+    *,
+    generation: GenerationSettings,
+    seed: int,
+    max_prompt_length: int | None,
+    max_length: int,
+    batch_size: int,
+    average_logps: bool,
+    drop_ties: bool,
+    accelerator: Accelerator,
+    engine: Any = None,
+    extra_settings: dict | None = None,
+) -> tuple[RoundData, dict]:
     """Generate (or reuse) the round's own responses and store its reference log-probs.
 
     ``seed`` seeds the round's sampling; ``extra_settings`` (the round, the precision) are
@@ -85,21 +98,31 @@ def prepare_round(
         policy = accelerator.unwrap_model(model)
         with accelerator.autocast(), full_parameters(accelerator, policy):
             generations = generate_set(
-                engine or policy, tokenizer, demos, run.generated(round_index),
-                max_new_tokens=generation.max_new_tokens, do_sample=generation.do_sample,
-                temperature=generation.temperature, top_p=generation.top_p,
-                batch_size=generation.batch_size, backend=generation.backend, seed=seed,
-                max_prompt_length=max_prompt_length, progress=accelerator.is_main_process,
-                extra_settings=extra_settings, accelerator=accelerator,
+                engine or policy,
+                tokenizer,
+                demos,
+                run.generated(round_index),
+                max_new_tokens=generation.max_new_tokens,
+                do_sample=generation.do_sample,
+                temperature=generation.temperature,
+                top_p=generation.top_p,
+                batch_size=generation.batch_size,
+                backend=generation.backend,
+                seed=seed,
+                max_prompt_length=max_prompt_length,
+                progress=accelerator.is_main_process,
+                extra_settings=extra_settings,
+                accelerator=accelerator,
                 num_samples=num_samples,
-            )  # fmt: skip
+            )
         kill_point("generation")  # test hook (gsil.faults): the set is written
         # response j to demos[i] is generations[i * k + j]; a tie is one response
         ties = tie_mask([d.response for d in demos for _ in range(num_samples)], generations)
         info["ties"] = sum(ties)
         if drop_ties:
-            kept = [not all(ties[i * num_samples : (i + 1) * num_samples])
-                    for i in range(len(demos))]  # fmt: skip
+            kept = [
+                not all(ties[i * num_samples : (i + 1) * num_samples]) for i in range(len(demos))
+            ]
             demos = [d for d, keep in zip(demos, kept, strict=True) if keep]
             generations = [g for n, g in enumerate(generations) if kept[n // num_samples]]
             gen_mask = [not tie for n, tie in enumerate(ties) if kept[n // num_samples]]
@@ -112,10 +135,15 @@ def prepare_round(
     info["generation_seconds"] = round(time.perf_counter() - started, 3)
     started = time.perf_counter()
     examples = build_examples(
-        tokenizer, [d.prompt for d in demos], [d.response for d in demos], generations,
-        max_prompt_length=max_prompt_length, max_length=max_length,
-        num_samples=num_samples if generations is not None else 1, gen_mask=gen_mask,
-    )  # fmt: skip
+        tokenizer,
+        [d.prompt for d in demos],
+        [d.response for d in demos],
+        generations,
+        max_prompt_length=max_prompt_length,
+        max_length=max_length,
+        num_samples=num_samples if generations is not None else 1,
+        gen_mask=gen_mask,
+    )
     ref_demo = ref_gen = None
     if objective.needs_reference:
         ref_path = run.reference_logps(round_index)
@@ -126,9 +154,14 @@ def prepare_round(
             # autocast like the training forward, so that Delta = 0 at the first step
             with accelerator.autocast(), full_parameters(accelerator, model):
                 ref_demo, ref_gen = reference_logps(
-                    model, examples, pad_id, batch_size, average_logps, accelerator,
+                    model,
+                    examples,
+                    pad_id,
+                    batch_size,
+                    average_logps,
+                    accelerator,
                     objective.needs_generations,
-                )  # fmt: skip
+                )
             if accelerator.is_main_process:
                 discard_manifest(
                     ref_path
@@ -193,8 +226,9 @@ def run_rounds(
     restarted = not resume  # a resumed run first drops what the interrupted attempt logged
     # one vLLM engine for the whole run (if vLLM generates), holding each round's policy
     generation = generation or GenerationSettings()
-    vllm = _RunEngine(objective.needs_generations, generation, seed, tokenizer, accelerator,
-                      max_length)  # fmt: skip
+    vllm = _RunEngine(
+        objective.needs_generations, generation, seed, tokenizer, accelerator, max_length
+    )
     try:
         for round_index in range(rounds):
             done_file = run.round_summary(round_index)
@@ -204,20 +238,33 @@ def run_rounds(
                 global_step = round_summary["global_step"]
                 if not run.round_summary(round_index + 1).exists():
                     # the last finished round: continue from its policy
-                    model = _load_round_weights(model, run.model(round_index), lora_rank,
-                                                seed + round_index + 1)  # fmt: skip
+                    model = _load_round_weights(
+                        model, run.model(round_index), lora_rank, seed + round_index + 1
+                    )
                 continue
             torch.manual_seed(seed + round_index)
             started = time.perf_counter()
             data, info = prepare_round(
-                model, tokenizer, demos, objective, run, round_index, generation=generation,
-                seed=seed + round_index, extra_settings={
-                "round": round_index, "mixed_precision": accelerator.mixed_precision},
+                model,
+                tokenizer,
+                demos,
+                objective,
+                run,
+                round_index,
+                generation=generation,
+                seed=seed + round_index,
+                extra_settings={
+                    "round": round_index,
+                    "mixed_precision": accelerator.mixed_precision,
+                },
                 max_prompt_length=max_prompt_length,
-                max_length=max_length, batch_size=optim.batch_size,
-                average_logps=optim.average_logps, drop_ties=drop_ties, accelerator=accelerator,
+                max_length=max_length,
+                batch_size=optim.batch_size,
+                average_logps=optim.average_logps,
+                drop_ties=drop_ties,
+                accelerator=accelerator,
                 engine=vllm.engine_for(model),
-            )  # fmt: skip
+            )
             resume_state = checkpoint if checkpoint and checkpoint["round"] == round_index else None
             if not restarted:
                 # the interrupted attempt may have logged steps past the point this one restarts
@@ -229,10 +276,18 @@ def run_rounds(
                 restarted = True
             training_started = time.perf_counter()
             last, prepared = train_round(
-                model, data, objective, optim, round_index=round_index, seed=seed, pad_id=pad_id,
-                run_dir=run_dir, accelerator=accelerator, resume_state=resume_state,
+                model,
+                data,
+                objective,
+                optim,
+                round_index=round_index,
+                seed=seed,
+                pad_id=pad_id,
+                run_dir=run_dir,
+                accelerator=accelerator,
+                resume_state=resume_state,
                 global_step_offset=global_step,
-            )  # fmt: skip
+            )
             info["training_seconds"] = round(time.perf_counter() - training_started, 3)
             global_step = last.get("step", global_step)
             save_round_model(accelerator, prepared, tokenizer, run.model(round_index))
@@ -268,8 +323,15 @@ class _RunEngine:
     """The run's vLLM engine: started at the first round that generates (40-60 s on 2 CPU cores),
     then given each later round's policy in memory; closed when the run ends."""
 
-    def __init__(self, needed: bool, generation: GenerationSettings, seed: int, tokenizer,
-                 accelerator, max_length: int):  # fmt: skip
+    def __init__(
+        self,
+        needed: bool,
+        generation: GenerationSettings,
+        seed: int,
+        tokenizer,
+        accelerator,
+        max_length: int,
+    ):
         self.used = needed and resolve_backend(generation.backend) == "vllm"
         self.tokenizer, self.accelerator = tokenizer, accelerator
         # a prompt may take max_length - 1 tokens, and its response max_new_tokens more
@@ -284,8 +346,11 @@ class _RunEngine:
             from gsil.generation.vllm_engine import EngineSlot
 
             bf16 = self.accelerator.mixed_precision == "bf16"
-            self.slot = EngineSlot(dtype="bfloat16" if bf16 else "float32", seed=self.seed,
-                                   max_model_len=self.max_length)  # fmt: skip
+            self.slot = EngineSlot(
+                dtype="bfloat16" if bf16 else "float32",
+                seed=self.seed,
+                max_model_len=self.max_length,
+            )
         policy = self.accelerator.unwrap_model(model)
         with full_parameters(self.accelerator, policy):
             return self.slot.serve(policy, self.tokenizer)
@@ -323,10 +388,15 @@ def _load_round_weights(model, model_dir: Path, lora_rank: int, seed: int):
     """Load a finished round's (merged) weights into ``model``; fresh adapters if LoRA."""
     from safetensors.torch import load_file
 
-    verify_manifest(model_dir, what="round model", fix=(
-        f"Delete {model_dir.parent}, the later round_<t> directories and checkpoint/ beside it "
-        "(made from this model), then rerun with --resume to train them again; or start "
-        "without --resume"))  # fmt: skip
+    verify_manifest(
+        model_dir,
+        what="round model",
+        fix=(
+            f"Delete {model_dir.parent}, the later round_<t> directories and checkpoint/ beside it "
+            "(made from this model), then rerun with --resume to train them again; or start "
+            "without --resume"
+        ),
+    )
     base = model.merge_and_unload() if is_peft_model(model) else model
     state = {}
     for shard in sorted(model_dir.glob("*.safetensors")):
@@ -355,8 +425,13 @@ def _load_reference_logps(path: Path, count: int) -> tuple[torch.Tensor, torch.T
     except Exception as error:  # torch.load raises pickle, zip and runtime errors alike
         raise CorruptFileError(path, f"unreadable reference log-probs ({error!r})", fix) from error
     if demo.shape[0] != count or (gen is not None and gen.shape[0] != count):
-        sizes = f"{demo.shape[0]} demonstration" + (f" and {gen.shape[0]} own-sample"
-                                                    if gen is not None else "")  # fmt: skip
-        raise CorruptFileError(path, f"holds {sizes} log-probs, but the round has {count} "
-                               "examples (another data set, or --drop-ties changed)", fix)  # fmt: skip
+        sizes = f"{demo.shape[0]} demonstration" + (
+            f" and {gen.shape[0]} own-sample" if gen is not None else ""
+        )
+        raise CorruptFileError(
+            path,
+            f"holds {sizes} log-probs, but the round has {count} "
+            "examples (another data set, or --drop-ties changed)",
+            fix,
+        )
     return demo, gen

@@ -28,8 +28,15 @@ def draw(out_dir: Path) -> list[Path]:
     logistic = sweep["gsil-logistic"]
     for i, beta in enumerate(sorted(logistic)):
         kls = [max(v, FLOOR) for v in logistic[beta]["forward_kl"]]
-        ax.plot(range(len(kls)), kls, "o-", ms=3, alpha=0.4 + 0.6 * i / len(logistic),
-                color=color("logistic"), label=f"gsil-logistic, beta {beta:g}")  # fmt: skip
+        ax.plot(
+            range(len(kls)),
+            kls,
+            "o-",
+            ms=3,
+            alpha=0.4 + 0.6 * i / len(logistic),
+            color=color("logistic"),
+            label=f"gsil-logistic, beta {beta:g}",
+        )
         kls = [max(v, FLOOR) for v in sweep["spin"][beta]["forward_kl"]]
         ax.plot(
             range(len(kls)), kls, "--", color=color("spin"), alpha=0.4 + 0.6 * i / len(logistic)

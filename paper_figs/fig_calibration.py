@@ -27,8 +27,12 @@ def draw(out_dir: Path) -> list[Path]:
     for name, link in links.items():
         recovered = link["recovered_log_ratio"]
         y = recovered if np.isfinite(recovered).all() else link["minimiser"]
-        ax.plot(link["log_ratio"], y, color=color(name), label=name + ("" if y is recovered
-                else " (f*, no link)"))  # fmt: skip
+        ax.plot(
+            link["log_ratio"],
+            y,
+            color=color(name),
+            label=name + ("" if y is recovered else " (f*, no link)"),
+        )
     ax.set_xlabel("true log r = log p/q (nats)")
     ax.set_ylabel("ratio_scale * f* (nats)")
     ax.legend(fontsize=6)

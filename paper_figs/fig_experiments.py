@@ -117,13 +117,20 @@ def draw_scores(runs: list[RunInfo], out_dir: Path) -> tuple[list[Path], dict]:
                 [100 * (p[1] - p[2][0]) for p in points],
                 [100 * (p[2][1] - p[1]) for p in points],
             ]
-            ax.errorbar(xs, ys, yerr=errs, marker="o", ms=3, capsize=2, label=label,
-                        color=tints[group.name])  # fmt: skip
+            ax.errorbar(
+                xs, ys, yerr=errs, marker="o", ms=3, capsize=2, label=label, color=tints[group.name]
+            )
             if group.repeated:  # each seed's score, in the line's colour
                 for seed_points in per_run.values():
-                    ax.plot([p[0] + shift for p in seed_points],
-                            [100 * p[1] for p in seed_points], ls="none", marker=".", ms=3,
-                            alpha=0.5, color=tints[group.name])  # fmt: skip
+                    ax.plot(
+                        [p[0] + shift for p in seed_points],
+                        [100 * p[1] for p in seed_points],
+                        ls="none",
+                        marker=".",
+                        ms=3,
+                        alpha=0.5,
+                        color=tints[group.name],
+                    )
         ax.set_title(bench)
         ax.set_xlabel("rounds trained (0: the starting model)")
         ax.set_ylabel("score (%) with 95% interval")
@@ -160,8 +167,9 @@ def draw_curves(runs: list[RunInfo], out_dir: Path) -> tuple[list[Path], dict]:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             labelled.setdefault(label, handle)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.legend(labelled.values(), labelled.keys(), ncol=len(labelled), loc="lower center",
-               frameon=False)  # fmt: skip
+    fig.legend(
+        labelled.values(), labelled.keys(), ncol=len(labelled), loc="lower center", frameon=False
+    )
     return save_figure(fig, out_dir, f"{NAME}_training"), numbers
 
 
@@ -178,8 +186,10 @@ def draw(out_dir: Path, runs_dir: Path | None = None) -> list[Path]:
     runs_dir = Path(runs_dir) if runs_dir is not None else default_runs_dir()
     runs = discover_runs([runs_dir])
     if not runs:
-        print(f"{NAME}: no runs under {runs_dir} (train some with `make run`, or set "
-              "GSIL_RUNS_DIR); nothing drawn")  # fmt: skip
+        print(
+            f"{NAME}: no runs under {runs_dir} (train some with `make run`, or set "
+            "GSIL_RUNS_DIR); nothing drawn"
+        )
         return []
     if len(runs) > MAX_RUNS:
         print(f"{NAME}: {len(runs)} runs under {runs_dir}; drawing the first {MAX_RUNS}")
@@ -188,6 +198,7 @@ def draw(out_dir: Path, runs_dir: Path | None = None) -> list[Path]:
     curve_paths, curves = draw_curves(runs, out_dir)
     paths = score_paths + curve_paths
     if paths:
-        save_numbers({"runs_dir": str(runs_dir), "scores": scores, "training": curves},
-                     Path(out_dir), NAME)  # fmt: skip
+        save_numbers(
+            {"runs_dir": str(runs_dir), "scores": scores, "training": curves}, Path(out_dir), NAME
+        )
     return paths

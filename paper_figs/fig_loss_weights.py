@@ -35,8 +35,12 @@ def draw(out_dir: Path) -> list[Path]:
     ax = axes[1, 2]
     f = np.linspace(-3, 3, 301)
     for name in grid:
-        ax.plot(f, implied_log_ratio(name if name != "power(0.5)" else "power", f),
-                color=color(name), label=name)  # fmt: skip
+        ax.plot(
+            f,
+            implied_log_ratio(name if name != "power(0.5)" else "power", f),
+            color=color(name),
+            label=name,
+        )
     ax.set_xlabel("logit f (nats)")
     ax.set_ylabel("implied log r = log(w_g/w_d) (nats)")
     ax.set_ylim(-6.5, 6.5)

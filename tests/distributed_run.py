@@ -67,21 +67,31 @@ def run_job(
     objective = make_objective(method, estimator, beta=0.5)
     settings = OptimSettings(**{"checkpoint_every": 1, **optim})
     kwargs = dict(
-        rounds=rounds, optim=settings, generation=GENERATION, max_prompt_length=64,
-        max_length=96, seed=1, accelerator=accelerator,
-    )  # fmt: skip
+        rounds=rounds,
+        optim=settings,
+        generation=GENERATION,
+        max_prompt_length=64,
+        max_length=96,
+        seed=1,
+        accelerator=accelerator,
+    )
     run_dir = out / name
     demos = tiny_demos(num_demos)
     if interrupt_after_calls:
         try:
-            run_rounds(policy(), tokenizer, demos,
-                       interrupting(objective, interrupt_after_calls), run_dir, **kwargs)  # fmt: skip
+            run_rounds(
+                policy(),
+                tokenizer,
+                demos,
+                interrupting(objective, interrupt_after_calls),
+                run_dir,
+                **kwargs,
+            )
         except Interrupt:
             pass
         else:
             raise AssertionError(f"{name}: the run was never interrupted")
-        run_rounds(policy(), tokenizer, demos, objective, run_dir, resume=True,
-                   **kwargs)  # fmt: skip
+        run_rounds(policy(), tokenizer, demos, objective, run_dir, resume=True, **kwargs)
     else:
         run_rounds(policy(), tokenizer, demos, objective, run_dir, **kwargs)
     return run_dir

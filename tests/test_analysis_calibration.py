@@ -27,23 +27,34 @@ TOLERANCE = 0.15  # nats: RMSE of the recovered log ratio, 20000 samples per cla
 # stands for). power is power(gamma = 0.5), as in analysis.gradients.
 GAMMA = 0.5
 THEORY = {
-    "logistic": (lambda f: np.logaddexp(0, -f), lambda f: np.logaddexp(0, f),
-                 lambda lr: lr, lambda f: f),
-    "brier": (lambda f: (1 - expit(f)) ** 2, lambda f: expit(f) ** 2,
-              lambda lr: lr, lambda f: f),
+    "logistic": (
+        lambda f: np.logaddexp(0, -f),
+        lambda f: np.logaddexp(0, f),
+        lambda lr: lr,
+        lambda f: f,
+    ),
+    "brier": (lambda f: (1 - expit(f)) ** 2, lambda f: expit(f) ** 2, lambda lr: lr, lambda f: f),
     "exponential": (lambda f: np.exp(-f), np.exp, lambda lr: lr / 2, lambda f: 2 * f),
     "kliep": (lambda f: -f, np.exp, lambda lr: lr, lambda f: f),
     "lsif": (lambda f: -np.exp(f), lambda f: np.exp(2 * f) / 2, lambda lr: lr, lambda f: f),
-    "power(0.5)": (lambda f: -(1 + 1 / GAMMA) * np.exp(GAMMA * f),
-                   lambda f: np.exp((1 + GAMMA) * f), lambda lr: lr, lambda f: f),
-}  # fmt: skip
+    "power(0.5)": (
+        lambda f: -(1 + 1 / GAMMA) * np.exp(GAMMA * f),
+        lambda f: np.exp((1 + GAMMA) * f),
+        lambda lr: lr,
+        lambda f: f,
+    ),
+}
 
 
 def _minimise_table_losses(demo_loss, gen_loss, log_r: float) -> float:
     """argmin over f of ``p l_demo(f) + q l_gen(f)`` with ``p / q = exp(log_r)``, ``p + q = 1``."""
     p, q = expit(log_r), expit(-log_r)
-    found = minimize_scalar(lambda f: p * demo_loss(f) + q * gen_loss(f), bounds=(-8.0, 8.0),
-                            method="bounded", options={"xatol": 1e-10})  # fmt: skip
+    found = minimize_scalar(
+        lambda f: p * demo_loss(f) + q * gen_loss(f),
+        bounds=(-8.0, 8.0),
+        method="bounded",
+        options={"xatol": 1e-10},
+    )
     return float(found.x)
 
 
@@ -75,8 +86,9 @@ def test_population_minimisers_and_links():
     hinge = links["hinge"]
     off_zero = grid != 0
     np.testing.assert_array_equal(hinge["minimiser"][off_zero], np.sign(grid[off_zero]))
-    np.testing.assert_allclose(hinge["numeric_minimiser"][off_zero], np.sign(grid[off_zero]),
-                               atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        hinge["numeric_minimiser"][off_zero], np.sign(grid[off_zero]), atol=1e-6
+    )
     # at p = q every f in [-1, 1] minimises relu(1 - f) + relu(1 + f) = 2
     assert abs(hinge["minimiser"][~off_zero][0]) <= 1
     assert np.isnan(hinge["recovered_log_ratio"]).all()

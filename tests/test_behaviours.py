@@ -46,10 +46,20 @@ def prepare(model, tokenizer, demos, run_dir, *, drop_ties, generation=GREEDY, s
     """One round's generation and reference pass (no training), as ``run_rounds`` runs it."""
     objective = make_objective("gsil", get_estimator("logistic"), beta=0.5)
     return prepare_round(
-        model, tokenizer, demos, objective, RunLayout(run_dir), 0, generation=generation,
-        seed=seed, batch_size=4, average_logps=False, drop_ties=drop_ties,
-        accelerator=Accelerator(cpu=True), **LENGTHS,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        demos,
+        objective,
+        RunLayout(run_dir),
+        0,
+        generation=generation,
+        seed=seed,
+        batch_size=4,
+        average_logps=False,
+        drop_ties=drop_ties,
+        accelerator=Accelerator(cpu=True),
+        **LENGTHS,
+    )
 
 
 def by_hand(model, tokenizer, prompt, response, average=False) -> float:
@@ -71,8 +81,10 @@ def test_drop_ties_drops_exactly_the_tied_pairs(tiny_model_readonly, tiny_tokeni
     greedy = read_generated(tmp_path / "probe")
     tied = {1, 4, 6}
     assert all(greedy[i].strip() != demos[i].response for i in range(8))  # no tie by chance
-    mixed = [Demonstration(prompt=d.prompt, response=greedy[i] if i in tied else d.response,
-                           id=d.id) for i, d in enumerate(demos)]  # fmt: skip
+    mixed = [
+        Demonstration(prompt=d.prompt, response=greedy[i] if i in tied else d.response, id=d.id)
+        for i, d in enumerate(demos)
+    ]
     kept = [d for i, d in enumerate(mixed) if i not in tied]
 
     data, info = prepare(model, tok, mixed, tmp_path / "dropped", drop_ties=True)
@@ -90,10 +102,17 @@ def test_drop_ties_drops_exactly_the_tied_pairs(tiny_model_readonly, tiny_tokeni
 
     objective = make_objective("gsil", get_estimator("logistic"), beta=0.5)
     summary = run_rounds(
-        copy.deepcopy(model), tok, mixed, objective, tmp_path / "run", rounds=1, drop_ties=True,
+        copy.deepcopy(model),
+        tok,
+        mixed,
+        objective,
+        tmp_path / "run",
+        rounds=1,
+        drop_ties=True,
         optim=OptimSettings(learning_rate=1e-3, batch_size=2, checkpoint_every=0),
-        generation=GREEDY, **LENGTHS,
-    )  # fmt: skip
+        generation=GREEDY,
+        **LENGTHS,
+    )
     assert (summary["rounds"][0]["ties"], summary["rounds"][0]["num_trained"]) == (3, 5)
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
 
@@ -105,8 +124,10 @@ def test_drop_ties_with_every_pair_tied_is_refused(tiny_model_readonly, tiny_tok
     demos = tiny_demos(4)
     prepare(model, tok, demos, tmp_path / "probe", drop_ties=False)
     greedy = read_generated(tmp_path / "probe")
-    all_tied = [Demonstration(prompt=d.prompt, response=g, id=d.id)
-                for d, g in zip(demos, greedy, strict=True)]  # fmt: skip
+    all_tied = [
+        Demonstration(prompt=d.prompt, response=g, id=d.id)
+        for d, g in zip(demos, greedy, strict=True)
+    ]
     _, info = prepare(model, tok, all_tied, tmp_path / "counted", drop_ties=False)
     assert (info["ties"], info["num_trained"]) == (4, 4)
     with pytest.raises(RuntimeError) as raised:
@@ -123,8 +144,9 @@ GENERATED = ["no", "maybe so", "1 2 3 4 5 6 7 8", "x"]  # lengths 2 to 15 tokens
 
 def tiny_round(tok, count=4, generated=GENERATED):
     demos = tiny_demos(count)
-    examples = build_examples(tok, [d.prompt for d in demos], [d.response for d in demos],
-                              generated[:count], **LENGTHS)  # fmt: skip
+    examples = build_examples(
+        tok, [d.prompt for d in demos], [d.response for d in demos], generated[:count], **LENGTHS
+    )
     return demos, examples
 
 
@@ -132,9 +154,16 @@ def one_round(model, tok, data, objective, settings, run_dir):
     """train_round on its own; returns the metrics rows and the trained model."""
     run_dir.mkdir(parents=True, exist_ok=True)
     _, trained = train_round(
-        model, data, objective, settings, round_index=0, seed=0, pad_id=tok.pad_token_id,
-        run_dir=run_dir, accelerator=Accelerator(cpu=True),
-    )  # fmt: skip
+        model,
+        data,
+        objective,
+        settings,
+        round_index=0,
+        seed=0,
+        pad_id=tok.pad_token_id,
+        run_dir=run_dir,
+        accelerator=Accelerator(cpu=True),
+    )
     return read_metrics(run_dir), trained
 
 
@@ -147,28 +176,34 @@ def test_average_logps_trains_on_length_averaged_log_probs(tiny_model, tiny_toke
     tok, beta, shift = tiny_tokenizer, 0.5, 0.3
     demos, examples = tiny_round(tok)
     demo_avg = [by_hand(tiny_model, tok, d.prompt, d.response, average=True) for d in demos]
-    gen_avg = [by_hand(tiny_model, tok, d.prompt, g, average=True)
-               for d, g in zip(demos, GENERATED, strict=True)]  # fmt: skip
+    gen_avg = [
+        by_hand(tiny_model, tok, d.prompt, g, average=True)
+        for d, g in zip(demos, GENERATED, strict=True)
+    ]
     demo_sum = [by_hand(tiny_model, tok, d.prompt, d.response) for d in demos]
 
     accelerator = Accelerator(cpu=True)
-    ref_demo, ref_gen = reference_logps(tiny_model, examples, tok.pad_token_id, 2, True,
-                                        accelerator, True)  # fmt: skip
+    ref_demo, ref_gen = reference_logps(
+        tiny_model, examples, tok.pad_token_id, 2, True, accelerator, True
+    )
     torch.testing.assert_close(ref_demo, torch.tensor(demo_avg), rtol=0, atol=1e-5)
     torch.testing.assert_close(ref_gen.reshape(-1), torch.tensor(gen_avg), rtol=0, atol=1e-5)
 
     data = RoundData(examples, torch.zeros_like(ref_demo), torch.zeros_like(ref_gen))
     objective = make_objective("gsil", get_estimator("logistic"), beta=beta, shift=shift)
-    settings = OptimSettings(learning_rate=1e-3, batch_size=4, average_logps=True,
-                             checkpoint_every=0)  # fmt: skip
+    settings = OptimSettings(
+        learning_rate=1e-3, batch_size=4, average_logps=True, checkpoint_every=0
+    )
     (row,), _ = one_round(tiny_model, tok, data, objective, settings, tmp_path)
 
     def softplus(x):
         return math.log1p(math.exp(-abs(x))) + max(x, 0.0)
 
     def gsil(demo, gen):
-        return sum(softplus(-(beta * d + shift)) + softplus(beta * g + shift)
-                   for d, g in zip(demo, gen, strict=True)) / len(demo)  # fmt: skip
+        return sum(
+            softplus(-(beta * d + shift)) + softplus(beta * g + shift)
+            for d, g in zip(demo, gen, strict=True)
+        ) / len(demo)
 
     assert row["loss"] == pytest.approx(gsil(demo_avg, gen_avg), abs=1e-5)
     assert row["logps/chosen"] == pytest.approx(sum(demo_avg) / 4, abs=1e-5)
@@ -185,8 +220,9 @@ def test_average_logps_leaves_the_sft_loss_a_token_mean(tiny_model, tiny_tokeniz
     data = RoundData(examples, None, None)
     objective = make_objective("sft")
     for average in (False, True):
-        settings = OptimSettings(learning_rate=0.0, batch_size=4, average_logps=average,
-                                 checkpoint_every=0)  # fmt: skip
+        settings = OptimSettings(
+            learning_rate=0.0, batch_size=4, average_logps=average, checkpoint_every=0
+        )
         (row,), _ = one_round(tiny_model, tok, data, objective, settings, tmp_path / str(average))
         assert row["loss"] == pytest.approx(sum(nll) / 4, abs=1e-5), average
 
@@ -194,8 +230,7 @@ def test_average_logps_leaves_the_sft_loss_a_token_mean(tiny_model, tiny_tokeniz
 # --------------------------------------------------------------------------- checkpointing
 
 
-def test_gradient_checkpointing_gives_the_same_steps(tiny_model_readonly, tiny_tokenizer,
-                                                     tmp_path):  # fmt: skip
+def test_gradient_checkpointing_gives_the_same_steps(tiny_model_readonly, tiny_tokenizer, tmp_path):
     """Four GSIL steps with and without gradient checkpointing: the same losses and gradient
     norms (1e-5) and the same final weights (1e-6). Checkpointing really ran: the first
     layer's attention ran twice per micro-batch (the forward, then its recomputation in the
@@ -214,8 +249,13 @@ def test_gradient_checkpointing_gives_the_same_steps(tiny_model_readonly, tiny_t
         # the end of the layer, so neither the layer's hooks nor a post-hook would see it)
         attention = model.model.layers[0].self_attn
         attention.register_forward_pre_hook(lambda *args, calls=calls: calls.append(1))
-        settings = OptimSettings(learning_rate=1e-2, batch_size=2, epochs=2, checkpoint_every=0,
-                                 gradient_checkpointing=checkpointing)  # fmt: skip
+        settings = OptimSettings(
+            learning_rate=1e-2,
+            batch_size=2,
+            epochs=2,
+            checkpoint_every=0,
+            gradient_checkpointing=checkpointing,
+        )
         rows, trained = one_round(
             model, tok, data, objective, settings, tmp_path / f"{checkpointing}"
         )
@@ -264,18 +304,39 @@ def test_lora_run_resumed_equals_the_uninterrupted_one(
     checkpoint (6), then resumed: the same final merged weights, bit for bit, and one metrics
     row per step."""
     objective = make_objective("gsil", get_estimator("logistic"), beta=0.5)
-    kwargs = dict(rounds=2, lora_rank=4, generation=GREEDY, seed=3, **LENGTHS,
-                  optim=OptimSettings(learning_rate=5e-2, epochs=1, batch_size=2, grad_accum=2,
-                                      checkpoint_every=1))  # fmt: skip
+    kwargs = dict(
+        rounds=2,
+        lora_rank=4,
+        generation=GREEDY,
+        seed=3,
+        **LENGTHS,
+        optim=OptimSettings(
+            learning_rate=5e-2, epochs=1, batch_size=2, grad_accum=2, checkpoint_every=1
+        ),
+    )
     demos = tiny_demos(8)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_rounds(lora_policy(tiny_model_readonly), tiny_tokenizer, demos, objective, straight,
-               **kwargs)  # fmt: skip
+    run_rounds(
+        lora_policy(tiny_model_readonly), tiny_tokenizer, demos, objective, straight, **kwargs
+    )
     with pytest.raises(Interrupt):
-        run_rounds(lora_policy(tiny_model_readonly), tiny_tokenizer, demos,
-                   interrupting(objective, interrupt_after_calls), resumed, **kwargs)  # fmt: skip
-    run_rounds(lora_policy(tiny_model_readonly), tiny_tokenizer, demos, objective, resumed,
-               resume=True, **kwargs)  # fmt: skip
+        run_rounds(
+            lora_policy(tiny_model_readonly),
+            tiny_tokenizer,
+            demos,
+            interrupting(objective, interrupt_after_calls),
+            resumed,
+            **kwargs,
+        )
+    run_rounds(
+        lora_policy(tiny_model_readonly),
+        tiny_tokenizer,
+        demos,
+        objective,
+        resumed,
+        resume=True,
+        **kwargs,
+    )
     expected = load_file(str(RunLayout(straight).model(1) / "model.safetensors"))
     actual = load_file(str(RunLayout(resumed).model(1) / "model.safetensors"))
     assert expected.keys() == actual.keys() and not any("lora" in key for key in actual)
@@ -291,15 +352,25 @@ def test_sampled_generation_in_rounds_is_seeded(tiny_model_readonly, tiny_tokeni
     """Two rounds with do_sample: the same seed gives the same sets in both rounds, another
     seed or greedy decoding other sets; the sidecar records the sampling and round t's seed
     (seed + t)."""
-    sampled = GenerationSettings(max_new_tokens=6, do_sample=True, temperature=1.0,
-                                 batch_size=4, backend="hf")  # fmt: skip
+    sampled = GenerationSettings(
+        max_new_tokens=6, do_sample=True, temperature=1.0, batch_size=4, backend="hf"
+    )
     objective = make_objective("gsil", get_estimator("logistic"), beta=0.5)
     optim = OptimSettings(learning_rate=1e-2, batch_size=8, checkpoint_every=0)
 
     def run(name, seed, generation=sampled):
-        run_rounds(copy.deepcopy(tiny_model_readonly), tiny_tokenizer, tiny_demos(8), objective,
-                   tmp_path / name, rounds=2, optim=optim, generation=generation, seed=seed,
-                   **LENGTHS)  # fmt: skip
+        run_rounds(
+            copy.deepcopy(tiny_model_readonly),
+            tiny_tokenizer,
+            tiny_demos(8),
+            objective,
+            tmp_path / name,
+            rounds=2,
+            optim=optim,
+            generation=generation,
+            seed=seed,
+            **LENGTHS,
+        )
         return [read_generated(tmp_path / name, t) for t in (0, 1)]
 
     first, again, other, greedy = run("a", 5), run("b", 5), run("c", 6), run("g", 5, GREEDY)
@@ -327,10 +398,17 @@ def test_partial_last_step_averages_over_its_real_examples(tiny_model, tiny_toke
     demos = tiny_demos(5)
     start = copy.deepcopy(tiny_model)
     run_rounds(
-        tiny_model, tok, demos, make_objective("sft"), tmp_path, rounds=1, **LENGTHS,
-        optim=OptimSettings(learning_rate=0.0, batch_size=2, grad_accum=2, epochs=2,
-                            checkpoint_every=0),
-    )  # fmt: skip
+        tiny_model,
+        tok,
+        demos,
+        make_objective("sft"),
+        tmp_path,
+        rounds=1,
+        **LENGTHS,
+        optim=OptimSettings(
+            learning_rate=0.0, batch_size=2, grad_accum=2, epochs=2, checkpoint_every=0
+        ),
+    )
     rows = read_metrics(tmp_path)
     assert [(m["step"], m["epoch"]) for m in rows] == [(1, 0.5), (2, 1.0), (3, 1.5), (4, 2.0)]
     nll = [-by_hand(start, tok, d.prompt, d.response, average=True) for d in demos]
@@ -367,12 +445,42 @@ def test_implicit_classifier_separates_demonstrations_from_reference_samples(
     data = tmp_path / "demos.jsonl"
     rows = [{"question": f"double {i}", "answer": f"{2 * i}"} for i in range(6)]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    main(["--model", str(model_dir), "--data", str(data), "--prompt-field", "question",
-          "--response-field", "answer", "--num-demos", "6", "--batch-size", "2",
-          "--max-new-tokens", "6", "--max-prompt-length", "64", "--max-length", "96",
-          "--output-dir", str(tmp_path / "runs"), "--name", "tiny", "--lr", "1e-2",
-          "--gen-batch-size", "4", "--checkpoint-every", "0", "--beta", "0.5",
-          "--rounds", "2"])  # fmt: skip
+    main(
+        [
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--prompt-field",
+            "question",
+            "--response-field",
+            "answer",
+            "--num-demos",
+            "6",
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--max-prompt-length",
+            "64",
+            "--max-length",
+            "96",
+            "--output-dir",
+            str(tmp_path / "runs"),
+            "--name",
+            "tiny",
+            "--lr",
+            "1e-2",
+            "--gen-batch-size",
+            "4",
+            "--checkpoint-every",
+            "0",
+            "--beta",
+            "0.5",
+            "--rounds",
+            "2",
+        ]
+    )
     run_dir = tmp_path / "runs" / "tiny"
     assert read_metrics(run_dir)[-1]["rewards/margins"] > 1.0  # training did separate them
     threshold = 0.5 + 1.645 * math.sqrt(13 / (12 * 36))

@@ -26,8 +26,14 @@ def test_the_default_runs_generation_is_read_from_its_recipe(tiny_tokenizer):
 
 
 def row(backend: str, workload: str, tokens: int, seconds: float, start: float = 0.0) -> dict:
-    return {"backend": backend, "precision": "fp32", "workload": workload, "tokens": tokens,
-            "seconds": seconds, "start_s": start}  # fmt: skip
+    return {
+        "backend": backend,
+        "precision": "fp32",
+        "workload": workload,
+        "tokens": tokens,
+        "seconds": seconds,
+        "start_s": start,
+    }
 
 
 def test_the_mix_counts_every_set_and_each_engine_start():

@@ -72,18 +72,33 @@ def test_a_bad_stage_in_a_pipeline_recipe_is_named(tmp_path):
     path.write_text(yaml.safe_dump({"pipeline": "p", "stages": [{"name": "a", "epoch": 2}]}))
     with pytest.raises(ConfigError, match="stage a.*unknown key 'epoch'.*did you mean 'epochs'"):
         load_pipeline(str(path))
-    path.write_text(yaml.safe_dump({"pipeline": "p", "stages": [{"name": "a"}],
-                                    "evaluate": {"limt": 3}}))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump({"pipeline": "p", "stages": [{"name": "a"}], "evaluate": {"limt": 3}})
+    )
     with pytest.raises(ConfigError, match="unknown key 'evaluate.limt'"):
         load_pipeline(str(path))
 
 
 def test_nested_and_flat_recipes_give_the_same_tree():
-    flat = from_dict({"lr": 3e-5, "model": "m", "gen_batch_size": 4, "method": "spin",
-                      "report_to": "tensorboard", "optim.epochs": 2})  # fmt: skip
-    nested = from_dict({"optim": {"learning_rate": 3e-5, "epochs": 2}, "model": {"name_or_path": "m"},
-                        "generation": {"batch_size": 4}, "objective": {"method": "spin"},
-                        "logging": {"report_to": ["tensorboard"]}})  # fmt: skip
+    flat = from_dict(
+        {
+            "lr": 3e-5,
+            "model": "m",
+            "gen_batch_size": 4,
+            "method": "spin",
+            "report_to": "tensorboard",
+            "optim.epochs": 2,
+        }
+    )
+    nested = from_dict(
+        {
+            "optim": {"learning_rate": 3e-5, "epochs": 2},
+            "model": {"name_or_path": "m"},
+            "generation": {"batch_size": 4},
+            "objective": {"method": "spin"},
+            "logging": {"report_to": ["tensorboard"]},
+        }
+    )
     assert flat == nested
     assert flat.optim.learning_rate == 3e-5 and flat.generation.batch_size == 4
     assert flat.logging.report_to == ["tensorboard"]
@@ -96,8 +111,9 @@ def test_a_yaml_recipe_and_its_json_preset_resolve_to_the_same_config(capsys, na
     assert from_dict(load_preset(recipe)) == from_dict(load_preset(name))
     # through both commands, with a flag on top
     via_json = _dry_run(capsys, experiments.run.main, "--preset", name, "--rounds", "3")
-    via_yaml = _dry_run(capsys, lambda argv: cli.main(["train", *argv]), "--config", recipe,
-                        "--rounds", "3")  # fmt: skip
+    via_yaml = _dry_run(
+        capsys, lambda argv: cli.main(["train", *argv]), "--config", recipe, "--rounds", "3"
+    )
     assert via_json == via_yaml and via_json["rounds"] == 3
 
 
@@ -125,8 +141,19 @@ def test_flags_override_the_recipe_and_the_run_writes_the_resolved_tree(tmp_path
 
 def test_a_flat_config_json_of_earlier_versions_still_reads(tmp_path):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({"method": "sft", "lr": 1e-4, "model": "m", "data": "rg:chain_sum",
-                                "gen_batch_size": 2, "generator": "hf", "gamma": None}))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "method": "sft",
+                "lr": 1e-4,
+                "model": "m",
+                "data": "rg:chain_sum",
+                "gen_batch_size": 2,
+                "generator": "hf",
+                "gamma": None,
+            }
+        )
+    )
     config = load_saved_config(path)
     assert (config.objective.method, config.optim.learning_rate) == ("sft", 1e-4)
     assert (config.generation.batch_size, config.generation.backend) == (2, "hf")

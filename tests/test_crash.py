@@ -50,11 +50,36 @@ def run_args(inputs, out: Path, name: str = "gsil", *extra: str) -> list[str]:
     """A 2-round GSIL run: 3 optimizer steps per round, a checkpoint every 2."""
     model_dir, data = inputs
     return [
-        "--model", str(model_dir), "--data", str(data), "--num-demos", "6", "--rounds", "2",
-        "--batch-size", "2", "--max-new-tokens", "6", "--max-prompt-length", "64",
-        "--max-length", "96", "--gen-batch-size", "4", "--lr", "1e-2", "--checkpoint-every", "2",
-        "--precision", "fp32", "--output-dir", str(out), "--name", name, *extra,
-    ]  # fmt: skip
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--num-demos",
+        "6",
+        "--rounds",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--max-prompt-length",
+        "64",
+        "--max-length",
+        "96",
+        "--gen-batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--checkpoint-every",
+        "2",
+        "--precision",
+        "fp32",
+        "--output-dir",
+        str(out),
+        "--name",
+        name,
+        *extra,
+    ]
 
 
 def write_recipe(inputs, path: Path) -> Path:
@@ -127,8 +152,7 @@ def assert_same_run(run_dir: Path, reference_dir: Path) -> None:
     assert rows == [strip(row) for row in read_jsonl(reference_dir / "metrics.jsonl")]
     assert [row["step"] for row in rows] == list(range(1, 7))  # each step once
     summary = strip(json.loads((run_dir / "summary.json").read_text()), run_dir)
-    assert summary == strip(json.loads((reference_dir / "summary.json").read_text()),
-                            reference_dir)  # fmt: skip
+    assert summary == strip(json.loads((reference_dir / "summary.json").read_text()), reference_dir)
     assert_nothing_left(run_dir)
 
 
@@ -148,8 +172,7 @@ def assert_nothing_left(directory: Path) -> None:
         "save_model:1",  # round 0's model in its temporary directory, not renamed
     ],
 )
-def test_a_run_killed_at_any_phase_resumes_to_the_same_result(kill_at, inputs, reference,
-                                                               tmp_path):  # fmt: skip
+def test_a_run_killed_at_any_phase_resumes_to_the_same_result(kill_at, inputs, reference, tmp_path):
     argv = run_args(inputs, tmp_path)
     killed(experiments.run.main, argv, kill_at)
     assert not (tmp_path / "gsil" / "summary.json").exists()
@@ -162,8 +185,14 @@ def test_a_real_process_killed_while_training(inputs, reference, tmp_path):
     step 2): the resume restarts from the checkpoint and drops the logged third step."""
     argv = run_args(inputs, tmp_path)
     env = {**os.environ, ENV: "training:3", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "experiments.run", *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.run", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     run_dir = tmp_path / "gsil"
     assert [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]

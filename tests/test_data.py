@@ -459,10 +459,15 @@ def test_chat_message_response_takes_the_last_assistant_turn(tmp_path):
     """UltraFeedback-style ``chosen``: [user, assistant] messages."""
     path = tmp_path / "prefs.jsonl"
     rows = [
-        {"prompt": "hi", "chosen": [{"role": "user", "content": "hi"},
-                                    {"role": "assistant", "content": "hello there"}]},
+        {
+            "prompt": "hi",
+            "chosen": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello there"},
+            ],
+        },
         {"prompt": "hi", "chosen": [{"role": "user", "content": "hi"}]},
-    ]  # fmt: skip
+    ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     demos = load_demonstrations(str(path), response_field="chosen", skip_invalid=True)
     assert [d.response for d in demos] == ["hello there"]

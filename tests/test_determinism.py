@@ -85,12 +85,27 @@ def outputs(root: Path) -> dict[str, object]:
 def test_the_same_seed_gives_identical_results_across_processes(recipe, in_process, tmp_path):
     """A fresh process (torch's default threads, here every core) repeats this process's
     experiment (1 thread) exactly: weights bit for bit, generated sets, result files."""
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}  # fmt: skip
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    }
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.run", "--config", str(recipe), "--output-dir",
-         str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            "--config",
+            str(recipe),
+            "--output-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours, theirs = outputs(in_process), outputs(tmp_path / "exp")
     assert ours.keys() == theirs.keys()

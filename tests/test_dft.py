@@ -23,9 +23,12 @@ LOG_U_BEFORE = [0.3, -1.2]
 
 
 def tensors(dtype=torch.float64):
-    return (torch.tensor(DEMO, dtype=dtype, requires_grad=True),
-            torch.tensor(GEN, dtype=dtype, requires_grad=True),
-            torch.tensor(REF_GEN, dtype=dtype), torch.tensor(LOG_U_BEFORE, dtype=dtype))  # fmt: skip
+    return (
+        torch.tensor(DEMO, dtype=dtype, requires_grad=True),
+        torch.tensor(GEN, dtype=dtype, requires_grad=True),
+        torch.tensor(REF_GEN, dtype=dtype),
+        torch.tensor(LOG_U_BEFORE, dtype=dtype),
+    )
 
 
 def by_hand(scores_demo, scores_gen, log_ratios, log_u_before, tau, gamma):
@@ -102,15 +105,28 @@ def test_dft2_length_normalises_and_needs_no_reference():
     demo, gen, _, log_u = tensors()
     demo_counts = torch.tensor([4.0, 5.0], dtype=torch.float64)
     gen_counts = torch.tensor([[7.0, 2.0, 3.0], [6.0, 4.0, 9.0]], dtype=torch.float64)
-    losses, stats = dft_loss(demo, gen, None, log_u, tau=tau, gamma=gamma, variant="dft2",
-                             demo_token_counts=demo_counts, gen_token_counts=gen_counts)  # fmt: skip
+    losses, stats = dft_loss(
+        demo,
+        gen,
+        None,
+        log_u,
+        tau=tau,
+        gamma=gamma,
+        variant="dft2",
+        demo_token_counts=demo_counts,
+        gen_token_counts=gen_counts,
+    )
     losses.sum().backward()
     for i in range(2):
         scores = [GEN[i][j] / gen_counts[i, j].item() for j in range(3)]
         new_log_u, value, _, grads_per_score = by_hand(
-            DEMO[i] / demo_counts[i].item(), scores, [s / tau for s in scores], LOG_U_BEFORE[i],
-            tau, gamma,
-        )  # fmt: skip
+            DEMO[i] / demo_counts[i].item(),
+            scores,
+            [s / tau for s in scores],
+            LOG_U_BEFORE[i],
+            tau,
+            gamma,
+        )
         assert stats["dft/log_normalizer"][i].item() == pytest.approx(new_log_u, rel=1e-12)
         assert losses[i].item() == pytest.approx(value, rel=1e-12)
         assert demo.grad[i].item() == pytest.approx(-1 / demo_counts[i].item())
@@ -124,11 +140,13 @@ def test_a_left_out_sample_counts_for_nothing():
     mask = torch.tensor([[True, False, True], [True, True, True]])
     wild = gen.detach().clone()
     wild[0, 1] = 1e4  # would dominate every weight if it counted
-    losses, stats = dft_loss(demo, wild.requires_grad_(True), ref_gen, log_u, tau=1.0, gamma=0.8,
-                             gen_mask=mask)  # fmt: skip
+    losses, stats = dft_loss(
+        demo, wild.requires_grad_(True), ref_gen, log_u, tau=1.0, gamma=0.8, gen_mask=mask
+    )
     keep = [0, 2]
-    alone, alone_stats = dft_loss(demo[:1], gen[:1, keep], ref_gen[:1, keep], log_u[:1],
-                                  tau=1.0, gamma=0.8)  # fmt: skip
+    alone, alone_stats = dft_loss(
+        demo[:1], gen[:1, keep], ref_gen[:1, keep], log_u[:1], tau=1.0, gamma=0.8
+    )
     torch.testing.assert_close(losses[:1], alone)
     torch.testing.assert_close(stats["dft/log_normalizer"][:1], alone_stats["dft/log_normalizer"])
     torch.testing.assert_close(stats["rewards/accuracies"][:1], alone_stats["rewards/accuracies"])
@@ -158,8 +176,9 @@ def test_make_objective_binds_dft_with_its_state():
     assert make_objective("spin").initial_state(3) is None
     demo, gen, ref_gen, log_u = tensors()
     counts = torch.ones(2, dtype=torch.float64)
-    losses, stats = dft(demo, gen, None, ref_gen, counts, state=log_u,
-                        gen_token_counts=torch.ones_like(gen))  # fmt: skip
+    losses, stats = dft(
+        demo, gen, None, ref_gen, counts, state=log_u, gen_token_counts=torch.ones_like(gen)
+    )
     expected, _ = dft_loss(demo, gen, ref_gen, log_u, tau=0.5, gamma=0.9)
     torch.testing.assert_close(losses, expected)
     for bad in ({"dft_tau": 0.0}, {"dft_gamma": 0.0}, {"dft_gamma": 1.5}, {"dft_variant": "x"}):
@@ -174,10 +193,19 @@ SAMPLED = GenerationSettings(max_new_tokens=6, do_sample=True, batch_size=4, num
 
 def dft_run(model, tokenizer, run_dir, objective, resume=False):
     return run_rounds(
-        model, tokenizer, tiny_demos(6), objective, run_dir, rounds=1,
+        model,
+        tokenizer,
+        tiny_demos(6),
+        objective,
+        run_dir,
+        rounds=1,
         optim=OptimSettings(learning_rate=1e-2, epochs=2, batch_size=2, checkpoint_every=1),
-        generation=SAMPLED, max_prompt_length=64, max_length=96, seed=0, resume=resume,
-    )  # fmt: skip
+        generation=SAMPLED,
+        max_prompt_length=64,
+        max_length=96,
+        seed=0,
+        resume=resume,
+    )
 
 
 def interrupted(objective, after_calls):
@@ -193,8 +221,9 @@ def interrupted(objective, after_calls):
     return dataclasses.replace(objective, fn=fn)
 
 
-def test_dft_state_is_kept_across_epochs_and_resumed_exactly(tiny_model_readonly, tiny_tokenizer,
-                                                             tmp_path):  # fmt: skip
+def test_dft_state_is_kept_across_epochs_and_resumed_exactly(
+    tiny_model_readonly, tiny_tokenizer, tmp_path
+):
     """6 prompts, batch 2, 2 epochs: 6 steps. The run stops inside the second epoch, whose
     steps read the moving average the first wrote; resumed, it must end where the
     uninterrupted run ends (the state is saved with each checkpoint and loaded back)."""
@@ -211,13 +240,18 @@ def test_dft_state_is_kept_across_epochs_and_resumed_exactly(tiny_model_readonly
 
     broken = tmp_path / "broken"
     with pytest.raises(Interrupt):
-        dft_run(copy.deepcopy(tiny_model_readonly), tiny_tokenizer, broken,
-                interrupted(objective, after_calls=4))  # fmt: skip
+        dft_run(
+            copy.deepcopy(tiny_model_readonly),
+            tiny_tokenizer,
+            broken,
+            interrupted(objective, after_calls=4),
+        )
     saved = torch.load(broken / "checkpoint" / "objective_state.pt")
     assert saved.shape == (6,) and (saved != 0).any()  # the moving averages of 4 steps
     dft_run(copy.deepcopy(tiny_model_readonly), tiny_tokenizer, broken, objective, resume=True)
-    resumed_rows = [json.loads(line)
-                    for line in (broken / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    resumed_rows = [
+        json.loads(line) for line in (broken / "metrics.jsonl").read_text().splitlines()
+    ]
     for key in ("loss", "dft/log_normalizer", "logps/chosen"):
         assert [r[key] for r in resumed_rows] == pytest.approx([r[key] for r in rows], rel=1e-5)
     expected = load_file(str(whole / "round_0" / "model" / "model.safetensors"))

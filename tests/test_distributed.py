@@ -39,7 +39,7 @@ JOBS = {
         loss="brier",
         optimizer="rmsprop",
         warmup_steps=1,
-    ),  # fmt: skip
+    ),
 }
 # 2-process runs interrupted after this many objective calls, then resumed (same as "gsil")
 RESUMED = {"gsil-resumed-round0": 2, "gsil-resumed-round1": 4}
@@ -49,8 +49,9 @@ SMALL_LR_ATOL = 1e-5
 def launch(out: Path, jobs: list[dict], engine: list[str] = DDP, num_processes: int = 2) -> None:
     """``accelerate launch`` the jobs on ``num_processes`` CPU processes (gloo)."""
     script = Path(__file__).with_name("distributed_run.py")
-    accelerate_launch([str(script), str(out), json.dumps(jobs)], engine=engine,
-                      num_processes=num_processes)  # fmt: skip
+    accelerate_launch(
+        [str(script), str(out), json.dumps(jobs)], engine=engine, num_processes=num_processes
+    )
 
 
 @pytest.fixture(scope="module")
@@ -196,10 +197,19 @@ def test_the_pipeline_command_on_two_processes(tmp_path):
     rows = [{"prompt": f"double {i}", "response": f"{2 * i}"} for i in range(10)]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     base = {
-        "model": str(model_dir), "data": str(data), "num_demos": 10, "lr": 1e-3,
-        "max_new_tokens": 6, "max_prompt_length": 64, "max_length": 96, "gen_batch_size": 3,
-        "checkpoint_every": 1, "precision": "fp32", "generator": "hf", "beta": 0.5,
-    }  # fmt: skip
+        "model": str(model_dir),
+        "data": str(data),
+        "num_demos": 10,
+        "lr": 1e-3,
+        "max_new_tokens": 6,
+        "max_prompt_length": 64,
+        "max_length": 96,
+        "gen_batch_size": 3,
+        "checkpoint_every": 1,
+        "precision": "fp32",
+        "generator": "hf",
+        "beta": 0.5,
+    }
     stages = [
         {"name": "spin", "method": "spin", "rounds": 2},
         {"name": "gsil", "method": "gsil", "rounds": 2, "share_round0_generations": "spin"},

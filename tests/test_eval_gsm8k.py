@@ -167,9 +167,12 @@ LM_TEST_ROWS = [
     {"question": "Di has 10 eggs and uses 2. How many are left?", "answer": "10-2=8\n#### 8"},
 ]
 LM_TRAIN_ROWS = [
-    {"question": f"Eve has {n} figs and eats 1. How many are left?", "answer": f"{n}-1={n - 1}\n#### {n - 1}"}
+    {
+        "question": f"Eve has {n} figs and eats 1. How many are left?",
+        "answer": f"{n}-1={n - 1}\n#### {n - 1}",
+    }
     for n in range(2, 8)
-]  # fmt: skip
+]
 # Scripted answers: strict-match needs "#### N", flexible-extract takes the last number.
 SCRIPTED = {
     LM_TEST_ROWS[0]["question"]: "5 - 2 = 3\n#### 3",  # both right
@@ -351,8 +354,13 @@ def test_wrapper_reports_lm_evals_numbers_when_the_filters_disagree(tmp_path, lm
     assert result.interval == filters["strict-match"]["interval"]
     assert [r["score"] for r in records] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
     assert [r["strict-match"]["extracted"] for r in records] == [
-        "3", "[invalid]", "5,", "[invalid]", "1,200", "[invalid]"
-    ]  # fmt: skip
+        "3",
+        "[invalid]",
+        "5,",
+        "[invalid]",
+        "1,200",
+        "[invalid]",
+    ]
     assert [r["flexible-extract"]["exact_match"] for r in records] == [1, 1, 0, 0, 1, 1]
     assert [r["gold"] for r in records] == ["3", "4", "5", "6", "1200", "8"]
     assert result.breakdown["no_strict_match"] == 3
@@ -412,12 +420,19 @@ def test_model_tokenizer_and_global_rng_are_left_as_they_were(lm_files, tiny_mod
     assert result.n == 2
 
 
-def test_evaluate_model_runs_gsm8k_and_gsm8k_chat(lm_files, tiny_model_readonly, tiny_tokenizer,
-                                                  tmp_path):  # fmt: skip
+def test_evaluate_model_runs_gsm8k_and_gsm8k_chat(
+    lm_files, tiny_model_readonly, tiny_tokenizer, tmp_path
+):
     test, train = lm_files
     options = EvalOptions(gsm8k_source=test, gsm8k_train_source=train, max_new_tokens=3)
-    results = evaluate_model((tiny_model_readonly, tiny_tokenizer), "gsm8k,gsm8k-chat",
-                             tmp_path / "eval", limit=2, options=options, progress=False)  # fmt: skip
+    results = evaluate_model(
+        (tiny_model_readonly, tiny_tokenizer),
+        "gsm8k,gsm8k-chat",
+        tmp_path / "eval",
+        limit=2,
+        options=options,
+        progress=False,
+    )
     assert results["gsm8k"].settings["num_fewshot"] == 5  # lm-eval's default
     assert results["gsm8k-chat"].settings["shots"] == 0  # ours, as before
     assert results["gsm8k"].settings["decoding"]["max_new_tokens"] == 3
@@ -427,21 +442,41 @@ def test_evaluate_model_runs_gsm8k_and_gsm8k_chat(lm_files, tiny_model_readonly,
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert {"gsm8k", "gsm8k-chat"} <= set(summary)
     # the two benchmarks' records name the same problems, so they pair item by item
-    comparison = compare_results(tmp_path / "eval" / "gsm8k.json",
-                                 tmp_path / "eval" / "gsm8k-chat.json")  # fmt: skip
+    comparison = compare_results(
+        tmp_path / "eval" / "gsm8k.json", tmp_path / "eval" / "gsm8k-chat.json"
+    )
     assert comparison["n"] == 2
 
 
-def test_cli_runs_gsm8k_through_lm_eval(lm_files, tiny_model_readonly, tiny_tokenizer, tmp_path,
-                                        capsys):  # fmt: skip
+def test_cli_runs_gsm8k_through_lm_eval(
+    lm_files, tiny_model_readonly, tiny_tokenizer, tmp_path, capsys
+):
     test, train = lm_files
     model_dir = tmp_path / "model"
     tiny_model_readonly.save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
     out = tmp_path / "out"
-    argv = ["--model", str(model_dir), "--benchmarks", "gsm8k", "--gsm8k", test, "--gsm8k-train",
-            train, "--shots", "2", "--limit", "2", "--max-new-tokens", "2", "--gsm8k-batch-size",
-            "2", "--out", str(out), "--no-progress"]  # fmt: skip
+    argv = [
+        "--model",
+        str(model_dir),
+        "--benchmarks",
+        "gsm8k",
+        "--gsm8k",
+        test,
+        "--gsm8k-train",
+        train,
+        "--shots",
+        "2",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--gsm8k-batch-size",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert evaluate_main(argv) == 0
     saved = json.loads((out / "gsm8k.json").read_text())
     assert saved["n"] == 2 and saved["settings"]["num_fewshot"] == 2

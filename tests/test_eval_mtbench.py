@@ -280,13 +280,22 @@ def test_flow_with_fake_judge(monkeypatch, question_file, tiny_model_readonly, t
 
     fake_judge.name = "fake-judge-v1"
     result, records = evaluate_mtbench(
-        tiny_model_readonly, tiny_tokenizer, source=question_file, decoding=DECODING,
-        judge=fake_judge, judge_prompts=BUILTIN_PROMPTS, progress=False,
-    )  # fmt: skip
+        tiny_model_readonly,
+        tiny_tokenizer,
+        source=question_file,
+        decoding=DECODING,
+        judge=fake_judge,
+        judge_prompts=BUILTIN_PROMPTS,
+        progress=False,
+    )
 
     # Turn 2 is generated with question 1, the model's own answer 1, then question 2.
-    answers = {prompts[0]["content"]: text for prompts, texts in generation_calls[:2]
-               for prompts, text in zip(prompts, texts, strict=True) if len(prompts) == 1}  # fmt: skip
+    answers = {
+        prompts[0]["content"]: text
+        for prompts, texts in generation_calls[:2]
+        for prompts, text in zip(prompts, texts, strict=True)
+        if len(prompts) == 1
+    }
     for prompts, _ in generation_calls[2:]:
         for history in prompts:
             assert [m["role"] for m in history] == ["user", "assistant", "user"]
@@ -341,8 +350,9 @@ def test_judge_failures_are_recorded_and_total_failure_raises(
             raise reply
         return reply
 
-    kwargs = dict(source=question_file, decoding=DECODING, judge_prompts=BUILTIN_PROMPTS,
-                  progress=False)  # fmt: skip
+    kwargs = dict(
+        source=question_file, decoding=DECODING, judge_prompts=BUILTIN_PROMPTS, progress=False
+    )
     result, records = evaluate_mtbench(tiny_model_readonly, tiny_tokenizer, judge=flaky, **kwargs)
     assert records[0]["judge_error"] == "timeout" and result.breakdown["judge_errors"] == 1
     assert result.n == 3 and result.interval == [6.0, 6.0]
@@ -388,9 +398,19 @@ class _FakeEndpoint(BaseHTTPRequestHandler):
             self.send_response(status)
             self.send_header("Retry-After-Ms", "10")  # the client honours it: a fast test
         else:
-            reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                     "choices": [{"index": 0, "finish_reason": "stop",
-                                  "message": {"role": "assistant", "content": "Solid. [[8]]"}}]}  # fmt: skip
+            reply = {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": "Solid. [[8]]"},
+                    }
+                ],
+            }
             payload = json.dumps(reply).encode()
             self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -416,8 +436,10 @@ def endpoint():
 def _expected_fastchat_requests(question_file, answers):
     """(system, user) per (question, turn), built from the wheel's files with plain json."""
     templates = {row["name"]: row for row in _jsonl(DATA / "judge_prompts.jsonl")}
-    gpt4 = {row["question_id"]: row["choices"][0]["turns"]
-            for row in _jsonl(DATA / "mt_bench/reference_answer/gpt-4.jsonl")}  # fmt: skip
+    gpt4 = {
+        row["question_id"]: row["choices"][0]["turns"]
+        for row in _jsonl(DATA / "mt_bench/reference_answer/gpt-4.jsonl")
+    }
     expected = {}
     for row, (a1, a2) in zip(_jsonl(question_file), answers, strict=True):
         q1, q2 = row["turns"]
@@ -449,8 +471,14 @@ def test_judge_requests_follow_fastchat_prompt_file(endpoint, wheel_question_fil
         (f"A1 of {q.question_id} {{answer}}", f"A2 of {q.question_id} }}{{") for q in questions
     ]
     judge = OpenAICompatibleJudge(endpoint, "judge-7b", "k1", parallel=3)
-    records = grade(questions, answers, judge, progress=False, prompts=load_judge_prompts(),
-                    references=load_references())  # fmt: skip
+    records = grade(
+        questions,
+        answers,
+        judge,
+        progress=False,
+        prompts=load_judge_prompts(),
+        references=load_references(),
+    )
     expected, gpt4 = _expected_fastchat_requests(wheel_question_file, answers)
 
     sent = _FakeEndpoint.requests
@@ -473,8 +501,10 @@ def test_judge_requests_follow_fastchat_prompt_file(endpoint, wheel_question_fil
     # Spelled out for one math question: FastChat's reference block before the conversation.
     ref = gpt4[111]
     text = expected[111, 2][1]
-    assert text.startswith(f"<|The Start of Reference Answer|>\n\n### User:\n{questions[3].turns[0]}"
-                           f"\n\n### Reference answer:\n{ref[0]}\n\n")  # fmt: skip
+    assert text.startswith(
+        f"<|The Start of Reference Answer|>\n\n### User:\n{questions[3].turns[0]}"
+        f"\n\n### Reference answer:\n{ref[0]}\n\n"
+    )
     assert text.index(ref[1]) < text.index("<|The Start of Assistant A's Conversation")
     assert "[The Start of Reference Answer]" not in expected[81, 1][1]
     assert "Reference" not in expected[142, 2][1] + expected[131, 1][1]  # not a ref category
@@ -485,9 +515,15 @@ def test_endpoint_end_to_end_records_provenance(
     endpoint, wheel_question_file, tiny_model_readonly, tiny_tokenizer
 ):
     judge = OpenAICompatibleJudge(endpoint, "judge-7b", parallel=2)
-    result, records = evaluate_mtbench(tiny_model_readonly, tiny_tokenizer,
-                                       source=wheel_question_file, limit=4, decoding=DECODING,
-                                       judge=judge, progress=False)  # fmt: skip
+    result, records = evaluate_mtbench(
+        tiny_model_readonly,
+        tiny_tokenizer,
+        source=wheel_question_file,
+        limit=4,
+        decoding=DECODING,
+        judge=judge,
+        progress=False,
+    )
     assert result.score == 8.0 and result.n == 8
     assert result.settings["judge"] == judge.name == records[0]["judge"]
     settings = result.settings
@@ -529,8 +565,13 @@ def test_judge_from_env(endpoint):
     assert judge_from_env({}) is None
     with pytest.raises(ValueError, match="GSIL_JUDGE_MODEL"):
         judge_from_env({"GSIL_JUDGE_BASE_URL": "http://127.0.0.1:1"})
-    env = {"GSIL_JUDGE_BASE_URL": endpoint, "GSIL_JUDGE_MODEL": "judge-7b",
-           "GSIL_JUDGE_API_KEY": "k1", "GSIL_JUDGE_TIMEOUT": "5", "GSIL_JUDGE_MAX_RETRIES": "3"}  # fmt: skip
+    env = {
+        "GSIL_JUDGE_BASE_URL": endpoint,
+        "GSIL_JUDGE_MODEL": "judge-7b",
+        "GSIL_JUDGE_API_KEY": "k1",
+        "GSIL_JUDGE_TIMEOUT": "5",
+        "GSIL_JUDGE_MAX_RETRIES": "3",
+    }
     judge = judge_from_env(env, parallel=2)
     assert judge is not None and "judge-7b" in judge.name
     assert (judge.timeout_s, judge.max_retries, judge.parallel, judge.max_tokens) == (5, 3, 2, 2048)
@@ -548,9 +589,15 @@ def test_local_model_judge_end_to_end(wheel_question_file, tiny_model_readonly, 
     """A few FastChat questions through answers and a local judge model (the tiny random LM:
     its replies carry no rating, which the result records; the pipeline runs)."""
     judge = LocalModelJudge(tiny_model_readonly, tiny_tokenizer, "local:tiny", max_new_tokens=8)
-    result, records = evaluate_mtbench(tiny_model_readonly, tiny_tokenizer,
-                                       source=wheel_question_file, limit=4, decoding=DECODING,
-                                       judge=judge, progress=False)  # fmt: skip
+    result, records = evaluate_mtbench(
+        tiny_model_readonly,
+        tiny_tokenizer,
+        source=wheel_question_file,
+        limit=4,
+        decoding=DECODING,
+        judge=judge,
+        progress=False,
+    )
     assert len(records) == 8 and all(isinstance(r["judge_output"], str) for r in records)
     assert all(r["judge"] == "local:tiny" for r in records)
     assert result.settings["weak_judge"] is True and "weak judge" in result.note
@@ -569,9 +616,25 @@ def test_cli_runs_mtbench_with_a_local_judge_model(
     tiny_model_readonly.save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
     out = tmp_path / "eval"
-    argv = ["--model", str(model_dir), "--benchmarks", "mtbench", "--limit", "2",
-            "--max-new-tokens", "4", "--mtbench", wheel_question_file, "--judge-model",
-            str(model_dir), "--judge-max-new-tokens", "4", "--out", str(out), "--no-progress"]  # fmt: skip
+    argv = [
+        "--model",
+        str(model_dir),
+        "--benchmarks",
+        "mtbench",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--mtbench",
+        wheel_question_file,
+        "--judge-model",
+        str(model_dir),
+        "--judge-max-new-tokens",
+        "4",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     result = json.loads((out / "mtbench.json").read_text())
     assert result["settings"]["judge"] == f"local:{model_dir}"
@@ -579,8 +642,11 @@ def test_cli_runs_mtbench_with_a_local_judge_model(
     assert result["settings"]["decoding"]["max_new_tokens"] == 4
     records = [json.loads(line) for line in (out / "mtbench.records.jsonl").open()]
     assert [r["judge_prompt"] for r in records] == [
-        "single-v1", "single-v1-multi-turn", "single-v1", "single-v1-multi-turn"
-    ]  # fmt: skip
+        "single-v1",
+        "single-v1-multi-turn",
+        "single-v1",
+        "single-v1-multi-turn",
+    ]
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{}\n")
     argv[argv.index(wheel_question_file)] = str(bad)

@@ -101,8 +101,12 @@ def test_compare_counts_correct_answers_not_partial_credit(tmp_path):
     # reasoning-gym scores some near answers 0.5; the headline accuracy counts `correct`
     # answers only, so the paired test does too (and McNemar's applies)
     def write(path, rows):
-        path.write_text("".join(json.dumps({"id": f"i{k}", "score": s, "correct": c}) + "\n"
-                                for k, (s, c) in enumerate(rows)))  # fmt: skip
+        path.write_text(
+            "".join(
+                json.dumps({"id": f"i{k}", "score": s, "correct": c}) + "\n"
+                for k, (s, c) in enumerate(rows)
+            )
+        )
         return path
 
     a = write(tmp_path / "a.jsonl", [(1.0, True), (0.5, False), (0.0, False), (1.0, True)])

@@ -35,8 +35,19 @@ def test_cli_on_tiny_model_writes_under_the_round(round_model_dir, tmp_path, cap
     questions.write_text(
         json.dumps({"question_id": 1, "category": "w", "turns": ["Hi", "More"]}) + "\n"
     )
-    argv = ["--model", str(round_model_dir), "--benchmarks", "reasoning,mtbench", "--limit", "1",
-            "--max-new-tokens", "4", "--mtbench", str(questions), "--no-progress"]  # fmt: skip
+    argv = [
+        "--model",
+        str(round_model_dir),
+        "--benchmarks",
+        "reasoning,mtbench",
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--mtbench",
+        str(questions),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     eval_dir = round_model_dir.parent / "eval"
     reasoning = json.loads((eval_dir / "reasoning.json").read_text())
@@ -57,8 +68,15 @@ def test_cli_scores_given_humaneval_completions(tmp_path, capsys):
     ]
     completions = tmp_path / "samples.jsonl"
     completions.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    argv = ["--benchmarks", "humaneval", "--completions", str(completions), "--limit", "3",
-            "--no-progress"]  # fmt: skip
+    argv = [
+        "--benchmarks",
+        "humaneval",
+        "--completions",
+        str(completions),
+        "--limit",
+        "3",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     result = json.loads((tmp_path / "eval" / "humaneval.json").read_text())
     assert result["score"] == pytest.approx(2 / 3) and result["n"] == 3
@@ -76,8 +94,15 @@ def test_cli_scores_given_humaneval_completions(tmp_path, capsys):
     ]
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in other))
-    argv_b = ["--benchmarks", "humaneval", "--completions", str(tmp_path / "b" / "samples.jsonl"),
-              "--limit", "3", "--no-progress"]  # fmt: skip
+    argv_b = [
+        "--benchmarks",
+        "humaneval",
+        "--completions",
+        str(tmp_path / "b" / "samples.jsonl"),
+        "--limit",
+        "3",
+        "--no-progress",
+    ]
     assert main(argv_b) == 0
     records_b = (tmp_path / "b" / "eval" / "humaneval.records.jsonl").read_text().splitlines()
     assert [json.loads(line)["score"] for line in records_b] == [0.0, 0.0, 1.0]
@@ -89,8 +114,7 @@ def test_cli_scores_given_humaneval_completions(tmp_path, capsys):
         comparison = json.loads(capsys.readouterr().out)
         assert comparison["n"] == 3
         assert comparison["difference"] == pytest.approx(sign / 3)
-        assert (comparison["mean_a"], comparison["mean_b"]) == pytest.approx(
-            (2 / 3, 1 / 3)[::sign])  # fmt: skip
+        assert (comparison["mean_a"], comparison["mean_b"]) == pytest.approx((2 / 3, 1 / 3)[::sign])
         only = (2, 1)[::sign]
         assert (comparison["mcnemar"]["a_only"], comparison["mcnemar"]["b_only"]) == only
         assert comparison["mcnemar"]["p_value"] == pytest.approx(1.0)
@@ -128,8 +152,14 @@ def test_evaluate_model_accepts_a_loaded_pair(tiny_model_readonly, tiny_tokenize
 
 def test_humaneval_sampling_on_tiny_model(tiny_model_readonly, tiny_tokenizer, tmp_path):
     options = EvalOptions(humaneval_samples=2, temperature=0.7, max_new_tokens=4)
-    results = evaluate_model((tiny_model_readonly, tiny_tokenizer), "humaneval", tmp_path, limit=2,
-                             options=options, progress=False)  # fmt: skip
+    results = evaluate_model(
+        (tiny_model_readonly, tiny_tokenizer),
+        "humaneval",
+        tmp_path,
+        limit=2,
+        options=options,
+        progress=False,
+    )
     result = results["humaneval"]
     assert result.n == 2 and result.breakdown["samples"] == 4 and result.score == 0.0
     assert set(result.breakdown["pass_at_k"]) == {"pass@1", "pass@2"}

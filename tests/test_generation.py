@@ -218,9 +218,15 @@ def test_generate_set_regenerates_when_settings_change(
     )
     assert len(calls) == 3, "different demonstrations must regenerate"
     generate_set(
-        tiny_model_readonly, tiny_tokenizer, demos[:2], path, seed=1, do_sample=True,
-        extra_settings={"round": 2}, **settings,
-    )  # fmt: skip
+        tiny_model_readonly,
+        tiny_tokenizer,
+        demos[:2],
+        path,
+        seed=1,
+        do_sample=True,
+        extra_settings={"round": 2},
+        **settings,
+    )
     assert len(calls) == 4, "a different policy tag must regenerate"
 
 

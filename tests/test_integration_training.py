@@ -17,16 +17,25 @@ pytestmark = pytest.mark.integration
 
 def test_embedded_model_takes_gsil_steps(tmp_path):
     model, tokenizer = load_model("smollm2-135m", dtype="float32")
-    demos = load_demonstrations("rg:chain_sum", size=4, seed=0, tokenizer=tokenizer,
-                                max_prompt_length=128)  # fmt: skip
+    demos = load_demonstrations(
+        "rg:chain_sum", size=4, seed=0, tokenizer=tokenizer, max_prompt_length=128
+    )
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
     objective = make_objective("gsil", get_estimator("logistic"), beta=0.1)
     optim = OptimSettings(learning_rate=1e-5, batch_size=2, checkpoint_every=0)
     summary = run_rounds(
-        model, tokenizer, demos, objective, tmp_path, rounds=1, optim=optim,
-        generation=GenerationSettings(max_new_tokens=12, batch_size=4), max_prompt_length=128,
-        max_length=192, seed=0,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        demos,
+        objective,
+        tmp_path,
+        rounds=1,
+        optim=optim,
+        generation=GenerationSettings(max_new_tokens=12, batch_size=4),
+        max_prompt_length=128,
+        max_length=192,
+        seed=0,
+    )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in rows)

@@ -30,9 +30,19 @@ OBJECTIVE = make_objective("gsil", get_estimator("logistic"), beta=0.5)
 
 def run(model, tokenizer, objective, run_dir: Path, resume: bool = False) -> dict:
     return run_rounds(
-        model, tokenizer, tiny_demos(8), objective, run_dir, rounds=2, optim=OPTIM,
-        generation=GENERATION, max_prompt_length=64, max_length=96, seed=2, resume=resume,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        tiny_demos(8),
+        objective,
+        run_dir,
+        rounds=2,
+        optim=OPTIM,
+        generation=GENERATION,
+        max_prompt_length=64,
+        max_length=96,
+        seed=2,
+        resume=resume,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +51,9 @@ def interrupted(tiny_model_readonly, tiny_tokenizer, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("interrupted") / "run"
     with pytest.raises(Interrupt):
         # round 0: 8 objective calls; round 1's step 1: calls 9 and 10, then its checkpoint
-        run(copy.deepcopy(tiny_model_readonly), tiny_tokenizer, interrupting(OBJECTIVE, 10),
-            run_dir)  # fmt: skip
+        run(
+            copy.deepcopy(tiny_model_readonly), tiny_tokenizer, interrupting(OBJECTIVE, 10), run_dir
+        )
     layout = RunLayout(run_dir)
     assert json.loads((layout.checkpoint / "trainer_state.json").read_text())["round"] == 1
     assert not layout.round_summary(1).exists()
@@ -104,8 +115,9 @@ def test_the_intact_run_resumes_and_new_artefacts_carry_records(
 ):
     layout = RunLayout(damaged)
     with caplog.at_level(logging.WARNING):
-        summary = run(copy.deepcopy(tiny_model_readonly), tiny_tokenizer, OBJECTIVE, damaged,
-                      resume=True)  # fmt: skip
+        summary = run(
+            copy.deepcopy(tiny_model_readonly), tiny_tokenizer, OBJECTIVE, damaged, resume=True
+        )
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
     assert "no manifest" not in caplog.text and "no checksum" not in caplog.text
     for artefact in (layout.model(1), layout.reference_logps(1)):
@@ -126,8 +138,9 @@ def test_artefacts_from_before_manifests_load_with_a_warning(
     sidecar.write_text(json.dumps(record))
     generated_before = layout.generated(1).read_bytes()
     with caplog.at_level(logging.WARNING):
-        summary = run(copy.deepcopy(tiny_model_readonly), tiny_tokenizer, OBJECTIVE, damaged,
-                      resume=True)  # fmt: skip
+        summary = run(
+            copy.deepcopy(tiny_model_readonly), tiny_tokenizer, OBJECTIVE, damaged, resume=True
+        )
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
     for what in ("checkpoint", "round model", "reference log-probs"):
         assert f"{what} " in caplog.text and "has no manifest" in caplog.text

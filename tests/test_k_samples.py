@@ -16,17 +16,31 @@ from gsil.generation import GenerationSettings, generate_set, read_generated_set
 from gsil.layout import RunLayout
 from gsil.objectives import make_objective
 
-SAMPLE = dict(max_new_tokens=6, do_sample=True, batch_size=4, seed=3, progress=False,
-              backend="hf", max_prompt_length=64)  # fmt: skip
+SAMPLE = dict(
+    max_new_tokens=6,
+    do_sample=True,
+    batch_size=4,
+    seed=3,
+    progress=False,
+    backend="hf",
+    max_prompt_length=64,
+)
 
 
 def test_batch_layout_puts_k_blocks_of_samples_after_the_demonstrations(tiny_tokenizer):
     prompts = ["p0", "p1", "p2"]
     gens = ["a0", "b0", "a1", "b1", "a2", "b2"]  # prompt-major: response j of prompt i
     mask = [True, True, False, True, True, True]
-    examples = build_examples(tiny_tokenizer, prompts, ["d0", "d1", "d2"], gens,
-                              max_prompt_length=32, max_length=64, num_samples=2,
-                              gen_mask=mask)  # fmt: skip
+    examples = build_examples(
+        tiny_tokenizer,
+        prompts,
+        ["d0", "d1", "d2"],
+        gens,
+        max_prompt_length=32,
+        max_length=64,
+        num_samples=2,
+        gen_mask=mask,
+    )
     assert [len(ex.gen_ids) for ex in examples] == [2, 2, 2]
     assert examples[1].gen_mask == (False, True) and examples[0].gen_mask == (True, True)
     batch = collate(examples, tiny_tokenizer.pad_token_id, with_generations=True)
@@ -38,13 +52,21 @@ def test_batch_layout_puts_k_blocks_of_samples_after_the_demonstrations(tiny_tok
         for j in range(2):
             row = batch["input_ids"][3 + 3 * j + i]
             assert row[: len(ex.prompt_ids) + len(ex.gen_ids[j])].tolist() == [
-                *ex.prompt_ids, *ex.gen_ids[j]
-            ]  # fmt: skip
+                *ex.prompt_ids,
+                *ex.gen_ids[j],
+            ]
     assert batch["gen_mask"].tolist() == [[True, True], [False, True], [True, True]]
     assert batch["gen_token_counts"].tolist() == [[len(g) for g in ex.gen_ids] for ex in examples]
     with pytest.raises(ValueError, match="3 prompts x 2 samples but 5"):
-        build_examples(tiny_tokenizer, prompts, ["d0", "d1", "d2"], gens[:5],
-                       max_prompt_length=32, max_length=64, num_samples=2)  # fmt: skip
+        build_examples(
+            tiny_tokenizer,
+            prompts,
+            ["d0", "d1", "d2"],
+            gens[:5],
+            max_prompt_length=32,
+            max_length=64,
+            num_samples=2,
+        )
 
 
 def test_k_sampled_responses_differ_repeat_with_the_seed_and_are_cached(
@@ -52,8 +74,9 @@ def test_k_sampled_responses_differ_repeat_with_the_seed_and_are_cached(
 ):
     demos = tiny_demos(5)
     path = tmp_path / "a" / "generated.jsonl"
-    responses = generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, num_samples=2,
-                             **SAMPLE)  # fmt: skip
+    responses = generate_set(
+        tiny_model_readonly, tiny_tokenizer, demos, path, num_samples=2, **SAMPLE
+    )
     rows = read_generated_set(path)
     assert len(responses) == len(rows) == 10
     assert [(row["id"], row["sample"]) for row in rows] == [
@@ -63,20 +86,30 @@ def test_k_sampled_responses_differ_repeat_with_the_seed_and_are_cached(
     # each prompt's two samples differ (drawn apart), and a rerun with the seed repeats them
     for i in range(5):
         assert responses[2 * i] != responses[2 * i + 1], demos[i].prompt
-    again = generate_set(tiny_model_readonly, tiny_tokenizer, demos, tmp_path / "b.jsonl",
-                         num_samples=2, **SAMPLE)  # fmt: skip
+    again = generate_set(
+        tiny_model_readonly, tiny_tokenizer, demos, tmp_path / "b.jsonl", num_samples=2, **SAMPLE
+    )
     assert again == responses
-    other_seed = generate_set(tiny_model_readonly, tiny_tokenizer, demos, tmp_path / "c.jsonl",
-                              num_samples=2, **{**SAMPLE, "seed": 4})  # fmt: skip
+    other_seed = generate_set(
+        tiny_model_readonly,
+        tiny_tokenizer,
+        demos,
+        tmp_path / "c.jsonl",
+        num_samples=2,
+        **{**SAMPLE, "seed": 4},
+    )
     assert other_seed != responses
     assert json.loads(settings_path(path).read_text())["settings"]["num_samples"] == 2
 
     calls = []
     real = generation_core.generate_from_ids
-    monkeypatch.setattr(generation_core, "generate_from_ids",
-                        lambda *a, **kw: calls.append(1) or real(*a, **kw))  # fmt: skip
-    assert generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, num_samples=2,
-                        **SAMPLE) == responses  # fmt: skip
+    monkeypatch.setattr(
+        generation_core, "generate_from_ids", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    assert (
+        generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, num_samples=2, **SAMPLE)
+        == responses
+    )
     assert not calls, "the same request (k included) must reuse the file"
     one = generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, num_samples=1, **SAMPLE)
     assert len(calls) == 1 and len(one) == 5, "another k must regenerate"
@@ -89,23 +122,41 @@ def test_more_than_one_sample_needs_sampling(tiny_model_readonly, tiny_tokenizer
     with pytest.raises(ValueError, match=">= 1"):
         GenerationSettings(num_samples=0, do_sample=True)
     with pytest.raises(ValueError, match="do_sample"):
-        generate_set(tiny_model_readonly, tiny_tokenizer, tiny_demos(2), tmp_path / "g.jsonl",
-                     num_samples=2, **{**SAMPLE, "do_sample": False})  # fmt: skip
+        generate_set(
+            tiny_model_readonly,
+            tiny_tokenizer,
+            tiny_demos(2),
+            tmp_path / "g.jsonl",
+            num_samples=2,
+            **{**SAMPLE, "do_sample": False},
+        )
 
 
 @pytest.mark.parametrize("drop_ties", [False, True])
-def test_ties_are_counted_and_dropped_per_response(tiny_model, tiny_tokenizer, tmp_path,
-                                                   monkeypatch, drop_ties):  # fmt: skip
+def test_ties_are_counted_and_dropped_per_response(
+    tiny_model, tiny_tokenizer, tmp_path, monkeypatch, drop_ties
+):
     demos = [Demonstration(prompt=f"q{i}", response=f"r{i}", id=f"d{i}") for i in range(3)]
     # prompt 0: both samples tie; prompt 1: sample 1 ties; prompt 2: none
     fake = [" r0", "r0\n", "x", "r1", "y", "z"]
     monkeypatch.setattr(trainer, "generate_set", lambda *a, **kw: list(fake))
     generation = GenerationSettings(max_new_tokens=4, do_sample=True, num_samples=2)
     data, info = trainer.prepare_round(
-        tiny_model, tiny_tokenizer, demos, make_objective("spin"), RunLayout(tmp_path), 0,
-        generation=generation, seed=0, max_prompt_length=32, max_length=64, batch_size=2,
-        average_logps=False, drop_ties=drop_ties, accelerator=Accelerator(cpu=True),
-    )  # fmt: skip
+        tiny_model,
+        tiny_tokenizer,
+        demos,
+        make_objective("spin"),
+        RunLayout(tmp_path),
+        0,
+        generation=generation,
+        seed=0,
+        max_prompt_length=32,
+        max_length=64,
+        batch_size=2,
+        average_logps=False,
+        drop_ties=drop_ties,
+        accelerator=Accelerator(cpu=True),
+    )
     assert info["ties"] == 3
     assert data.ref_gen_logps.shape == (len(data.examples), 2)
     if not drop_ties:
@@ -114,8 +165,10 @@ def test_ties_are_counted_and_dropped_per_response(tiny_model, tiny_tokenizer, t
     assert info["num_trained"] == 2 and data.ids == ["d1", "d2"]
     assert [ex.gen_mask for ex in data.examples] == [(True, False), (True, True)]
     kept = [ex.gen_ids[0] for ex in data.examples]
-    assert kept == [tuple(tiny_tokenizer("x")["input_ids"]) + (tiny_tokenizer.eos_token_id,),
-                    tuple(tiny_tokenizer("y")["input_ids"]) + (tiny_tokenizer.eos_token_id,)]  # fmt: skip
+    assert kept == [
+        tuple(tiny_tokenizer("x")["input_ids"]) + (tiny_tokenizer.eos_token_id,),
+        tuple(tiny_tokenizer("y")["input_ids"]) + (tiny_tokenizer.eos_token_id,),
+    ]
 
 
 # --------------------------------------------------------------------------- one round, k = 2
@@ -129,8 +182,14 @@ def cli_inputs(tiny_model, tiny_tokenizer, tmp_path):
 
     model_dir = save_model(tiny_model, tiny_tokenizer, tmp_path / "tiny-model")
     demos = [Demonstration(prompt=f"double {i}", response=f"{2 * i}", id=str(i)) for i in range(6)]
-    drawn = generate_set(tiny_model, tiny_tokenizer, demos, tmp_path / "drawn.jsonl",
-                         num_samples=2, **{**SAMPLE, "seed": 0})  # fmt: skip
+    drawn = generate_set(
+        tiny_model,
+        tiny_tokenizer,
+        demos,
+        tmp_path / "drawn.jsonl",
+        num_samples=2,
+        **{**SAMPLE, "seed": 0},
+    )
     answers = [d.response for d in demos]
     answers[1], answers[4] = drawn[2 * 1 + 1], drawn[2 * 4 + 0]  # sample 1 of 1, sample 0 of 4
     assert all(answer.strip() for answer in answers)
@@ -145,14 +204,48 @@ def test_one_round_with_two_samples_per_prompt(method, cli_inputs, tmp_path):
     from experiments.run import main
 
     model_dir, data = cli_inputs
-    summary = main([
-        "--model", str(model_dir), "--data", str(data), "--prompt-field", "question",
-        "--response-field", "answer", "--num-demos", "6", "--batch-size", "6", "--epochs", "4",
-        "--max-new-tokens", "6", "--max-prompt-length", "64", "--max-length", "96",
-        "--gen-batch-size", "4", "--output-dir", str(tmp_path / "runs"), "--name", method,
-        "--lr", "1e-2", "--beta", "0.5", "--checkpoint-every", "0", "--method", method,
-        "--num-samples", "2", "--do-sample", "--drop-ties",
-    ])  # fmt: skip
+    summary = main(
+        [
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--prompt-field",
+            "question",
+            "--response-field",
+            "answer",
+            "--num-demos",
+            "6",
+            "--batch-size",
+            "6",
+            "--epochs",
+            "4",
+            "--max-new-tokens",
+            "6",
+            "--max-prompt-length",
+            "64",
+            "--max-length",
+            "96",
+            "--gen-batch-size",
+            "4",
+            "--output-dir",
+            str(tmp_path / "runs"),
+            "--name",
+            method,
+            "--lr",
+            "1e-2",
+            "--beta",
+            "0.5",
+            "--checkpoint-every",
+            "0",
+            "--method",
+            method,
+            "--num-samples",
+            "2",
+            "--do-sample",
+            "--drop-ties",
+        ]
+    )
     run_dir = tmp_path / "runs" / method
     assert json.loads((run_dir / "config.json").read_text())["generation"]["num_samples"] == 2
     rows = read_generated_set(run_dir / "round_0" / "generated.jsonl")

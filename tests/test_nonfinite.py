@@ -103,9 +103,18 @@ def poisoned_ids(run_dir: Path, ref_values: list[float]) -> list[str]:
 
 def run(model, tokenizer, objective, run_dir: Path, **overrides):
     return run_rounds(
-        model, tokenizer, tiny_demos(8), objective, run_dir, rounds=1, optim=optim(**overrides),
-        generation=GENERATION, max_prompt_length=64, max_length=96, seed=1,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        tiny_demos(8),
+        objective,
+        run_dir,
+        rounds=1,
+        optim=optim(**overrides),
+        generation=GENERATION,
+        max_prompt_length=64,
+        max_length=96,
+        seed=1,
+    )
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -171,11 +180,24 @@ def test_skip_of_the_first_step_equals_a_run_without_its_update(
     # RMSprop from zero state with a zero gradient leaves weights and state as they were, so a
     # run whose step 1 has zero loss is a run that never saw step 1's update
     skipped = Poisoned(gsil(), [1], "nan", tmp_path / "skip")
-    run(copy.deepcopy(tiny_model_readonly), tiny_tokenizer, skipped.objective, tmp_path / "skip",
-        on_nonfinite="skip", optimizer="rmsprop", warmup_steps=1)  # fmt: skip
+    run(
+        copy.deepcopy(tiny_model_readonly),
+        tiny_tokenizer,
+        skipped.objective,
+        tmp_path / "skip",
+        on_nonfinite="skip",
+        optimizer="rmsprop",
+        warmup_steps=1,
+    )
     zeroed = Poisoned(gsil(), [1, 2], "zero", tmp_path / "zero")
-    run(copy.deepcopy(tiny_model_readonly), tiny_tokenizer, zeroed.objective, tmp_path / "zero",
-        optimizer="rmsprop", warmup_steps=1)  # fmt: skip
+    run(
+        copy.deepcopy(tiny_model_readonly),
+        tiny_tokenizer,
+        zeroed.objective,
+        tmp_path / "zero",
+        optimizer="rmsprop",
+        warmup_steps=1,
+    )
     rows, reference = metrics(tmp_path / "skip"), metrics(tmp_path / "zero")
     assert [m["skipped"] for m in rows] == [1, 0, 0, 0]
     assert [m["skipped"] for m in reference] == [0] * STEPS
@@ -194,12 +216,18 @@ def test_skip_of_the_last_step_keeps_the_weights_before_it(
     last_call = 2 * STEPS
     stopped = Poisoned(gsil(), [last_call], kind, tmp_path / "stop")
     with pytest.raises(NonFiniteError):
-        run(copy.deepcopy(tiny_model_readonly), tiny_tokenizer, stopped.objective,
-            tmp_path / "stop")  # fmt: skip
+        run(
+            copy.deepcopy(tiny_model_readonly), tiny_tokenizer, stopped.objective, tmp_path / "stop"
+        )
     before = load_file(str(tmp_path / "stop" / "checkpoint" / "model.safetensors"))
     skipped = Poisoned(gsil(), [last_call], kind, tmp_path / "skip")
-    run(copy.deepcopy(tiny_model_readonly), tiny_tokenizer, skipped.objective, tmp_path / "skip",
-        on_nonfinite="skip")  # fmt: skip
+    run(
+        copy.deepcopy(tiny_model_readonly),
+        tiny_tokenizer,
+        skipped.objective,
+        tmp_path / "skip",
+        on_nonfinite="skip",
+    )
     assert [m["skipped"] for m in metrics(tmp_path / "skip")] == [0, 0, 0, 1]
     final = load_file(str(tmp_path / "skip" / "round_0" / "model" / "model.safetensors"))
     assert_same({k: final[k] for k in before}, before)
@@ -273,10 +301,19 @@ def _two_process_main(out: str) -> None:
         result = {"ids": None}
         try:
             run_rounds(
-                model, tokenizer, tiny_demos(4), poisoned.objective, run_dir, rounds=1,
-                optim=optim(batch_size=1, on_nonfinite=mode), generation=GENERATION,
-                max_prompt_length=64, max_length=96, seed=1, accelerator=accelerator,
-            )  # fmt: skip
+                model,
+                tokenizer,
+                tiny_demos(4),
+                poisoned.objective,
+                run_dir,
+                rounds=1,
+                optim=optim(batch_size=1, on_nonfinite=mode),
+                generation=GENERATION,
+                max_prompt_length=64,
+                max_length=96,
+                seed=1,
+                accelerator=accelerator,
+            )
         except NonFiniteError as error:
             result.update(ids=error.example_ids, message=str(error))
         result.update(poisoned_refs=poisoned.ref_values, weights=_weights_sha256(model))

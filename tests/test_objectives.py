@@ -162,8 +162,9 @@ def test_gsil_and_spin_average_over_k_samples_like_a_loop(masked):
     gen_mask = mask if masked else None
     beta, shift = 0.2, 0.5
     estimator = get_estimator("logistic")
-    gsil, gsil_stats = gsil_loss(policy_demo, policy_gen, ref_demo, ref_gen, estimator, beta,
-                                 shift, gen_mask)  # fmt: skip
+    gsil, gsil_stats = gsil_loss(
+        policy_demo, policy_gen, ref_demo, ref_gen, estimator, beta, shift, gen_mask
+    )
     spin, spin_stats = spin_loss(policy_demo, policy_gen, ref_demo, ref_gen, beta, gen_mask)
     for i in range(4):
         samples = [j for j in range(3) if not masked or mask[i, j]]
@@ -171,12 +172,20 @@ def test_gsil_and_spin_average_over_k_samples_like_a_loop(masked):
         gen_parts, pairs, wins, rejected = [], [], [], []
         for j in samples:  # one sample at a time, through the one-sample functions
             one = slice(i, i + 1)
-            loss, stats = gsil_loss(policy_demo[one], policy_gen[one, j], ref_demo[one],
-                                    ref_gen[one, j], estimator, beta, shift)  # fmt: skip
+            loss, stats = gsil_loss(
+                policy_demo[one],
+                policy_gen[one, j],
+                ref_demo[one],
+                ref_gen[one, j],
+                estimator,
+                beta,
+                shift,
+            )
             demo_part = stats["loss/chosen"]
             gen_parts.append(stats["loss/rejected"])
-            pair, pair_stats = spin_loss(policy_demo[one], policy_gen[one, j], ref_demo[one],
-                                         ref_gen[one, j], beta)  # fmt: skip
+            pair, pair_stats = spin_loss(
+                policy_demo[one], policy_gen[one, j], ref_demo[one], ref_gen[one, j], beta
+            )
             pairs.append(pair)
             wins.append(pair_stats["rewards/accuracies"])
             rejected.append(pair_stats["rewards/rejected"])
@@ -211,8 +220,14 @@ def test_objective_passes_a_mask_only_when_it_leaves_something_out():
     objective = Objective("probe", fn, True, True)
     policy_demo, policy_gen, ref_demo, ref_gen = k_sample_logps()
     counts = torch.ones(4)
-    objective(policy_demo, policy_gen, ref_demo, ref_gen, counts,
-              gen_mask=torch.ones(4, 3, dtype=torch.bool))  # fmt: skip
+    objective(
+        policy_demo,
+        policy_gen,
+        ref_demo,
+        ref_gen,
+        counts,
+        gen_mask=torch.ones(4, 3, dtype=torch.bool),
+    )
     partial = torch.ones(4, 3, dtype=torch.bool)
     partial[0, 0] = False
     objective(policy_demo, policy_gen, ref_demo, ref_gen, counts, gen_mask=partial)

@@ -76,8 +76,9 @@ def test_the_assumed_discordance_from_accuracy_before_results_exist():
     assert float((np.abs(z) > Z_ALPHA).mean()) == pytest.approx(0.8, abs=0.03)
     # positively correlated systems disagree less: the assumed MDE is then conservative
     correlated_discordance = 0.25  # < 2 p (1 - p) = 0.5
-    power, _ = simulate_power(rng, n, (correlated_discordance + delta) / 2,
-                              (correlated_discordance - delta) / 2)  # fmt: skip
+    power, _ = simulate_power(
+        rng, n, (correlated_discordance + delta) / 2, (correlated_discordance - delta) / 2
+    )
     assert power > 0.95
     observed = detectable_difference(n, discordance=correlated_discordance)
     assert observed.difference < planned.difference and observed.assumption == "observed"

@@ -24,10 +24,18 @@ def test_rounding_makes_every_weight_bf16_representable_and_is_idempotent(tiny_m
 
 def test_identical_share_counts_equal_completions(tmp_path):
     a, b = tmp_path / "a.records.jsonl", tmp_path / "b.records.jsonl"
-    a.write_text("".join(json.dumps({"id": i, "completion": c, "score": 1}) + "\n"
-                         for i, c in [("x", "1"), ("y", "2"), ("z", "3")]))  # fmt: skip
-    b.write_text("".join(json.dumps({"id": i, "completion": c, "score": 1}) + "\n"
-                         for i, c in [("x", "1"), ("y", "0"), ("z", "3")]))  # fmt: skip
+    a.write_text(
+        "".join(
+            json.dumps({"id": i, "completion": c, "score": 1}) + "\n"
+            for i, c in [("x", "1"), ("y", "2"), ("z", "3")]
+        )
+    )
+    b.write_text(
+        "".join(
+            json.dumps({"id": i, "completion": c, "score": 1}) + "\n"
+            for i, c in [("x", "1"), ("y", "0"), ("z", "3")]
+        )
+    )
     assert identical_share(a, b) == {"identical": 2, "n": 3, "share": 2 / 3}
 
 
@@ -36,8 +44,21 @@ def test_precision_compares_rounded_weights_with_fp32_on_the_same_items(
 ):
     model_dir = save_model(tiny_model_readonly, tiny_tokenizer, tmp_path / "model")
     out = tmp_path / "precision"
-    summary = main(["--model", str(model_dir), "--out", str(out), "--limit", "3",
-                    "--max-new-tokens", "4", "--backend", "hf", "--no-bf16-compute"])  # fmt: skip
+    summary = main(
+        [
+            "--model",
+            str(model_dir),
+            "--out",
+            str(out),
+            "--limit",
+            "3",
+            "--max-new-tokens",
+            "4",
+            "--backend",
+            "hf",
+            "--no-bf16-compute",
+        ]
+    )
     assert set(summary["variants"]) == {"bf16-weights"}
     variant = summary["variants"]["bf16-weights"]
     fp32 = json.loads((out / "fp32" / "reasoning.json").read_text())

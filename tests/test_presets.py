@@ -39,14 +39,24 @@ def test_paper_zephyr_preset_is_the_papers_setting():
     assert config.model.name_or_path == "alignment-handbook/zephyr-7b-sft-full"
     assert config.model.precision == "bf16"
     assert (config.data.source, config.data.split, config.data.response_field) == (
-        "HuggingFaceH4/ultrafeedback_binarized", "train_prefs", "chosen")  # fmt: skip
+        "HuggingFaceH4/ultrafeedback_binarized",
+        "train_prefs",
+        "chosen",
+    )
     assert (config.data.max_length, config.data.max_prompt_length, config.data.num_demos) == (
-        1024, 512, None)  # fmt: skip
+        1024,
+        512,
+        None,
+    )
     goal = config.objective
     assert (goal.method, goal.loss, goal.beta, goal.shift) == ("gsil", "logistic", 0.01, 2.0)
     optim = config.optim
     assert (optim.optimizer, optim.learning_rate, optim.warmup_steps, optim.epochs) == (
-        "rmsprop", 5e-7, 30, 1)  # fmt: skip
+        "rmsprop",
+        5e-7,
+        30,
+        1,
+    )
     assert (optim.batch_size, optim.grad_accum, optim.gradient_checkpointing) == (16, 2, True)
     gen = config.generation
     assert (gen.max_new_tokens, gen.do_sample, gen.backend) == (256, False, "vllm")
@@ -71,9 +81,28 @@ def test_paper_zephyr_dry_run_plan(capsys, nothing_loads):
     assert estimate["wall_hours"] == pytest.approx(estimate["gpu_hours"] / 4, abs=0.06)
 
 
-SMALL_RUN = ["--model", "smollm2-135m", "--data", "rg:chain_sum", "--num-demos", "10",
-             "--batch-size", "2", "--grad-accum", "2", "--epochs", "2", "--rounds", "2",
-             "--max-prompt-length", "20", "--max-length", "30", "--max-new-tokens", "4"]  # fmt: skip
+SMALL_RUN = [
+    "--model",
+    "smollm2-135m",
+    "--data",
+    "rg:chain_sum",
+    "--num-demos",
+    "10",
+    "--batch-size",
+    "2",
+    "--grad-accum",
+    "2",
+    "--epochs",
+    "2",
+    "--rounds",
+    "2",
+    "--max-prompt-length",
+    "20",
+    "--max-length",
+    "30",
+    "--max-new-tokens",
+    "4",
+]
 
 
 @pytest.mark.parametrize(
@@ -101,8 +130,11 @@ def test_dry_run_counts_steps_and_tokens_by_hand(
     assert plan["prompts_per_optimizer_step"] == 4
     assert plan["optimizer_steps"] == 12
     assert plan["generated_responses"] == responses
-    assert plan["tokens"] == {"trained": trained, "reference_pass": reference,
-                              "generated": generated}  # fmt: skip
+    assert plan["tokens"] == {
+        "trained": trained,
+        "reference_pass": reference,
+        "generated": generated,
+    }
 
 
 @pytest.mark.parametrize("demos", [1, 7, 10, 13, 24])
@@ -114,8 +146,16 @@ def test_planned_steps_are_the_trainers_steps(demos, processes):
     6 + 4, one step with accumulation 2."""
     from gsil.optimization import plan_steps
 
-    config = from_dict({"model": "smollm2-135m", "data": "rg:chain_sum", "num_demos": demos,
-                        "batch_size": 2, "grad_accum": 2, "method": "sft"})  # fmt: skip
+    config = from_dict(
+        {
+            "model": "smollm2-135m",
+            "data": "rg:chain_sum",
+            "num_demos": demos,
+            "batch_size": 2,
+            "grad_accum": 2,
+            "method": "sft",
+        }
+    )
     plan = plan_run(config, processes=processes)
     trainer_steps = plan_steps(range(demos), 2, 2, processes, 0)
     assert plan["optimizer_steps"] == len(trainer_steps)
@@ -172,24 +212,39 @@ def test_pipeline_flags_override_every_stage(tmp_path):
     assert pipeline.evaluate.limit == 8
 
 
-def test_tiny_pipeline_trains_evaluates_reports_and_skips(tmp_path, tiny_model, tiny_tokenizer,
-                                                          monkeypatch):  # fmt: skip
+def test_tiny_pipeline_trains_evaluates_reports_and_skips(
+    tmp_path, tiny_model, tiny_tokenizer, monkeypatch
+):
     model_dir = save_model(tiny_model, tiny_tokenizer, tmp_path / "tiny")
     preset = tmp_path / "tiny.json"
-    preset.write_text(json.dumps({
-        "pipeline": "tiny",
-        "base": tiny_pipeline_base(model_dir),
-        "stages": [
-            {"name": "sft", "method": "sft"},
-            {"name": "sft-continued", "init_from": "sft", "method": "sft", "rounds": 2},
-            {"name": "spin", "init_from": "sft", "method": "spin", "rounds": 2},
-            {"name": "gsil-logistic", "init_from": "sft", "method": "gsil", "rounds": 2,
-             "share_round0_generations": "spin"},
-        ],
-        "evaluate": {"runs": ["sft-continued", "spin", "gsil-logistic"],
-                     "benchmarks": ["reasoning"], "limit": 2, "max_new_tokens": 4,
-                     "batch_size": 4, "baseline": "sft-continued"},
-    }))  # fmt: skip
+    preset.write_text(
+        json.dumps(
+            {
+                "pipeline": "tiny",
+                "base": tiny_pipeline_base(model_dir),
+                "stages": [
+                    {"name": "sft", "method": "sft"},
+                    {"name": "sft-continued", "init_from": "sft", "method": "sft", "rounds": 2},
+                    {"name": "spin", "init_from": "sft", "method": "spin", "rounds": 2},
+                    {
+                        "name": "gsil-logistic",
+                        "init_from": "sft",
+                        "method": "gsil",
+                        "rounds": 2,
+                        "share_round0_generations": "spin",
+                    },
+                ],
+                "evaluate": {
+                    "runs": ["sft-continued", "spin", "gsil-logistic"],
+                    "benchmarks": ["reasoning"],
+                    "limit": 2,
+                    "max_new_tokens": 4,
+                    "batch_size": 4,
+                    "baseline": "sft-continued",
+                },
+            }
+        )
+    )
     argv = ["--preset", str(preset), "--output-dir", str(tmp_path / "runs")]
     outcome = experiments.run.main(argv)
     root = tmp_path / "runs" / "tiny"

@@ -20,8 +20,10 @@ N = 200
 def make_run(root: Path, name: str, method: str, scores: list[int], rounds: int = 2, **cfg):
     """A finished run with metrics and a reasoning evaluation of its last round."""
     run = root / name
-    write_json(run / "config.json", {"method": method, "loss": cfg.get("loss", "logistic"),
-                                     "seed": cfg.get("seed", 0)})  # fmt: skip
+    write_json(
+        run / "config.json",
+        {"method": method, "loss": cfg.get("loss", "logistic"), "seed": cfg.get("seed", 0)},
+    )
     round_summaries = [
         {"round": r, "global_step": 4 * (r + 1), "ties": 3 + r} for r in range(rounds)
     ]
@@ -31,11 +33,14 @@ def make_run(root: Path, name: str, method: str, scores: list[int], rounds: int 
         for s in range(4 * rounds)
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    records = [{"id": f"item{i}", "prompt": "p", "completion": "c", "score": float(s)}
-               for i, s in enumerate(scores)]  # fmt: skip
+    records = [
+        {"id": f"item{i}", "prompt": "p", "completion": "c", "score": float(s)}
+        for i, s in enumerate(scores)
+    ]
     correct = sum(scores)
-    result = BenchmarkResult("reasoning", "accuracy", correct / N, N,
-                             list(proportion_interval(correct, N)), "wilson")  # fmt: skip
+    result = BenchmarkResult(
+        "reasoning", "accuracy", correct / N, N, list(proportion_interval(correct, N)), "wilson"
+    )
     write_result(result, records, run / f"round_{rounds - 1}" / "eval")
     (run / f"round_{rounds - 1}" / "model").mkdir()
     write_json(run / f"round_{rounds - 1}" / "model" / "config.json", {"model_type": "llama"})
@@ -92,8 +97,12 @@ def test_experiment_figures(tmp_path, capsys):
     root = make_experiment(tmp_path / "exp")
     paths = draw(tmp_path / "figs", runs_dir=root)
     names = sorted(p.name for p in paths)
-    assert names == ["experiments_scores.pdf", "experiments_scores.png",
-                     "experiments_training.pdf", "experiments_training.png"]  # fmt: skip
+    assert names == [
+        "experiments_scores.pdf",
+        "experiments_scores.png",
+        "experiments_training.pdf",
+        "experiments_training.png",
+    ]
     assert all(p.stat().st_size > 0 for p in paths)
     numbers = json.loads((tmp_path / "figs" / "experiments.json").read_text())
     assert numbers["scores"]["reasoning"]["gsil-logistic"][0][0] == 2  # after 2 rounds
@@ -184,8 +193,9 @@ def test_experiment_figures_draw_seeds_and_their_mean(tmp_path):
     ((x, mean, (low, high), count),) = reasoning["spin (mean over seeds)"]
     # scores 0.37, 0.45, 0.53: mean 0.45, sd 0.08, t(0.975, df 2) = 4.303
     assert (x, count) == (2, 3) and mean == pytest.approx(0.45)
-    assert (low, high) == pytest.approx((0.45 - 4.303 * 0.08 / 3**0.5, 0.45 + 4.303 * 0.08 / 3**0.5),
-                                        abs=1e-4)  # fmt: skip
+    assert (low, high) == pytest.approx(
+        (0.45 - 4.303 * 0.08 / 3**0.5, 0.45 + 4.303 * 0.08 / 3**0.5), abs=1e-4
+    )
     assert "sft-continued (mean over seeds)" in reasoning
 
 
@@ -193,9 +203,13 @@ def test_the_verdict_claims_only_what_its_interval_supports():
     from gsil.evaluation.results import detectable_difference
 
     def summary(across, pooled, seeds=3):
-        return {"baseline": "b", "seeds": [{}] * seeds, "across_interval": across,
-                "pooled": {"interval": pooled},
-                "mde": detectable_difference(600, discordance=0.2)}  # fmt: skip
+        return {
+            "baseline": "b",
+            "seeds": [{}] * seeds,
+            "across_interval": across,
+            "pooled": {"interval": pooled},
+            "mde": detectable_difference(600, discordance=0.2),
+        }
 
     # one seed: the paired interval decides, and seed-to-seed variation is said unmeasured
     one = report.verdict(summary(None, [0.01, 0.05], seeds=1))
@@ -205,9 +219,11 @@ def test_the_verdict_claims_only_what_its_interval_supports():
     assert "under 5.1 points" in none  # 2.8 sqrt(0.2 / 600)
     # several seeds: the interval across seeds decides, whatever the pooled test says
     assert report.verdict(summary([-0.04, -0.01], [-0.03, 0.01])).startswith(
-        "lower than b across 3 seeds")  # fmt: skip
+        "lower than b across 3 seeds"
+    )
     assert "pooled item-level interval contains 0" in report.verdict(
-        summary([0.01, 0.04], [-0.01, 0.05]))  # fmt: skip
+        summary([0.01, 0.04], [-0.01, 0.05])
+    )
     split = report.verdict(summary([-0.01, 0.09], [0.02, 0.06]))
     assert split.startswith("no difference resolved across 3 seeds") and "higher" not in split
     assert "would likely be missed" not in split  # the pooled test did see it
@@ -227,25 +243,30 @@ def test_partial_credit_scores_get_the_paired_z_test_mde(tmp_path):
     md_path, _, methods_path = report.write_report([root], root)
     (spin,) = csv.DictReader(methods_path.open())
     assert spin["mcnemar_p"] == "" and spin["mde"] != ""
-    differences = np.concatenate([
-        np.r_[np.ones(more), np.zeros(199 - more), 0.5] for more in (4, 10, 16)
-    ])  # fmt: skip
+    differences = np.concatenate(
+        [np.r_[np.ones(more), np.zeros(199 - more), 0.5] for more in (4, 10, 16)]
+    )
     expected = paired_detectable_difference(600, float(np.std(differences, ddof=1)))
     assert float(spin["mde"]) == pytest.approx(expected)
-    table = next(line for line in md_path.read_text().splitlines()
-                 if line.startswith("| spin | reasoning |"))  # fmt: skip
+    table = next(
+        line for line in md_path.read_text().splitlines() if line.startswith("| spin | reasoning |")
+    )
     assert "SD of paired differences" in table and "paired z-test" in table
 
 
 def test_the_report_states_the_evaluation_dtype_and_flags_a_mix(tmp_path):
     root = make_experiment(tmp_path / "exp")
     for name in ("sft-continued", "spin", "gsil-logistic"):
-        write_json(root / name / "round_1" / "eval" / "request.json",
-                   {"reasoning": {"limit": 100, "dtype": "float32"}})  # fmt: skip
+        write_json(
+            root / name / "round_1" / "eval" / "request.json",
+            {"reasoning": {"limit": 100, "dtype": "float32"}},
+        )
     md_path, _, _ = report.write_report([root], root)
     assert "Evaluated in float32 (reasoning; each run's eval/request.json)." in md_path.read_text()
-    write_json(root / "spin" / "round_1" / "eval" / "request.json",
-               {"reasoning": {"limit": 100, "dtype": "bfloat16"}})  # fmt: skip
+    write_json(
+        root / "spin" / "round_1" / "eval" / "request.json",
+        {"reasoning": {"limit": 100, "dtype": "bfloat16"}},
+    )
     md_path, _, _ = report.write_report([root], root)
     text = md_path.read_text()
     assert "Evaluated in different precisions" in text

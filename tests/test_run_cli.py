@@ -21,12 +21,36 @@ def tiny_run_inputs(tiny_model, tiny_tokenizer, tmp_path):
 
 def run_args(model_dir, data, out, *extra):
     return [
-        "--model", str(model_dir), "--data", str(data), "--prompt-field", "question",
-        "--response-field", "answer", "--num-demos", "6", "--batch-size", "2",
-        "--max-new-tokens", "6", "--max-prompt-length", "64", "--max-length", "96",
-        "--output-dir", str(out), "--name", "tiny", "--lr", "1e-2", "--gen-batch-size", "4",
-        "--checkpoint-every", "0", *extra,
-    ]  # fmt: skip
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--prompt-field",
+        "question",
+        "--response-field",
+        "answer",
+        "--num-demos",
+        "6",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--max-prompt-length",
+        "64",
+        "--max-length",
+        "96",
+        "--output-dir",
+        str(out),
+        "--name",
+        "tiny",
+        "--lr",
+        "1e-2",
+        "--gen-batch-size",
+        "4",
+        "--checkpoint-every",
+        "0",
+        *extra,
+    ]
 
 
 def test_run_writes_config_metrics_rounds_and_summary(tiny_run_inputs, tmp_path):
@@ -63,8 +87,11 @@ def test_resume_refuses_a_changed_configuration(tiny_run_inputs, tmp_path):
     model_dir, data = tiny_run_inputs
     main(run_args(model_dir, data, tmp_path / "runs", "--method", "sft"))
     with pytest.raises(SystemExit, match="differs"):
-        main(run_args(model_dir, data, tmp_path / "runs", "--method", "sft", "--lr", "1.0",
-                      "--resume"))  # fmt: skip
+        main(
+            run_args(
+                model_dir, data, tmp_path / "runs", "--method", "sft", "--lr", "1.0", "--resume"
+            )
+        )
     with pytest.raises(SystemExit, match="nothing to resume"):
         main(run_args(model_dir, data, tmp_path / "other", "--resume"))
 
@@ -73,9 +100,26 @@ def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     text = capsys.readouterr().out
-    for flag in ["--model", "--data", "--method", "--loss", "--gamma", "--beta", "--shift",
-                 "--rounds", "--epochs", "--lr", "--batch-size", "--max-length", "--num-demos",
-                 "--seed", "--output-dir", "--generator", "--lora-rank", "--resume"]:  # fmt: skip
+    for flag in [
+        "--model",
+        "--data",
+        "--method",
+        "--loss",
+        "--gamma",
+        "--beta",
+        "--shift",
+        "--rounds",
+        "--epochs",
+        "--lr",
+        "--batch-size",
+        "--max-length",
+        "--num-demos",
+        "--seed",
+        "--output-dir",
+        "--generator",
+        "--lora-rank",
+        "--resume",
+    ]:
         assert flag in text
 
 

@@ -48,12 +48,35 @@ def tiny_model_dir(tmp_path, tiny_model, tiny_tokenizer):
 
 def _argv(model_dir, out_dir, *extra):
     return [
-        "--sweep", "loss=logistic,brier", "seed=0,1",
-        "--model", str(model_dir), "--data", "rg:chain_sum", "--num-demos", "2",
-        "--batch-size", "2", "--max-prompt-length", "400", "--max-length", "440",
-        "--max-new-tokens", "4", "--gen-batch-size", "2", "--checkpoint-every", "0",
-        "--precision", "fp32", "--output-dir", str(out_dir), "--name", "t", *extra,
-    ]  # fmt: skip
+        "--sweep",
+        "loss=logistic,brier",
+        "seed=0,1",
+        "--model",
+        str(model_dir),
+        "--data",
+        "rg:chain_sum",
+        "--num-demos",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-prompt-length",
+        "400",
+        "--max-length",
+        "440",
+        "--max-new-tokens",
+        "4",
+        "--gen-batch-size",
+        "2",
+        "--checkpoint-every",
+        "0",
+        "--precision",
+        "fp32",
+        "--output-dir",
+        str(out_dir),
+        "--name",
+        "t",
+        *extra,
+    ]
 
 
 def test_interrupted_sweep_reruns_only_missing_runs(tmp_path, tiny_model_dir, monkeypatch):
@@ -133,8 +156,16 @@ def test_validation_items_never_meet_train_or_test_items():
 def test_select_settings_picks_the_best_mean_over_seeds_per_method():
     sweep_values = {"method": ["spin", "gsil"], "lr": [1e-5, 1e-4], "seed": [0, 1]}
     # validation scores in sweep order (method, lr, seed)
-    scores = [0.10, 0.30,  0.25, 0.25,   # spin: lr 1e-5 mean 0.20, lr 1e-4 mean 0.25
-              0.40, 0.40,  0.10, 0.70]  # gsil: both means 0.40 -> the first listed wins  # fmt: skip
+    scores = [
+        0.10,
+        0.30,
+        0.25,
+        0.25,  # spin: lr 1e-5 mean 0.20, lr 1e-4 mean 0.25
+        0.40,
+        0.40,
+        0.10,
+        0.70,
+    ]  # gsil: both means 0.40 -> the first listed wins
     done = [{"validation": {"score": s}} for s in scores]
     selection = sweep.select_settings([None] * len(done), done, sweep_values)
     assert selection["tuned"] == ["lr"]
@@ -147,12 +178,34 @@ def test_select_settings_picks_the_best_mean_over_seeds_per_method():
 def test_sweep_selects_on_validation_items_only(tmp_path, tiny_model_dir):
     out = tmp_path / "runs"
     argv = [
-        "--sweep", "method=sft", "lr=1e-3,1e-2",
-        "--model", str(tiny_model_dir), "--data", "rg:chain_sum", "--num-demos", "2",
-        "--batch-size", "2", "--max-prompt-length", "400", "--max-length", "440",
-        "--checkpoint-every", "0", "--precision", "fp32", "--output-dir", str(out),
-        "--name", "sel", "--select-on", "validation", "--select-limit", "2",
-    ]  # fmt: skip
+        "--sweep",
+        "method=sft",
+        "lr=1e-3,1e-2",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        "rg:chain_sum",
+        "--num-demos",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-prompt-length",
+        "400",
+        "--max-length",
+        "440",
+        "--checkpoint-every",
+        "0",
+        "--precision",
+        "fp32",
+        "--output-dir",
+        str(out),
+        "--name",
+        "sel",
+        "--select-on",
+        "validation",
+        "--select-limit",
+        "2",
+    ]
     done = sweep.main(argv)
     assert [d["validation"]["n"] for d in done] == [2, 2]
     root = out / "sweep-sel"

@@ -71,8 +71,9 @@ def assert_tensorboard_has_every_metric(run_dir: Path) -> None:
     scalars = read_scalars(run_dir)
     assert rows
     for key in {key for row in rows for key in row}:
-        expected = [(row["step"], row[key]) for row in rows
-                    if isinstance(row.get(key), int | float)]  # fmt: skip
+        expected = [
+            (row["step"], row[key]) for row in rows if isinstance(row.get(key), int | float)
+        ]
         assert key in scalars, f"{key} is in metrics.jsonl but not in TensorBoard"
         logged = scalars[key]
         assert [step for step, _ in logged] == [step for step, _ in expected], key
@@ -90,13 +91,29 @@ def gsil_objective():
 def train(run_dir: Path, model, tokenizer, objective=None, resume: bool = False, **optim):
     accelerator = make_accelerator(report_to=["tensorboard"], project_dir=run_dir)
     tracking.start_trackers(accelerator, PROJECT, CONFIG, resume=resume)
-    settings = {"learning_rate": 1e-2, "epochs": 2, "batch_size": 2, "grad_accum": 2,
-                "checkpoint_every": 1, **optim}  # fmt: skip
+    settings = {
+        "learning_rate": 1e-2,
+        "epochs": 2,
+        "batch_size": 2,
+        "grad_accum": 2,
+        "checkpoint_every": 1,
+        **optim,
+    }
     return run_rounds(
-        model, tokenizer, tiny_demos(8), objective or gsil_objective(), run_dir, rounds=2,
-        optim=OptimSettings(**settings), generation=GENERATION, max_prompt_length=64,
-        max_length=96, seed=0, resume=resume, accelerator=accelerator,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        tiny_demos(8),
+        objective or gsil_objective(),
+        run_dir,
+        rounds=2,
+        optim=OptimSettings(**settings),
+        generation=GENERATION,
+        max_prompt_length=64,
+        max_length=96,
+        seed=0,
+        resume=resume,
+        accelerator=accelerator,
+    )
 
 
 def test_tensorboard_files_hold_every_metric_and_the_hparams(tiny_model, tiny_tokenizer, tmp_path):
@@ -105,8 +122,17 @@ def test_tensorboard_files_hold_every_metric_and_the_hparams(tiny_model, tiny_to
     rows = read_metrics(run_dir)
     assert [row["step"] for row in rows] == list(range(1, 9))
     # TRL's names for the same quantities, fractional epochs within each round
-    for key in ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                "logps/chosen", "logps/rejected", "learning_rate", "grad_norm", "loss"]:  # fmt: skip
+    for key in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "learning_rate",
+        "grad_norm",
+        "loss",
+    ]:
         assert key in rows[0], key
     assert [row["epoch"] for row in rows[:4]] == [0.5, 1.0, 1.5, 2.0]
     assert_tensorboard_has_every_metric(run_dir)
@@ -128,13 +154,24 @@ def test_resumed_run_keeps_one_tensorboard_value_per_step(
     # 2 micro-batches a step, 4 steps a round: round 1 checkpoints after step 6, logs step 7
     # and stops in step 8
     with pytest.raises(Interrupt):
-        train(run_dir, copy.deepcopy(tiny_model_readonly), tiny_tokenizer,
-              interrupting(objective, 14), checkpoint_every=2)  # fmt: skip
+        train(
+            run_dir,
+            copy.deepcopy(tiny_model_readonly),
+            tiny_tokenizer,
+            interrupting(objective, 14),
+            checkpoint_every=2,
+        )
     assert [step for step, _ in read_scalars(run_dir)["loss"]] == [1, 2, 3, 4, 5, 6, 7]
     # the resumed attempt restarts from step 6's checkpoint: step 7 is logged again, and only
     # the new value counts
-    train(run_dir, copy.deepcopy(tiny_model_readonly), tiny_tokenizer, objective, resume=True,
-          checkpoint_every=2)  # fmt: skip
+    train(
+        run_dir,
+        copy.deepcopy(tiny_model_readonly),
+        tiny_tokenizer,
+        objective,
+        resume=True,
+        checkpoint_every=2,
+    )
     assert_tensorboard_has_every_metric(run_dir)
 
 
@@ -144,11 +181,22 @@ def test_resume_without_an_in_round_checkpoint_drops_the_unfinished_rounds_rows(
     run_dir = tmp_path / "run"
     objective = gsil_objective()
     with pytest.raises(Interrupt):  # in round 1, which saves no checkpoint
-        train(run_dir, copy.deepcopy(tiny_model_readonly), tiny_tokenizer,
-              interrupting(objective, 13), checkpoint_every=0)  # fmt: skip
+        train(
+            run_dir,
+            copy.deepcopy(tiny_model_readonly),
+            tiny_tokenizer,
+            interrupting(objective, 13),
+            checkpoint_every=0,
+        )
     assert [row["step"] for row in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
-    train(run_dir, copy.deepcopy(tiny_model_readonly), tiny_tokenizer, objective,
-          resume=True, checkpoint_every=0)  # fmt: skip
+    train(
+        run_dir,
+        copy.deepcopy(tiny_model_readonly),
+        tiny_tokenizer,
+        objective,
+        resume=True,
+        checkpoint_every=0,
+    )
     assert [row["step"] for row in read_metrics(run_dir)] == list(range(1, 9))
     assert_tensorboard_has_every_metric(run_dir)
 
@@ -203,5 +251,7 @@ def test_hparams_are_flat_and_of_tensorboard_types():
     )
     assert flat == {"a.b": 1, "a.c.d": "[1, 2]", "e": "null", "f": "x", "g": True}
     assert tracking.tracker_values({"a": 1, "b": 0.5, "c": "s", "d": True, "e": None}) == {
-        "a": 1, "b": 0.5, "d": 1,
-    }  # fmt: skip
+        "a": 1,
+        "b": 0.5,
+        "d": 1,
+    }

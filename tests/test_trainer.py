@@ -36,17 +36,38 @@ def final_weights(run_dir, round_index):
 def test_two_round_gsil_run_end_to_end(tiny_model, tiny_tokenizer, tmp_path):
     objective = make_objective("gsil", get_estimator("logistic"), beta=0.5, shift=0.0)
     summary = run_rounds(
-        tiny_model, tiny_tokenizer, demos(), objective, tmp_path, rounds=2, optim=optim(),
-        generation=GENERATION, max_prompt_length=64, max_length=96, seed=0,
-    )  # fmt: skip
+        tiny_model,
+        tiny_tokenizer,
+        demos(),
+        objective,
+        tmp_path,
+        rounds=2,
+        optim=optim(),
+        generation=GENERATION,
+        max_prompt_length=64,
+        max_length=96,
+        seed=0,
+    )
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
     metrics = read_metrics(tmp_path)
     # 8 examples / batch 2 = 4 micro-batches = 2 steps per epoch, 2 epochs, 2 rounds
     assert [m["step"] for m in metrics] == list(range(1, 9))
-    for key in ["loss", "loss/chosen", "loss/rejected", "rewards/chosen", "rewards/rejected",
-                "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
-                "classifier_logits/chosen", "classifier_logits/rejected", "grad_norm",
-                "learning_rate", "epoch"]:  # fmt: skip
+    for key in [
+        "loss",
+        "loss/chosen",
+        "loss/rejected",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "classifier_logits/chosen",
+        "classifier_logits/rejected",
+        "grad_norm",
+        "learning_rate",
+        "epoch",
+    ]:
         assert all(torch.isfinite(torch.tensor(m[key])) for m in metrics), key
     # at the first step the policy is the reference, so rewards are ~0 and f = shift
     assert abs(metrics[0]["rewards/chosen"]) < 1e-4 and abs(metrics[0]["rewards/rejected"]) < 1e-4
@@ -73,8 +94,9 @@ def response_logps(model, tokenizer, prompt, response, *, average=False):
     """
     from gsil.batching import build_examples
 
-    (example,) = build_examples(tokenizer, [prompt], [response], None, max_prompt_length=64,
-                                max_length=96)  # fmt: skip
+    (example,) = build_examples(
+        tokenizer, [prompt], [response], None, max_prompt_length=64, max_length=96
+    )
     ids = torch.tensor([example.prompt_ids + example.demo_ids])
     logits = model(input_ids=ids).logits[0].double()
     start = len(example.prompt_ids)
@@ -115,21 +137,32 @@ def test_spin_and_sft_runs(method, tiny_model, tiny_tokenizer, tmp_path):
     data, beta = demos(), 0.5
     objective = make_objective(method, beta=beta)
     run_rounds(
-        tiny_model, tiny_tokenizer, data, objective, tmp_path, rounds=1, optim=optim(),
-        generation=GENERATION, max_prompt_length=64, max_length=96,
-    )  # fmt: skip
+        tiny_model,
+        tiny_tokenizer,
+        data,
+        objective,
+        tmp_path,
+        rounds=1,
+        optim=optim(),
+        generation=GENERATION,
+        max_prompt_length=64,
+        max_length=96,
+    )
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     run = RunLayout(tmp_path)
     trained, _ = load_model(str(run.model(0)), dtype="float32")
     with torch.no_grad():
-        start_demo = [float(response_logps(start, tiny_tokenizer, d.prompt, d.response))
-                      for d in data]  # fmt: skip
+        start_demo = [
+            float(response_logps(start, tiny_tokenizer, d.prompt, d.response)) for d in data
+        ]
     if method == "sft":
         assert not run.generated(0).exists() and not run.reference_logps(0).exists()
         with torch.no_grad():
-            nll = [-float(response_logps(start, tiny_tokenizer, d.prompt, d.response, average=True))
-                   for d in data]  # fmt: skip
+            nll = [
+                -float(response_logps(start, tiny_tokenizer, d.prompt, d.response, average=True))
+                for d in data
+            ]
         assert subset_matching(nll, 4, metrics[0]["loss"])  # the token-mean NLL of 4 demos
         assert metrics[-1]["loss"] < metrics[0]["loss"]
         assert metrics[-1]["logps/chosen"] > metrics[0]["logps/chosen"]
@@ -138,12 +171,17 @@ def test_spin_and_sft_runs(method, tiny_model, tiny_tokenizer, tmp_path):
     assert [row["demo_response"] for row in rows] == [d.response for d in data]
     generated = [row["generated_response"] for row in rows]
     with torch.no_grad():
-        start_gen = [float(response_logps(start, tiny_tokenizer, d.prompt, g))
-                     for d, g in zip(data, generated, strict=True)]  # fmt: skip
-        end_demo = [float(response_logps(trained, tiny_tokenizer, d.prompt, d.response))
-                    for d in data]  # fmt: skip
-        end_gen = [float(response_logps(trained, tiny_tokenizer, d.prompt, g))
-                   for d, g in zip(data, generated, strict=True)]  # fmt: skip
+        start_gen = [
+            float(response_logps(start, tiny_tokenizer, d.prompt, g))
+            for d, g in zip(data, generated, strict=True)
+        ]
+        end_demo = [
+            float(response_logps(trained, tiny_tokenizer, d.prompt, d.response)) for d in data
+        ]
+        end_gen = [
+            float(response_logps(trained, tiny_tokenizer, d.prompt, g))
+            for d, g in zip(data, generated, strict=True)
+        ]
     reference = torch.load(run.reference_logps(0))
     torch.testing.assert_close(reference["demo"], torch.tensor(start_demo), rtol=0, atol=1e-4)
     gen_reference = reference["gen"].reshape(-1)  # (n,) or (n, k = 1)
@@ -155,8 +193,10 @@ def test_spin_and_sft_runs(method, tiny_model, tiny_tokenizer, tmp_path):
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/rejected"]) < 1e-5
     assert metrics[-1]["rewards/margins"] > first["rewards/margins"]
-    margins = [beta * ((ed - sd) - (eg - sg))
-               for ed, sd, eg, sg in zip(end_demo, start_demo, end_gen, start_gen, strict=True)]  # fmt: skip
+    margins = [
+        beta * ((ed - sd) - (eg - sg))
+        for ed, sd, eg, sg in zip(end_demo, start_demo, end_gen, start_gen, strict=True)
+    ]
     spin_after = sum(math.log1p(math.exp(-m)) for m in margins) / len(margins)
     assert spin_after < math.log(2) - 0.05, spin_after
     assert sum(m > 0 for m in margins) >= 6, margins  # most pairs are now ranked right
@@ -169,18 +209,38 @@ def test_resume_after_interruption_gives_identical_weights(
     import copy
 
     objective = make_objective("gsil", get_estimator("brier"), beta=0.5, shift=0.5)
-    kwargs = dict(rounds=2, optim=optim(optimizer="rmsprop", warmup_steps=1),
-                  generation=GENERATION, max_prompt_length=64, max_length=96, seed=3)  # fmt: skip
+    kwargs = dict(
+        rounds=2,
+        optim=optim(optimizer="rmsprop", warmup_steps=1),
+        generation=GENERATION,
+        max_prompt_length=64,
+        max_length=96,
+        seed=3,
+    )
     straight = tmp_path / "straight"
-    run_rounds(copy.deepcopy(tiny_model_readonly), tiny_tokenizer, demos(), objective, straight,
-               **kwargs)  # fmt: skip
+    run_rounds(
+        copy.deepcopy(tiny_model_readonly), tiny_tokenizer, demos(), objective, straight, **kwargs
+    )
     resumed = tmp_path / "resumed"
     with pytest.raises(Interrupt):
-        run_rounds(copy.deepcopy(tiny_model_readonly), tiny_tokenizer, demos(),
-                   interrupting(objective, interrupt_after_calls), resumed, **kwargs)  # fmt: skip
+        run_rounds(
+            copy.deepcopy(tiny_model_readonly),
+            tiny_tokenizer,
+            demos(),
+            interrupting(objective, interrupt_after_calls),
+            resumed,
+            **kwargs,
+        )
     assert (resumed / "checkpoint" / "trainer_state.json").exists()
-    run_rounds(copy.deepcopy(tiny_model_readonly), tiny_tokenizer, demos(), objective, resumed,
-               resume=True, **kwargs)  # fmt: skip
+    run_rounds(
+        copy.deepcopy(tiny_model_readonly),
+        tiny_tokenizer,
+        demos(),
+        objective,
+        resumed,
+        resume=True,
+        **kwargs,
+    )
     expected, actual = final_weights(straight, 1), final_weights(resumed, 1)
     assert expected.keys() == actual.keys()
     for name in expected:
@@ -199,10 +259,18 @@ def test_bf16_autocast_reference_matches_first_training_forward(
     objective = make_objective("gsil", get_estimator("logistic"), beta=1.0)
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
     run_rounds(
-        tiny_model, tiny_tokenizer, demos(4), objective, tmp_path, rounds=1,
-        optim=optim(epochs=1, grad_accum=1), generation=GENERATION, max_prompt_length=64,
-        max_length=96, accelerator=accelerator,
-    )  # fmt: skip
+        tiny_model,
+        tiny_tokenizer,
+        demos(4),
+        objective,
+        tmp_path,
+        rounds=1,
+        optim=optim(epochs=1, grad_accum=1),
+        generation=GENERATION,
+        max_prompt_length=64,
+        max_length=96,
+        accelerator=accelerator,
+    )
     first = read_metrics(tmp_path)[0]
     # the reference pass ran under the same autocast as the policy's first forward
     assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
@@ -217,10 +285,18 @@ def test_lora_rounds_merge_adapters_into_the_next_reference(tiny_model, tiny_tok
     assert trainable and all("lora_" in name for name in trainable)
     objective = make_objective("gsil", get_estimator("logistic"), beta=0.5)
     run_rounds(
-        policy, tiny_tokenizer, demos(4), objective, tmp_path, rounds=2, lora_rank=4,
-        optim=optim(epochs=1, grad_accum=1, learning_rate=5e-2), generation=GENERATION,
-        max_prompt_length=64, max_length=96,
-    )  # fmt: skip
+        policy,
+        tiny_tokenizer,
+        demos(4),
+        objective,
+        tmp_path,
+        rounds=2,
+        lora_rank=4,
+        optim=optim(epochs=1, grad_accum=1, learning_rate=5e-2),
+        generation=GENERATION,
+        max_prompt_length=64,
+        max_length=96,
+    )
     round0, round1 = final_weights(tmp_path, 0), final_weights(tmp_path, 1)
     assert not any("lora" in key for key in round0)  # saved merged, as a plain model
     name = "model.layers.0.self_attn.q_proj.weight"

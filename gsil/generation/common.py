@@ -35,26 +35,40 @@ class GenerationSettings:
     The seed is the run's (``seed + round``); each field's ``help`` is its flag's documentation.
     """
 
-    max_new_tokens: int = field(default=128, metadata={"help": "longest self-generated "
-                                "response in tokens"})  # fmt: skip
-    do_sample: bool = field(default=False, metadata={"help": "sample (default: greedy, as in "
-                            "the paper)"})  # fmt: skip
+    max_new_tokens: int = field(
+        default=128, metadata={"help": "longest self-generated response in tokens"}
+    )
+    do_sample: bool = field(
+        default=False, metadata={"help": "sample (default: greedy, as in the paper)"}
+    )
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
-    backend: str = field(default="auto", metadata={
-        "help": "auto (vLLM if installed with a GPU, or as vLLM's CPU build; else HF), hf, or "
-        "vllm (one engine for the run)", "choices": ("auto", "hf", "vllm"), "flag": "generator"})  # fmt: skip
-    batch_size: int = field(default=16, metadata={"help": "prompts per generation batch",
-                                                  "flag": "gen_batch_size"})  # fmt: skip
-    num_samples: int = field(default=1, metadata={
-        "help": "k: own responses sampled per prompt each round (k > 1 needs --do-sample; "
-        "GSIL averages its generated-side loss over them, SPIN pairs the demonstration with "
-        "each, DFT takes them as negatives; a batch then forwards (1 + k) x its prompts)"})  # fmt: skip
+    backend: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (vLLM if installed with a GPU, or as vLLM's CPU build; else HF), hf, or "
+            "vllm (one engine for the run)",
+            "choices": ("auto", "hf", "vllm"),
+            "flag": "generator",
+        },
+    )
+    batch_size: int = field(
+        default=16, metadata={"help": "prompts per generation batch", "flag": "gen_batch_size"}
+    )
+    num_samples: int = field(
+        default=1,
+        metadata={
+            "help": "k: own responses sampled per prompt each round (k > 1 needs --do-sample; "
+            "GSIL averages its generated-side loss over them, SPIN pairs the demonstration with "
+            "each, DFT takes them as negatives; a batch then forwards (1 + k) x its prompts)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
-            raise ValueError(f"generation.num_samples (--num-samples) must be >= 1, got "
-                             f"{self.num_samples}")  # fmt: skip
+            raise ValueError(
+                f"generation.num_samples (--num-samples) must be >= 1, got {self.num_samples}"
+            )
         if self.num_samples > 1 and not self.do_sample:
             raise ValueError(
                 f"generation.num_samples={self.num_samples} needs generation.do_sample: greedy "

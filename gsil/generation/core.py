@@ -125,8 +125,14 @@ def generate_from_ids(
         from gsil.generation.vllm_engine import generate_vllm
 
         indices = [index for number in mine if number >= 0 for index in batches[number]]
-        results = generate_vllm(model, tokenizer, [prompt_ids[i] for i in indices], decoding,
-                                progress=progress, request_numbers=indices)  # fmt: skip
+        results = generate_vllm(
+            model,
+            tokenizer,
+            [prompt_ids[i] for i in indices],
+            decoding,
+            progress=progress,
+            request_numbers=indices,
+        )
         local = list(zip(indices, results, strict=True))
     else:
         work = [(n, batches[n if n >= 0 else -1]) for n in mine]

@@ -40,8 +40,9 @@ def generate_hf(
         use_cache=True,
     )
     if decoding.do_sample:
-        options.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=0,
-                       repetition_penalty=1.0)  # fmt: skip
+        options.update(
+            temperature=decoding.temperature, top_p=decoding.top_p, top_k=0, repetition_penalty=1.0
+        )
 
     results: list[tuple[int, GenerationResult]] = []
     was_training = model.training
@@ -49,8 +50,9 @@ def generate_hf(
     cuda_devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=cuda_devices), torch.inference_mode():
-            for number, batch in tqdm(batches, desc="generating", disable=not progress,
-                                      unit="batch"):  # fmt: skip
+            for number, batch in tqdm(
+                batches, desc="generating", disable=not progress, unit="batch"
+            ):
                 torch.manual_seed(decoding.seed * 1_000_003 + number)
                 input_ids, attention_mask = left_pad([prompt_ids[i] for i in batch], pad_id)
                 output = model.generate(

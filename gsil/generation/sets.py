@@ -74,14 +74,24 @@ def generate_set(
         ``i * num_samples + j`` (one per demonstration, in order, when ``num_samples`` is 1).
     """
     if num_samples < 1 or (num_samples > 1 and not do_sample):
-        raise ValueError(f"num_samples={num_samples}: k must be >= 1, and k > 1 needs "
-                         "do_sample (greedy decoding gives k identical responses)")  # fmt: skip
+        raise ValueError(
+            f"num_samples={num_samples}: k must be >= 1, and k > 1 needs "
+            "do_sample (greedy decoding gives k identical responses)"
+        )
     path = Path(path)
     prompt_ids = [encode_prompt(tokenizer, demo.prompt, max_prompt_length) for demo in demos]
     settings = _set_settings(
-        demos, prompt_ids, max_new_tokens, do_sample, temperature, top_p, seed,
-        max_prompt_length, extra_settings, num_samples,
-    )  # fmt: skip
+        demos,
+        prompt_ids,
+        max_new_tokens,
+        do_sample,
+        temperature,
+        top_p,
+        seed,
+        max_prompt_length,
+        extra_settings,
+        num_samples,
+    )
     cached = _load_matching_set(path, settings, demos, num_samples)
     if cached is not None:
         return cached
@@ -200,11 +210,18 @@ def _load_matching_set(
     files = record.get("files")
     recorded = files.get(path.name) if isinstance(files, dict) else None
     if recorded is None:
-        logger.warning("generated set %s: its sidecar records no checksum (written before gsil "
-                       "recorded them); reused unchecked", path)  # fmt: skip
+        logger.warning(
+            "generated set %s: its sidecar records no checksum (written before gsil "
+            "recorded them); reused unchecked",
+            path,
+        )
     else:
-        check_file(path, recorded, source=sidecar, fix=f"Delete {path} and {sidecar.name} to "
-                   "generate the round's responses again")  # fmt: skip
+        check_file(
+            path,
+            recorded,
+            source=sidecar,
+            fix=f"Delete {path} and {sidecar.name} to generate the round's responses again",
+        )
     try:
         rows = read_generated_set(path)
     except (OSError, json.JSONDecodeError):

@@ -107,10 +107,15 @@ class VLLMEngine:
             # process's GPU, so that each rank's engine sits beside the rank's own policy
             with _only_visible(_this_gpu() if on_gpu else None):
                 self.llm = vllm.LLM(
-                    model=model_dir, tokenizer=model_dir, dtype=dtype, seed=seed,
-                    max_model_len=max_model_len, worker_extension_cls=WORKER_EXTENSION,
-                    load_format=load_format, **options,
-                )  # fmt: skip
+                    model=model_dir,
+                    tokenizer=model_dir,
+                    dtype=dtype,
+                    seed=seed,
+                    max_model_len=max_model_len,
+                    worker_extension_cls=WORKER_EXTENSION,
+                    load_format=load_format,
+                    **options,
+                )
             if load_format == "dummy":
                 self.load_weights(model)
         except BaseException:
