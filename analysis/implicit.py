@@ -12,6 +12,7 @@ and returns AUC, ECE and the reliability diagram from :func:`analysis.calibratio
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -102,10 +103,9 @@ def implicit_logits(
         scores[name] = reference_logps(
             model,
             examples,
-            tokenizer.pad_token_id,
-            batch_size,
-            config.optim.average_logps,
-            accelerator,
+            dataclasses.replace(config.optim, batch_size=batch_size),
+            pad_id=tokenizer.pad_token_id,
+            accelerator=accelerator,
             with_generations=True,
         )
     beta, shift = goal.beta, goal.shift

@@ -3,7 +3,7 @@
     .venv-vllm/bin/python -m benchmarks.generation --model runs/default/sft/round_0/model
 
 The workloads and their counts are read from the default run's recipe
-(``experiments/presets/default.json``, or ``--preset``), all by prompt token ids
+(``recipes/default.yaml``, or ``--preset``), all by prompt token ids
 (``generate_from_ids``):
 
 * ``round``: a SPIN/GSIL round's self-generation (the run's demonstrations, greedy);

@@ -34,8 +34,8 @@ def _setup(precision: str, checkpointing: bool):
 
     from gsil.batching import Example
     from gsil.estimators import get_estimator
+    from gsil.methods import get_method
     from gsil.models import load_model
-    from gsil.objectives import make_objective
     from gsil.optimization import OptimSettings, RoundData
 
     torch.manual_seed(0)
@@ -60,10 +60,10 @@ def _setup(precision: str, checkpointing: bool):
     model, optimizer = accelerator.prepare(model, optimizer)
     ref = torch.randn(half) - 400.0
     gsil = (
-        make_objective("gsil", get_estimator("logistic"), beta=0.1),
+        get_method("gsil", get_estimator("logistic"), beta=0.1),
         RoundData(pair_examples, ref, ref.clone()),
     )
-    sft = (make_objective("sft"), RoundData(sft_examples, None, None))
+    sft = (get_method("sft"), RoundData(sft_examples, None, None))
     return model, tokenizer, optimizer, scheduler, accelerator, settings, {"gsil": gsil, "sft": sft}
 
 

@@ -3,12 +3,13 @@
     RunConfig                      name, output_dir, seed, rounds, resume
     ├── model: ModelConfig         what to start from, LoRA, precision
     ├── data: DataConfig           demonstrations and their lengths
-    ├── objective: ObjectiveConfig GSIL / SPIN / SFT and the estimator's knobs
+    ├── objective: ObjectiveSettings  (gsil.methods) the method and its hyper-parameters
     ├── optim: OptimSettings       (gsil.optimization) how each round is optimised
     ├── generation: GenerationSettings  (gsil.generation) how each round generates
     └── logging: LoggingConfig     experiment trackers
 
-It is built from defaults, then a recipe (a JSON preset or a YAML file), then command-line
+It is built from defaults, then a recipe (a YAML preset under ``experiments/presets``, also
+reachable as ``recipes/``, or any YAML/JSON file), then command-line
 flags, validated against the annotations (an unknown key or a wrong type is an error naming
 the key), and handed to modules as plain values (``config.optim`` is what ``train_round``
 takes). Each leaf field has one flag, ``--<field>`` unless its metadata names another
@@ -35,6 +36,7 @@ from typing import Any
 
 from gsil.evaluation.runner import DEFAULT_REASONING_TASKS, EvalOptions
 from gsil.generation import GenerationSettings
+from gsil.methods import METHODS, ObjectiveSettings
 from gsil.optimization import OptimSettings
 from gsil.tracking import NONE, TRACKERS, resolve_report_to
 
@@ -90,52 +92,6 @@ class DataConfig:
 
 
 @dataclass
-class ObjectiveConfig:
-    method: str = _f(
-        "gsil",
-        "training objective (dft: discriminative fine-tuning, Guo et al. 2025)",
-        choices=("gsil", "spin", "sft", "dft"),
-    )
-    loss: str = _f(
-        "logistic",
-        "GSIL density-ratio estimator",
-        choices=("logistic", "brier", "exponential", "kliep", "lsif", "power", "hinge"),
-    )
-    gamma: float | None = _f(None, "parameter of the 'power' estimator (gamma > 0)")
-    beta: float = _f(
-        0.1,
-        "scale of the log-ratio logit f = beta * (log pi - log pi_ref) + shift; also SPIN's beta",
-    )
-    shift: float = _f(0.0, "offset of the GSIL logit (the paper's script: 2 with beta 0.01)")
-    drop_ties: bool = _f(
-        False,
-        "leave out each generated response that equals its "
-        "demonstration (a prompt whose k responses all tie is dropped)",
-    )
-    dft_tau: float = _f(
-        1.0,
-        "DFT's temperature tau of the discriminative likelihood (> 0; the "
-        "authors' recipes: 1.0 for dft, 0.3 for dft2)",
-    )
-    dft_gamma: float = _f(
-        0.85,
-        "DFT's moving-average weight of each new estimate of the "
-        "normaliser, in (0, 1] (1: no memory; recipes: 0.85 dft, 0.9 dft2)",
-    )
-    dft_variant: str = _f(
-        "dft",
-        "dft (log-prob scores, importance weights 1/pi_ref) or dft2 "
-        "(length-normalised scores, no reference)",
-        choices=("dft", "dft2"),
-    )
-    dft_u_init: float = _f(0.0, "DFT's initial log normaliser log u of every prompt, each round")
-
-    def estimator_params(self) -> dict[str, float]:
-        """Keyword arguments of ``gsil.estimators.get_estimator`` beyond the name."""
-        return {"gamma": self.gamma} if self.loss == "power" and self.gamma is not None else {}
-
-
-@dataclass
 class LoggingConfig:
     report_to: list[str] = _f(
         list,
@@ -160,7 +116,7 @@ class RunConfig:
     resume: bool = _f(False, "continue an interrupted run in the same directory")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -459,7 +415,11 @@ def add_config_arguments(
             group = groups[section] = parser.add_argument_group(f"{section} (recipe section)")
         names = ["--" + name.replace("_", "-") for name in (leaf.flag, *leaf.aliases)]
         default = leaf.default if leaf.default != [] else "none"
-        help_text = f"{leaf.help} (default: {default}; recipe key {'.'.join(leaf.path)})"
+        key = f"recipe key {'.'.join(leaf.path)}"
+        if "(default:" in leaf.help:  # the help says what the default means
+            help_text = f"{leaf.help} ({key})"
+        else:
+            help_text = f"{leaf.help} (default: {default}; {key})"
         dest = "cfg__" + "__".join(leaf.path)
         if leaf.annotation is bool:
             group.add_argument(
@@ -480,6 +440,16 @@ def add_config_arguments(
             help=help_text,
             metavar=None if leaf.choices else leaf.flag.upper(),
         )
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in the help, once: a help text that states its default already
+    (every configuration flag's does) gets none added."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if "(default:" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def parse_type(annotation: Any):
@@ -543,10 +513,11 @@ def validate(config: RunConfig) -> None:
         problems.append("--lr must be > 0")
     if config.objective.beta <= 0:
         problems.append("--beta must be > 0 (the scale of the log-ratio)")
-    if config.objective.dft_tau <= 0:
-        problems.append("--dft-tau must be > 0")
-    if not 0 < config.objective.dft_gamma <= 1:
-        problems.append("--dft-gamma must be in (0, 1]")
+    for method in METHODS.values():  # each method checks its own settings (DFT's tau, gamma)
+        try:
+            method.from_settings(config.objective)
+        except ValueError as err:
+            problems.append(str(err))
     tree = config.to_dict()
     for leaf in leaves():
         value = leaf.value_in(tree)
@@ -658,7 +629,7 @@ class PowerAssumptions:
 class Pipeline:
     """A resolved pipeline recipe: where it writes, its stages and its evaluation.
 
-    A pipeline recipe (``experiments/presets/default.json``) is a mapping::
+    A pipeline recipe (``recipes/default.yaml``) is a mapping::
 
         pipeline: <name>            the experiment directory: OUTPUT_DIR/<name>/ (--name overrides)
         base: {run configuration}   shared by every stage

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from experiments.config import (
     EvaluationConfig,
+    HelpFormatter,
     add_config_arguments,
     evaluation_from_dict,
     flag_overrides,
@@ -51,7 +52,7 @@ def build_parser(prog: str = "python -m experiments.evaluate") -> argparse.Argum
         description="Evaluate a causal LM on held-out reasoning tasks, HumanEval, GSM8K "
         f"(lm-eval), GSM8K in chat form and MT-Bench ({', '.join(BENCHMARKS)}), with 95%% "
         "intervals and per-item records.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add = parser.add_argument
     add("--model", help="smollm2-135m, a model directory (e.g. runs/x/round_1/model) or hub id")
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.evalu
     """Run the CLI; returns the exit status: 2, after ``error: <message>`` on stderr, for a
     user's mistake (a missing file, an unknown benchmark, an unreachable judge...; see
     :func:`experiments.cli.run_command`)."""
-    from experiments.cli import run_command
+    from experiments.errors import run_command
 
     return run_command(_evaluate, argv, prog, also=USER_ERRORS)
 

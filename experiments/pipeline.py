@@ -106,7 +106,7 @@ def run_pipeline(pipeline: Pipeline) -> dict:
     """Train every stage, evaluate, and write the report and figures; returns a summary."""
     from accelerate.utils import broadcast_object_list
 
-    from gsil.optimization import process_state
+    from gsil.processes import process_state
 
     # Under accelerate launch every process trains every stage (collectives); the main process
     # alone writes shared files, evaluates, reports and draws, while the others finish.
@@ -154,12 +154,9 @@ def run_pipeline(pipeline: Pipeline) -> dict:
         [pipeline.root], pipeline.root, baseline=pipeline.evaluate and pipeline.evaluate.baseline
     )
     outcome["report"] = [str(p) for p in report]
-    from paper_figs.fig_experiments import draw
-
-    outcome["figures"] = [str(p) for p in draw(pipeline.root / "figures", runs_dir=pipeline.root)]
     write_json(pipeline.root / "summary.json", outcome)
     print(f"\nexperiment {pipeline.name} finished: {pipeline.root}")
-    for path in outcome["report"] + outcome["figures"]:
+    for path in outcome["report"]:
         print(f"  {path}")
     return outcome
 

@@ -703,6 +703,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.repor
 
 
 if __name__ == "__main__":
-    from experiments.cli import run_command
+    from experiments.errors import run_command
 
     sys.exit(run_command(main))

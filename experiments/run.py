@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from experiments.config import (
     ConfigError,
+    HelpFormatter,
     add_config_arguments,
     flag_overrides,
     is_pipeline_preset,
@@ -26,7 +28,7 @@ def build_parser(prog: str = "python -m experiments.run") -> argparse.ArgumentPa
         prog=prog,
         description="Fine-tune a causal LM on demonstrations with GSIL (or SPIN / SFT), "
         "for one or more self-imitation rounds.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--preset",
@@ -71,6 +73,17 @@ def check_pipeline(args: argparse.Namespace) -> None:
             raise ConfigError(f"{where}: {err}") from None
 
 
+def draw_experiment_figures(root: Path) -> list[str]:
+    """The experiment's figures under ``root/figures`` (the command draws them: the pipeline
+    itself writes results and the report, and never imports the figures)."""
+    from paper_figs.fig_experiments import draw
+
+    paths = [str(p) for p in draw(root / "figures", runs_dir=root)]
+    for path in paths:
+        print(f"  {path}")
+    return paths
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m experiments.run") -> dict:
     """Train (or plan, ``--dry-run``) a run or a pipeline recipe; returns its summary.
 
@@ -86,7 +99,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.run")
             from experiments.pipeline import main_pipeline
 
             check_pipeline(args)
-            return main_pipeline(args)
+            outcome = main_pipeline(args)
+            if not outcome.get("dry_run"):
+                outcome["figures"] = draw_experiment_figures(Path(outcome["directory"]))
+            return outcome
         config = resolve_config(args, args.preset)
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
@@ -99,6 +115,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.run")
 
 
 if __name__ == "__main__":
-    from experiments.cli import run_command
+    from experiments.errors import run_command
 
     sys.exit(run_command(main))

@@ -23,6 +23,7 @@ from typing import Any
 from experiments.config import (
     FLAGS,
     ConfigError,
+    HelpFormatter,
     RunConfig,
     add_config_arguments,
     parse_type,
@@ -162,7 +163,7 @@ def build_parser(prog: str = "python -m experiments.sweep") -> argparse.Argument
         prog=prog,
         description="Run the product of swept run settings, one run directory each; finished "
         "runs are skipped, so an interrupted sweep continues where it stopped.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--sweep",
@@ -263,6 +264,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.sweep
 
 
 if __name__ == "__main__":
-    from experiments.cli import run_command
+    from experiments.errors import run_command
 
     sys.exit(run_command(main))

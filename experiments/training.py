@@ -17,14 +17,13 @@ from accelerate.utils import set_seed
 
 from experiments.config import RunConfig, leaves, load_saved_config
 from gsil.data import load_demonstrations
-from gsil.estimators import get_estimator
 from gsil.io import read_json, read_jsonl, write_json
 from gsil.layout import RunLayout
+from gsil.methods import build_method
 from gsil.models import load_model, native_bf16, resolve_device
-from gsil.objectives import make_objective
-from gsil.optimization import make_accelerator as gsil_accelerator
+from gsil.processes import make_accelerator as gsil_accelerator
 from gsil.tracking import start_trackers
-from gsil.trainer import run_rounds
+from gsil.trainer import RoundsSettings, run_rounds
 
 logger = logging.getLogger("experiments.training")
 
@@ -98,6 +97,22 @@ def progress_figures(run_dir) -> dict:
     }
 
 
+def rounds_settings(config: RunConfig) -> RoundsSettings:
+    """The round loop's sections of a run configuration."""
+    return RoundsSettings(
+        run_dir=config.run_dir(),
+        max_prompt_length=config.data.max_prompt_length,
+        max_length=config.data.max_length,
+        rounds=config.rounds,
+        seed=config.seed,
+        optim=config.optim,
+        generation=config.generation,
+        drop_ties=config.objective.drop_ties,
+        lora_rank=config.model.lora_rank,
+        resume=config.resume,
+    )
+
+
 def execute(config: RunConfig) -> dict:
     """Train one resolved configuration to the end; returns (and writes) its summary."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -135,35 +150,11 @@ def execute(config: RunConfig) -> dict:
         data.source,
         dict(demos.skipped) or "none",
     )
-    estimator = get_estimator(goal.loss, **goal.estimator_params())
-    objective = make_objective(
-        goal.method,
-        estimator,
-        beta=goal.beta,
-        shift=goal.shift,
-        dft_tau=goal.dft_tau,
-        dft_gamma=goal.dft_gamma,
-        dft_variant=goal.dft_variant,
-        dft_u_init=goal.dft_u_init,
-    )
+    method = build_method(goal)
     # last before training: run_rounds closes the trackers, even when it fails
     start_trackers(accelerator, "gsil", config.to_dict(), resume=config.resume)
     summary = run_rounds(
-        model,
-        tokenizer,
-        demos,
-        objective,
-        run_dir,
-        rounds=config.rounds,
-        optim=config.optim,
-        generation=config.generation,
-        max_prompt_length=data.max_prompt_length,
-        max_length=data.max_length,
-        seed=config.seed,
-        drop_ties=goal.drop_ties,
-        resume=config.resume,
-        lora_rank=config.model.lora_rank,
-        accelerator=accelerator,
+        model, tokenizer, demos, method, rounds_settings(config), accelerator=accelerator
     )
     summary.update(
         {
@@ -208,7 +199,7 @@ def ensure_run(config: RunConfig, force_resume: bool = False) -> tuple[str, dict
     Raises:
         SystemExit: the run directory holds a finished run with another configuration.
     """
-    from gsil.optimization import process_state
+    from gsil.processes import process_state
 
     status = run_status(config)
     # every process has read the run directory before the main process writes into it

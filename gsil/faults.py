@@ -19,6 +19,8 @@ import signal
 import sys
 from collections import Counter
 
+from gsil import env
+
 ENV = "GSIL_TEST_KILL_AT"
 
 # where each point is reached (one call each), and what is on disk when it kills
@@ -57,7 +59,7 @@ def parse_kill_spec(spec: str) -> tuple[str, int]:
 
 def kill_point(phase: str) -> None:
     """SIGKILL this process if ``GSIL_TEST_KILL_AT`` asks for ``phase`` at this occurrence."""
-    spec = os.environ.get(ENV)
+    spec = env.kill_at()
     if not spec:
         return
     wanted, count = parse_kill_spec(spec)

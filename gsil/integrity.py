@@ -1,4 +1,4 @@
-"""What a run refuses to trust: damaged files, and optimizer steps with a non-finite value.
+"""What a run refuses to trust: damaged files.
 
 Files. Every artefact a run reads back (a resumed run, a reused generated set, a later stage
 starting from a round's model) records, when it is written, the size and sha256 of each of its
@@ -22,9 +22,7 @@ An artefact with no manifest (written before manifests existed) is loaded with a
 Recording and checking read every byte of the artefact once (sha256): for a large checkpoint
 (weights and optimizer state) that is one more full read at each save and at each resume.
 
-Steps. :class:`NonFiniteError` is what ``--on-nonfinite stop`` raises when a micro-batch loss
-or the step's gradient norm is NaN or infinite (``gsil.optimization.optimizer_step``); the
-helpers below make that decision the same on every process.
+Steps with a NaN or infinite loss or gradient norm are :mod:`gsil.nonfinite`'s.
 """
 
 from __future__ import annotations
@@ -32,18 +30,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypeVar
 
-import torch
-
-from gsil.io import read_json, write_json
+from gsil.io import atomic_file, read_json, write_json
 from gsil.layout import manifest_path
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 1
+T = TypeVar("T")
 _CHUNK = 1 << 20
 
 
@@ -171,73 +168,34 @@ def verify_manifest(
     return True
 
 
-class NonFiniteError(RuntimeError):
-    """A micro-batch loss or the gradient norm of an optimizer step is NaN or infinite.
+def write_recorded(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
+    """Write a file artefact atomically and record it: ``write(handle)`` fills a temporary
+    file that replaces ``path`` whole, then its manifest is written. The stale manifest goes
+    first, so a crash leaves either a matching manifest or none, never a stale one."""
+    discard_manifest(path)
+    with atomic_file(path, "wb") as handle:
+        write(handle)
+    write_manifest(path)
 
-    Raised (``--on-nonfinite stop``) before the optimizer steps, on every process alike:
-    the weights are those before the step and the last checkpoint on disk is untouched.
-    ``quantity`` is ``"loss"`` or ``"gradient norm"``, ``example_ids`` the offending examples
-    (those with a non-finite loss; for the gradient, every example of the step), ``where`` the
-    round and step once :func:`gsil.optimization.train_round` has filled it in.
+
+def read_recorded(
+    path: str | os.PathLike[str], read: Callable[[Path], T], *, what: str, fix: str
+) -> T:
+    """Check a file artefact against its manifest, then ``read(path)`` it.
+
+    Raises:
+        CorruptFileError: the file is missing, truncated or changed, or ``read`` failed on it;
+            the message names the file, ``what`` it is, and ``fix``.
     """
-
-    def __init__(
-        self, quantity: str, example_ids: Sequence[Any], where: str = "", applied: bool = False
-    ) -> None:
-        self.quantity, self.example_ids, self.applied = quantity, list(example_ids), applied
-        self.where = where
-        super().__init__(quantity)
-
-    def __reduce__(self):
-        return type(self), (self.quantity, self.example_ids, self.where, self.applied)
-
-    def describe(self) -> str:
-        """What was non-finite, where, and for which examples."""
-        where = f" at {self.where}" if self.where else ""
-        return f"non-finite {self.quantity}{where}, examples {self.example_ids}"
-
-    def __str__(self) -> str:
-        state = (
-            "DeepSpeed had already applied this step (its engine steps inside backward): the "
-            "weights in memory are not to be trusted; the last checkpoint on disk is untouched"
-            if self.applied
-            else "the optimizer did not step: the weights are those before this step and the "
-            "last checkpoint on disk is untouched"
-        )
-        return (
-            f"{self.describe()}: {state}. Check these examples and the learning rate (a "
-            "resumed run repeats the same step); --on-nonfinite skip drops such steps' updates "
-            "instead"
-        )
+    path = Path(path)
+    verify_manifest(path, what=what, fix=fix)
+    try:
+        return read(path)
+    except Exception as error:  # torch.load raises pickle, zip and runtime errors alike
+        raise CorruptFileError(path, f"unreadable {what} ({error!r})", fix) from error
 
 
-def nonfinite_rows(losses: torch.Tensor, indices: Sequence[int]) -> list[int]:
-    """The entries of ``indices`` whose loss (row of ``losses``: one per index, any trailing
-    dimensions) is NaN or infinite; all of ``indices`` if the shapes do not pair up."""
-    values = losses.detach()
-    if values.numel() and bool(torch.isfinite(values).all()):
-        return []
-    if values.dim() == 0 or values.shape[0] != len(indices):
-        return list(indices)
-    bad = ~torch.isfinite(values.reshape(len(indices), -1)).all(dim=1)
-    return [index for index, flag in zip(indices, bad.tolist(), strict=True) if flag]
-
-
-def any_process(accelerator: Any, flag: bool) -> bool:
-    """Whether ``flag`` holds on any process: one all-reduce, so every process must call it
-    (and then takes the same decision)."""
-    if accelerator.num_processes == 1:
-        return flag
-    total = accelerator.reduce(
-        torch.tensor([float(flag)], device=accelerator.device), reduction="sum"
-    )
-    return bool(total.item() > 0)
-
-
-def all_processes(accelerator: Any, local: Sequence[Any]) -> list[Any]:
-    """Every process's ``local`` items, concatenated in rank order (a collective)."""
-    if accelerator.num_processes == 1:
-        return list(local)
-    from accelerate.utils import gather_object
-
-    return list(gather_object(list(local)))
+def discard_recorded(path: str | os.PathLike[str]) -> None:
+    """Remove a file artefact and its manifest."""
+    discard_manifest(path)
+    Path(path).unlink(missing_ok=True)

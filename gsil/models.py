@@ -96,8 +96,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def default_cache_dir() -> Path:
     """Where the de-quantised embedded model is cached: ``$GSIL_CACHE`` or ``~/.cache/gsil``."""
-    root = os.environ.get("GSIL_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "gsil"
+    from gsil import env
+
+    return env.cache_dir()
 
 
 def load_model(

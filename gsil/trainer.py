@@ -7,8 +7,11 @@
         train pi_theta from pi_t on the objective with pi_ref = pi_t
         pi_{t+1} = pi_theta                                        (saved as round_t/model)
 
-The trainer gets an :class:`~gsil.objectives.Objective` and never asks which loss it is; the
-objective's flags say whether generations and reference log-probs are needed. ``accelerate``
+The trainer gets a :class:`~gsil.methods.Method` and never asks which loss it is; the method's
+flags say whether generations and reference log-probs are needed. Each round is four named
+stages of :class:`SelfImitation` -- :meth:`~SelfImitation.generate`,
+:meth:`~SelfImitation.reference_pass`, :meth:`~SelfImitation.train`,
+:meth:`~SelfImitation.save` -- and :func:`run_rounds` runs them round after round. ``accelerate``
 carries the same code from a CPU to several GPUs (``accelerate launch``, DDP/FSDP/DeepSpeed).
 
 Run directory layout::
@@ -27,274 +30,158 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
 
-from gsil.batching import build_examples
+from gsil.batching import Example, build_examples
+from gsil.checkpoints import load_checkpoint, save_round_model, truncate_metrics
 from gsil.data import tie_mask
 from gsil.faults import kill_point
 from gsil.generation import GenerationSettings, generate_set, resolve_backend
-from gsil.integrity import CorruptFileError, discard_manifest, verify_manifest, write_manifest
-from gsil.io import atomic_file, read_json, write_json
+from gsil.integrity import CorruptFileError, read_recorded, verify_manifest, write_recorded
+from gsil.io import read_json, write_json
 from gsil.layout import RunLayout
+from gsil.methods import Method
 from gsil.models import apply_lora, is_peft_model
-from gsil.objectives import Objective
-from gsil.optimization import (
-    OptimSettings,
-    RoundData,
-    check_processes,
-    full_parameters,
-    is_zero3,
-    load_checkpoint,
-    reference_logps,
-    save_round_model,
-    train_round,
-    truncate_metrics,
-)
+from gsil.optimization import OptimSettings, RoundData, RoundPlace, reference_logps, train_round
+from gsil.processes import check_processes, full_parameters, is_zero3
 from gsil.tracking import finish_trackers, restart_trackers_at
 
 logger = logging.getLogger(__name__)
 
 
-def prepare_round(
-    model,
-    tokenizer,
-    demos,
-    objective: Objective,
-    run: RunLayout,
-    round_index: int,
-    *,
-    generation: GenerationSettings,
-    seed: int,
-    max_prompt_length: int | None,
-    max_length: int,
-    batch_size: int,
-    average_logps: bool,
-    drop_ties: bool,
-    accelerator: Accelerator,
-    engine: Any = None,
-    extra_settings: dict | None = None,
-) -> tuple[RoundData, dict]:
-    """Generate (or reuse) the round's own responses and store its reference log-probs.
+@dataclass(frozen=True)
+class RoundsSettings:
+    """What the round loop needs of the run configuration: where the run writes, how many
+    rounds, its seed, and the sections of each stage (``optim`` trains, ``generation``
+    generates, the token limits shape the examples).
 
-    ``seed`` seeds the round's sampling; ``extra_settings`` (the round, the precision) are
-    recorded beside the generated set. ``engine`` (a
-    :class:`~gsil.generation.vllm_engine.VLLMEngine` holding this round's policy) generates
-    instead of the model itself when given.
+    Round ``t`` samples with seed ``seed + t``. ``drop_ties`` leaves each generated response
+    equal to its demonstration out of the loss (a prompt whose k responses all tie is dropped).
+    ``lora_rank`` > 0: the policy is trained through LoRA adapters, merged after each round.
+    ``resume``: finished rounds are skipped and an interrupted round continues from its
+    checkpoint, so the final weights equal those of an uninterrupted run.
+    """
 
-    Each prompt gets ``generation.num_samples`` (k) responses. Ties (a response equal to its
-    demonstration) are counted per response (``info["ties"]``); ``drop_ties`` leaves each tied
-    response out of the loss, and drops a prompt whose k responses all tie."""
-    info: dict = {"num_demonstrations": len(demos)}
-    generations = gen_mask = None
-    num_samples = generation.num_samples
-    started = time.perf_counter()
-    if objective.needs_generations:
-        # the same precision as training (bf16 autocast when mixed precision is on); each
-        # process generates its share, the main process writes the set
-        policy = accelerator.unwrap_model(model)
-        with accelerator.autocast(), full_parameters(accelerator, policy):
-            generations = generate_set(
-                engine or policy,
-                tokenizer,
-                demos,
-                run.generated(round_index),
-                max_new_tokens=generation.max_new_tokens,
-                do_sample=generation.do_sample,
-                temperature=generation.temperature,
-                top_p=generation.top_p,
-                batch_size=generation.batch_size,
-                backend=generation.backend,
-                seed=seed,
-                max_prompt_length=max_prompt_length,
-                progress=accelerator.is_main_process,
-                extra_settings=extra_settings,
-                accelerator=accelerator,
-                num_samples=num_samples,
-            )
-        kill_point("generation")  # test hook (gsil.faults): the set is written
-        # response j to demos[i] is generations[i * k + j]; a tie is one response
-        ties = tie_mask([d.response for d in demos for _ in range(num_samples)], generations)
-        info["ties"] = sum(ties)
-        if drop_ties:
-            kept = [
-                not all(ties[i * num_samples : (i + 1) * num_samples]) for i in range(len(demos))
-            ]
-            demos = [d for d, keep in zip(demos, kept, strict=True) if keep]
-            generations = [g for n, g in enumerate(generations) if kept[n // num_samples]]
-            gen_mask = [not tie for n, tie in enumerate(ties) if kept[n // num_samples]]
-            if not demos:
-                raise RuntimeError(
-                    "every generated response equals its demonstration; nothing to contrast "
-                    "(run without --drop-ties or with sampled generation)"
-                )
-        info["num_trained"] = len(demos)
-    info["generation_seconds"] = round(time.perf_counter() - started, 3)
-    started = time.perf_counter()
-    examples = build_examples(
-        tokenizer,
-        [d.prompt for d in demos],
-        [d.response for d in demos],
-        generations,
-        max_prompt_length=max_prompt_length,
-        max_length=max_length,
-        num_samples=num_samples if generations is not None else 1,
-        gen_mask=gen_mask,
-    )
-    ref_demo = ref_gen = None
-    if objective.needs_reference:
-        ref_path = run.reference_logps(round_index)
-        if ref_path.exists():
-            ref_demo, ref_gen = _load_reference_logps(ref_path, len(examples))
-        else:
-            pad_id = tokenizer.pad_token_id
-            # autocast like the training forward, so that Delta = 0 at the first step
-            with accelerator.autocast(), full_parameters(accelerator, model):
-                ref_demo, ref_gen = reference_logps(
-                    model,
-                    examples,
-                    pad_id,
-                    batch_size,
-                    average_logps,
-                    accelerator,
-                    objective.needs_generations,
-                )
-            if accelerator.is_main_process:
-                discard_manifest(
-                    ref_path
-                )  # a crash before the new one leaves none, not a stale one
-                with atomic_file(ref_path, "wb") as handle:
-                    torch.save({"demo": ref_demo, "gen": ref_gen}, handle)
-                write_manifest(ref_path)
-        info["ref_logps/chosen"] = float(ref_demo.mean())
-        if ref_gen is not None:
-            info["ref_logps/rejected"] = float(ref_gen.mean())
-    info["reference_seconds"] = round(time.perf_counter() - started, 3)
-    accelerator.wait_for_everyone()
-    return RoundData(examples, ref_demo, ref_gen, ids=[d.id for d in demos]), info
+    run_dir: Path
+    max_prompt_length: int | None
+    max_length: int
+    rounds: int = 1
+    seed: int = 0
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    drop_ties: bool = False
+    lora_rank: int = 0
+    resume: bool = False
+
+
+@dataclass
+class OwnSamples:
+    """A round's generated set, lined up with the demonstrations it keeps."""
+
+    demos: list
+    responses: list[str] | None = None  # response j to demos[i] at i * k + j
+    mask: list[bool] | None = None  # the responses that count (--drop-ties)
+    info: dict = field(default_factory=dict)
 
 
 def run_rounds(
     model,
     tokenizer,
     demos: Sequence,
-    objective: Objective,
-    run_dir: str | Path,
+    method: Method,
+    settings: RoundsSettings,
     *,
-    rounds: int,
-    optim: OptimSettings,
-    generation: GenerationSettings | None = None,
-    max_prompt_length: int | None,
-    max_length: int,
-    seed: int = 0,
-    drop_ties: bool = False,
-    resume: bool = False,
-    lora_rank: int = 0,
     accelerator: Accelerator | None = None,
 ) -> dict:
-    """Run ``rounds`` self-imitation rounds; returns (and writes) the run summary.
-
-    With ``resume=True`` finished rounds are skipped (the last round's model is reloaded) and an
-    interrupted round continues from its checkpoint, with the same data order, optimizer,
-    scheduler and RNG state, so the final weights equal those of an uninterrupted run.
-    ``generation`` is how each round generates (default :class:`GenerationSettings`); round
-    ``t`` samples with seed ``seed + t``.
+    """Run ``settings.rounds`` self-imitation rounds; returns (and writes) the run summary.
 
     Each metrics row also goes to the accelerator's trackers (started by the caller with
     :func:`gsil.tracking.start_trackers`); they are finished when the run ends, even by an error.
     """
-    run_dir = Path(run_dir)
-    run = RunLayout(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    check_processes(accelerator)
-    # Round 0's generation and reference pass run before accelerate prepares the model, on
-    # batches placed on accelerator.device: a policy given on another device goes there first
-    # (found on a GPU machine with a policy built on the CPU). ZeRO-3 places its own shards.
-    if not is_zero3(accelerator):
-        model = model.to(accelerator.device)
-    pad_id = tokenizer.pad_token_id
-    if not resume and accelerator.is_main_process:
-        _reset_run_outputs(run)
-    accelerator.wait_for_everyone()
-    checkpoint = load_checkpoint(run_dir) if resume else None
-    summary: dict = {"objective": objective.name, "rounds": []}
-    global_step = 0
-    restarted = not resume  # a resumed run first drops what the interrupted attempt logged
-    # one vLLM engine for the whole run (if vLLM generates), holding each round's policy
-    generation = generation or GenerationSettings()
-    vllm = _RunEngine(
-        objective.needs_generations, generation, seed, tokenizer, accelerator, max_length
-    )
+    recipe = SelfImitation(tokenizer, demos, method, settings, accelerator)
     try:
-        for round_index in range(rounds):
-            done_file = run.round_summary(round_index)
-            if resume and done_file.exists():
+        return recipe.run(model)
+    finally:
+        recipe.close()
+
+
+class SelfImitation:
+    """The self-imitation rounds as named stages over one run directory.
+
+    for each round t:   generate  ->  reference_pass  ->  train  ->  save
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        demos: Sequence,
+        method: Method,
+        settings: RoundsSettings,
+        accelerator: Accelerator | None = None,
+    ) -> None:
+        self.tokenizer, self.demos, self.method, self.settings = tokenizer, demos, method, settings
+        self.layout = RunLayout(settings.run_dir)
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        check_processes(self.accelerator)
+        # one vLLM engine for the whole run (if vLLM generates), holding each round's policy
+        self.vllm = _RunEngine(method.needs_generations, settings, tokenizer, self.accelerator)
+
+    def close(self) -> None:
+        self.vllm.close()
+        finish_trackers(self.accelerator)
+
+    def run(self, model) -> dict:
+        """Every round in turn (finished ones skipped on resume); the run summary."""
+        settings, layout, accelerator = self.settings, self.layout, self.accelerator
+        settings.run_dir.mkdir(parents=True, exist_ok=True)
+        # Round 0's generation and reference pass run before accelerate prepares the model, on
+        # batches placed on accelerator.device: a policy given on another device goes there
+        # first. ZeRO-3 places its own shards.
+        if not is_zero3(accelerator):
+            model = model.to(accelerator.device)
+        if not settings.resume and accelerator.is_main_process:
+            _reset_run_outputs(layout)
+        accelerator.wait_for_everyone()
+        checkpoint = load_checkpoint(settings.run_dir) if settings.resume else None
+        summary: dict = {"objective": self.method.name, "rounds": []}
+        global_step = 0
+        restarted = not settings.resume  # a resumed run first drops what the last attempt logged
+        for round_index in range(settings.rounds):
+            done_file = layout.round_summary(round_index)
+            if settings.resume and done_file.exists():
                 round_summary = read_json(done_file)
                 summary["rounds"].append(round_summary)
                 global_step = round_summary["global_step"]
-                if not run.round_summary(round_index + 1).exists():
+                if not layout.round_summary(round_index + 1).exists():
                     # the last finished round: continue from its policy
                     model = _load_round_weights(
-                        model, run.model(round_index), lora_rank, seed + round_index + 1
+                        model,
+                        layout.model(round_index),
+                        settings.lora_rank,
+                        settings.seed + round_index + 1,
                     )
                 continue
-            torch.manual_seed(seed + round_index)
+            torch.manual_seed(settings.seed + round_index)
             started = time.perf_counter()
-            data, info = prepare_round(
-                model,
-                tokenizer,
-                demos,
-                objective,
-                run,
-                round_index,
-                generation=generation,
-                seed=seed + round_index,
-                extra_settings={
-                    "round": round_index,
-                    "mixed_precision": accelerator.mixed_precision,
-                },
-                max_prompt_length=max_prompt_length,
-                max_length=max_length,
-                batch_size=optim.batch_size,
-                average_logps=optim.average_logps,
-                drop_ties=drop_ties,
-                accelerator=accelerator,
-                engine=vllm.engine_for(model),
-            )
+            data, info = self.prepare(model, round_index)
             resume_state = checkpoint if checkpoint and checkpoint["round"] == round_index else None
             if not restarted:
-                # the interrupted attempt may have logged steps past the point this one restarts
-                # from (its checkpoint, else the last finished round): they are done again
+                # the interrupted attempt may have logged steps past the point this one
+                # restarts from (its checkpoint, else the last finished round): done again
                 kept = resume_state["global_step"] if resume_state else global_step
                 if accelerator.is_main_process:
-                    truncate_metrics(run.metrics, kept)
+                    truncate_metrics(layout.metrics, kept)
                 restart_trackers_at(accelerator, kept + 1)
                 restarted = True
+            place = RoundPlace(layout, round_index, settings.seed, global_step, resume_state)
             training_started = time.perf_counter()
-            last, prepared = train_round(
-                model,
-                data,
-                objective,
-                optim,
-                round_index=round_index,
-                seed=seed,
-                pad_id=pad_id,
-                run_dir=run_dir,
-                accelerator=accelerator,
-                resume_state=resume_state,
-                global_step_offset=global_step,
-            )
+            last, prepared = self.train(model, data, place)
             info["training_seconds"] = round(time.perf_counter() - training_started, 3)
             global_step = last.get("step", global_step)
-            save_round_model(accelerator, prepared, tokenizer, run.model(round_index))
-            policy = accelerator.unwrap_model(prepared)
-            # drop the wrapper and the optimizer state before the next round generates
-            del prepared
-            accelerator.free_memory()
             round_summary = {
                 "round": round_index,
                 **info,
@@ -303,40 +190,168 @@ def run_rounds(
                 "seconds": round(time.perf_counter() - started, 2),
                 "last_step": last,
             }
-            if accelerator.is_main_process:
-                write_json(done_file, round_summary)
-                shutil.rmtree(run.checkpoint, ignore_errors=True)
+            model = self.save(prepared, round_summary)
             summary["rounds"].append(round_summary)
-            if is_peft_model(policy) and round_index + 1 < rounds:
-                # pi_{t+1} is the merged policy; the next round trains fresh adapters on it
-                model = _fresh_adapters(
-                    policy.merge_and_unload(), lora_rank, seed + round_index + 1
+        return summary
+
+    def prepare(self, model, round_index: int) -> tuple[RoundData, dict]:
+        """Stages 1 and 2: what the round trains on, and its figures (ties, timings)."""
+        own = self.generate(model, round_index)
+        return self.reference_pass(model, own, round_index), own.info
+
+    def generate(self, model, round_index: int) -> OwnSamples:
+        """Stage 1: the round's own responses, ``generation.num_samples`` (k) per prompt,
+        generated (or reused from the cached set) when the method needs them.
+
+        Ties (a response equal to its demonstration) are counted per response
+        (``info["ties"]``); ``drop_ties`` leaves each tied response out of the loss, and drops a
+        prompt whose k responses all tie."""
+        settings, accelerator = self.settings, self.accelerator
+        own = OwnSamples(list(self.demos), info={"num_demonstrations": len(self.demos)})
+        started = time.perf_counter()
+        if self.method.needs_generations:
+            generation = settings.generation
+            k = generation.num_samples
+            # the same precision as training (bf16 autocast when mixed precision is on); each
+            # process generates its share, the main process writes the set
+            engine = self.vllm.engine_for(model)
+            policy = accelerator.unwrap_model(model)
+            with accelerator.autocast(), full_parameters(accelerator, policy):
+                own.responses = generate_set(
+                    engine or policy,
+                    self.tokenizer,
+                    own.demos,
+                    self.layout.generated(round_index),
+                    max_new_tokens=generation.max_new_tokens,
+                    do_sample=generation.do_sample,
+                    temperature=generation.temperature,
+                    top_p=generation.top_p,
+                    batch_size=generation.batch_size,
+                    backend=generation.backend,
+                    seed=settings.seed + round_index,
+                    max_prompt_length=settings.max_prompt_length,
+                    progress=accelerator.is_main_process,
+                    extra_settings={
+                        "round": round_index,
+                        "mixed_precision": accelerator.mixed_precision,
+                    },
+                    accelerator=accelerator,
+                    num_samples=k,
                 )
-            accelerator.wait_for_everyone()
-    finally:
-        vllm.close()
-        finish_trackers(accelerator)
-    return summary
+            kill_point("generation")  # test hook (gsil.faults): the set is written
+            ties = tie_mask([d.response for d in own.demos for _ in range(k)], own.responses)
+            own.info["ties"] = sum(ties)
+            if settings.drop_ties:
+                _drop_ties(own, ties, k)
+            own.info["num_trained"] = len(own.demos)
+        own.info["generation_seconds"] = round(time.perf_counter() - started, 3)
+        return own
+
+    def reference_pass(self, model, own: OwnSamples, round_index: int) -> RoundData:
+        """Stage 2: the round's examples and, when the method needs them, the reference
+        log-probs of every demonstration and own sample under the round's starting policy
+        (stored once; reused, after checking, by a resumed run)."""
+        settings, accelerator = self.settings, self.accelerator
+        started = time.perf_counter()
+        k = settings.generation.num_samples if own.responses is not None else 1
+        examples = build_examples(
+            self.tokenizer,
+            [d.prompt for d in own.demos],
+            [d.response for d in own.demos],
+            own.responses,
+            max_prompt_length=settings.max_prompt_length,
+            max_length=settings.max_length,
+            num_samples=k,
+            gen_mask=own.mask,
+        )
+        ref_demo = ref_gen = None
+        if self.method.needs_reference:
+            ref_demo, ref_gen = self._reference_logps(model, examples, round_index)
+            own.info["ref_logps/chosen"] = float(ref_demo.mean())
+            if ref_gen is not None:
+                own.info["ref_logps/rejected"] = float(ref_gen.mean())
+        own.info["reference_seconds"] = round(time.perf_counter() - started, 3)
+        accelerator.wait_for_everyone()
+        return RoundData(
+            examples,
+            ref_demo,
+            ref_gen,
+            ids=[d.id for d in own.demos],
+            pad_id=self.tokenizer.pad_token_id,
+        )
+
+    def _reference_logps(self, model, examples: list[Example], round_index: int):
+        path = self.layout.reference_logps(round_index)
+        if path.exists():
+            return _load_reference_logps(path, len(examples))
+        accelerator = self.accelerator
+        # autocast like the training forward, so that Delta = 0 at the first step
+        with accelerator.autocast(), full_parameters(accelerator, model):
+            ref_demo, ref_gen = reference_logps(
+                model,
+                examples,
+                self.settings.optim,
+                pad_id=self.tokenizer.pad_token_id,
+                accelerator=accelerator,
+                with_generations=self.method.needs_generations,
+            )
+        if accelerator.is_main_process:
+            write_recorded(
+                path, lambda handle: torch.save({"demo": ref_demo, "gen": ref_gen}, handle)
+            )
+        return ref_demo, ref_gen
+
+    def train(self, model, data: RoundData, place: RoundPlace):
+        """Stage 3: optimise the policy on the round's data (:func:`gsil.optimization.train_round`);
+        the last step's metrics and the prepared model."""
+        return train_round(model, data, self.method, self.settings.optim, place, self.accelerator)
+
+    def save(self, prepared, round_summary: dict):
+        """Stage 4: the round's policy saved (it is the next round's reference) and its summary
+        written, which marks the round done; returns the policy the next round starts from."""
+        settings, layout, accelerator = self.settings, self.layout, self.accelerator
+        round_index = round_summary["round"]
+        save_round_model(accelerator, prepared, self.tokenizer, layout.model(round_index))
+        policy = accelerator.unwrap_model(prepared)
+        # drop the wrapper and the optimizer state before the next round generates
+        del prepared
+        accelerator.free_memory()
+        if accelerator.is_main_process:
+            write_json(layout.round_summary(round_index), round_summary)
+            shutil.rmtree(layout.checkpoint, ignore_errors=True)
+        if is_peft_model(policy) and round_index + 1 < settings.rounds:
+            # pi_{t+1} is the merged policy; the next round trains fresh adapters on it
+            policy = _fresh_adapters(
+                policy.merge_and_unload(), settings.lora_rank, settings.seed + round_index + 1
+            )
+        accelerator.wait_for_everyone()
+        return policy
+
+
+def _drop_ties(own: OwnSamples, ties: list[bool], k: int) -> None:
+    """Leave tied responses out of the loss; drop a prompt whose k responses all tie."""
+    kept = [not all(ties[i * k : (i + 1) * k]) for i in range(len(own.demos))]
+    own.demos = [d for d, keep in zip(own.demos, kept, strict=True) if keep]
+    own.responses = [g for n, g in enumerate(own.responses) if kept[n // k]]
+    own.mask = [not tie for n, tie in enumerate(ties) if kept[n // k]]
+    if not own.demos:
+        raise RuntimeError(
+            "every generated response equals its demonstration; nothing to contrast "
+            "(run without --drop-ties or with sampled generation)"
+        )
 
 
 class _RunEngine:
     """The run's vLLM engine: started at the first round that generates (40-60 s on 2 CPU cores),
     then given each later round's policy in memory; closed when the run ends."""
 
-    def __init__(
-        self,
-        needed: bool,
-        generation: GenerationSettings,
-        seed: int,
-        tokenizer,
-        accelerator,
-        max_length: int,
-    ):
+    def __init__(self, needed: bool, settings: RoundsSettings, tokenizer, accelerator):
+        generation = settings.generation
         self.used = needed and resolve_backend(generation.backend) == "vllm"
         self.tokenizer, self.accelerator = tokenizer, accelerator
         # a prompt may take max_length - 1 tokens, and its response max_new_tokens more
-        self.max_length = max_length + generation.max_new_tokens
-        self.seed = seed
+        self.max_length = settings.max_length + generation.max_new_tokens
+        self.seed = settings.seed
         self.slot = None
 
     def engine_for(self, model):
@@ -409,6 +424,11 @@ def _load_round_weights(model, model_dir: Path, lora_rank: int, seed: int):
     return _fresh_adapters(base, lora_rank, seed) if lora_rank > 0 else base
 
 
+def _read_logps(path: Path) -> dict:
+    stored = torch.load(path)
+    return {"demo": stored["demo"], "gen": stored["gen"]}
+
+
 def _load_reference_logps(path: Path, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A round's stored reference log-probs, checked against their manifest and the round's
     ``count`` examples (on every process alike).
@@ -418,12 +438,8 @@ def _load_reference_logps(path: Path, count: int) -> tuple[torch.Tensor, torch.T
             of examples; the message names it and the fix.
     """
     fix = f"Delete {path} (and its .manifest.json) to compute them again, or start without --resume"
-    verify_manifest(path, what="reference log-probs", fix=fix)
-    try:
-        stored = torch.load(path)
-        demo, gen = stored["demo"], stored["gen"]
-    except Exception as error:  # torch.load raises pickle, zip and runtime errors alike
-        raise CorruptFileError(path, f"unreadable reference log-probs ({error!r})", fix) from error
+    stored = read_recorded(path, _read_logps, what="reference log-probs", fix=fix)
+    demo, gen = stored["demo"], stored["gen"]
     if demo.shape[0] != count or (gen is not None and gen.shape[0] != count):
         sizes = f"{demo.shape[0]} demonstration" + (
             f" and {gen.shape[0]} own-sample" if gen is not None else ""

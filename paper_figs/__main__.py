@@ -37,6 +37,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m paper_figs") -> i
 
 
 if __name__ == "__main__":
-    from experiments.cli import run_command
+    from experiments.errors import run_command
 
     sys.exit(run_command(main))

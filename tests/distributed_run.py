@@ -28,8 +28,8 @@ from tiny import (  # noqa: E402
 
 from gsil.estimators import get_estimator  # noqa: E402
 from gsil.generation import GenerationSettings
-from gsil.objectives import make_objective  # noqa: E402
-from gsil.trainer import OptimSettings, run_rounds  # noqa: E402
+from gsil.methods import get_method  # noqa: E402
+from gsil.trainer import OptimSettings, RoundsSettings, run_rounds  # noqa: E402
 
 GENERATION = GenerationSettings(max_new_tokens=6, do_sample=False, batch_size=3)
 
@@ -64,7 +64,7 @@ def run_job(
         return model
 
     estimator = get_estimator(loss) if method == "gsil" else None
-    objective = make_objective(method, estimator, beta=0.5)
+    objective = get_method(method, estimator, beta=0.5)
     settings = OptimSettings(**{"checkpoint_every": 1, **optim})
     kwargs = dict(
         rounds=rounds,
@@ -73,7 +73,6 @@ def run_job(
         max_prompt_length=64,
         max_length=96,
         seed=1,
-        accelerator=accelerator,
     )
     run_dir = out / name
     demos = tiny_demos(num_demos)
@@ -84,21 +83,35 @@ def run_job(
                 tokenizer,
                 demos,
                 interrupting(objective, interrupt_after_calls),
-                run_dir,
-                **kwargs,
+                RoundsSettings(run_dir=run_dir, **kwargs),
+                accelerator=accelerator,
             )
         except Interrupt:
             pass
         else:
             raise AssertionError(f"{name}: the run was never interrupted")
-        run_rounds(policy(), tokenizer, demos, objective, run_dir, resume=True, **kwargs)
+        run_rounds(
+            policy(),
+            tokenizer,
+            demos,
+            objective,
+            RoundsSettings(run_dir=run_dir, resume=True, **kwargs),
+            accelerator=accelerator,
+        )
     else:
-        run_rounds(policy(), tokenizer, demos, objective, run_dir, **kwargs)
+        run_rounds(
+            policy(),
+            tokenizer,
+            demos,
+            objective,
+            RoundsSettings(run_dir=run_dir, **kwargs),
+            accelerator=accelerator,
+        )
     return run_dir
 
 
 def main(out: str, jobs_json: str) -> None:
-    from gsil.optimization import make_accelerator
+    from gsil.processes import make_accelerator
 
     torch.set_num_threads(1)
     accelerator = make_accelerator()  # the launcher picks DDP or DeepSpeed (gloo on CPUs)

@@ -24,7 +24,7 @@ import pytest
 from tiny import build_tiny_model, build_tiny_tokenizer
 
 from experiments import evaluate, run
-from experiments.cli import run_command
+from experiments.errors import run_command
 from gsil.data import DataError, load_demonstrations
 from gsil.models import ModelLoadError, load_model, save_model
 
@@ -371,7 +371,7 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(
     full, the first checkpoint is intact, and --resume finishes the run from it."""
     from accelerate import Accelerator
 
-    from gsil.optimization import load_checkpoint
+    from gsil.checkpoints import load_checkpoint
 
     original = Accelerator.save_state
     calls = {"n": 0}

@@ -25,9 +25,15 @@ from gsil.data import Demonstration, encode_prompt
 from gsil.estimators import get_estimator
 from gsil.generation import GenerationSettings
 from gsil.layout import RunLayout
-from gsil.objectives import make_objective
-from gsil.optimization import OptimSettings, RoundData, reference_logps, train_round
-from gsil.trainer import prepare_round, run_rounds
+from gsil.methods import get_method
+from gsil.optimization import (
+    OptimSettings,
+    RoundData,
+    RoundPlace,
+    reference_logps,
+    train_round,
+)
+from gsil.trainer import RoundsSettings, SelfImitation, run_rounds
 
 GREEDY = GenerationSettings(max_new_tokens=6, do_sample=False, batch_size=4, backend="hf")
 LENGTHS = dict(max_prompt_length=64, max_length=96)
@@ -44,22 +50,17 @@ def read_generated(run_dir, round_index=0):
 
 def prepare(model, tokenizer, demos, run_dir, *, drop_ties, generation=GREEDY, seed=0):
     """One round's generation and reference pass (no training), as ``run_rounds`` runs it."""
-    objective = make_objective("gsil", get_estimator("logistic"), beta=0.5)
-    return prepare_round(
-        model,
-        tokenizer,
-        demos,
-        objective,
-        RunLayout(run_dir),
-        0,
+    objective = get_method("gsil", get_estimator("logistic"), beta=0.5)
+    settings = RoundsSettings(
+        run_dir=run_dir,
         generation=generation,
         seed=seed,
-        batch_size=4,
-        average_logps=False,
+        optim=OptimSettings(batch_size=4),
         drop_ties=drop_ties,
-        accelerator=Accelerator(cpu=True),
         **LENGTHS,
     )
+    recipe = SelfImitation(tokenizer, demos, objective, settings, Accelerator(cpu=True))
+    return recipe.prepare(model, 0)
 
 
 def by_hand(model, tokenizer, prompt, response, average=False) -> float:
@@ -100,18 +101,20 @@ def test_drop_ties_drops_exactly_the_tied_pairs(tiny_model_readonly, tiny_tokeni
     data, info = prepare(model, tok, mixed, tmp_path / "kept", drop_ties=False)
     assert (info["ties"], info["num_trained"], len(data.examples)) == (3, 8, 8)
 
-    objective = make_objective("gsil", get_estimator("logistic"), beta=0.5)
+    objective = get_method("gsil", get_estimator("logistic"), beta=0.5)
     summary = run_rounds(
         copy.deepcopy(model),
         tok,
         mixed,
         objective,
-        tmp_path / "run",
-        rounds=1,
-        drop_ties=True,
-        optim=OptimSettings(learning_rate=1e-3, batch_size=2, checkpoint_every=0),
-        generation=GREEDY,
-        **LENGTHS,
+        RoundsSettings(
+            run_dir=tmp_path / "run",
+            rounds=1,
+            drop_ties=True,
+            optim=OptimSettings(learning_rate=1e-3, batch_size=2, checkpoint_every=0),
+            generation=GREEDY,
+            **LENGTHS,
+        ),
     )
     assert (summary["rounds"][0]["ties"], summary["rounds"][0]["num_trained"]) == (3, 5)
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
@@ -153,17 +156,8 @@ def tiny_round(tok, count=4, generated=GENERATED):
 def one_round(model, tok, data, objective, settings, run_dir):
     """train_round on its own; returns the metrics rows and the trained model."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    _, trained = train_round(
-        model,
-        data,
-        objective,
-        settings,
-        round_index=0,
-        seed=0,
-        pad_id=tok.pad_token_id,
-        run_dir=run_dir,
-        accelerator=Accelerator(cpu=True),
-    )
+    place = RoundPlace(RunLayout(run_dir), round_index=0, seed=0)
+    _, trained = train_round(model, data, objective, settings, place, Accelerator(cpu=True))
     return read_metrics(run_dir), trained
 
 
@@ -184,13 +178,20 @@ def test_average_logps_trains_on_length_averaged_log_probs(tiny_model, tiny_toke
 
     accelerator = Accelerator(cpu=True)
     ref_demo, ref_gen = reference_logps(
-        tiny_model, examples, tok.pad_token_id, 2, True, accelerator, True
+        tiny_model,
+        examples,
+        OptimSettings(batch_size=2, average_logps=True),
+        pad_id=tok.pad_token_id,
+        accelerator=accelerator,
+        with_generations=True,
     )
     torch.testing.assert_close(ref_demo, torch.tensor(demo_avg), rtol=0, atol=1e-5)
     torch.testing.assert_close(ref_gen.reshape(-1), torch.tensor(gen_avg), rtol=0, atol=1e-5)
 
-    data = RoundData(examples, torch.zeros_like(ref_demo), torch.zeros_like(ref_gen))
-    objective = make_objective("gsil", get_estimator("logistic"), beta=beta, shift=shift)
+    data = RoundData(
+        examples, torch.zeros_like(ref_demo), torch.zeros_like(ref_gen), pad_id=tok.pad_token_id
+    )
+    objective = get_method("gsil", get_estimator("logistic"), beta=beta, shift=shift)
     settings = OptimSettings(
         learning_rate=1e-3, batch_size=4, average_logps=True, checkpoint_every=0
     )
@@ -217,8 +218,8 @@ def test_average_logps_leaves_the_sft_loss_a_token_mean(tiny_model, tiny_tokeniz
     tok = tiny_tokenizer
     demos, examples = tiny_round(tok)
     nll = [-by_hand(tiny_model, tok, d.prompt, d.response, average=True) for d in demos]
-    data = RoundData(examples, None, None)
-    objective = make_objective("sft")
+    data = RoundData(examples, None, None, pad_id=tok.pad_token_id)
+    objective = get_method("sft")
     for average in (False, True):
         settings = OptimSettings(
             learning_rate=0.0, batch_size=4, average_logps=average, checkpoint_every=0
@@ -238,8 +239,8 @@ def test_gradient_checkpointing_gives_the_same_steps(tiny_model_readonly, tiny_t
     tok = tiny_tokenizer
     _, examples = tiny_round(tok)
     zeros = torch.zeros(len(examples))  # reference 0: a logit far from the shift, real gradients
-    data = RoundData(examples, zeros, zeros.clone())
-    objective = make_objective("gsil", get_estimator("logistic"), beta=0.1)
+    data = RoundData(examples, zeros, zeros.clone(), pad_id=tok.pad_token_id)
+    objective = get_method("gsil", get_estimator("logistic"), beta=0.1)
     results = {}
     for checkpointing in (False, True):
         model = copy.deepcopy(tiny_model_readonly)
@@ -303,7 +304,7 @@ def test_lora_run_resumed_equals_the_uninterrupted_one(
     the very start of round 1 before any checkpoint of it (4), or in round 1 after its first
     checkpoint (6), then resumed: the same final merged weights, bit for bit, and one metrics
     row per step."""
-    objective = make_objective("gsil", get_estimator("logistic"), beta=0.5)
+    objective = get_method("gsil", get_estimator("logistic"), beta=0.5)
     kwargs = dict(
         rounds=2,
         lora_rank=4,
@@ -317,7 +318,11 @@ def test_lora_run_resumed_equals_the_uninterrupted_one(
     demos = tiny_demos(8)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_rounds(
-        lora_policy(tiny_model_readonly), tiny_tokenizer, demos, objective, straight, **kwargs
+        lora_policy(tiny_model_readonly),
+        tiny_tokenizer,
+        demos,
+        objective,
+        RoundsSettings(run_dir=straight, **kwargs),
     )
     with pytest.raises(Interrupt):
         run_rounds(
@@ -325,17 +330,14 @@ def test_lora_run_resumed_equals_the_uninterrupted_one(
             tiny_tokenizer,
             demos,
             interrupting(objective, interrupt_after_calls),
-            resumed,
-            **kwargs,
+            RoundsSettings(run_dir=resumed, **kwargs),
         )
     run_rounds(
         lora_policy(tiny_model_readonly),
         tiny_tokenizer,
         demos,
         objective,
-        resumed,
-        resume=True,
-        **kwargs,
+        RoundsSettings(run_dir=resumed, resume=True, **kwargs),
     )
     expected = load_file(str(RunLayout(straight).model(1) / "model.safetensors"))
     actual = load_file(str(RunLayout(resumed).model(1) / "model.safetensors"))
@@ -355,7 +357,7 @@ def test_sampled_generation_in_rounds_is_seeded(tiny_model_readonly, tiny_tokeni
     sampled = GenerationSettings(
         max_new_tokens=6, do_sample=True, temperature=1.0, batch_size=4, backend="hf"
     )
-    objective = make_objective("gsil", get_estimator("logistic"), beta=0.5)
+    objective = get_method("gsil", get_estimator("logistic"), beta=0.5)
     optim = OptimSettings(learning_rate=1e-2, batch_size=8, checkpoint_every=0)
 
     def run(name, seed, generation=sampled):
@@ -364,12 +366,14 @@ def test_sampled_generation_in_rounds_is_seeded(tiny_model_readonly, tiny_tokeni
             tiny_tokenizer,
             tiny_demos(8),
             objective,
-            tmp_path / name,
-            rounds=2,
-            optim=optim,
-            generation=generation,
-            seed=seed,
-            **LENGTHS,
+            RoundsSettings(
+                run_dir=tmp_path / name,
+                rounds=2,
+                optim=optim,
+                generation=generation,
+                seed=seed,
+                **LENGTHS,
+            ),
         )
         return [read_generated(tmp_path / name, t) for t in (0, 1)]
 
@@ -401,12 +405,14 @@ def test_partial_last_step_averages_over_its_real_examples(tiny_model, tiny_toke
         tiny_model,
         tok,
         demos,
-        make_objective("sft"),
-        tmp_path,
-        rounds=1,
-        **LENGTHS,
-        optim=OptimSettings(
-            learning_rate=0.0, batch_size=2, grad_accum=2, epochs=2, checkpoint_every=0
+        get_method("sft"),
+        RoundsSettings(
+            run_dir=tmp_path,
+            rounds=1,
+            **LENGTHS,
+            optim=OptimSettings(
+                learning_rate=0.0, batch_size=2, grad_accum=2, epochs=2, checkpoint_every=0
+            ),
         ),
     )
     rows = read_metrics(tmp_path)

@@ -106,27 +106,21 @@ def test_nested_and_flat_recipes_give_the_same_tree():
 
 
 @pytest.mark.parametrize("name", ["quick", "paper-zephyr"])
-def test_a_yaml_recipe_and_its_json_preset_resolve_to_the_same_config(capsys, name):
+def test_a_preset_name_and_its_recipe_file_resolve_to_the_same_config(capsys, name):
     recipe = str(ROOT / "recipes" / f"{name}.yaml")
     assert from_dict(load_preset(recipe)) == from_dict(load_preset(name))
     # through both commands, with a flag on top
-    via_json = _dry_run(capsys, experiments.run.main, "--preset", name, "--rounds", "3")
-    via_yaml = _dry_run(
+    via_name = _dry_run(capsys, experiments.run.main, "--preset", name, "--rounds", "3")
+    via_file = _dry_run(
         capsys, lambda argv: cli.main(["train", *argv]), "--config", recipe, "--rounds", "3"
     )
-    assert via_json == via_yaml and via_json["rounds"] == 3
+    assert via_name == via_file and via_name["rounds"] == 3
 
 
-@pytest.mark.parametrize("name", ["default", "full"])
-def test_a_yaml_pipeline_recipe_is_its_json_preset(tmp_path, name):
-    overrides = {"output_dir": str(tmp_path)}
-    from_yaml = load_pipeline(str(ROOT / "recipes" / f"{name}.yaml"), overrides)
-    from_json = load_pipeline(name, overrides)
-    assert [s.config for s in from_yaml.stages] == [s.config for s in from_json.stages]
-    assert [(s.init_from, s.share_round0_generations) for s in from_yaml.stages] == [
-        (s.init_from, s.share_round0_generations) for s in from_json.stages
-    ]
-    assert from_yaml.evaluate == from_json.evaluate and from_yaml.power == from_json.power
+def test_recipes_come_in_one_format():
+    presets = ROOT / "experiments" / "presets"
+    assert sorted(p.suffix for p in presets.iterdir()) == [".yaml"] * 4
+    assert (ROOT / "recipes").resolve() == presets.resolve()
 
 
 def test_flags_override_the_recipe_and_the_run_writes_the_resolved_tree(tmp_path):

@@ -2,18 +2,18 @@
 computation, against the authors' formula, against autograd, and its per-prompt state across
 steps and a resumed run."""
 
-import dataclasses
 import json
 import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import Interrupt, tiny_demos
+from tiny import Interrupt, interrupting, tiny_demos
 
 from gsil.generation import GenerationSettings
-from gsil.objectives import dft_loss, make_objective
-from gsil.trainer import OptimSettings, run_rounds
+from gsil.methods import LogpBatch, get_method
+from gsil.objectives import dft_loss
+from gsil.trainer import OptimSettings, RoundsSettings, run_rounds
 
 # 2 prompts x 3 samples; log-probs small enough for plain float math by hand
 DEMO = [-4.0, -6.5]
@@ -166,24 +166,31 @@ def test_dft_stays_finite_at_extreme_log_probs_in_float32():
         assert torch.isfinite(stats["dft/log_normalizer"]).all()
 
 
-def test_make_objective_binds_dft_with_its_state():
-    dft = make_objective("dft", dft_tau=0.5, dft_gamma=0.9, dft_u_init=0.25)
-    dft2 = make_objective("dft", dft_variant="dft2")
+def test_get_method_binds_dft_with_its_state():
+    dft = get_method("dft", dft_tau=0.5, dft_gamma=0.9, dft_u_init=0.25)
+    dft2 = get_method("dft", dft_variant="dft2")
     assert dft.needs_generations and dft.needs_reference and dft.name == "dft"
     assert dft2.needs_generations and not dft2.needs_reference and dft2.name == "dft2"
     assert dft.state_key == "dft/log_normalizer"
     torch.testing.assert_close(dft.initial_state(3), torch.full((3,), 0.25))
-    assert make_objective("spin").initial_state(3) is None
+    assert get_method("spin").initial_state(3) is None
     demo, gen, ref_gen, log_u = tensors()
     counts = torch.ones(2, dtype=torch.float64)
-    losses, stats = dft(
-        demo, gen, None, ref_gen, counts, state=log_u, gen_token_counts=torch.ones_like(gen)
+    losses, stats = dft.loss(
+        LogpBatch(
+            demo,
+            counts,
+            policy_gen_logps=gen,
+            ref_gen_logps=ref_gen,
+            gen_token_counts=torch.ones_like(gen),
+            state=log_u,
+        )
     )
     expected, _ = dft_loss(demo, gen, ref_gen, log_u, tau=0.5, gamma=0.9)
     torch.testing.assert_close(losses, expected)
     for bad in ({"dft_tau": 0.0}, {"dft_gamma": 0.0}, {"dft_gamma": 1.5}, {"dft_variant": "x"}):
         with pytest.raises(ValueError, match="dft"):
-            make_objective("dft", **bad)
+            get_method("dft", **bad)
 
 
 # --------------------------------------------------------------------------- in the round loop
@@ -197,28 +204,17 @@ def dft_run(model, tokenizer, run_dir, objective, resume=False):
         tokenizer,
         tiny_demos(6),
         objective,
-        run_dir,
-        rounds=1,
-        optim=OptimSettings(learning_rate=1e-2, epochs=2, batch_size=2, checkpoint_every=1),
-        generation=SAMPLED,
-        max_prompt_length=64,
-        max_length=96,
-        seed=0,
-        resume=resume,
+        RoundsSettings(
+            run_dir=run_dir,
+            rounds=1,
+            optim=OptimSettings(learning_rate=1e-2, epochs=2, batch_size=2, checkpoint_every=1),
+            generation=SAMPLED,
+            max_prompt_length=64,
+            max_length=96,
+            seed=0,
+            resume=resume,
+        ),
     )
-
-
-def interrupted(objective, after_calls):
-    """The same stateful objective, raising Interrupt on call ``after_calls + 1``."""
-    calls = {"n": 0}
-
-    def fn(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > after_calls:
-            raise Interrupt
-        return objective.fn(*args, **kwargs)
-
-    return dataclasses.replace(objective, fn=fn)
 
 
 def test_dft_state_is_kept_across_epochs_and_resumed_exactly(
@@ -229,7 +225,7 @@ def test_dft_state_is_kept_across_epochs_and_resumed_exactly(
     uninterrupted run ends (the state is saved with each checkpoint and loaded back)."""
     import copy
 
-    objective = make_objective("dft", dft_tau=1.0, dft_gamma=0.5)
+    objective = get_method("dft", dft_tau=1.0, dft_gamma=0.5)
     whole = tmp_path / "whole"
     dft_run(copy.deepcopy(tiny_model_readonly), tiny_tokenizer, whole, objective)
     rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
@@ -244,7 +240,7 @@ def test_dft_state_is_kept_across_epochs_and_resumed_exactly(
             copy.deepcopy(tiny_model_readonly),
             tiny_tokenizer,
             broken,
-            interrupted(objective, after_calls=4),
+            interrupting(objective, after_calls=4),
         )
     saved = torch.load(broken / "checkpoint" / "objective_state.pt")
     assert saved.shape == (6,) and (saved != 0).any()  # the moving averages of 4 steps

@@ -8,9 +8,9 @@ import torch
 from gsil.data import load_demonstrations
 from gsil.estimators import get_estimator
 from gsil.generation import GenerationSettings
+from gsil.methods import get_method
 from gsil.models import load_model
-from gsil.objectives import make_objective
-from gsil.trainer import OptimSettings, run_rounds
+from gsil.trainer import OptimSettings, RoundsSettings, run_rounds
 
 pytestmark = pytest.mark.integration
 
@@ -21,20 +21,22 @@ def test_embedded_model_takes_gsil_steps(tmp_path):
         "rg:chain_sum", size=4, seed=0, tokenizer=tokenizer, max_prompt_length=128
     )
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
-    objective = make_objective("gsil", get_estimator("logistic"), beta=0.1)
+    objective = get_method("gsil", get_estimator("logistic"), beta=0.1)
     optim = OptimSettings(learning_rate=1e-5, batch_size=2, checkpoint_every=0)
     summary = run_rounds(
         model,
         tokenizer,
         demos,
         objective,
-        tmp_path,
-        rounds=1,
-        optim=optim,
-        generation=GenerationSettings(max_new_tokens=12, batch_size=4),
-        max_prompt_length=128,
-        max_length=192,
-        seed=0,
+        RoundsSettings(
+            run_dir=tmp_path,
+            rounds=1,
+            optim=optim,
+            generation=GenerationSettings(max_new_tokens=12, batch_size=4),
+            max_prompt_length=128,
+            max_length=192,
+            seed=0,
+        ),
     )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2

@@ -19,13 +19,13 @@ from gsil.estimators import get_estimator
 from gsil.generation import GenerationSettings
 from gsil.integrity import CorruptFileError, verify_manifest, write_manifest
 from gsil.layout import RunLayout, manifest_path
+from gsil.methods import get_method
 from gsil.models import ModelLoadError, load_model
-from gsil.objectives import make_objective
-from gsil.trainer import OptimSettings, run_rounds
+from gsil.trainer import OptimSettings, RoundsSettings, run_rounds
 
 GENERATION = GenerationSettings(max_new_tokens=6, do_sample=False, batch_size=4)
 OPTIM = OptimSettings(learning_rate=1e-2, epochs=2, batch_size=2, grad_accum=2, checkpoint_every=1)
-OBJECTIVE = make_objective("gsil", get_estimator("logistic"), beta=0.5)
+OBJECTIVE = get_method("gsil", get_estimator("logistic"), beta=0.5)
 
 
 def run(model, tokenizer, objective, run_dir: Path, resume: bool = False) -> dict:
@@ -34,14 +34,16 @@ def run(model, tokenizer, objective, run_dir: Path, resume: bool = False) -> dic
         tokenizer,
         tiny_demos(8),
         objective,
-        run_dir,
-        rounds=2,
-        optim=OPTIM,
-        generation=GENERATION,
-        max_prompt_length=64,
-        max_length=96,
-        seed=2,
-        resume=resume,
+        RoundsSettings(
+            run_dir=run_dir,
+            rounds=2,
+            optim=OPTIM,
+            generation=GENERATION,
+            max_prompt_length=64,
+            max_length=96,
+            seed=2,
+            resume=resume,
+        ),
     )
 
 
@@ -163,7 +165,7 @@ def test_reference_logps_of_another_size_are_refused(damaged, tiny_model_readonl
 def test_a_crash_before_the_new_manifest_leaves_none_rather_than_a_stale_one(
     damaged, tiny_model_readonly, tiny_tokenizer, monkeypatch, caplog
 ):
-    import gsil.trainer
+    import gsil.integrity
 
     layout = RunLayout(damaged)
     path = layout.reference_logps(1)
@@ -174,7 +176,8 @@ def test_a_crash_before_the_new_manifest_leaves_none_rather_than_a_stale_one(
     def crash(artefact):
         raise Interrupt
 
-    monkeypatch.setattr(gsil.trainer, "write_manifest", crash)  # dies after the file
+    # write_recorded dies after the file, before its manifest
+    monkeypatch.setattr(gsil.integrity, "write_manifest", crash)
     with pytest.raises(Interrupt):
         run(copy.deepcopy(tiny_model_readonly), tiny_tokenizer, OBJECTIVE, damaged, resume=True)
     assert path.exists() and not manifest_path(path).exists()

@@ -13,8 +13,8 @@ import gsil.trainer as trainer
 from gsil.batching import build_examples, collate, split_demo_gen
 from gsil.data import Demonstration
 from gsil.generation import GenerationSettings, generate_set, read_generated_set, settings_path
-from gsil.layout import RunLayout
-from gsil.objectives import make_objective
+from gsil.methods import get_method
+from gsil.optimization import OptimSettings
 
 SAMPLE = dict(
     max_new_tokens=6,
@@ -141,22 +141,19 @@ def test_ties_are_counted_and_dropped_per_response(
     fake = [" r0", "r0\n", "x", "r1", "y", "z"]
     monkeypatch.setattr(trainer, "generate_set", lambda *a, **kw: list(fake))
     generation = GenerationSettings(max_new_tokens=4, do_sample=True, num_samples=2)
-    data, info = trainer.prepare_round(
-        tiny_model,
-        tiny_tokenizer,
-        demos,
-        make_objective("spin"),
-        RunLayout(tmp_path),
-        0,
+    settings = trainer.RoundsSettings(
+        run_dir=tmp_path,
         generation=generation,
         seed=0,
         max_prompt_length=32,
         max_length=64,
-        batch_size=2,
-        average_logps=False,
+        optim=OptimSettings(batch_size=2),
         drop_ties=drop_ties,
-        accelerator=Accelerator(cpu=True),
     )
+    recipe = trainer.SelfImitation(
+        tiny_tokenizer, demos, get_method("spin"), settings, Accelerator(cpu=True)
+    )
+    data, info = recipe.prepare(tiny_model, 0)
     assert info["ties"] == 3
     assert data.ref_gen_logps.shape == (len(data.examples), 2)
     if not drop_ties:

@@ -9,7 +9,6 @@ its stored reference log-prob, independently of the trainer's batch plan.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import sys
@@ -18,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import build_tiny_model, build_tiny_tokenizer, tiny_demos
+from tiny import Spy, build_tiny_model, build_tiny_tokenizer, tiny_demos
 
 from gsil.estimators import get_estimator
 from gsil.generation import GenerationSettings
-from gsil.integrity import NonFiniteError, nonfinite_rows
-from gsil.objectives import make_objective
-from gsil.trainer import OptimSettings, run_rounds
+from gsil.methods import get_method
+from gsil.nonfinite import NonFiniteError, nonfinite_rows
+from gsil.trainer import OptimSettings, RoundsSettings, run_rounds
 
 GENERATION = GenerationSettings(max_new_tokens=6, do_sample=False, batch_size=4)
 # 8 demonstrations, micro-batch 2, accumulation 2: 2 optimizer steps per epoch, 2 objective
@@ -65,15 +64,14 @@ class Poisoned:
         self.count = 0
         self.ref_values: list[float] = []
         self.checkpoint_then: dict[str, str] = {}
-        self.objective = dataclasses.replace(objective, fn=self._fn)
-        self._inner = objective.fn
+        self.objective = Spy(objective, self._around)
 
-    def _fn(self, *args, **kwargs):
+    def _around(self, loss, batch):
         self.count += 1
-        losses, stats = self._inner(*args, **kwargs)
+        losses, stats = loss(batch)
         if self.count not in self.calls:
             return losses, stats
-        self.ref_values.append(float(args[2][0]))  # ref_demo_logps of the first example
+        self.ref_values.append(float(batch.ref_demo_logps[0]))  # of the first example
         self.checkpoint_then = file_hashes(self.run_dir / "checkpoint")
         if self.kind == "nan":
             poison = torch.zeros_like(losses)
@@ -107,13 +105,15 @@ def run(model, tokenizer, objective, run_dir: Path, **overrides):
         tokenizer,
         tiny_demos(8),
         objective,
-        run_dir,
-        rounds=1,
-        optim=optim(**overrides),
-        generation=GENERATION,
-        max_prompt_length=64,
-        max_length=96,
-        seed=1,
+        RoundsSettings(
+            run_dir=run_dir,
+            rounds=1,
+            optim=optim(**overrides),
+            generation=GENERATION,
+            max_prompt_length=64,
+            max_length=96,
+            seed=1,
+        ),
     )
 
 
@@ -123,7 +123,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def gsil():
-    return make_objective("gsil", get_estimator("logistic"), beta=0.5)
+    return get_method("gsil", get_estimator("logistic"), beta=0.5)
 
 
 def assert_same(actual: dict, expected: dict) -> None:
@@ -286,7 +286,7 @@ def _weights_sha256(model) -> str:
 
 def _two_process_main(out: str) -> None:
     """Run under ``accelerate launch`` by :func:`test_two_processes_take_the_same_decision`."""
-    from gsil.optimization import make_accelerator
+    from gsil.processes import make_accelerator
 
     torch.set_num_threads(1)
     accelerator = make_accelerator()
@@ -305,13 +305,15 @@ def _two_process_main(out: str) -> None:
                 tokenizer,
                 tiny_demos(4),
                 poisoned.objective,
-                run_dir,
-                rounds=1,
-                optim=optim(batch_size=1, on_nonfinite=mode),
-                generation=GENERATION,
-                max_prompt_length=64,
-                max_length=96,
-                seed=1,
+                RoundsSettings(
+                    run_dir=run_dir,
+                    rounds=1,
+                    optim=optim(batch_size=1, on_nonfinite=mode),
+                    generation=GENERATION,
+                    max_prompt_length=64,
+                    max_length=96,
+                    seed=1,
+                ),
                 accelerator=accelerator,
             )
         except NonFiniteError as error:

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from gsil.estimators import get_estimator
-from gsil.objectives import dpo_loss, gsil_loss, make_objective, sft_loss, spin_loss
+from gsil.methods import LogpBatch, get_method
+from gsil.objectives import dpo_loss, gsil_loss, sft_loss, spin_loss
 
 
 def random_logps(n=6, seed=0):
@@ -100,28 +101,30 @@ def test_sft_is_mean_token_negative_log_likelihood():
     torch.testing.assert_close(losses, torch.tensor([2.0, 1.0]))
 
 
-def test_make_objective_binds_methods_with_one_signature():
+def test_get_method_binds_methods_with_one_signature():
     policy_demo, policy_gen, ref_demo, ref_gen = random_logps(seed=6)
     counts = torch.full_like(policy_demo, 4)
-    gsil = make_objective("gsil", get_estimator("logistic"), beta=0.1, shift=1.0)
-    spin = make_objective("spin", beta=0.1)
-    sft = make_objective("sft")
+    gsil = get_method("gsil", get_estimator("logistic"), beta=0.1, shift=1.0)
+    spin = get_method("spin", beta=0.1)
+    sft = get_method("sft")
     assert gsil.needs_generations and gsil.needs_reference
     assert not sft.needs_generations and not sft.needs_reference
-    gsil_losses, _ = gsil(policy_demo, policy_gen, ref_demo, ref_gen, counts)
+    batch = LogpBatch(policy_demo, counts, policy_gen, ref_demo, ref_gen)
+    gsil_losses, _ = gsil.loss(batch)
     expected, _ = gsil_loss(
         policy_demo, policy_gen, ref_demo, ref_gen, get_estimator("logistic"), 0.1, 1.0
     )
     torch.testing.assert_close(gsil_losses, expected)
     torch.testing.assert_close(
-        spin(policy_demo, policy_gen, ref_demo, ref_gen, counts)[0],
+        spin.loss(batch)[0],
         spin_loss(policy_demo, policy_gen, ref_demo, ref_gen, 0.1)[0],
     )
-    torch.testing.assert_close(sft(policy_demo, None, None, None, counts)[0], -policy_demo / 4)
+    torch.testing.assert_close(sft.loss(LogpBatch(policy_demo, counts))[0], -policy_demo / 4)
     with pytest.raises(ValueError, match="gsil, spin, sft"):
-        make_objective("ppo")
-    with pytest.raises(ValueError, match="estimator"):
-        make_objective("gsil")
+        get_method("ppo")
+    with pytest.raises(ValueError, match="takes no estimator"):
+        get_method("spin", get_estimator("logistic"))
+    assert get_method("gsil", loss="brier").name == "gsil-brier"
 
 
 # --------------------------------------------------------------------------- k samples per prompt
@@ -208,27 +211,20 @@ def test_gsil_gradient_over_k_samples_is_the_mean_of_the_sample_weights():
     torch.testing.assert_close(policy_gen.grad, beta * estimator.gen_weight(logits.detach()) / 3)
 
 
-def test_objective_passes_a_mask_only_when_it_leaves_something_out():
-    seen = []
-
-    def fn(pd, pg, rd, rg, counts, **extras):
-        seen.append(sorted(extras))
-        return pd, {}
-
-    from gsil.objectives import Objective
-
-    objective = Objective("probe", fn, True, True)
+def test_a_method_sees_a_mask_only_when_it_leaves_something_out():
     policy_demo, policy_gen, ref_demo, ref_gen = k_sample_logps()
     counts = torch.ones(4)
-    objective(
-        policy_demo,
-        policy_gen,
-        ref_demo,
-        ref_gen,
-        counts,
-        gen_mask=torch.ones(4, 3, dtype=torch.bool),
-    )
-    partial = torch.ones(4, 3, dtype=torch.bool)
+    full = torch.ones(4, 3, dtype=torch.bool)
+    partial = full.clone()
     partial[0, 0] = False
-    objective(policy_demo, policy_gen, ref_demo, ref_gen, counts, gen_mask=partial)
-    assert seen == [[], ["gen_mask"]]
+    assert LogpBatch(policy_demo, counts, policy_gen, gen_mask=full).kept_mask() is None
+    assert LogpBatch(policy_demo, counts, policy_gen).kept_mask() is None
+    assert LogpBatch(policy_demo, counts, policy_gen, gen_mask=partial).kept_mask() is partial
+    gsil = get_method("gsil", beta=0.5)
+    masked, _ = gsil.loss(
+        LogpBatch(policy_demo, counts, policy_gen, ref_demo, ref_gen, gen_mask=partial)
+    )
+    expected, _ = gsil_loss(
+        policy_demo, policy_gen, ref_demo, ref_gen, get_estimator("logistic"), 0.5, gen_mask=partial
+    )
+    torch.testing.assert_close(masked, expected)

@@ -10,7 +10,7 @@ from tiny import tiny_pipeline_base
 
 import experiments.run
 import experiments.training
-from experiments.config import from_dict, load_pipeline, load_preset
+from experiments.config import from_dict, load_pipeline, load_preset, read_recipe
 from experiments.planning import plan_run
 from gsil.models import save_model
 
@@ -197,7 +197,7 @@ def test_default_pipeline_compares_at_equal_demos_and_steps(tmp_path):
         assert len({(repr(c.data), repr(c.optim), c.seed) for c in compared}) == 1
         assert len({plan_run(c)["optimizer_steps"] for c in compared}) == 1
         assert compared[3].generation.num_samples == 2 and compared[3].generation.do_sample
-    assert "drop_ties" in json.loads(open("experiments/presets/default.json").read())["_comment"]
+    assert "drop_ties" in read_recipe("default")[1]["_comment"]
     spec = pipeline.evaluate
     assert spec.limit >= 100 and spec.baseline == "sft-continued"
     assert spec.runs == compared_groups and spec.benchmarks == ["reasoning"]

@@ -16,13 +16,8 @@ from types import SimpleNamespace
 import pytest
 from accelerate import Accelerator, DistributedType
 
-from gsil.optimization import (
-    OptimSettings,
-    check_processes,
-    plan_steps,
-    rank_share,
-    resolve_deepspeed_config,
-)
+from gsil.optimization import OptimSettings, plan_steps, rank_share
+from gsil.processes import check_processes, resolve_deepspeed_config
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,9 @@ from gsil import tracking
 from gsil.estimators import get_estimator
 from gsil.generation import GenerationSettings
 from gsil.layout import RunLayout
-from gsil.objectives import make_objective
-from gsil.optimization import make_accelerator
-from gsil.trainer import OptimSettings, run_rounds
+from gsil.methods import get_method
+from gsil.processes import make_accelerator
+from gsil.trainer import OptimSettings, RoundsSettings, run_rounds
 
 GENERATION = GenerationSettings(max_new_tokens=6, do_sample=False, batch_size=4)
 PROJECT = "gsil"
@@ -85,7 +85,7 @@ def assert_tensorboard_has_every_metric(run_dir: Path) -> None:
 
 
 def gsil_objective():
-    return make_objective("gsil", get_estimator("logistic"), beta=0.5, shift=0.0)
+    return get_method("gsil", get_estimator("logistic"), beta=0.5, shift=0.0)
 
 
 def train(run_dir: Path, model, tokenizer, objective=None, resume: bool = False, **optim):
@@ -104,14 +104,16 @@ def train(run_dir: Path, model, tokenizer, objective=None, resume: bool = False,
         tokenizer,
         tiny_demos(8),
         objective or gsil_objective(),
-        run_dir,
-        rounds=2,
-        optim=OptimSettings(**settings),
-        generation=GENERATION,
-        max_prompt_length=64,
-        max_length=96,
-        seed=0,
-        resume=resume,
+        RoundsSettings(
+            run_dir=run_dir,
+            rounds=2,
+            optim=OptimSettings(**settings),
+            generation=GENERATION,
+            max_prompt_length=64,
+            max_length=96,
+            seed=0,
+            resume=resume,
+        ),
         accelerator=accelerator,
     )
 

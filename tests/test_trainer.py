@@ -10,8 +10,8 @@ from tiny import Interrupt, interrupting, tiny_demos
 from gsil.estimators import get_estimator
 from gsil.generation import GenerationSettings
 from gsil.layout import RunLayout
-from gsil.objectives import make_objective
-from gsil.trainer import OptimSettings, run_rounds
+from gsil.methods import get_method
+from gsil.trainer import OptimSettings, RoundsSettings, run_rounds
 
 GENERATION = GenerationSettings(max_new_tokens=6, do_sample=False, batch_size=4)
 
@@ -34,19 +34,21 @@ def final_weights(run_dir, round_index):
 
 
 def test_two_round_gsil_run_end_to_end(tiny_model, tiny_tokenizer, tmp_path):
-    objective = make_objective("gsil", get_estimator("logistic"), beta=0.5, shift=0.0)
+    objective = get_method("gsil", get_estimator("logistic"), beta=0.5, shift=0.0)
     summary = run_rounds(
         tiny_model,
         tiny_tokenizer,
         demos(),
         objective,
-        tmp_path,
-        rounds=2,
-        optim=optim(),
-        generation=GENERATION,
-        max_prompt_length=64,
-        max_length=96,
-        seed=0,
+        RoundsSettings(
+            run_dir=tmp_path,
+            rounds=2,
+            optim=optim(),
+            generation=GENERATION,
+            max_prompt_length=64,
+            max_length=96,
+            seed=0,
+        ),
     )
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
     metrics = read_metrics(tmp_path)
@@ -135,18 +137,20 @@ def test_spin_and_sft_runs(method, tiny_model, tiny_tokenizer, tmp_path):
 
     start = copy.deepcopy(tiny_model)
     data, beta = demos(), 0.5
-    objective = make_objective(method, beta=beta)
+    objective = get_method(method, beta=beta)
     run_rounds(
         tiny_model,
         tiny_tokenizer,
         data,
         objective,
-        tmp_path,
-        rounds=1,
-        optim=optim(),
-        generation=GENERATION,
-        max_prompt_length=64,
-        max_length=96,
+        RoundsSettings(
+            run_dir=tmp_path,
+            rounds=1,
+            optim=optim(),
+            generation=GENERATION,
+            max_prompt_length=64,
+            max_length=96,
+        ),
     )
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
@@ -208,7 +212,7 @@ def test_resume_after_interruption_gives_identical_weights(
 ):
     import copy
 
-    objective = make_objective("gsil", get_estimator("brier"), beta=0.5, shift=0.5)
+    objective = get_method("gsil", get_estimator("brier"), beta=0.5, shift=0.5)
     kwargs = dict(
         rounds=2,
         optim=optim(optimizer="rmsprop", warmup_steps=1),
@@ -219,7 +223,11 @@ def test_resume_after_interruption_gives_identical_weights(
     )
     straight = tmp_path / "straight"
     run_rounds(
-        copy.deepcopy(tiny_model_readonly), tiny_tokenizer, demos(), objective, straight, **kwargs
+        copy.deepcopy(tiny_model_readonly),
+        tiny_tokenizer,
+        demos(),
+        objective,
+        RoundsSettings(run_dir=straight, **kwargs),
     )
     resumed = tmp_path / "resumed"
     with pytest.raises(Interrupt):
@@ -228,8 +236,7 @@ def test_resume_after_interruption_gives_identical_weights(
             tiny_tokenizer,
             demos(),
             interrupting(objective, interrupt_after_calls),
-            resumed,
-            **kwargs,
+            RoundsSettings(run_dir=resumed, **kwargs),
         )
     assert (resumed / "checkpoint" / "trainer_state.json").exists()
     run_rounds(
@@ -237,9 +244,7 @@ def test_resume_after_interruption_gives_identical_weights(
         tiny_tokenizer,
         demos(),
         objective,
-        resumed,
-        resume=True,
-        **kwargs,
+        RoundsSettings(run_dir=resumed, resume=True, **kwargs),
     )
     expected, actual = final_weights(straight, 1), final_weights(resumed, 1)
     assert expected.keys() == actual.keys()
@@ -256,19 +261,21 @@ def test_bf16_autocast_reference_matches_first_training_forward(
 ):
     from accelerate import Accelerator
 
-    objective = make_objective("gsil", get_estimator("logistic"), beta=1.0)
+    objective = get_method("gsil", get_estimator("logistic"), beta=1.0)
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
     run_rounds(
         tiny_model,
         tiny_tokenizer,
         demos(4),
         objective,
-        tmp_path,
-        rounds=1,
-        optim=optim(epochs=1, grad_accum=1),
-        generation=GENERATION,
-        max_prompt_length=64,
-        max_length=96,
+        RoundsSettings(
+            run_dir=tmp_path,
+            rounds=1,
+            optim=optim(epochs=1, grad_accum=1),
+            generation=GENERATION,
+            max_prompt_length=64,
+            max_length=96,
+        ),
         accelerator=accelerator,
     )
     first = read_metrics(tmp_path)[0]
@@ -283,19 +290,21 @@ def test_lora_rounds_merge_adapters_into_the_next_reference(tiny_model, tiny_tok
     policy = apply_lora(tiny_model, rank=4)
     trainable = [name for name, p in policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
-    objective = make_objective("gsil", get_estimator("logistic"), beta=0.5)
+    objective = get_method("gsil", get_estimator("logistic"), beta=0.5)
     run_rounds(
         policy,
         tiny_tokenizer,
         demos(4),
         objective,
-        tmp_path,
-        rounds=2,
-        lora_rank=4,
-        optim=optim(epochs=1, grad_accum=1, learning_rate=5e-2),
-        generation=GENERATION,
-        max_prompt_length=64,
-        max_length=96,
+        RoundsSettings(
+            run_dir=tmp_path,
+            rounds=2,
+            lora_rank=4,
+            optim=optim(epochs=1, grad_accum=1, learning_rate=5e-2),
+            generation=GENERATION,
+            max_prompt_length=64,
+            max_length=96,
+        ),
     )
     round0, round1 = final_weights(tmp_path, 0), final_weights(tmp_path, 1)
     assert not any("lora" in key for key in round0)  # saved merged, as a plain model

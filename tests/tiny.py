@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from gsil.methods import Method
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -80,19 +82,47 @@ class Interrupt(Exception):
     """Stands for a crash in the middle of a round (raised by :func:`interrupting`)."""
 
 
-def interrupting(objective, after_calls: int):
-    """The same objective, raising :class:`Interrupt` on call ``after_calls + 1``."""
+class Spy(Method):
+    """A method that behaves as ``inner`` and lets ``around(inner.loss, batch)`` compute each
+    loss (to count, interrupt or poison calls)."""
+
+    def __init__(self, inner: Method, around) -> None:
+        self.inner, self.around = inner, around
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def needs_generations(self) -> bool:
+        return self.inner.needs_generations
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.inner.needs_reference
+
+    @property
+    def state_key(self) -> str | None:
+        return self.inner.state_key
+
+    def initial_state(self, num_examples: int):
+        return self.inner.initial_state(num_examples)
+
+    def loss(self, batch):
+        return self.around(self.inner.loss, batch)
+
+
+def interrupting(objective: Method, after_calls: int) -> Method:
+    """The same method, raising :class:`Interrupt` on call ``after_calls + 1``."""
     calls = {"n": 0}
 
-    def fn(*args):
+    def around(loss, batch):
         calls["n"] += 1
         if calls["n"] > after_calls:
             raise Interrupt
-        return objective.fn(*args)
+        return loss(batch)
 
-    return type(objective)(
-        objective.name, fn, objective.needs_generations, objective.needs_reference
-    )
+    return Spy(objective, around)
 
 
 def tiny_pipeline_base(model_dir, **overrides) -> dict:

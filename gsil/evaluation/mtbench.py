@@ -74,6 +74,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from gsil import env
 from gsil.evaluation.results import BenchmarkResult, Decoding, base_settings, mean_interval
 from gsil.generation import generate
 
@@ -119,12 +120,13 @@ _SCORE_PATTERN = re.compile(r"\[\[(\d+\.?\d*)\]\]")
 _SCORE_PATTERN_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
 _TURN_FIELDS = {1: {"question", "answer"}, 2: {"question_1", "answer_1", "question_2", "answer_2"}}
 
+# the endpoint judge's environment (gsil.env reads it): a secret and a machine's endpoint
 ENV_BASE_URL, ENV_MODEL, ENV_API_KEY = (
-    "GSIL_JUDGE_BASE_URL",
-    "GSIL_JUDGE_MODEL",
-    "GSIL_JUDGE_API_KEY",
+    f"{env.JUDGE_PREFIX}BASE_URL",
+    f"{env.JUDGE_PREFIX}MODEL",
+    f"{env.JUDGE_PREFIX}API_KEY",
 )
-ENV_TIMEOUT, ENV_MAX_RETRIES = "GSIL_JUDGE_TIMEOUT", "GSIL_JUDGE_MAX_RETRIES"
+ENV_TIMEOUT, ENV_MAX_RETRIES = f"{env.JUDGE_PREFIX}TIMEOUT", f"{env.JUDGE_PREFIX}MAX_RETRIES"
 DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_MAX_RETRIES = 6  # openai's backoff: 0.5 s doubling up to 8 s, or the Retry-After
 DEFAULT_PARALLEL = 4
@@ -699,7 +701,7 @@ def local_model_judge(
 
 
 def judge_from_env(
-    environ: Mapping[str, str] = os.environ,
+    environ: Mapping[str, str] | None = None,
     *,
     max_tokens: int = JUDGE_MAX_TOKENS,
     parallel: int = DEFAULT_PARALLEL,
@@ -712,6 +714,8 @@ def judge_from_env(
     Raises:
         ValueError: when only one of the base URL and the model is set, or a bad number.
     """
+    if environ is None:
+        environ = env.judge_variables()
     base_url, model = environ.get(ENV_BASE_URL), environ.get(ENV_MODEL)
     if not base_url and not model:
         return None

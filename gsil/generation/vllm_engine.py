@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from gsil import env
 from gsil.generation.common import (
     Decoding,
     GenerationBackendError,
@@ -98,9 +99,7 @@ class VLLMEngine:
             options: dict[str, Any] = {"enforce_eager": eager_mode(enforce_eager, on_gpu)}
             if on_gpu:
                 # the HF policy and its optimizer state stay on the same GPU
-                options["gpu_memory_utilization"] = float(
-                    os.environ.get("GSIL_VLLM_GPU_MEMORY", "0.5")
-                )
+                options["gpu_memory_utilization"] = env.vllm_gpu_memory()
             else:
                 _cpu_environment()
             # vLLM puts its model on the first GPU its engine process sees: show it only this
@@ -236,10 +235,8 @@ def eager_mode(enforce_eager: bool | None, on_gpu: bool) -> bool:
     on CPUs only (see :class:`VLLMEngine`)."""
     if enforce_eager is not None:
         return enforce_eager
-    setting = os.environ.get("GSIL_VLLM_EAGER", "").strip()
-    if setting not in ("", "0", "1"):
-        raise ValueError(f"GSIL_VLLM_EAGER={setting!r}: use 1 (eager) or 0 (vLLM's compiled graph)")
-    return setting == "1" if setting else not on_gpu
+    setting = env.vllm_eager()
+    return setting if setting is not None else not on_gpu
 
 
 def _this_gpu() -> str:

@@ -1,0 +1,292 @@
+"""Training methods: one class per method, registered by name, each binding a pure loss of
+:mod:`gsil.objectives` to its own settings.
+
+    settings (the run configuration's ``objective`` section: :class:`ObjectiveSettings`)
+        └── build_method(settings) ──► METHODS[settings.method].from_settings(settings)
+                                         └── method.loss(LogpBatch) ──► (losses (B,), stats)
+
+The trainer asks a method only for its capabilities (``needs_generations``,
+``needs_reference``, ``state_key``) and calls :meth:`Method.loss` with one
+:class:`LogpBatch`; it never branches on a method's name. A new method is a subclass decorated
+with :func:`register`, with its own fields and a ``from_settings`` that reads what it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from gsil.estimators import ESTIMATORS, DensityRatioEstimator, get_estimator
+from gsil.objectives import DFT_VARIANTS, Stats, dft_loss, gsil_loss, sft_loss, spin_loss
+
+
+def _setting(default, help: str, **metadata):
+    """A settings field whose ``help`` is its command-line documentation (experiments.config)."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    """What to optimise: the run configuration's ``objective`` section. Every method's
+    hyper-parameter default lives here, once."""
+
+    method: str = _setting(
+        "gsil",
+        "training objective (dft: discriminative fine-tuning, Guo et al. 2025)",
+        choices=("gsil", "spin", "sft", "dft"),
+    )
+    loss: str = _setting(
+        "logistic", "GSIL density-ratio estimator", choices=tuple(ESTIMATORS.keys())
+    )
+    gamma: float | None = _setting(None, "parameter of the 'power' estimator (gamma > 0)")
+    beta: float = _setting(
+        0.1,
+        "scale of the log-ratio logit f = beta * (log pi - log pi_ref) + shift; also SPIN's beta",
+    )
+    shift: float = _setting(0.0, "offset of the GSIL logit (the paper's script: 2 with beta 0.01)")
+    drop_ties: bool = _setting(
+        False,
+        "leave out each generated response that equals its "
+        "demonstration (a prompt whose k responses all tie is dropped)",
+    )
+    dft_tau: float = _setting(
+        1.0,
+        "DFT's temperature tau of the discriminative likelihood (> 0; the "
+        "authors' recipes: 1.0 for dft, 0.3 for dft2)",
+    )
+    dft_gamma: float = _setting(
+        0.85,
+        "DFT's moving-average weight of each new estimate of the "
+        "normaliser, in (0, 1] (1: no memory; recipes: 0.85 dft, 0.9 dft2)",
+    )
+    dft_variant: str = _setting(
+        "dft",
+        "dft (log-prob scores, importance weights 1/pi_ref) or dft2 "
+        "(length-normalised scores, no reference)",
+        choices=DFT_VARIANTS,
+    )
+    dft_u_init: float = _setting(
+        0.0, "DFT's initial log normaliser log u of every prompt, each round"
+    )
+
+    def estimator_params(self) -> dict[str, float]:
+        """Keyword arguments of ``gsil.estimators.get_estimator`` beyond the name."""
+        return {"gamma": self.gamma} if self.loss == "power" and self.gamma is not None else {}
+
+
+@dataclass(frozen=True)
+class LogpBatch:
+    """What a method's loss sees of one micro-batch: per-sequence log-probs, no model.
+
+    ``B`` prompts, each with one demonstration and ``k`` own samples. Demonstration tensors are
+    ``(B,)``, own-sample tensors ``(B, k)``; a side a method does not need is None.
+    ``demo_token_counts``/``gen_token_counts`` are response lengths (ones where the log-probs
+    are already length-averaged); ``gen_mask`` marks the samples that count (None: all);
+    ``state`` is a stateful method's per-example state before the step.
+    """
+
+    policy_demo_logps: Tensor
+    demo_token_counts: Tensor
+    policy_gen_logps: Tensor | None = None
+    ref_demo_logps: Tensor | None = None
+    ref_gen_logps: Tensor | None = None
+    gen_token_counts: Tensor | None = None
+    gen_mask: Tensor | None = None
+    state: Tensor | None = None
+
+    def kept_mask(self) -> Tensor | None:
+        """``gen_mask`` when it leaves some sample out, else None (every sample counts)."""
+        if self.gen_mask is None or bool(self.gen_mask.all()):
+            return None
+        return self.gen_mask
+
+
+class Method:
+    """A training method: its capabilities and its loss on a :class:`LogpBatch`.
+
+    A stateful method (``state_key`` set; DFT's moving average) keeps one number per example,
+    ``initial_state`` at the start of each round; its loss returns each example's new value as
+    the statistic ``state_key``, and the trainer keeps it across steps, epochs, processes and
+    checkpoints (:func:`gsil.optimization.train_round`).
+    """
+
+    key: ClassVar[str] = ""  # the registry name (``--method``)
+    needs_generations: ClassVar[bool] = False
+    needs_reference: ClassVar[bool] = False
+    state_key: ClassVar[str | None] = None
+
+    @property
+    def name(self) -> str:
+        """The name in logs and summaries (``gsil-logistic``, ``spin``, ``dft2``)."""
+        return self.key
+
+    @classmethod
+    def from_settings(cls, settings: ObjectiveSettings) -> Method:
+        raise NotImplementedError
+
+    def loss(self, batch: LogpBatch) -> tuple[Tensor, Stats]:
+        """Per-example losses ``(B,)`` and detached per-example statistics."""
+        raise NotImplementedError
+
+    def initial_state(self, num_examples: int) -> Tensor | None:
+        """The round's starting state, ``(num_examples,)`` float32; None if stateless."""
+        return None
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(key: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: make a :class:`Method` available as ``--method key``."""
+
+    def add(cls: type[Method]) -> type[Method]:
+        if key in METHODS:
+            raise ValueError(f"method {key!r} is registered twice")
+        cls.key = key
+        METHODS[key] = cls
+        return cls
+
+    return add
+
+
+@register("gsil")
+@dataclass(frozen=True)
+class GSIL(Method):
+    """GSIL (theory page, section 3): :func:`gsil.objectives.gsil_loss` with an estimator."""
+
+    estimator: DensityRatioEstimator
+    beta: float = ObjectiveSettings.beta
+    shift: float = ObjectiveSettings.shift
+    needs_generations: ClassVar[bool] = True
+    needs_reference: ClassVar[bool] = True
+
+    @property
+    def name(self) -> str:
+        return f"gsil-{self.estimator.name}"
+
+    @classmethod
+    def from_settings(cls, settings: ObjectiveSettings) -> GSIL:
+        estimator = get_estimator(settings.loss, **settings.estimator_params())
+        return cls(estimator, settings.beta, settings.shift)
+
+    def loss(self, batch: LogpBatch) -> tuple[Tensor, Stats]:
+        return gsil_loss(
+            batch.policy_demo_logps,
+            batch.policy_gen_logps,
+            batch.ref_demo_logps,
+            batch.ref_gen_logps,
+            self.estimator,
+            self.beta,
+            self.shift,
+            batch.kept_mask(),
+        )
+
+
+@register("spin")
+@dataclass(frozen=True)
+class SPIN(Method):
+    """SPIN (theory page, section 4): :func:`gsil.objectives.spin_loss`."""
+
+    beta: float = ObjectiveSettings.beta
+    needs_generations: ClassVar[bool] = True
+    needs_reference: ClassVar[bool] = True
+
+    @classmethod
+    def from_settings(cls, settings: ObjectiveSettings) -> SPIN:
+        return cls(settings.beta)
+
+    def loss(self, batch: LogpBatch) -> tuple[Tensor, Stats]:
+        return spin_loss(
+            batch.policy_demo_logps,
+            batch.policy_gen_logps,
+            batch.ref_demo_logps,
+            batch.ref_gen_logps,
+            self.beta,
+            batch.kept_mask(),
+        )
+
+
+@register("sft")
+@dataclass(frozen=True)
+class SFT(Method):
+    """Supervised fine-tuning: :func:`gsil.objectives.sft_loss` (no samples, no reference)."""
+
+    @classmethod
+    def from_settings(cls, settings: ObjectiveSettings) -> SFT:
+        return cls()
+
+    def loss(self, batch: LogpBatch) -> tuple[Tensor, Stats]:
+        return sft_loss(batch.policy_demo_logps, batch.demo_token_counts)
+
+
+@register("dft")
+@dataclass(frozen=True)
+class DFT(Method):
+    """Discriminative fine-tuning, DFT or DFT2 (:func:`gsil.objectives.dft_loss`): stateful,
+    one moving-average normaliser ``log u`` per prompt, ``u_init`` at each round's start."""
+
+    tau: float = ObjectiveSettings.dft_tau
+    gamma: float = ObjectiveSettings.dft_gamma
+    variant: str = ObjectiveSettings.dft_variant
+    u_init: float = ObjectiveSettings.dft_u_init
+    needs_generations: ClassVar[bool] = True
+    state_key: ClassVar[str | None] = "dft/log_normalizer"
+
+    def __post_init__(self) -> None:
+        if self.variant not in DFT_VARIANTS:
+            raise ValueError(f"--dft-variant must be one of {DFT_VARIANTS}, got {self.variant!r}")
+        if self.tau <= 0 or not 0 < self.gamma <= 1:
+            raise ValueError(
+                f"DFT needs --dft-tau > 0 and 0 < --dft-gamma <= 1, got {self.tau} and {self.gamma}"
+            )
+
+    @property
+    def name(self) -> str:
+        return self.variant
+
+    @property
+    def needs_reference(self) -> bool:  # DFT2 scores without a reference
+        return self.variant == "dft"
+
+    @classmethod
+    def from_settings(cls, settings: ObjectiveSettings) -> DFT:
+        return cls(settings.dft_tau, settings.dft_gamma, settings.dft_variant, settings.dft_u_init)
+
+    def initial_state(self, num_examples: int) -> Tensor:
+        return torch.full((num_examples,), float(self.u_init), dtype=torch.float32)
+
+    def loss(self, batch: LogpBatch) -> tuple[Tensor, Stats]:
+        return dft_loss(
+            batch.policy_demo_logps,
+            batch.policy_gen_logps,
+            batch.ref_gen_logps,
+            batch.state,
+            tau=self.tau,
+            gamma=self.gamma,
+            variant=self.variant,
+            demo_token_counts=batch.demo_token_counts,
+            gen_token_counts=batch.gen_token_counts,
+            gen_mask=batch.kept_mask(),
+        )
+
+
+def build_method(settings: ObjectiveSettings) -> Method:
+    """The method the settings name, bound to its settings."""
+    if settings.method not in METHODS:
+        raise ValueError(f"unknown method {settings.method!r}; choose one of: {', '.join(METHODS)}")
+    return METHODS[settings.method].from_settings(settings)
+
+
+def get_method(method: str, estimator: DensityRatioEstimator | None = None, **settings) -> Method:
+    """A method by name with settings given as keywords (the fields of
+    :class:`ObjectiveSettings`); ``estimator`` (GSIL) overrides the one ``loss`` names."""
+    bound = build_method(ObjectiveSettings(method=method, **settings))
+    if estimator is not None:
+        if not isinstance(bound, GSIL):
+            raise ValueError(f"method {method!r} takes no estimator")
+        bound = GSIL(estimator, bound.beta, bound.shift)
+    return bound
