@@ -486,7 +486,8 @@ def seeds_score_interval(
     q2n = quantile**2 / n_eff
     centre = (p + q2n / 2) / (1 + q2n)
     half = quantile / (1 + q2n) * math.sqrt(p * (1 - p) / n_eff + q2n / (4 * n_eff))
-    lo_u, hi_u = max(0.0, centre - half), min(1.0, centre + half)  # rounding only
+    # Wilson's interval holds p and lies in [0, 1]; min/max only undo rounding at 0 and 1
+    lo_u, hi_u = min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
     return (low + lo_u * (high - low), low + hi_u * (high - low))
 
 

@@ -150,60 +150,77 @@ def _offsets(k: int) -> np.ndarray:
     return -0.22 + (np.linspace(-0.07, 0.07, k) if k > 1 else np.zeros(1))
 
 
+def _draw_stage(
+    ax,
+    x: int,
+    values: Sequence[float],
+    mean: float,
+    interval: Sequence[float],
+    tint: str,
+    text: str,
+) -> None:
+    """One stage at ``x``: its seeds' ``values`` as a faint strip, ``mean`` as a marker with
+    ``interval``'s bar, ``text`` beside it."""
+    ax.plot(
+        x + _offsets(len(values)),
+        values,
+        ls="none",
+        marker="o",
+        ms=4,
+        alpha=SEED_ALPHA,
+        color=tint,
+        mec="none",
+    )
+    low, high = interval
+    ax.errorbar(
+        [x],
+        [mean],
+        yerr=[[max(0.0, mean - low)], [max(0.0, high - mean)]],
+        marker="D",
+        ms=5,
+        capsize=4,
+        lw=1.6,
+        color=tint,
+        mec="k",
+        mew=0.6,
+    )
+    ax.annotate(text, (x + 0.12, mean), fontsize=6, va="center", color=tint)
+
+
+def _stage_axis(ax, names: Sequence[str], labels: Sequence[str], colors: dict[str, str]) -> None:
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(labels)
+    for label, name in zip(ax.get_xticklabels(), names, strict=True):
+        label.set_color(colors[name])
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    ax.grid(axis="x", visible=False)
+
+
 def _draw_stage_scores(ax, panel: dict[str, Any], colors: dict[str, str], prefix: str) -> None:
     bounds = panel["bounds"]
     scale = 100.0 if tuple(bounds) == (0.0, 1.0) else 1.0
     for x, stage in enumerate(panel["stages"]):
-        tint = colors[stage["method"]]
-        seeds = stage["seeds"]
-        ax.plot(
-            x + _offsets(len(seeds)),
-            [scale * s["score"] for s in seeds],
-            ls="none",
-            marker="o",
-            ms=4,
-            alpha=SEED_ALPHA,
-            color=tint,
-            mec="none",
-        )
-        mean, (low, high) = scale * stage["mean"], stage["interval"]
-        ax.errorbar(
-            [x],
-            [mean],
-            yerr=[[mean - scale * low], [scale * high - mean]],
-            marker="D",
-            ms=5,
-            capsize=4,
-            lw=1.6,
-            color=tint,
-            mec="k",
-            mew=0.6,
-        )
-        ax.annotate(
+        _draw_stage(
+            ax,
+            x,
+            [scale * s["score"] for s in stage["seeds"]],
+            scale * stage["mean"],
+            [scale * v for v in stage["interval"]],
+            colors[stage["method"]],
             fmt_score_value(stage["mean"], bounds),
-            (x + 0.12, mean),
-            fontsize=6,
-            va="center",
-            color=tint,
         )
     for start in panel["starts"]:
-        mean, (low, high) = scale * start["mean"], start["interval"]
-        ax.axhline(mean, ls="--", lw=1.0, color="k")
+        low, high = start["interval"]
+        ax.axhline(scale * start["mean"], ls="--", lw=1.0, color="k")
         ax.axhspan(scale * low, scale * high, color="k", alpha=0.08, lw=0)
     names = [s["method"] for s in panel["stages"]]
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(
-        [
-            f"{n.removeprefix(prefix)}\n({len(s['seeds'])} seed{'s' * (len(s['seeds']) != 1)})"
-            for n, s in zip(names, panel["stages"], strict=True)
-        ],
-    )
-    for label, name in zip(ax.get_xticklabels(), names, strict=True):
-        label.set_color(colors[name])
-    ax.set_xlim(-0.6, len(names) - 0.4)
+    labels = []
+    for stage in panel["stages"]:
+        k = len(stage["seeds"])
+        labels.append(f"{stage['method'].removeprefix(prefix)}\n({k} seed{'s' * (k != 1)})")
+    _stage_axis(ax, names, labels, colors)
     tops = [scale * s["interval"][1] for s in panel["stages"] + panel["starts"]]
     ax.set_ylim(scale * bounds[0], min(scale * bounds[1], 1.15 * max(tops) + 0.02 * scale))
-    ax.grid(axis="x", visible=False)
 
 
 def _score_legend(ax, panel: dict[str, Any], prefix: str) -> None:
@@ -226,7 +243,15 @@ def _score_legend(ax, panel: dict[str, Any], prefix: str) -> None:
     for name in panel["unevaluated_starts"]:
         handles.append(Line2D([], [], ls="none"))
         labels.append(f"starting model {name.removeprefix(prefix)}: not evaluated")
-    ax.legend(handles, labels, loc="best", fontsize=6, framealpha=0.8)
+    ax.legend(  # below the stage names, clear of the data
+        handles,
+        labels,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.2),
+        ncol=2,
+        fontsize=6,
+        frameon=False,
+    )
 
 
 def _draw_differences(ax, panel: dict[str, Any], colors: dict[str, str], prefix: str) -> None:
@@ -239,42 +264,20 @@ def _draw_differences(ax, panel: dict[str, Any], colors: dict[str, str], prefix:
     for x, name in enumerate(names):
         if name == panel["baseline"]:
             ax.annotate("baseline", (x, 0.0), ha="center", va="bottom", fontsize=6)
+        if name not in by_name:
             continue
-        diff = by_name.get(name)
-        if diff is None:
-            continue
-        tint = colors[name]
-        ax.plot(
-            x + _offsets(len(diff["differences"])),
-            [scale * d for d in diff["differences"]],
-            ls="none",
-            marker="o",
-            ms=4,
-            alpha=SEED_ALPHA,
-            color=tint,
-            mec="none",
-        )
+        diff = by_name[name]
         mean = scale * diff["mean_difference"]
-        low = scale * max(-width, diff["interval"][0])  # within the possible differences
-        high = scale * min(width, diff["interval"][1])
-        ax.errorbar(
-            [x],
-            [mean],
-            yerr=[[mean - low], [high - mean]],
-            marker="D",
-            ms=5,
-            capsize=4,
-            lw=1.6,
-            color=tint,
-            mec="k",
-            mew=0.6,
+        _draw_stage(
+            ax,
+            x,
+            [scale * d for d in diff["differences"]],
+            mean,
+            [scale * max(-width, diff["interval"][0]), scale * min(width, diff["interval"][1])],
+            colors[name],
+            f"{mean:+.1f}" if scale == 100.0 else f"{mean:+.2f}",
         )
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([n.removeprefix(prefix) for n in names])
-    for label, name in zip(ax.get_xticklabels(), names, strict=True):
-        label.set_color(colors[name])
-    ax.set_xlim(-0.6, len(names) - 0.4)
-    ax.grid(axis="x", visible=False)
+    _stage_axis(ax, names, [n.removeprefix(prefix) for n in names], colors)
 
 
 def draw_scores(report: Report, out_dir: Path) -> tuple[list[Path], dict[str, dict[str, Any]]]:

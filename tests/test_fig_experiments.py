@@ -186,7 +186,8 @@ def test_seeds_score_interval_is_wilsons_at_the_effective_sample_size():
     for scores, bounds in (([0.0, 0.0, 0.3], (0, 1)), ([1.0, 1.2, 9.5], (1, 10))):
         low, high = report.seeds_score_interval(scores, [80] * 3, bounds)
         assert bounds[0] <= low < sum(scores) / 3 < high <= bounds[1]
-    assert report.seeds_score_interval([0.0, 0.0], [50, 50])[0] == 0.0
+    assert report.seeds_score_interval([0.0, 0.0], [2, 2])[0] == 0.0  # exactly, not 1e-17
+    assert report.seeds_score_interval([1.0, 1.0, 1.0], [2, 2, 2])[1] == 1.0
     with pytest.raises(ValueError, match="one item count per score"):
         report.seeds_score_interval([0.1, 0.2], [10])
 
