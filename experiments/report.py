@@ -467,7 +467,9 @@ def seeds_score_interval(
     seeds), so the effective sample size (Kish) is ``n_eff = p (1 - p) / variance <= N``. The
     interval is Wilson's at ``n_eff`` with the Student-t quantile of ``k - 1`` df in place of
     ``z`` (Korn & Graubard 1998); with one seed, Wilson's at its ``n`` (for an accuracy, the
-    run's own interval). Wilson's interval of a proportion never leaves [0, 1].
+    run's own interval). Wilson's interval of a proportion never leaves [0, 1]. For partial
+    credit or a rating, ``p (1 - p)`` is the largest variance a score in [0, 1] with mean ``p``
+    can have, so the floor is conservative.
     """
     if len(scores) != len(ns) or not scores:
         raise ValueError(f"one item count per score: {len(scores)} scores, {len(ns)} counts")
