@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,57 +93,64 @@ def _common_prefix(names: Sequence[str]) -> str:
     return heads.pop() if len(heads) == 1 else ""
 
 
+def _differences(report: Report, bench: str, shown: set[str]) -> list[dict[str, Any]]:
+    """The :func:`summarize_methods` entries of the ``shown`` stages on ``bench``: per-seed
+    differences, their mean, and the interval the verdict uses (across seeds, else paired)."""
+    differences = []
+    for m in report.methods:
+        if m["benchmark"] != bench or m["method"] not in shown:
+            continue
+        differences.append(
+            {
+                "method": m["method"],
+                "seeds": [s["seed"] for s in m["seeds"]],
+                "differences": [s["difference"] for s in m["seeds"]],
+                "mean_difference": m["mean_difference"],
+                "interval": list(m["across_interval"] or m["pooled"]["interval"]),
+                "interval_kind": "t across seeds" if m["across_interval"] else "paired bootstrap",
+            }
+        )
+    return differences
+
+
 def scores_data(report: Report) -> dict[str, dict[str, Any]]:
     """What ``experiments_scores`` plots, per benchmark, taken from the report's summaries.
 
-    ``stages``: the compared stages, the baseline first, then in report order (each a :func:`summarize_scores` entry:
-    ``seeds`` with their scores, ``mean``, ``interval``); ``starts``: the stages the others
-    started from (drawn as reference lines), ``unevaluated_starts``: starting models without a
-    score; ``differences``: :func:`summarize_methods` entries of the compared stages (per-seed
-    ``difference``, ``mean_difference``, and ``interval``: across seeds, else the pooled one).
+    ``stages``: the compared stages, the baseline first, then in report order (each a
+    :func:`experiments.report.summarize_scores` entry: ``seeds`` with their scores, ``mean``,
+    ``interval``); ``starts``: the stages the others started from (reference lines);
+    ``unevaluated_starts``: starting models without a score; ``differences``:
+    :func:`_differences` of the compared stages.
     """
     data: dict[str, dict[str, Any]] = {}
+    base = report.baseline.name if report.baseline else None
     for bench in report.benchmarks:
         summaries = [s for s in report.scores if s["benchmark"] == bench]
         if not summaries:
             continue
-        scored = {s["method"] for s in summaries}
         start_of = {s["method"]: s["starts_from"] for s in summaries}
         # a stage the others started from, itself started from none of them: a reference line
         references = {
             start
             for start in start_of.values()
-            if start in scored and start_of[start] not in scored
+            if start in start_of and start_of[start] not in start_of
         }
         stages = [s for s in summaries if s["method"] not in references]
-        base = report.baseline.name if report.baseline else None
         stages.sort(key=lambda s: s["method"] != base)  # the baseline first, then report order
-        shown = {s["method"] for s in stages}
-        differences = []
-        for m in report.methods:
-            if m["benchmark"] == bench and m["method"] in shown:
-                interval = m["across_interval"] or m["pooled"]["interval"]
-                differences.append(
-                    {
-                        "method": m["method"],
-                        "seeds": [s["seed"] for s in m["seeds"]],
-                        "differences": [s["difference"] for s in m["seeds"]],
-                        "mean_difference": m["mean_difference"],
-                        "interval": list(interval),
-                        "interval_kind": "t across seeds" if m["across_interval"] else "paired",
-                    }
-                )
         data[bench] = {
             "bounds": summaries[0]["bounds"],
-            "baseline": report.baseline.name if report.baseline else None,
+            "baseline": base,
             "stages": stages,
             "starts": [s for s in summaries if s["method"] in references],
-            "unevaluated_starts": sorted(
-                {s["starts_from"] for s in stages} - scored - {""},
-            ),
-            "differences": differences,
+            "unevaluated_starts": sorted({s["starts_from"] for s in stages} - set(start_of)),
+            "differences": _differences(report, bench, {s["method"] for s in stages}),
         }
     return data
+
+
+def _scale(bounds: Sequence[float]) -> float:
+    """Drawn units per score unit: percent (100) for a proportion, as is (1) for a rating."""
+    return 100.0 if tuple(bounds) == (0.0, 1.0) else 1.0
 
 
 def _offsets(k: int) -> np.ndarray:
@@ -150,41 +158,44 @@ def _offsets(k: int) -> np.ndarray:
     return -0.22 + (np.linspace(-0.07, 0.07, k) if k > 1 else np.zeros(1))
 
 
-def _draw_stage(
-    ax,
-    x: int,
-    values: Sequence[float],
-    mean: float,
-    interval: Sequence[float],
-    tint: str,
-    text: str,
-) -> None:
-    """One stage at ``x``: its seeds' ``values`` as a faint strip, ``mean`` as a marker with
-    ``interval``'s bar, ``text`` beside it."""
+@dataclass(frozen=True)
+class StageMark:
+    """One stage on a categorical axis: its seeds' values, their mean and interval, in the
+    axis' units, its colour and the text beside the mean."""
+
+    values: list[float]
+    mean: float
+    interval: tuple[float, float]
+    tint: str
+    text: str
+
+
+def _draw_stage(ax, x: int, mark: StageMark) -> None:
+    """``mark`` at ``x``: the seeds as a faint strip left of the mean's marker and bar."""
     ax.plot(
-        x + _offsets(len(values)),
-        values,
+        x + _offsets(len(mark.values)),
+        mark.values,
         ls="none",
         marker="o",
         ms=4,
         alpha=SEED_ALPHA,
-        color=tint,
+        color=mark.tint,
         mec="none",
     )
-    low, high = interval
+    low, high = mark.interval
     ax.errorbar(
         [x],
-        [mean],
-        yerr=[[max(0.0, mean - low)], [max(0.0, high - mean)]],
+        [mark.mean],
+        yerr=[[max(0.0, mark.mean - low)], [max(0.0, high - mark.mean)]],
         marker="D",
         ms=5,
         capsize=4,
         lw=1.6,
-        color=tint,
+        color=mark.tint,
         mec="k",
         mew=0.6,
     )
-    ax.annotate(text, (x + 0.12, mean), fontsize=6, va="center", color=tint)
+    ax.annotate(mark.text, (x + 0.12, mark.mean), fontsize=6, va="center", color=mark.tint)
 
 
 def _stage_axis(ax, names: Sequence[str], labels: Sequence[str], colors: dict[str, str]) -> None:
@@ -198,17 +209,16 @@ def _stage_axis(ax, names: Sequence[str], labels: Sequence[str], colors: dict[st
 
 def _draw_stage_scores(ax, panel: dict[str, Any], colors: dict[str, str], prefix: str) -> None:
     bounds = panel["bounds"]
-    scale = 100.0 if tuple(bounds) == (0.0, 1.0) else 1.0
+    scale = _scale(bounds)
     for x, stage in enumerate(panel["stages"]):
-        _draw_stage(
-            ax,
-            x,
-            [scale * s["score"] for s in stage["seeds"]],
-            scale * stage["mean"],
-            [scale * v for v in stage["interval"]],
-            colors[stage["method"]],
-            fmt_score_value(stage["mean"], bounds),
+        mark = StageMark(
+            values=[scale * s["score"] for s in stage["seeds"]],
+            mean=scale * stage["mean"],
+            interval=(scale * stage["interval"][0], scale * stage["interval"][1]),
+            tint=colors[stage["method"]],
+            text=fmt_score_value(stage["mean"], bounds),
         )
+        _draw_stage(ax, x, mark)
     for start in panel["starts"]:
         low, high = start["interval"]
         ax.axhline(scale * start["mean"], ls="--", lw=1.0, color="k")
@@ -237,7 +247,7 @@ def _score_legend(ax, panel: dict[str, Any], prefix: str) -> None:
         labels.append(
             f"starting model: {start['method'].removeprefix(prefix)} "
             f"({fmt_score_value(start['mean'], panel['bounds'])}"
-            f"{'%' if tuple(panel['bounds']) == (0.0, 1.0) else ''}"
+            f"{'%' if _scale(panel['bounds']) == 100.0 else ''}"
             f"{', ' + str(k) + ' seeds' if k > 1 else ''}; band: 95% interval)"
         )
     for name in panel["unevaluated_starts"]:
@@ -256,7 +266,7 @@ def _score_legend(ax, panel: dict[str, Any], prefix: str) -> None:
 
 def _draw_differences(ax, panel: dict[str, Any], colors: dict[str, str], prefix: str) -> None:
     bounds = panel["bounds"]
-    scale = 100.0 if tuple(bounds) == (0.0, 1.0) else 1.0
+    scale = _scale(bounds)
     width = bounds[1] - bounds[0]  # a difference lies within +-width
     by_name = {d["method"]: d for d in panel["differences"]}
     names = [s["method"] for s in panel["stages"]]
@@ -267,16 +277,15 @@ def _draw_differences(ax, panel: dict[str, Any], colors: dict[str, str], prefix:
         if name not in by_name:
             continue
         diff = by_name[name]
-        mean = scale * diff["mean_difference"]
-        _draw_stage(
-            ax,
-            x,
-            [scale * d for d in diff["differences"]],
-            mean,
-            [scale * max(-width, diff["interval"][0]), scale * min(width, diff["interval"][1])],
-            colors[name],
-            f"{mean:+.1f}" if scale == 100.0 else f"{mean:+.2f}",
+        mean, (low, high) = scale * diff["mean_difference"], diff["interval"]
+        mark = StageMark(
+            values=[scale * d for d in diff["differences"]],
+            mean=mean,
+            interval=(scale * max(-width, low), scale * min(width, high)),
+            tint=colors[name],
+            text=f"{mean:+.1f}" if scale == 100.0 else f"{mean:+.2f}",
         )
+        _draw_stage(ax, x, mark)
     _stage_axis(ax, names, [n.removeprefix(prefix) for n in names], colors)
 
 
@@ -293,7 +302,7 @@ def draw_scores(report: Report, out_dir: Path) -> tuple[list[Path], dict[str, di
     width = min(5.0, 1.4 + 0.9 * n_stages) * (2 if with_differences else 1)
     fig, axes = figure(len(data), 2 if with_differences else 1, width=width, height=2.9)
     for row, (bench, panel) in zip(axes, data.items(), strict=True):
-        percent = tuple(panel["bounds"]) == (0.0, 1.0)
+        percent = _scale(panel["bounds"]) == 100.0
         _draw_stage_scores(row[0], panel, colors, prefix)
         _score_legend(row[0], panel, prefix)
         row[0].set_title(f"{bench}: score of each stage's final model")
@@ -302,9 +311,9 @@ def draw_scores(report: Report, out_dir: Path) -> tuple[list[Path], dict[str, di
             _draw_differences(row[1], panel, colors, prefix)
             base = (panel["baseline"] or "").removeprefix(prefix)
             row[1].set_title(f"{bench}: paired difference vs {base}, same seed")
-            row[1].set_ylabel(
-                "Δ (points; 95% interval across seeds)" if percent else "Δ (95% interval)"
-            )
+            kinds = {d["interval_kind"] for d in panel["differences"]}
+            where = kinds.pop() if len(kinds) == 1 else "t across seeds, or paired"
+            row[1].set_ylabel(f"Δ ({'points; ' if percent else ''}95%: {where})")
     fig.tight_layout()
     return save_figure(fig, out_dir, f"{NAME}_scores"), data
 

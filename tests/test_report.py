@@ -109,7 +109,7 @@ def test_experiment_figures(tmp_path, capsys):
     assert [(s["score"], s["round"]) for s in gsil["seeds"]] == [(0.65, 1)]  # after 2 rounds
     assert gsil["interval"] == pytest.approx(proportion_interval(130, N))  # one run: its Wilson
     assert panel["differences"][0]["differences"] == [0.25]
-    assert panel["differences"][0]["interval_kind"] == "paired"
+    assert panel["differences"][0]["interval_kind"] == "paired bootstrap"
 
 
 def make_seeded_experiment(root: Path, extra: dict[str, list[int]]) -> Path:
