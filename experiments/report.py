@@ -8,7 +8,9 @@ difference against the SFT baseline on the same items (paired bootstrap interval
 p) from :func:`gsil.evaluation.results.compare_results`.
 
 Runs named ``<stage>-seed<s>`` (with ``seed: s``, as a pipeline stage repeated over seeds names
-them) form one method: each is compared with the baseline's run of the same seed, and
+them) form one method. ``report.md``'s scores section gives per stage its seeds' scores and their
+mean with an interval inside the score's range (:func:`seeds_score_interval`), and the stage its
+runs started from. Each run is compared with the baseline's run of the same seed, and
 ``report.md``'s methods section (``report_methods.csv``) gives per method and benchmark the
 per-seed scores and differences, their mean with a 95% Student-t interval across seeds, the
 pooled paired test over every seed's items, and the minimal detectable difference (80% power,
@@ -28,8 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scipy import stats
+
 from experiments.config import RunConfig, load_saved_config
 from gsil.evaluation.results import (
+    CONFIDENCE,
     DetectableDifference,
     compare_results,
     detectable_difference,
@@ -37,7 +42,7 @@ from gsil.evaluation.results import (
     pooled_comparison,
 )
 from gsil.io import read_json, read_jsonl
-from gsil.layout import EVAL_REQUEST, RunLayout
+from gsil.layout import EVAL_REQUEST, RunLayout, run_of_model
 from gsil.layout import round_index as index_of_round
 
 
@@ -190,6 +195,27 @@ def pick_baseline(runs: Sequence[RunInfo], name: str | None) -> RunGroup | None:
     return max(sft, key=lambda g: max(r.global_steps() for r in g.runs)) if sft else None
 
 
+def experiment_baseline(paths: Iterable[str | Path], runs: Sequence[RunInfo]) -> str | None:
+    """The baseline an experiment's ``pipeline.json`` names (``evaluation.baseline``), as the
+    stage name the runs under ``paths`` group into (``default/sft-continued`` when ``paths`` is
+    the directory above the experiment); None unless exactly one such stage is among ``runs``."""
+    stages = {group.name for group in group_runs(runs)}
+    found = set()
+    for root in map(Path, paths):
+        if not root.is_dir():
+            continue
+        for plan_path in sorted(root.rglob("pipeline.json")):
+            try:
+                name = (read_json(plan_path).get("evaluation") or {}).get("baseline")
+            except ValueError:
+                continue
+            if name:
+                prefix = plan_path.parent.relative_to(root)
+                found.add(name if prefix == Path(".") else f"{prefix.as_posix()}/{name}")
+    found &= stages
+    return found.pop() if len(found) == 1 else None
+
+
 def benchmarks_of(runs: Sequence[RunInfo]) -> list[str]:
     names: list[str] = []
     for run in runs:
@@ -293,9 +319,11 @@ def to_markdown(
     benchmarks: Sequence[str],
     baseline: str | None,
     methods: Sequence[dict[str, Any]] = (),
+    scores: Sequence[dict[str, Any]] = (),
 ) -> str:
-    """The markdown report: the table of runs, then per method (:func:`summarize_methods`) the
-    seeds, the interval across seeds, the pooled paired test, the MDE and a verdict."""
+    """The markdown report: the table of runs, per stage its score over seeds
+    (:func:`summarize_scores`), then per method (:func:`summarize_methods`) the seeds, the
+    interval across seeds, the pooled paired test, the MDE and a verdict."""
     header = ["run", "method", "steps", "ties/round"] + [f"{b} (%)" for b in benchmarks]
     header += [f"Δ {b} vs {baseline} (pts)" for b in benchmarks] if baseline else []
     lines = [
@@ -320,6 +348,8 @@ def to_markdown(
                 for b in benchmarks
             ]
         lines.append("| " + " | ".join(cells) + " |")
+    if scores:
+        lines += ["", "## Scores per stage", "", SCORES_NOTE, "", *_scores_table(scores)]
     if methods:
         lines += [
             "",
@@ -417,6 +447,114 @@ def summarize_methods(
     return summaries
 
 
+def score_bounds(metric: str | None) -> tuple[float, float]:
+    """The range a benchmark's score lives in: ``(1, 10)`` for a rating (MT-Bench), else
+    ``(0, 1)`` (accuracy, pass@1)."""
+    return (1.0, 10.0) if metric and "rating" in metric else (0.0, 1.0)
+
+
+def seeds_score_interval(
+    scores: Sequence[float],
+    ns: Sequence[int],
+    bounds: tuple[float, float] = (0.0, 1.0),
+    confidence: float = CONFIDENCE,
+) -> tuple[float, float]:
+    """Interval of the mean score over seeds that lies within ``bounds`` by construction.
+
+    Scores map to ``u = (score - low) / (high - low)`` in [0, 1]. With ``k`` seeds, mean ``p``
+    of the ``u`` and ``N = sum(ns)`` items, the variance of the mean is the larger of the
+    binomial ``p (1 - p) / N`` and the across-seed ``s^2 / k`` (``s``: the SD of the ``u`` over
+    seeds), so the effective sample size (Kish) is ``n_eff = p (1 - p) / variance <= N``. The
+    interval is Wilson's at ``n_eff`` with the Student-t quantile of ``k - 1`` df in place of
+    ``z`` (Korn & Graubard 1998); with one seed, Wilson's at its ``n`` (for an accuracy, the
+    run's own interval). Wilson's interval of a proportion never leaves [0, 1]. For partial
+    credit or a rating, ``p (1 - p)`` is the largest variance a score in [0, 1] with mean ``p``
+    can have, so the floor is conservative.
+    """
+    if len(scores) != len(ns) or not scores:
+        raise ValueError(f"one item count per score: {len(scores)} scores, {len(ns)} counts")
+    low, high = bounds
+    u = [(score - low) / (high - low) for score in scores]
+    k, total = len(u), sum(ns)
+    if total <= 0:
+        return (low, high)
+    p = sum(u) / k
+    if k == 1:
+        quantile, n_eff = float(stats.norm.ppf(0.5 + confidence / 2)), float(total)
+    else:
+        quantile = float(stats.t.ppf(0.5 + confidence / 2, df=k - 1))
+        across = sum((x - p) ** 2 for x in u) / (k - 1) / k
+        n_eff = min(float(total), p * (1 - p) / across) if across > 0 else float(total)
+    q2n = quantile**2 / n_eff
+    centre = (p + q2n / 2) / (1 + q2n)
+    half = quantile / (1 + q2n) * math.sqrt(p * (1 - p) / n_eff + q2n / (4 * n_eff))
+    # Wilson's interval holds p and lies in [0, 1]; min/max only undo rounding at 0 and 1
+    lo_u, hi_u = min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
+    return (low + lo_u * (high - low), low + hi_u * (high - low))
+
+
+def _start_of(run: RunInfo, stage_of_path: dict[Path, str]) -> str:
+    """The stage whose run's model ``run`` started from (``sft``), or the model's name."""
+    model = run.config.model.name_or_path
+    found = run_of_model(model)
+    if found:
+        parent = found[0].root
+        for candidate in (parent, run.path.parent / parent.name):
+            name = stage_of_path.get(candidate.resolve())
+            if name is not None:
+                return name
+    return model
+
+
+def summarize_scores(
+    groups: Sequence[RunGroup], rows: Sequence[dict[str, Any]], benchmarks: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Per stage (its runs over seeds) and benchmark: each seed's score at its run's last
+    evaluated round, their mean with :func:`seeds_score_interval` (within the score's range),
+    and ``starts_from``, the stage (or model) its runs started from."""
+    by_run = {(row["run"], row["round"]): row for row in rows}
+    stage_of_path = {run.path.resolve(): group.name for group in groups for run in group.runs}
+    summaries = []
+    for group in groups:
+        starts = {_start_of(run, stage_of_path) for run in group.runs}
+        for bench in benchmarks:
+            seeds = []
+            for run in group.runs:
+                if not run.evals:
+                    continue
+                result = by_run[(run.name, max(run.evals))]["results"].get(bench)
+                if result is None or result.get("score") is None:
+                    continue
+                seeds.append(
+                    {
+                        "seed": run.config.seed,
+                        "run": run.name,
+                        "round": max(run.evals),
+                        "score": result["score"],
+                        "n": result["n"],
+                        "metric": result.get("metric"),
+                    }
+                )
+            if not seeds:
+                continue
+            bounds = score_bounds(seeds[0]["metric"])
+            scores = [s["score"] for s in seeds]
+            interval = seeds_score_interval(scores, [s["n"] for s in seeds], bounds)
+            summaries.append(
+                {
+                    "method": group.name,
+                    "kind": group.method,
+                    "benchmark": bench,
+                    "seeds": seeds,
+                    "mean": sum(scores) / len(scores),
+                    "interval": list(interval),
+                    "bounds": list(bounds),
+                    "starts_from": ", ".join(sorted(starts)),
+                }
+            )
+    return summaries
+
+
 def _excludes_zero(interval: Sequence[float] | None) -> bool:
     if interval is None or any(map(math.isnan, interval)):
         return False
@@ -458,6 +596,45 @@ def verdict(summary: dict[str, Any]) -> str:
     if mde is not None and mde.attainable and not _excludes_zero(pooled):
         text += f"; differences under {100 * mde.difference:.1f} points would likely be missed"
     return text
+
+
+SCORES_NOTE = (
+    "Each seed's score at its run's last evaluated round; their mean with a 95% interval that "
+    "stays within the score's range: Wilson's at the effective sample size the spread over "
+    "seeds leaves, with the t quantile of seeds - 1 df (one seed: the run's Wilson interval)."
+)
+
+
+def fmt_score_value(value: float, bounds: Sequence[float]) -> str:
+    """A score as the report prints it: percent for a proportion, as is for a rating."""
+    return f"{100 * value:.1f}" if tuple(bounds) == (0.0, 1.0) else f"{value:.2f}"
+
+
+def _scores_table(scores: Sequence[dict[str, Any]]) -> list[str]:
+    header = [
+        "stage",
+        "benchmark",
+        "started from",
+        "seeds",
+        "score per seed",
+        "mean score, 95% interval",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for m in scores:
+        bounds, seeds = m["bounds"], m["seeds"]
+        unit = " (%)" if tuple(bounds) == (0.0, 1.0) else ""
+        low, high = m["interval"]
+        cells = [
+            m["method"],
+            m["benchmark"] + unit,
+            m["starts_from"],
+            ", ".join(str(s["seed"]) for s in seeds) + f" ({len(seeds)})",
+            ", ".join(fmt_score_value(s["score"], bounds) for s in seeds),
+            f"{fmt_score_value(m['mean'], bounds)} [{fmt_score_value(low, bounds)}, "
+            f"{fmt_score_value(high, bounds)}]",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _fmt_points(value: float) -> str:
@@ -643,16 +820,40 @@ def methods_csv_rows(methods: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+@dataclass
+class Report:
+    """Everything the report states, computed once: what ``report.md`` and the experiment
+    figures (:mod:`paper_figs.fig_experiments`) both draw from."""
+
+    runs: list[RunInfo]
+    baseline: RunGroup | None
+    benchmarks: list[str]
+    rows: list[dict[str, Any]]  # build_rows
+    scores: list[dict[str, Any]]  # summarize_scores
+    methods: list[dict[str, Any]]  # summarize_methods
+
+
+def build_report(paths: Sequence[str | Path], baseline: str | None = None) -> Report:
+    """The report of the runs under ``paths`` against ``baseline`` (default: the one the
+    experiment's ``pipeline.json`` names, else :func:`pick_baseline`'s)."""
+    runs = discover_runs(paths)
+    base = pick_baseline(runs, baseline or experiment_baseline(paths, runs))
+    benchmarks = benchmarks_of(runs)
+    rows = build_rows(runs, base)
+    groups = group_runs(runs)
+    scores = summarize_scores(groups, rows, benchmarks)
+    methods = summarize_methods(groups, base, rows, benchmarks)
+    return Report(runs, base, benchmarks, rows, scores, methods)
+
+
 def write_report(
     paths: Sequence[str | Path], out_dir: str | Path, baseline: str | None = None
 ) -> list[Path]:
     """Write ``report.md``, ``report.csv`` (per run) and ``report_methods.csv`` (per method, over
     seeds) for the runs under ``paths``; return their paths."""
-    runs = discover_runs(paths)
-    base = pick_baseline(runs, baseline)
-    benchmarks = benchmarks_of(runs)
-    rows = build_rows(runs, base)
-    methods = summarize_methods(group_runs(runs), base, rows, benchmarks)
+    built = build_report(paths, baseline)
+    runs, base, benchmarks, rows = built.runs, built.baseline, built.benchmarks, built.rows
+    methods = built.methods
     base_name = base.name if base else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -661,7 +862,7 @@ def write_report(
     if not runs:
         md_path.write_text(f"# Results\n\nNo runs found under {', '.join(map(str, paths))}.\n")
     else:
-        md_path.write_text(to_markdown(rows, benchmarks, base_name, methods))
+        md_path.write_text(to_markdown(rows, benchmarks, base_name, methods, built.scores))
     for path, fields, table in (
         (csv_path, CSV_FIELDS, to_csv_rows(rows, base_name)),
         (methods_path, METHOD_CSV_FIELDS, methods_csv_rows(methods)),
@@ -682,7 +883,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.repor
     parser.add_argument(
         "--baseline",
         help="stage (all its seeds' runs) or run to compare against "
-        "(default: the SFT stage with the most optimizer steps)",
+        "(default: the experiment's, from its pipeline.json, else the SFT stage with the most "
+        "optimizer steps)",
     )
     parser.add_argument("--out", help="where to write report.md/.csv (default: the first path)")
     args = parser.parse_args(argv)

@@ -20,10 +20,8 @@ N = 200
 def make_run(root: Path, name: str, method: str, scores: list[int], rounds: int = 2, **cfg):
     """A finished run with metrics and a reasoning evaluation of its last round."""
     run = root / name
-    write_json(
-        run / "config.json",
-        {"method": method, "loss": cfg.get("loss", "logistic"), "seed": cfg.get("seed", 0)},
-    )
+    config = {"method": method, "loss": cfg.get("loss", "logistic"), "seed": cfg.get("seed", 0)}
+    write_json(run / "config.json", config | ({"model": cfg["model"]} if "model" in cfg else {}))
     round_summaries = [
         {"round": r, "global_step": 4 * (r + 1), "ties": 3 + r} for r in range(rounds)
     ]
@@ -105,7 +103,13 @@ def test_experiment_figures(tmp_path, capsys):
     ]
     assert all(p.stat().st_size > 0 for p in paths)
     numbers = json.loads((tmp_path / "figs" / "experiments.json").read_text())
-    assert numbers["scores"]["reasoning"]["gsil-logistic"][0][0] == 2  # after 2 rounds
+    panel = numbers["scores"]["reasoning"]
+    assert [s["method"] for s in panel["stages"]] == ["sft-continued", "gsil-logistic", "spin"]
+    gsil = panel["stages"][1]
+    assert [(s["score"], s["round"]) for s in gsil["seeds"]] == [(0.65, 1)]  # after 2 rounds
+    assert gsil["interval"] == pytest.approx(proportion_interval(130, N))  # one run: its Wilson
+    assert panel["differences"][0]["differences"] == [0.25]
+    assert panel["differences"][0]["interval_kind"] == "paired bootstrap"
 
 
 def make_seeded_experiment(root: Path, extra: dict[str, list[int]]) -> Path:
@@ -189,14 +193,20 @@ def test_experiment_figures_draw_seeds_and_their_mean(tmp_path):
     assert len(draw(tmp_path / "figs", runs_dir=root)) == 4
     scores = json.loads((tmp_path / "figs" / "experiments.json").read_text())["scores"]
     reasoning = scores["reasoning"]
-    assert reasoning["spin-seed1"] == [[2, 0.45, reasoning["spin-seed1"][0][2]]]  # per seed
-    ((x, mean, (low, high), count),) = reasoning["spin (mean over seeds)"]
-    # scores 0.37, 0.45, 0.53: mean 0.45, sd 0.08, t(0.975, df 2) = 4.303
-    assert (x, count) == (2, 3) and mean == pytest.approx(0.45)
-    assert (low, high) == pytest.approx(
-        (0.45 - 4.303 * 0.08 / 3**0.5, 0.45 + 4.303 * 0.08 / 3**0.5), abs=1e-4
+    stages = {s["method"]: s for s in reasoning["stages"]}
+    assert list(stages) == ["sft-continued", "spin"]
+    assert [(s["seed"], s["score"]) for s in stages["spin"]["seeds"]] == [
+        (0, 0.37),
+        (1, 0.45),
+        (2, 0.53),
+    ]
+    assert stages["spin"]["mean"] == pytest.approx(0.45)
+    (diff,) = reasoning["differences"]
+    # differences 0.02, 0.05, 0.08: mean 0.05, sd 0.03, t(0.975, df 2) = 4.303
+    assert diff["differences"] == [0.02, 0.05, 0.08] and diff["interval_kind"] == "t across seeds"
+    assert diff["interval"] == pytest.approx(
+        (0.05 - 4.303 * 0.03 / 3**0.5, 0.05 + 4.303 * 0.03 / 3**0.5), abs=1e-4
     )
-    assert "sft-continued (mean over seeds)" in reasoning
 
 
 def test_the_verdict_claims_only_what_its_interval_supports():
