@@ -270,8 +270,9 @@ def plan_pipeline(pipeline: Pipeline) -> dict:
     return result
 
 
-# benchmarks whose per-item score is 0 or 1 (McNemar applies): HumanEval with one sample
-BINARY_BENCHMARKS = ("reasoning", "humaneval", "gsm8k", "gsm8k-chat")
+# benchmarks whose per-item score is 0 or 1 (McNemar applies): HumanEval with one sample;
+# IFEval per prompt (its prompt-level strict verdict)
+BINARY_BENCHMARKS = ("reasoning", "humaneval", "gsm8k", "gsm8k-chat", "ifeval")
 
 
 def _result_path(stage: Stage, benchmark: str) -> Path:
