@@ -106,6 +106,7 @@ def prepare_round(
                 do_sample=generation.do_sample,
                 temperature=generation.temperature,
                 top_p=generation.top_p,
+                top_k=generation.top_k,
                 batch_size=generation.batch_size,
                 backend=generation.backend,
                 seed=seed,
