@@ -31,10 +31,24 @@ from gsil.layout import run_of_model
 
 logger = logging.getLogger(__name__)
 
-BENCHMARKS = ("reasoning", "humaneval", "gsm8k", "gsm8k-chat", "mtbench", "ifeval")
+BENCHMARKS = (
+    "reasoning",
+    "humaneval",
+    "gsm8k",
+    "gsm8k-chat",
+    "mtbench",
+    "ifeval",
+    "reasoning-heldout",
+)
 # Per-benchmark generation budgets: short worked arithmetic, one function, grade-school
 # solutions, free-form chat answers (MT-Bench: FastChat's gen_model_answer max_new_token).
-DEFAULT_MAX_NEW_TOKENS = {"reasoning": 256, "humaneval": 384, "gsm8k-chat": 384, "mtbench": 1024}
+DEFAULT_MAX_NEW_TOKENS = {
+    "reasoning": 256,
+    "reasoning-heldout": 256,
+    "humaneval": 384,
+    "gsm8k-chat": 384,
+    "mtbench": 1024,
+}
 # "gsm8k" and "ifeval" (lm-eval) have no entry: their lm-eval task's own max_gen_toks (256,
 # 1280) unless max_new_tokens is set.
 IN_MEMORY_BENCHMARKS = ("gsm8k", "ifeval")  # evaluated by lm-eval on the model itself
@@ -156,6 +170,11 @@ class EvalOptions:
         "lm-eval's random, numpy, torch and few-shot seeds for gsm8k and ifeval "
         "(default: lm-eval's own, as a plain lm_eval run)",
     )
+    heldout_tasks: tuple[str, ...] | None = _opt(
+        None,
+        "reasoning-gym families the run did not train on, evaluated by reasoning-heldout "
+        "beside the trained ones (forgetting), e.g. leg_counting,gcd",
+    )
 
     def max_new_tokens_for(self, benchmark: str) -> int | None:
         """This benchmark's budget: the one given, else :data:`DEFAULT_MAX_NEW_TOKENS`."""
@@ -227,8 +246,8 @@ def evaluate_model(
         benchmarks: names from :data:`BENCHMARKS` (list or comma-separated).
         out_dir: where to write; default :func:`default_out_dir` of the spec (required for
             an in-memory model).
-        limit: at most this many items per benchmark (per task for ``reasoning``, where the
-            default is 200; per question turn pair for MT-Bench). ``None``: all.
+        limit: at most this many items per benchmark (per task for ``reasoning`` and
+            ``reasoning-heldout``, where the default is 200; per question turn pair for MT-Bench). ``None``: all.
         seed: data seed (test items, few-shot exemplars) and sampling seed.
         options: see :class:`EvalOptions`.
         judge: an MT-Bench judge callable (messages -> reply text) with a ``name``; overrides
@@ -244,6 +263,10 @@ def evaluate_model(
     """
     options = options or EvalOptions()
     names = parse_benchmarks(benchmarks)
+    if "reasoning-heldout" in names:  # before any benchmark runs
+        from gsil.evaluation.reasoning import check_heldout_tasks
+
+        check_heldout_tasks(options.tasks or DEFAULT_REASONING_TASKS, options.heldout_tasks)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     needs_model = [n for n in names if not (n == "humaneval" and options.humaneval_completions)]
@@ -339,6 +362,7 @@ def _update_summary(out_dir: Path, results: dict[str, BenchmarkResult]) -> None:
 
 
 def _run_reasoning(model, tokenizer, options, limit, seed, progress, judge):
+    """The reasoning families the run trained on (``tasks``), labelled ``trained``."""
     from gsil.evaluation.reasoning import DEFAULT_ITEMS_PER_TASK, evaluate_reasoning
 
     return evaluate_reasoning(
@@ -350,6 +374,30 @@ def _run_reasoning(model, tokenizer, options, limit, seed, progress, judge):
         split=options.split,
         decoding=options.decoding("reasoning", seed),
         progress=progress,
+    )
+
+
+def _run_reasoning_heldout(model, tokenizer, options, limit, seed, progress, judge):
+    """Families the run did not train on (``heldout_tasks``), labelled ``held-out``."""
+    from gsil.evaluation.reasoning import (
+        DEFAULT_ITEMS_PER_TASK,
+        HELD_OUT,
+        HELDOUT_BENCHMARK,
+        check_heldout_tasks,
+        evaluate_reasoning,
+    )
+
+    trained = options.tasks or DEFAULT_REASONING_TASKS
+    return evaluate_reasoning(
+        model,
+        tokenizer,
+        tasks=check_heldout_tasks(trained, options.heldout_tasks),
+        items_per_task=limit or DEFAULT_ITEMS_PER_TASK,
+        seed=seed,
+        split=options.split,
+        decoding=options.decoding(HELDOUT_BENCHMARK, seed),
+        progress=progress,
+        role=HELD_OUT,
     )
 
 
@@ -543,4 +591,5 @@ _RUNNERS = {
     "gsm8k-chat": _run_gsm8k_chat,
     "mtbench": _run_mtbench,
     "ifeval": _run_ifeval,
+    "reasoning-heldout": _run_reasoning_heldout,
 }
