@@ -361,3 +361,23 @@ def test_googles_541_prompts_run_offline_through_every_checker(tmp_path):
             == direct["results"]["ifeval"][f"{metric},none"]
         )
     assert 0 < result.breakdown["metrics"][INST_LOOSE]["score"] < 1
+
+
+def test_cli_runs_ifeval(data_file, tiny_model_readonly, tiny_tokenizer, tmp_path, capsys):
+    from experiments.evaluate import main as evaluate_main
+
+    model_dir = tmp_path / "model"
+    tiny_model_readonly.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    argv = ["--model", str(model_dir), "--benchmarks", "ifeval", "--ifeval", data_file]
+    argv += ["--limit", "2", "--max-new-tokens", "2", "--out", str(out), "--no-progress"]
+    assert evaluate_main([*argv, "--no-ifeval-chat-template", "--lm-eval-seed", "3"]) == 0
+    saved = json.loads((out / "ifeval.json").read_text())
+    assert saved["n"] == 2 and saved["settings"]["chat_template"] is False
+    assert saved["settings"]["seeds"]["fewshot"] == 3
+    assert "ifeval: prompt_level_strict_acc" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"key": 1}\n')
+    assert evaluate_main([*argv[:5], str(bad), "--out", str(out)]) == 2
+    assert "bad.jsonl line 1: expected the fields" in capsys.readouterr().err
