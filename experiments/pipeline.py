@@ -75,7 +75,9 @@ def evaluate_stage(pipeline: Pipeline, stage: Stage, engine: Any = None) -> dict
         dtype = eval_dtype(spec.dtype)
         request = {
             "limit": limit,
-            "tasks": list(tasks),
+            "tasks": list(spec.heldout_tasks or ())
+            if benchmark == "reasoning-heldout"
+            else list(tasks),
             "max_new_tokens": max_new,
             "seed": spec.seed,
             "dtype": dtype,

@@ -241,6 +241,9 @@ def plan_pipeline(pipeline: Pipeline) -> dict:
         items = {}
         if "reasoning" in spec.benchmarks:
             items["reasoning"] = (spec.limit or DEFAULT_ITEMS_PER_TASK) * len(tasks)
+        if "reasoning-heldout" in spec.benchmarks:
+            heldout = len(spec.heldout_tasks or ())
+            items["reasoning-heldout"] = (spec.limit or DEFAULT_ITEMS_PER_TASK) * heldout
         if "humaneval" in spec.benchmarks:
             items["humaneval"] = min(spec.humaneval_limit or HUMANEVAL_PROBLEMS, HUMANEVAL_PROBLEMS)
         evaluated = {name: pipeline.runs_of(name) for name in spec.runs}
@@ -248,7 +251,7 @@ def plan_pipeline(pipeline: Pipeline) -> dict:
         backend = resolve_backend(spec.backend)
         suffix = "_vllm" if backend == "vllm" else ""
         eval_seconds = sum(map(len, evaluated.values())) * sum(
-            count * CPU_COSTS.get(f"eval_{name}_s_per_item{suffix}", 5.0)
+            count * CPU_COSTS.get(f"eval_{name.removesuffix('-heldout')}_s_per_item{suffix}", 5.0)
             for name, count in items.items()
         ) + (CPU_COSTS["vllm_engine_start_s"] if backend == "vllm" else 0.0)
         result["evaluation"] = {
@@ -270,8 +273,9 @@ def plan_pipeline(pipeline: Pipeline) -> dict:
     return result
 
 
-# benchmarks whose per-item score is 0 or 1 (McNemar applies): HumanEval with one sample
-BINARY_BENCHMARKS = ("reasoning", "humaneval", "gsm8k", "gsm8k-chat")
+# benchmarks whose per-item score is 0 or 1 (McNemar applies): HumanEval with one sample;
+# IFEval per prompt (its prompt-level strict verdict)
+BINARY_BENCHMARKS = ("reasoning", "reasoning-heldout", "humaneval", "gsm8k", "gsm8k-chat", "ifeval")
 
 
 def _result_path(stage: Stage, benchmark: str) -> Path:

@@ -132,6 +132,7 @@ def execute(config: RunConfig) -> dict:
         dtype="float32",
         device=accelerator.device,
         lora_rank=config.model.lora_rank,
+        revision=config.model.revision,
     )
     demos = load_demonstrations(
         data.source,
@@ -143,6 +144,7 @@ def execute(config: RunConfig) -> dict:
         skip_invalid=data.skip_invalid,
         tokenizer=tokenizer,
         max_prompt_length=data.max_prompt_length,
+        truncate_prompts=data.truncate_prompts,
     )
     logger.info(
         "%d demonstrations from %s (skipped: %s)",

@@ -17,6 +17,7 @@ when answering are exactly the prefix of the ids it is trained on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -71,6 +72,7 @@ def load_demonstrations(
     skip_invalid: bool = False,
     tokenizer: Any = None,
     max_prompt_length: int | None = None,
+    truncate_prompts: bool = False,
 ) -> Demonstrations:
     """Load and validate demonstrations from a file, reasoning-gym tasks or the hub.
 
@@ -85,7 +87,9 @@ def load_demonstrations(
         skip_invalid: drop bad records (counted by reason in ``.skipped`` and logged) instead
             of raising ``DataError``.
         tokenizer, max_prompt_length: when both are given, prompts whose formatted length
-            exceeds the limit count as bad records.
+            exceeds the limit count as bad records, or with ``truncate_prompts`` are cut from
+            the left to fit (:func:`truncate_prompt_left`; ``meta["prompt_truncated_tokens"]``
+            says by how much).
 
     Raises:
         DataError: naming the file, line (JSONL, 1-based) or index (JSON/Parquet, 0-based) and
@@ -104,6 +108,7 @@ def load_demonstrations(
         records = _raw_records(source, split)
 
     kept: list[Demonstration] = []
+    truncated = 0
     first_seen: dict[str, str] = {}  # an explicit id -> where it first appeared
     for location, record in records:
         if size is not None and len(kept) >= size:
@@ -125,7 +130,16 @@ def load_demonstrations(
                 first_seen[demo.id] = location
             if tokenizer is not None and max_prompt_length is not None:
                 try:
-                    encode_prompt(tokenizer, demo.prompt, max_prompt_length)
+                    if truncate_prompts:
+                        prompt, cut = truncate_prompt_left(
+                            tokenizer, demo.prompt, max_prompt_length
+                        )
+                        if cut:
+                            meta = {**demo.meta, "prompt_truncated_tokens": cut}
+                            demo = dataclasses.replace(demo, prompt=prompt, meta=meta)
+                            truncated += 1
+                    else:
+                        encode_prompt(tokenizer, demo.prompt, max_prompt_length)
                 except PromptTooLong as err:
                     raise _InvalidRecord(
                         "prompt_too_long", f"field {prompt_field!r}: {err}"
@@ -137,6 +151,13 @@ def load_demonstrations(
             continue
         kept.append(demo)
 
+    if truncated:
+        logger.info(
+            "%s: %d prompts cut from the left to max_prompt_length=%d tokens",
+            source,
+            truncated,
+            max_prompt_length,
+        )
     if skipped:
         logger.warning("%s: skipped %d records (%s)", source, sum(skipped.values()), dict(skipped))
     if not kept and size != 0:
@@ -369,6 +390,44 @@ def encode_prompt(
             f"prompt has {len(ids)} tokens, more than max_prompt_length={max_prompt_length}; shorten it, raise the limit, or use skip_invalid=True to drop it"
         )
     return ids
+
+
+def truncate_prompt_left(
+    tokenizer: Any, prompt: Prompt, max_prompt_length: int
+) -> tuple[Prompt, int]:
+    """``prompt`` with its oldest text cut so that ``encode_prompt`` fits ``max_prompt_length``,
+    and how many text tokens were cut (0: it fitted as it was).
+
+    The text is cut, not the formatted ids: the chat template's turn markers stay whole, so
+    the prompt still ends where the assistant's response begins. A string prompt loses the
+    start of its text; a chat prompt the start of its first non-system message. The kept text
+    is decoded from the last tokens of that message and encoded again (the formatted length
+    is checked, and more is cut while it does not fit).
+
+    Raises:
+        PromptTooLong: the prompt does not fit even with that message's text removed.
+    """
+    if max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
+    length = len(encode_prompt(tokenizer, prompt))
+    if length <= max_prompt_length:
+        return prompt, 0
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    target = next((i for i, m in enumerate(messages) if m["role"] != "system"), 0)
+    text_ids = list(tokenizer(messages[target]["content"], add_special_tokens=False)["input_ids"])
+    keep = len(text_ids) - (length - max_prompt_length)
+    while keep > 0:
+        kept_text = tokenizer.decode(text_ids[-keep:], skip_special_tokens=False)
+        messages[target] = {**messages[target], "content": kept_text}
+        candidate = kept_text if isinstance(prompt, str) else tuple(messages)
+        length = len(encode_prompt(tokenizer, candidate))
+        if length <= max_prompt_length:
+            return candidate, len(text_ids) - keep
+        keep -= length - max_prompt_length
+    raise PromptTooLong(
+        f"prompt does not fit max_prompt_length={max_prompt_length} tokens even with the text "
+        "of its first non-system message cut away; raise the limit or shorten its other turns"
+    )
 
 
 def encode_response(

@@ -110,6 +110,7 @@ def load_model(
     lora_alpha: float | None = None,
     lora_dropout: float = 0.05,
     cache_dir: str | os.PathLike[str] | None = None,
+    revision: str | None = None,
 ) -> tuple[Any, Any]:
     """Load a causal LM policy and its tokenizer.
 
@@ -123,6 +124,9 @@ def load_model(
         lora_dropout: dropout on the LoRA branch.
         cache_dir: for ``smollm2-135m`` the parent directory of the de-quantised cache
             (default :func:`default_cache_dir`); for hub ids the Hugging Face cache directory.
+        revision: for a hub id, the branch, tag or commit to load (``from_pretrained``'s
+            ``revision``; ``None``: the default branch); ignored, with a log line, for a local
+            directory and the embedded model, which have one version.
 
     Returns:
         ``(model, tokenizer)``; the model is on ``device`` in eval mode, the tokenizer has a
@@ -146,11 +150,15 @@ def load_model(
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    hub = {"cache_dir": hub_cache_dir}
+    if revision is not None:
+        if spec_str == EMBEDDED_MODEL_NAME or Path(source).exists():
+            logger.info("model revision %r ignored: %s is not a hub id", revision, spec_str)
+        else:
+            hub["revision"] = revision
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=hub_cache_dir)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, cache_dir=hub_cache_dir
-        )
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **hub)
     except Exception as error:  # transformers raises OSError/ValueError/HTTP errors alike
         damaged = _damaged_weights(source) if Path(source).is_dir() else None
         if damaged is not None:

@@ -61,7 +61,7 @@ import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
+from transformers import get_scheduler
 
 from gsil.batching import Example, collate, split_demo_gen
 from gsil.checkpoints import load_method_state, save_checkpoint
@@ -91,7 +91,7 @@ class OptimSettings:
         "adamw", "optimizer (rmsprop: the paper's script)", choices=("adamw", "rmsprop")
     )
     weight_decay: float = _opt(0.0, "weight decay")
-    warmup_steps: int = _opt(0, "linear warm-up steps (then linear decay to 0 over the round)")
+    warmup_steps: int = _opt(0, "linear warm-up steps (then --lr-scheduler's decay to 0)")
     epochs: int = _opt(1, "epochs over the demonstrations per round")
     batch_size: int = _opt(
         8,
@@ -111,6 +111,12 @@ class OptimSettings:
         "optimizer steps, naming the examples) or skip (drop that step's "
         "update, record skipped=1)",
         choices=("stop", "skip"),
+    )
+    lr_scheduler: str = _opt(
+        "linear",
+        "decay after warm-up, to 0 at the round's last step: linear or cosine (transformers' "
+        "get_linear/get_cosine_schedule_with_warmup; DFT's authors: cosine)",
+        choices=("linear", "cosine"),
     )
 
 
@@ -407,7 +413,9 @@ class RoundStepper:
             )
         configure_engine(accelerator, settings)
         optimizer = _make_optimizer(model, settings)
-        scheduler = get_linear_schedule_with_warmup(optimizer, settings.warmup_steps, total_steps)
+        scheduler = get_scheduler(
+            settings.lr_scheduler, optimizer, settings.warmup_steps, total_steps
+        )
         # the scheduler is not prepared: accelerate would step it once per process per update
         model, optimizer = accelerator.prepare(model, optimizer)
         if settings.gradient_checkpointing:

@@ -88,12 +88,15 @@ def task_prompt(question: str) -> str:
 
 
 def load_reasoning_demonstrations(
-    spec: str, *, size: int, seed: int = 0, split: str = "train"
+    spec: str, *, size: int, seed: int = 0, split: str = "train", solutions: bool = True
 ) -> Demonstrations:
     """``size`` demonstrations spread evenly over the tasks in ``spec``, deterministic in ``seed``.
 
     Items without a valid worked solution are skipped, and more items are drawn in their place;
-    ``.skipped`` counts them as ``"<task>:<reason>"``.
+    ``.skipped`` counts them as ``"<task>:<reason>"``. ``solutions=False`` (test items, where
+    only the question and reasoning-gym's scorer are needed) also admits tasks that have no
+    worked solutions: their items come with an empty response (items of tasks that have them
+    are checked and skipped as before).
     """
     base_seed = split_seed(seed, split)
     names = task_names(spec)
@@ -110,7 +113,10 @@ def load_reasoning_demonstrations(
             if kept == wanted:
                 break
             entry = dataset[index]
-            response, reason = worked_solution(name, entry)
+            if solutions or has_worked_solutions(name, entry):
+                response, reason = worked_solution(name, entry)
+            else:
+                response, reason = "", "ok"
             if response is None:
                 skipped[f"{name}:{reason}"] += 1
                 continue
@@ -124,6 +130,13 @@ def load_reasoning_demonstrations(
                 "%s: only %d of %d items have valid worked solutions", name, kept, wanted
             )
     return Demonstrations(demos, skipped)
+
+
+def has_worked_solutions(task: str, entry: dict[str, Any]) -> bool:
+    """Whether :func:`worked_solution` can write one for ``entry`` (an ``answer_cot``, or an
+    arithmetic expression task)."""
+    cot = entry.get("metadata", {}).get("answer_cot")
+    return (isinstance(cot, str) and bool(cot.strip())) or task in EXPRESSION_TASKS
 
 
 def worked_solution(task: str, entry: dict[str, Any]) -> tuple[str | None, str]:

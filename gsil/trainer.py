@@ -226,6 +226,7 @@ class SelfImitation:
                     do_sample=generation.do_sample,
                     temperature=generation.temperature,
                     top_p=generation.top_p,
+                    top_k=generation.top_k,
                     batch_size=generation.batch_size,
                     backend=generation.backend,
                     seed=settings.seed + round_index,

@@ -9,6 +9,7 @@ scripted lm-eval ``LM`` whose answers make strict-match and flexible-extract dif
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
 from pathlib import Path
 
@@ -318,7 +319,8 @@ def test_wrapper_equals_direct_lm_eval_on_tiny_model(
     assert [r["id"] for r in records] == [f"test.jsonl:{i}" for i in range(1, 5)]
     settings = result.settings
     assert settings["task"] == "gsm8k" and settings["num_fewshot"] == 5
-    assert settings["lm_eval_version"] and settings["versions"]["lm-eval"]
+    assert settings["lm_eval_version"] == importlib.metadata.version("lm-eval")
+    assert settings["versions"]["lm-eval"] == settings["lm_eval_version"]
     assert settings["filters"] == ["strict-match", "flexible-extract"]
     assert settings["data_files"]["train"].endswith("train.jsonl")
     assert settings["decoding"]["max_new_tokens"] == 6 and settings["batch_size"] == 2
@@ -434,6 +436,16 @@ def test_evaluate_model_runs_gsm8k_and_gsm8k_chat(
         progress=False,
     )
     assert results["gsm8k"].settings["num_fewshot"] == 5  # lm-eval's default
+    # lm-eval's own seeds, not the data seed (0): its few-shot draw is a plain lm-eval run's
+    import inspect
+
+    import lm_eval
+
+    defaults = inspect.signature(lm_eval.simple_evaluate).parameters
+    assert results["gsm8k"].settings["seeds"]["fewshot"] == (
+        defaults["fewshot_random_seed"].default
+    )
+    assert results["gsm8k"].settings["lm_eval_version"] == importlib.metadata.version("lm-eval")
     assert results["gsm8k-chat"].settings["shots"] == 0  # ours, as before
     assert results["gsm8k"].settings["decoding"]["max_new_tokens"] == 3
     saved = json.loads((tmp_path / "eval" / "gsm8k.json").read_text())
@@ -482,6 +494,8 @@ def test_cli_runs_gsm8k_through_lm_eval(
     assert saved["n"] == 2 and saved["settings"]["num_fewshot"] == 2
     assert saved["settings"]["batch_size"] == 2
     assert "gsm8k: exact_match,strict-match" in capsys.readouterr().out
+    assert evaluate_main([*argv, "--lm-eval-seed", "7"]) == 0
+    assert json.loads((out / "gsm8k.json").read_text())["settings"]["seeds"]["fewshot"] == 7
     argv = ["--model", str(model_dir), "--benchmarks", "gsm8k", "--gsm8k", test, "--out", str(out)]
     assert evaluate_main(argv) == 2
     assert "--gsm8k-train" in capsys.readouterr().err

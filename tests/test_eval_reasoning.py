@@ -101,3 +101,78 @@ def test_evaluate_reasoning_on_tiny_model(tiny_model_readonly, tiny_tokenizer):
         "human-eval",
     }
     assert all(0.0 <= x <= 1.0 for x in result.interval)
+
+
+# --------------------------------------------------------------------------- held-out families
+
+
+def test_families_without_worked_solutions_can_be_evaluated_not_trained():
+    from gsil.demonstrations import DataError
+
+    items = load_test_items(("leg_counting", "gcd"), items_per_task=3, seed=0)
+    assert [item.meta["task"] for item in items] == ["leg_counting"] * 3 + ["gcd"] * 3
+    right = [f"Counting...\nAnswer: {item.meta['answer']}" for item in items]
+    assert summarize(score_completions(items, right, progress=False), {}).score == 1.0
+    wrong = [f"Answer: {int(item.meta['answer']) + 1}" for item in items]
+    assert summarize(score_completions(items, wrong, progress=False), {}).score == 0.0
+    with pytest.raises(DataError, match="no worked solutions"):
+        load_reasoning_demonstrations("leg_counting", size=2, seed=0)  # training needs them
+    # tasks with worked solutions give the same test items either way
+    same = load_test_items(TASKS, items_per_task=5, seed=0)
+    trained = load_reasoning_demonstrations(",".join(TASKS), size=10, seed=0, split="test")
+    assert [d.id for d in same] == [d.id for d in trained]
+
+
+def test_heldout_families_are_reported_beside_the_trained_ones(
+    tiny_model_readonly, tiny_tokenizer, tmp_path
+):
+    import json
+
+    from gsil.evaluation.runner import EvalOptions, evaluate_model
+
+    options = EvalOptions(
+        tasks=("chain_sum",), heldout_tasks=("leg_counting", "gcd"), max_new_tokens=4
+    )
+    results = evaluate_model(
+        (tiny_model_readonly, tiny_tokenizer),
+        "reasoning,reasoning-heldout",
+        tmp_path,
+        limit=2,
+        options=options,
+        progress=False,
+    )
+    trained, heldout = results["reasoning"], results["reasoning-heldout"]
+    assert trained.settings["role"] == "trained" and trained.breakdown["role"] == "trained"
+    assert heldout.settings["role"] == "held-out" and heldout.breakdown["role"] == "held-out"
+    assert set(trained.breakdown["tasks"]) == {"chain_sum"} and trained.n == 2
+    assert set(heldout.breakdown["tasks"]) == {"leg_counting", "gcd"} and heldout.n == 4
+    assert {row["role"] for row in heldout.breakdown["tasks"].values()} == {"held-out"}
+    assert heldout.settings["tasks"] == ["leg_counting", "gcd"]
+    saved = json.loads((tmp_path / "reasoning-heldout.json").read_text())
+    assert saved["benchmark"] == "reasoning-heldout" and saved["settings"]["role"] == "held-out"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {"reasoning", "reasoning-heldout"} <= set(summary)
+
+
+def test_heldout_families_must_be_named_and_untrained(
+    tiny_model_readonly, tiny_tokenizer, tmp_path
+):
+    from gsil.evaluation.runner import EvalOptions, evaluate_model
+
+    model = (tiny_model_readonly, tiny_tokenizer)
+    with pytest.raises(ValueError, match="--heldout-tasks"):
+        evaluate_model(model, "reasoning,reasoning-heldout", tmp_path, limit=1)
+    overlapping = EvalOptions(tasks=("chain_sum", "gcd"), heldout_tasks=("gcd", "lcm"))
+    with pytest.raises(ValueError, match=r"held-out tasks \['gcd'\] are also trained"):
+        evaluate_model(model, "reasoning-heldout", tmp_path, limit=1, options=overlapping)
+    assert not (tmp_path / "reasoning.json").exists()  # refused before anything ran
+
+
+def test_heldout_tasks_is_a_flag_and_a_recipe_key():
+    from experiments.config import evaluation_from_dict
+    from experiments.evaluate import build_parser, resolve_evaluation
+
+    args = build_parser().parse_args(["--heldout-tasks", "gcd,lcm"])
+    assert tuple(resolve_evaluation(args).heldout_tasks) == ("gcd", "lcm")
+    spec = evaluation_from_dict({"heldout_tasks": ["leg_counting"]}, "recipe", prefix=())
+    assert tuple(spec.options().heldout_tasks) == ("leg_counting",)

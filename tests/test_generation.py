@@ -299,3 +299,131 @@ def test_vllm_runs_eagerly_on_cpus_unless_told_otherwise(monkeypatch):
     monkeypatch.setenv("GSIL_VLLM_EAGER", "yes")
     with pytest.raises(ValueError, match="GSIL_VLLM_EAGER='yes'"):
         eager_mode(None, on_gpu=False)
+
+
+# --------------------------------------------------------------------------- top-k
+
+
+def test_top_k_one_samples_the_most_likely_token(tiny_model_readonly, tiny_tokenizer):
+    """Sampling from the top 1 token is greedy decoding whatever the seed and temperature;
+    without top-k the same sampling differs from greedy (test_sampling_is_reproducible_per_seed)."""
+    settings = dict(do_sample=True, temperature=1.5, top_p=0.95, **FAST)
+    greedy = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, **FAST)
+    for seed in (7, 8):
+        top1 = generate(
+            tiny_model_readonly, tiny_tokenizer, PROMPTS, seed=seed, top_k=1, **settings
+        )
+        assert _ids(top1) == _ids(greedy)
+    unrestricted = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, seed=7, **settings)
+    assert _ids(unrestricted) != _ids(greedy)
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        generate(tiny_model_readonly, tiny_tokenizer, PROMPTS[:1], top_k=-1, **settings)
+
+
+def test_generate_set_regenerates_for_another_top_k(
+    tiny_model_readonly, tiny_tokenizer, tmp_path, monkeypatch
+):
+    demos = [Demo(f"d{i}", prompt, "x") for i, prompt in enumerate(PROMPTS[:3])]
+    path = tmp_path / "generated.jsonl"
+    sampled = dict(do_sample=True, temperature=1.5, seed=3, **FAST)
+    generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, **sampled)
+    # no top-k: the sidecar has no top_k entry, as sets written before the option existed
+    assert "top_k" not in json.loads(settings_path(path).read_text())["settings"]
+
+    calls = []
+    real_generate = generation_core.generate_from_ids
+
+    def counting_generate(*args, **kwargs):
+        calls.append(kwargs)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(generation_core, "generate_from_ids", counting_generate)
+    generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, top_k=5, **sampled)
+    assert len(calls) == 1 and calls[0]["top_k"] == 5, "another top-k must regenerate"
+    assert json.loads(settings_path(path).read_text())["settings"]["top_k"] == 5
+    generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, top_k=5, **sampled)
+    assert len(calls) == 1, "the same top-k reuses the set"
+    generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, top_k=50, **sampled)
+    assert len(calls) == 2
+    greedy = dict(FAST)
+    generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, **greedy)
+    generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, top_k=50, **greedy)
+    assert len(calls) == 3, "greedy output does not depend on top-k: reused"
+
+
+def test_vllm_sampling_params_carry_top_k(monkeypatch, tiny_tokenizer):
+    """The vLLM engine's SamplingParams (a recording stand-in for vllm's): top_k as asked when
+    sampling, 0 (no top-k) when greedy."""
+    import sys
+    import types
+
+    from gsil.generation.common import Decoding
+    from gsil.generation.vllm_engine import VLLMEngine
+
+    made = []
+    fake = types.ModuleType("vllm")
+    fake.SamplingParams = lambda **kwargs: made.append(kwargs) or kwargs
+    fake_inputs = types.ModuleType("vllm.inputs")
+    fake_inputs.TokensPrompt = dict
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", fake_inputs)
+
+    eos = tiny_tokenizer.eos_token_id
+    completion = types.SimpleNamespace(token_ids=[eos], finish_reason="stop")
+    engine = VLLMEngine.__new__(VLLMEngine)  # no engine started: only generate() is exercised
+    engine.tokenizer, engine.eos_ids = tiny_tokenizer, [eos]
+    engine.llm = types.SimpleNamespace(
+        generate=lambda requests, sampling, use_tqdm: [
+            types.SimpleNamespace(outputs=[completion]) for _ in requests
+        ]
+    )
+    engine.generate([[1, 2]], Decoding(8, do_sample=True, temperature=0.7, top_k=50))
+    engine.generate([[1, 2]], Decoding(8, do_sample=False, top_k=50))
+    assert [params["top_k"] for params in made] == [50, 0]
+    assert made[0]["temperature"] == 0.7 and made[1]["temperature"] == 0.0
+
+
+def test_top_k_setting_is_checked_and_reaches_the_round(
+    tiny_model, tiny_tokenizer, tmp_path, monkeypatch
+):
+    from accelerate import Accelerator
+
+    from gsil import trainer
+    from gsil.data import Demonstration
+    from gsil.generation import GenerationSettings
+    from gsil.layout import RunLayout
+    from gsil.objectives import make_objective
+
+    with pytest.raises(ValueError, match=r"top_k \(--top-k\) must be >= 0"):
+        GenerationSettings(top_k=-1, do_sample=True)
+    with pytest.raises(ValueError, match="top_k=50 applies to sampling: add --do-sample"):
+        GenerationSettings(top_k=50)
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_generate_set(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(trainer, "generate_set", fake_generate_set)
+    with pytest.raises(Stop):
+        trainer.prepare_round(
+            tiny_model,
+            tiny_tokenizer,
+            [Demonstration(prompt="q", response="r", id="d0")],
+            make_objective("spin"),
+            RunLayout(tmp_path),
+            0,
+            generation=GenerationSettings(max_new_tokens=4, do_sample=True, top_k=50),
+            seed=0,
+            max_prompt_length=32,
+            max_length=64,
+            batch_size=1,
+            average_logps=False,
+            drop_ties=False,
+            accelerator=Accelerator(cpu=True),
+        )
+    assert seen["top_k"] == 50

@@ -196,3 +196,36 @@ def test_corrupt_embedded_cache_says_how_to_rebuild(tmp_path):
     (broken / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match="Delete it to rebuild it"):
         load_model("smollm2-135m", cache_dir=tmp_path)
+
+
+def test_a_hub_revision_reaches_from_pretrained_and_a_local_one_is_ignored(
+    monkeypatch, tiny_model, tiny_tokenizer, tmp_path
+):
+    import transformers
+
+    calls = []
+
+    class Recorded(Exception):
+        pass
+
+    def recording(kind):
+        def from_pretrained(source, **kwargs):
+            calls.append((kind, source, kwargs.get("revision")))
+            raise Recorded
+
+        return from_pretrained
+
+    with monkeypatch.context() as patch:
+        patch.setattr(transformers.AutoTokenizer, "from_pretrained", recording("tokenizer"))
+        with pytest.raises(ModelLoadError):
+            load_model("gsil-test-org/model", revision="v1.2")
+        assert calls == [("tokenizer", "gsil-test-org/model", "v1.2")]
+        patch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: None)
+        patch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recording("model"))
+        with pytest.raises(ModelLoadError):
+            load_model("gsil-test-org/model", revision="v1.2")
+        assert calls[-1] == ("model", "gsil-test-org/model", "v1.2")
+    # a local directory has one version: the revision changes nothing
+    save_model(tiny_model, tiny_tokenizer, tmp_path / "m")
+    model, _ = load_model(tmp_path / "m", revision="v1.2")
+    assert torch.equal(model.lm_head.weight, tiny_model.lm_head.weight)

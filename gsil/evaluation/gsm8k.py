@@ -29,23 +29,27 @@ its numbers are not comparable with published GSM8K figures.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import importlib.metadata
 import json
 import random
 import re
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from tqdm.auto import tqdm
 
+from gsil.evaluation.harness import (
+    global_rng_restored,
+    json_ready,
+    lm_eval_version,
+    model_for_lm_eval,
+    recorded_seeds,
+    seed_arguments,
+)
 from gsil.evaluation.results import (
     BenchmarkResult,
     Decoding,
@@ -422,8 +426,9 @@ def evaluate_gsm8k(
             exemplars) or a hub name (see :func:`lm_eval_task_config`).
         num_fewshot: ``None``: lm-eval's default for the task (5); 0 needs no train file.
         limit: the first ``limit`` test problems (lm-eval's ``limit``); ``None``: all.
-        seed: lm-eval's random, numpy, torch and few-shot seeds; ``None``: lm-eval's defaults
-            (0, 1234, 1234, 1234), those of a plain ``lm_eval`` run.
+        seed: lm-eval's random, numpy, torch and few-shot seeds; ``None``: lm-eval's own
+            defaults (the installed ``simple_evaluate``'s, those of a plain ``lm_eval`` run;
+            ``settings["seeds"]`` names the ones used).
         batch_size / max_gen_toks: ``None`` keeps lm-eval's defaults (HFLM: 1 and 256 tokens).
 
     Returns:
@@ -451,13 +456,12 @@ def evaluate_gsm8k(
             f"exemplars from a train split: pass a train JSONL (--gsm8k-train train.jsonl) "
             f"alongside the local test file {source}, or 0 shots (--shots 0)"
         )
-    seeds = {} if seed is None else dict.fromkeys(_SEED_ARGUMENTS, seed)
     gen_kwargs = None if max_gen_toks is None else {"max_gen_toks": max_gen_toks}
     # simple_evaluate seeds random, numpy and torch globally (and dataset loading draws from
     # them): the caller's random states are put back afterwards.
-    with _global_rng_restored():
+    with global_rng_restored():
         task = _load_task(config)
-        with _model_for_lm_eval(model, tokenizer, batch_size) as lm:
+        with model_for_lm_eval(model, tokenizer, batch_size, BENCHMARK) as lm:
             output = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=[task],
@@ -466,7 +470,7 @@ def evaluate_gsm8k(
                 gen_kwargs=gen_kwargs,
                 log_samples=True,
                 task_manager=TaskManager(include_defaults=False),  # the task is built already
-                **seeds,
+                **seed_arguments(seed),
             )
             effective_max_gen_toks = max_gen_toks or getattr(lm, "max_gen_toks", None)
     records = lm_eval_records(output["samples"][LM_EVAL_TASK], source)
@@ -477,19 +481,9 @@ def evaluate_gsm8k(
         limit=limit,
         batch_size=batch_size,
         data_seed=seed,
-        seeds={name: output["config"].get(key) for name, key in _SEED_CONFIG_KEYS.items()},
+        seeds=recorded_seeds(output),
     )
     return result, records
-
-
-# simple_evaluate's seed arguments, and where its output's "config" records them.
-_SEED_ARGUMENTS = ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")
-_SEED_CONFIG_KEYS = {
-    "random": "random_seed",
-    "numpy": "numpy_seed",
-    "torch": "torch_seed",
-    "fewshot": "fewshot_seed",
-}
 
 
 def _load_task(config: dict[str, Any]) -> Any:
@@ -505,44 +499,6 @@ def _load_task(config: dict[str, Any]) -> Any:
             f"lm-eval could not load GSM8K from {where}: {err}. Offline, pass local JSONL files "
             "(--gsm8k test.jsonl --gsm8k-train train.jsonl)."
         ) from err
-
-
-@contextlib.contextmanager
-def _model_for_lm_eval(model: Any, tokenizer: Any, batch_size: Any) -> Iterator[Any]:
-    """An lm-eval ``LM`` for ``model``: itself, or ``HFLM`` around the model in memory.
-
-    HFLM puts the model in eval mode (restored here) and gives a tokenizer without a pad token
-    one (done to a copy here, so the caller's tokenizer is not changed).
-    """
-    from lm_eval.api.model import LM
-
-    if isinstance(model, LM):
-        yield model
-        return
-    from lm_eval.models.huggingface import HFLM
-
-    if tokenizer is None:
-        raise ValueError("gsm8k through lm-eval needs the model's tokenizer")
-    if getattr(tokenizer, "pad_token", None) is None:
-        tokenizer = copy.deepcopy(tokenizer)
-    options = {} if batch_size is None else {"batch_size": batch_size}
-    was_training = bool(getattr(model, "training", False))
-    try:
-        yield HFLM(pretrained=model, tokenizer=tokenizer, **options)
-    finally:
-        model.train(was_training)
-
-
-@contextlib.contextmanager
-def _global_rng_restored() -> Iterator[None]:
-    """Restore Python's, NumPy's and torch's global random states on exit."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
 
 
 def lm_eval_records(samples: Sequence[dict[str, Any]], source: str) -> list[dict[str, Any]]:
@@ -604,14 +560,14 @@ def _lm_eval_result(
             "interval": list(proportion_interval(correct, n)),
         }
     strict = filters[STRICT_MATCH]
-    task_config = _json_ready(output["configs"][LM_EVAL_TASK])
+    task_config = json_ready(output["configs"][LM_EVAL_TASK])
     generation = task_config.get("generation_kwargs", {})
-    lm_eval_version = output.get("lm_eval_version") or _version("lm-eval")
+    harness_version = lm_eval_version()
     settings = base_settings(
         tokenizer,
         None,
         harness="lm-evaluation-harness",
-        lm_eval_version=lm_eval_version,
+        lm_eval_version=harness_version,
         task=LM_EVAL_TASK,
         task_version=output["versions"].get(LM_EVAL_TASK),
         num_fewshot=output["n-shot"].get(LM_EVAL_TASK),
@@ -638,7 +594,7 @@ def _lm_eval_result(
             "target_delimiter": task_config.get("target_delimiter"),
             "fewshot_delimiter": task_config.get("fewshot_delimiter"),
         },
-        versions={**package_versions(), "lm-eval": lm_eval_version},
+        versions={**package_versions(), "lm-eval": harness_version},
     )
     return BenchmarkResult(
         benchmark=BENCHMARK,
@@ -649,7 +605,7 @@ def _lm_eval_result(
         interval_method="wilson",
         breakdown={
             "filters": filters,
-            "lm_eval_results": _json_ready(scores),
+            "lm_eval_results": json_ready(scores),
             "no_strict_match": sum(
                 record[STRICT_MATCH]["extracted"] == "[invalid]" for record in records
             ),
@@ -657,19 +613,3 @@ def _lm_eval_result(
         settings=settings,
         note=None if n else "no GSM8K problems were evaluated",
     )
-
-
-def _json_ready(value: Any) -> Any:
-    """``value`` with NumPy scalars made floats and anything else unknown made a string."""
-
-    def convert(obj: Any) -> Any:
-        return obj.item() if isinstance(obj, np.generic) else str(obj)
-
-    return json.loads(json.dumps(value, default=convert))
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None

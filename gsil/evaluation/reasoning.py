@@ -8,7 +8,14 @@ reasoning-gym's scorer. An item is correct when that score is 1.0.
 
 Items whose reasoning-gym gold disagrees with an exact evaluation of the expression are left
 out (as for training; the count is recorded in the settings as ``skipped``): scoring against a
-wrong gold would measure the dataset, not the model.
+wrong gold would measure the dataset, not the model. Test items need no worked solution, so
+any reasoning-gym task whose scorer can read an ``Answer:`` line can be evaluated.
+
+Two benchmarks share this code: ``reasoning``, the families the run trained on, and
+``reasoning-heldout``, families it did not train on (forgetting: what training on some
+families costs on others). Each result says which (``settings["role"]``: ``trained`` or
+``held-out``, also on every task of its breakdown); :func:`check_heldout_tasks` refuses a
+held-out family that is also trained.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from gsil.generation import generate
 from gsil.reasoning_tasks import extract_final_answer, load_reasoning_demonstrations, score_answer
 
 BENCHMARK = "reasoning"
+HELDOUT_BENCHMARK = "reasoning-heldout"
+TRAINED, HELD_OUT = "trained", "held-out"  # a result's role
 DEFAULT_TASKS = ("chain_sum", "basic_arithmetic")
 DEFAULT_ITEMS_PER_TASK = 200
 
@@ -50,8 +59,28 @@ def load_test_items(
         raise ValueError(f"items_per_task must be >= 1, got {items_per_task}")
     spec = ",".join(tasks)
     return load_reasoning_demonstrations(
-        spec, size=items_per_task * len(tasks), seed=seed, split=split
+        spec, size=items_per_task * len(tasks), seed=seed, split=split, solutions=False
     )
+
+
+def check_heldout_tasks(trained: Sequence[str], heldout: Sequence[str] | None) -> list[str]:
+    """The held-out families, checked: given, and none of them trained.
+
+    Raises:
+        ValueError: no held-out families, or some also trained (named, with the fix).
+    """
+    if not heldout:
+        raise ValueError(
+            f"{HELDOUT_BENCHMARK} evaluates reasoning-gym families the run did not train on: "
+            "name them (--heldout-tasks leg_counting,gcd, or evaluate.heldout_tasks in a recipe)"
+        )
+    both = [task for task in heldout if task in trained]
+    if both:
+        raise ValueError(
+            f"held-out tasks {both} are also trained ({', '.join(trained)}): a held-out family "
+            "is one the run did not train on; remove them from --heldout-tasks"
+        )
+    return list(heldout)
 
 
 def score_completions(
@@ -85,22 +114,25 @@ def score_completions(
     return records
 
 
-def summarize(records: Sequence[dict[str, Any]], settings: dict[str, Any]) -> BenchmarkResult:
-    """Overall and per-task accuracy, each with a Wilson interval."""
+def summarize(
+    records: Sequence[dict[str, Any]], settings: dict[str, Any], role: str = TRAINED
+) -> BenchmarkResult:
+    """Overall and per-task accuracy, each with a Wilson interval, labelled with ``role``
+    (``trained``: the ``reasoning`` benchmark; ``held-out``: ``reasoning-heldout``)."""
     by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         by_task[record["task"]].append(record)
-    breakdown = {task: _accuracy(rows) for task, rows in by_task.items()}
+    breakdown = {task: {**_accuracy(rows), "role": role} for task, rows in by_task.items()}
     overall = _accuracy(records)
     return BenchmarkResult(
-        benchmark=BENCHMARK,
+        benchmark=HELDOUT_BENCHMARK if role == HELD_OUT else BENCHMARK,
         metric="accuracy",
         score=overall["accuracy"],
         n=overall["n"],
         interval=overall["interval"],
         interval_method="wilson",
-        breakdown={"tasks": breakdown, "no_answer": overall["no_answer"]},
-        settings=settings,
+        breakdown={"tasks": breakdown, "no_answer": overall["no_answer"], "role": role},
+        settings={**settings, "role": role},
     )
 
 
@@ -128,13 +160,17 @@ def evaluate_reasoning(
     decoding: Decoding | None = None,
     progress: bool = True,
     split: str = "test",
+    role: str = TRAINED,
 ) -> tuple[BenchmarkResult, list[dict[str, Any]]]:
     """Generate answers to held-out items of ``tasks`` (``split``: test or validation) and
-    score them.
+    score them; ``role`` says whether the run trained on these families (``trained``, the
+    ``reasoning`` benchmark) or not (``held-out``, ``reasoning-heldout``).
 
     Returns:
         ``(result, records)``; write them with ``gsil.evaluation.results.write_result``.
     """
+    if role not in (TRAINED, HELD_OUT):
+        raise ValueError(f"role must be {TRAINED!r} or {HELD_OUT!r}, got {role!r}")
     decoding = decoding or Decoding()
     items = load_test_items(tasks, items_per_task, seed, split)
     outputs = generate(
@@ -152,6 +188,6 @@ def evaluate_reasoning(
         split=split,
         skipped=dict(getattr(items, "skipped", {})),
     )
-    result = summarize(records, settings)
+    result = summarize(records, settings, role)
     result.breakdown["truncated"] = sum(out.truncated for out in outputs)
     return result, records

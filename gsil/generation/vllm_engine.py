@@ -173,7 +173,7 @@ class VLLMEngine:
                 n=1,
                 temperature=decoding.temperature if decoding.do_sample else 0.0,  # 0: greedy
                 top_p=decoding.top_p if decoding.do_sample else 1.0,
-                top_k=0,  # no top-k, as the HF backend (greedy ignores it)
+                top_k=decoding.top_k if decoding.do_sample else 0,  # 0: no top-k, as HF
                 max_tokens=decoding.max_new_tokens,
                 seed=decoding.seed + number,
                 stop_token_ids=self.eos_ids,
