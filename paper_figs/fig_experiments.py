@@ -17,7 +17,6 @@ Reads the runs under ``$GSIL_RUNS_DIR`` (default ``runs/``; the default pipeline
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from experiments.report import (
     fmt_score_value,
     group_runs,
 )
+from gsil import env
 from paper_figs.style import PALETTE, figure, save_figure, save_numbers
 
 NAME = "experiments"
@@ -52,7 +52,7 @@ SPARE_COLORS = ["#17becf", "#bcbd22", "#8c564b", "#e377c2", "#9467bd", "#7f7f7f"
 
 
 def default_runs_dir() -> Path:
-    return Path(os.environ.get("GSIL_RUNS_DIR", "runs"))
+    return env.runs_dir()
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
