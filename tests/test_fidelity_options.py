@@ -13,8 +13,8 @@ from experiments.config import ConfigError, from_dict
 from gsil.batching import build_examples
 from gsil.data import DataError, encode_prompt, load_demonstrations, truncate_prompt_left
 from gsil.generation import GenerationSettings
-from gsil.objectives import make_objective
-from gsil.trainer import OptimSettings, run_rounds
+from gsil.methods import get_method
+from gsil.trainer import OptimSettings, RoundsSettings, run_rounds
 
 # --------------------------------------------------------------------------- schedule
 
@@ -27,14 +27,16 @@ def _learning_rates(model, tokenizer, run_dir, **optim):
         model,
         tokenizer,
         tiny_demos(8),
-        make_objective("sft"),
-        run_dir,
-        rounds=1,
-        optim=settings,
-        generation=GenerationSettings(max_new_tokens=4),
-        max_prompt_length=64,
-        max_length=96,
-        seed=0,
+        get_method("sft"),
+        RoundsSettings(
+            run_dir=run_dir,
+            rounds=1,
+            optim=settings,
+            generation=GenerationSettings(max_new_tokens=4),
+            max_prompt_length=64,
+            max_length=96,
+            seed=0,
+        ),
     )
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [row["learning_rate"] for row in rows]
