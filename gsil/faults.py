@@ -27,7 +27,7 @@ ENV = "GSIL_TEST_KILL_AT"
 KILL_POINTS = {
     "mid_generation": "gsil.generation.hf.generate_hf: after each generated batch, before the "
     "set is complete (nothing of it is written yet)",
-    "generation": "gsil.trainer.prepare_round: the round's generated set is written, the "
+    "generation": "gsil.trainer.SelfImitation.generate: the round's generated set is written, the "
     "reference pass has not started",
     "reference": "gsil.optimization.reference_logps: after each scored batch, before the "
     "reference log-probs are stored",

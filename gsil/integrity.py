@@ -10,7 +10,7 @@ naming the file, what was recorded, what was found, and the fix. Never a silent 
     round_<t>/generated.jsonl       its sidecar generated.settings.json gsil.generation.sets
                                     ("files")
     round_<t>/reference_logps.pt    round_<t>/reference_logps.manifest  gsil.trainer
-                                    .json                               (prepare_round)
+                                    .json                               (SelfImitation)
     round_<t>/model/                round_<t>/model/manifest.json       gsil.optimization
                                                                         (save_round_model)
     checkpoint/                     checkpoint/manifest.json            gsil.optimization

@@ -391,8 +391,8 @@ def test_top_k_setting_is_checked_and_reaches_the_round(
     from gsil import trainer
     from gsil.data import Demonstration
     from gsil.generation import GenerationSettings
-    from gsil.layout import RunLayout
-    from gsil.objectives import make_objective
+    from gsil.methods import get_method
+    from gsil.optimization import OptimSettings
 
     with pytest.raises(ValueError, match=r"top_k \(--top-k\) must be >= 0"):
         GenerationSettings(top_k=-1, do_sample=True)
@@ -410,20 +410,16 @@ def test_top_k_setting_is_checked_and_reaches_the_round(
 
     monkeypatch.setattr(trainer, "generate_set", fake_generate_set)
     with pytest.raises(Stop):
-        trainer.prepare_round(
-            tiny_model,
-            tiny_tokenizer,
-            [Demonstration(prompt="q", response="r", id="d0")],
-            make_objective("spin"),
-            RunLayout(tmp_path),
-            0,
-            generation=GenerationSettings(max_new_tokens=4, do_sample=True, top_k=50),
-            seed=0,
+        settings = trainer.RoundsSettings(
+            run_dir=tmp_path,
             max_prompt_length=32,
             max_length=64,
-            batch_size=1,
-            average_logps=False,
-            drop_ties=False,
-            accelerator=Accelerator(cpu=True),
+            optim=OptimSettings(batch_size=1),
+            generation=GenerationSettings(max_new_tokens=4, do_sample=True, top_k=50),
         )
+        demos = [Demonstration(prompt="q", response="r", id="d0")]
+        recipe = trainer.SelfImitation(
+            tiny_tokenizer, demos, get_method("spin"), settings, Accelerator(cpu=True)
+        )
+        recipe.generate(tiny_model, 0)
     assert seen["top_k"] == 50
