@@ -41,14 +41,18 @@ def accelerate_launch(
         str(free_port()),
         *args,
     ]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).parents[1]
+    # a script's process puts only the script's folder on sys.path, so without the repository
+    # root first it would import the installed gsil (an editable install of another checkout)
+    python_path = os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": python_path,
+    }
     result = subprocess.run(
-        command,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=Path(__file__).parents[1],
+        command, env=env, capture_output=True, text=True, timeout=timeout, cwd=root
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
