@@ -525,6 +525,11 @@ def validate(config: RunConfig) -> None:
         problems.append("--lr must be > 0")
     if config.objective.beta <= 0:
         problems.append("--beta must be > 0 (the scale of the log-ratio)")
+    if config.objective.method not in METHODS:
+        problems.append(
+            f"objective.method must be one of {list(METHODS)} (gsil.methods.register adds one), "
+            f"got {config.objective.method!r}"
+        )
     for method in METHODS.values():  # each method checks its own settings (DFT's tau, gamma)
         try:
             method.from_settings(config.objective)

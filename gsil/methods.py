@@ -36,8 +36,8 @@ class ObjectiveSettings:
 
     method: str = _setting(
         "gsil",
-        "training objective (dft: discriminative fine-tuning, Guo et al. 2025)",
-        choices=("gsil", "spin", "sft", "dft"),
+        "training method, by its registered name (gsil.methods.METHODS: gsil, spin, sft, dft "
+        "= discriminative fine-tuning, Guo et al. 2025, and any registered since)",
     )
     loss: str = _setting(
         "logistic", "GSIL density-ratio estimator", choices=tuple(ESTIMATORS.keys())
