@@ -2,7 +2,7 @@
 
     RunConfig                      name, output_dir, seed, rounds, resume
     ├── model: ModelConfig         what to start from, LoRA, precision
-    ├── data: DataConfig           demonstrations and their lengths
+    ├── data: DataSettings         (gsil.data) demonstrations and their lengths
     ├── objective: ObjectiveSettings  (gsil.methods) the method and its hyper-parameters
     ├── optim: OptimSettings       (gsil.optimization) how each round is optimised
     ├── generation: GenerationSettings  (gsil.generation) how each round generates
@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gsil.data import DataSettings
 from gsil.evaluation.runner import DEFAULT_REASONING_TASKS, EvalOptions
 from gsil.generation import GenerationSettings
 from gsil.methods import METHODS, ObjectiveSettings
@@ -78,32 +79,6 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    source: str = _f(
-        "rg:chain_sum,basic_arithmetic",
-        "demonstrations: a .jsonl/.json/.parquet "
-        "file, 'rg:task1,task2' (reasoning-gym, generated offline), or a hub "
-        "dataset",
-        flag="data",
-    )
-    prompt_field: str = _f("prompt", "record field holding the prompt (string or chat messages)")
-    response_field: str = _f("response", "record field holding the demonstration response")
-    split: str = _f("train", "dataset split (hub datasets; 'train' for reasoning-gym)")
-    num_demos: int | None = _f(
-        64, "number of demonstrations to use (None: all; required for rg: sources)"
-    )
-    skip_invalid: bool = _f(False, "drop bad records (counted and reported) instead of stopping")
-    max_prompt_length: int = _f(256, "longest prompt in tokens (longer ones are bad records)")
-    max_length: int = _f(512, "longest prompt + response in tokens (responses are cut)")
-    truncate_prompts: bool = _f(
-        False,
-        "cut prompts longer than max_prompt_length from the left (their text; the chat "
-        "template's markers stay) instead of treating them as bad records (an error, or "
-        "dropped with --skip-invalid); the GSIL authors' code keeps a long prompt's end",
-    )
-
-
-@dataclass
 class LoggingConfig:
     report_to: list[str] = _f(
         list,
@@ -127,7 +102,7 @@ class RunConfig:
     )
     resume: bool = _f(False, "continue an interrupted run in the same directory")
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataSettings = field(default_factory=DataSettings)
     objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
