@@ -20,7 +20,7 @@ import torch
 
 from analysis.calibration import IMPLICIT_LOGITS_FILE, calibrate_run
 from experiments.config import load_saved_config
-from gsil.batching import build_examples
+from gsil.batching import GeneratedResponses, build_examples
 from gsil.data import DataSettings, load_demonstrations, save_jsonl
 from gsil.estimators import get_estimator
 from gsil.generation import generate
@@ -92,9 +92,8 @@ def implicit_logits(
         tokenizer,
         [d.prompt for d in demos],
         [d.response for d in demos],
-        generations,
-        max_prompt_length=source.max_prompt_length,
-        max_length=source.max_length,
+        source.token_limits(),
+        generated=GeneratedResponses(generations, num_samples=1),
     )
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     scores = {}

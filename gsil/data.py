@@ -63,6 +63,16 @@ class _InvalidRecord(Exception):
 # --------------------------------------------------------------------------- loading
 
 
+@dataclass(frozen=True)
+class TokenLimits:
+    """How long a training example may be: its prompt at most ``max_prompt_length`` tokens
+    (None: no limit; a longer prompt is an error), prompt + response at most ``max_length``
+    (responses are cut, see :func:`encode_response`)."""
+
+    max_prompt_length: int | None
+    max_length: int
+
+
 def _setting(default, help: str, **metadata):
     """A settings field whose ``help`` is its command-line documentation (experiments.config)."""
     return field(default=default, metadata={"help": help, **metadata})
@@ -98,6 +108,10 @@ class DataSettings:
         "template's markers stay) instead of treating them as bad records (an error, or "
         "dropped with --skip-invalid); the GSIL authors' code keeps a long prompt's end",
     )
+
+    def token_limits(self) -> TokenLimits:
+        """The lengths a training example may take (``gsil.batching.build_examples``)."""
+        return TokenLimits(self.max_prompt_length, self.max_length)
 
 
 def load_demonstrations(

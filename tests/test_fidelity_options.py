@@ -15,6 +15,7 @@ from gsil.batching import build_examples
 from gsil.data import (
     DataError,
     DataSettings,
+    TokenLimits,
     encode_prompt,
     load_demonstrations,
     truncate_prompt_left,
@@ -109,12 +110,7 @@ def test_loading_cuts_long_prompts_instead_of_rejecting_them(tiny_tokenizer, tmp
     assert demos[0].meta["prompt_truncated_tokens"] > 0 and demos[1].prompt == "short"
     # training (and generation) encode the cut prompt within the same limit: no error there
     examples = build_examples(
-        tiny_tokenizer,
-        [d.prompt for d in demos],
-        [d.response for d in demos],
-        None,
-        max_prompt_length=64,
-        max_length=96,
+        tiny_tokenizer, [d.prompt for d in demos], [d.response for d in demos], TokenLimits(64, 96)
     )
     assert len(examples[0].prompt_ids) == 64
 
