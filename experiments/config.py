@@ -1,7 +1,7 @@
 """The run configuration: one typed tree, resolved once and saved with the run.
 
     RunConfig                      name, output_dir, seed, rounds, resume
-    ├── model: ModelConfig         what to start from, LoRA, precision
+    ├── model: ModelSettings       (gsil.models) what to start from, LoRA, precision
     ├── data: DataSettings         (gsil.data) demonstrations and their lengths
     ├── objective: ObjectiveSettings  (gsil.methods) the method and its hyper-parameters
     ├── optim: OptimSettings       (gsil.optimization) how each round is optimised
@@ -38,6 +38,7 @@ from gsil.data import DataSettings
 from gsil.evaluation.runner import DEFAULT_REASONING_TASKS, EvalOptions
 from gsil.generation import GenerationSettings
 from gsil.methods import METHODS, ObjectiveSettings
+from gsil.models import ModelSettings
 from gsil.optimization import OptimSettings
 from gsil.tracking import NONE, TRACKERS, resolve_report_to
 
@@ -53,29 +54,6 @@ def _f(default: Any, help: str, **metadata: Any) -> Any:
     if default is list or getattr(default, "__name__", "") == "<lambda>":  # a mutable default
         return field(default_factory=default, metadata={"help": help, **metadata})
     return field(default=default, metadata={"help": help, **metadata})
-
-
-@dataclass
-class ModelConfig:
-    name_or_path: str = _f(
-        "smollm2-135m",
-        "policy to start from: 'smollm2-135m' (embedded, "
-        "offline), a local model directory, or a Hugging Face hub id",
-        flag="model",
-    )
-    lora_rank: int = _f(0, "LoRA rank (0: full fine-tuning)")
-    precision: str = _f(
-        "auto",
-        "compute precision: auto (bf16 where native: a GPU, an AVX-512 "
-        "BF16/AMX CPU; else fp32), fp32 or bf16 (mixed-precision autocast)",
-        choices=("auto", "fp32", "bf16"),
-    )
-    revision: str | None = _f(
-        None,
-        "hub revision (branch, tag or commit) of a hub model id, e.g. the one a paper names "
-        "(default: the default branch; ignored for a local directory or the embedded model)",
-        flag="model_revision",
-    )
 
 
 @dataclass
@@ -101,7 +79,7 @@ class RunConfig:
         "reference to the current policy)",
     )
     resume: bool = _f(False, "continue an interrupted run in the same directory")
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
     objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)

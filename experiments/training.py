@@ -127,13 +127,7 @@ def execute(config: RunConfig) -> dict:
     started = time.perf_counter()
 
     data, goal = config.data, config.objective
-    model, tokenizer = load_model(
-        config.model.name_or_path,
-        dtype="float32",
-        device=accelerator.device,
-        lora_rank=config.model.lora_rank,
-        revision=config.model.revision,
-    )
+    model, tokenizer = load_model(config.model, dtype="float32", device=accelerator.device)
     demos = load_demonstrations(data, seed=config.seed, tokenizer=tokenizer)
     logger.info(
         "%d demonstrations from %s (skipped: %s)",

@@ -148,7 +148,7 @@ def test_the_options_are_recipe_keys_and_checked(tmp_path, monkeypatch, tiny_tok
         pass
 
     def fake_load_model(spec, **kwargs):
-        seen.update(spec=spec, **kwargs)
+        seen.update(spec=spec, revision=spec.revision, **kwargs)
         return None, tiny_tokenizer
 
     def fake_load_demonstrations(settings, **kwargs):
