@@ -20,8 +20,8 @@ import torch
 
 from analysis.calibration import IMPLICIT_LOGITS_FILE, calibrate_run
 from experiments.config import load_saved_config
-from gsil.batching import build_examples
-from gsil.data import load_demonstrations, save_jsonl
+from gsil.batching import GeneratedResponses, build_examples
+from gsil.data import DataSettings, load_demonstrations, save_jsonl
 from gsil.estimators import get_estimator
 from gsil.generation import generate
 from gsil.io import write_json
@@ -65,16 +65,15 @@ def implicit_logits(
     policy, tokenizer = load_model(str(layout.model(round_index)), dtype="float32")
     reference, _ = load_model(reference_spec, dtype="float32")
     source = config.data
-    demos = load_demonstrations(
-        data or source.source,
+    held_out = DataSettings(
+        source=data or source.source,
         prompt_field=source.prompt_field,
         response_field=source.response_field,
         split="test",
-        size=num_items,
-        seed=config.seed,
-        tokenizer=tokenizer,
+        num_demos=num_items,
         max_prompt_length=source.max_prompt_length,
     )
+    demos = load_demonstrations(held_out, seed=config.seed, tokenizer=tokenizer)
     # the classifier f = beta * log(pi_theta / pi_ref) + shift was trained to tell the
     # demonstrations from the REFERENCE's own samples (theory page, sections 2-3): score it on
     # fresh samples of the reference, the round's starting policy
@@ -93,9 +92,8 @@ def implicit_logits(
         tokenizer,
         [d.prompt for d in demos],
         [d.response for d in demos],
-        generations,
-        max_prompt_length=source.max_prompt_length,
-        max_length=source.max_length,
+        source.token_limits(),
+        generated=GeneratedResponses(generations, num_samples=1),
     )
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     scores = {}

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from gsil.data import encode_prompt, load_demonstrations
+from gsil.data import DataSettings, encode_prompt, load_demonstrations
 from gsil.evaluation.reasoning import DEFAULT_ITEMS_PER_TASK, load_test_items
 from gsil.evaluation.runner import EvalOptions
 from gsil.generation import generate_from_ids
@@ -86,12 +86,12 @@ def run_workloads(recipe: str, tokenizer, limit: int | None) -> dict[str, Worklo
         config = entry["config"]
         data, generation = config.data, config.generation
         demos = load_demonstrations(
-            data.source,
-            split="train",
-            size=take(data.num_demos),
-            seed=0,
+            DataSettings(
+                source=data.source,
+                num_demos=take(data.num_demos),
+                max_prompt_length=data.max_prompt_length,
+            ),
             tokenizer=tokenizer,
-            max_prompt_length=data.max_prompt_length,
         )
         prompts = [encode_prompt(tokenizer, d.prompt, data.max_prompt_length) for d in demos]
         sets[kind] = Workload(

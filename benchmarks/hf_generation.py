@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from gsil.data import encode_prompt, load_demonstrations
+from gsil.data import DataSettings, encode_prompt, load_demonstrations
 from gsil.generation.hf import left_pad
 from gsil.models import load_model
 
@@ -31,12 +31,8 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tokenizer = load_model(args.model, dtype="float32", device="cpu")
     demos = load_demonstrations(
-        args.data,
-        split="test",
-        size=args.prompts,
-        seed=0,
+        DataSettings(source=args.data, split="test", num_demos=args.prompts, max_prompt_length=256),
         tokenizer=tokenizer,
-        max_prompt_length=256,
     )
     prompt_ids = [encode_prompt(tokenizer, demo.prompt, 256) for demo in demos]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id

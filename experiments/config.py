@@ -1,8 +1,8 @@
 """The run configuration: one typed tree, resolved once and saved with the run.
 
     RunConfig                      name, output_dir, seed, rounds, resume
-    ├── model: ModelConfig         what to start from, LoRA, precision
-    ├── data: DataConfig           demonstrations and their lengths
+    ├── model: ModelSettings       (gsil.models) what to start from, LoRA, precision
+    ├── data: DataSettings         (gsil.data) demonstrations and their lengths
     ├── objective: ObjectiveSettings  (gsil.methods) the method and its hyper-parameters
     ├── optim: OptimSettings       (gsil.optimization) how each round is optimised
     ├── generation: GenerationSettings  (gsil.generation) how each round generates
@@ -34,9 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gsil.data import DataSettings
 from gsil.evaluation.runner import DEFAULT_REASONING_TASKS, EvalOptions
 from gsil.generation import GenerationSettings
 from gsil.methods import METHODS, ObjectiveSettings
+from gsil.models import ModelSettings
 from gsil.optimization import OptimSettings
 from gsil.tracking import NONE, TRACKERS, resolve_report_to
 
@@ -52,55 +54,6 @@ def _f(default: Any, help: str, **metadata: Any) -> Any:
     if default is list or getattr(default, "__name__", "") == "<lambda>":  # a mutable default
         return field(default_factory=default, metadata={"help": help, **metadata})
     return field(default=default, metadata={"help": help, **metadata})
-
-
-@dataclass
-class ModelConfig:
-    name_or_path: str = _f(
-        "smollm2-135m",
-        "policy to start from: 'smollm2-135m' (embedded, "
-        "offline), a local model directory, or a Hugging Face hub id",
-        flag="model",
-    )
-    lora_rank: int = _f(0, "LoRA rank (0: full fine-tuning)")
-    precision: str = _f(
-        "auto",
-        "compute precision: auto (bf16 where native: a GPU, an AVX-512 "
-        "BF16/AMX CPU; else fp32), fp32 or bf16 (mixed-precision autocast)",
-        choices=("auto", "fp32", "bf16"),
-    )
-    revision: str | None = _f(
-        None,
-        "hub revision (branch, tag or commit) of a hub model id, e.g. the one a paper names "
-        "(default: the default branch; ignored for a local directory or the embedded model)",
-        flag="model_revision",
-    )
-
-
-@dataclass
-class DataConfig:
-    source: str = _f(
-        "rg:chain_sum,basic_arithmetic",
-        "demonstrations: a .jsonl/.json/.parquet "
-        "file, 'rg:task1,task2' (reasoning-gym, generated offline), or a hub "
-        "dataset",
-        flag="data",
-    )
-    prompt_field: str = _f("prompt", "record field holding the prompt (string or chat messages)")
-    response_field: str = _f("response", "record field holding the demonstration response")
-    split: str = _f("train", "dataset split (hub datasets; 'train' for reasoning-gym)")
-    num_demos: int | None = _f(
-        64, "number of demonstrations to use (None: all; required for rg: sources)"
-    )
-    skip_invalid: bool = _f(False, "drop bad records (counted and reported) instead of stopping")
-    max_prompt_length: int = _f(256, "longest prompt in tokens (longer ones are bad records)")
-    max_length: int = _f(512, "longest prompt + response in tokens (responses are cut)")
-    truncate_prompts: bool = _f(
-        False,
-        "cut prompts longer than max_prompt_length from the left (their text; the chat "
-        "template's markers stay) instead of treating them as bad records (an error, or "
-        "dropped with --skip-invalid); the GSIL authors' code keeps a long prompt's end",
-    )
 
 
 @dataclass
@@ -126,8 +79,8 @@ class RunConfig:
         "reference to the current policy)",
     )
     resume: bool = _f(False, "continue an interrupted run in the same directory")
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
     objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)

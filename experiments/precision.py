@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,19 +62,26 @@ def identical_share(path_a: Path, path_b: Path) -> dict[str, Any]:
     return {"identical": same, "n": len(a), "share": same / len(a) if a else float("nan")}
 
 
-def measure(
-    model_spec: str,
-    out: Path,
-    limit: int,
-    seed: int = 0,
-    backend: str = "auto",
-    bf16_compute: bool | None = None,
-    max_new_tokens: int = 160,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PrecisionStudy:
+    """What the comparison evaluates: ``limit`` held-out reasoning items per task of seed
+    ``seed``, greedy with ``max_new_tokens`` on ``backend``; ``bf16_compute``: also in bf16
+    arithmetic (None: where bf16 is native)."""
+
+    limit: int = 100
+    seed: int = 0
+    max_new_tokens: int = 160
+    backend: str = "auto"
+    bf16_compute: bool | None = None
+
+
+def measure(model_spec: str, out: Path, study: PrecisionStudy | None = None) -> dict[str, Any]:
     """Evaluate ``model_spec`` in each precision and compare each with fp32 (see module doc)."""
+    study = study or PrecisionStudy()
+    limit, seed, backend = study.limit, study.seed, study.backend
     device = resolve_device()
-    bf16_compute = native_bf16(device) if bf16_compute is None else bf16_compute
-    options = EvalOptions(backend=backend, max_new_tokens=max_new_tokens)
+    bf16_compute = native_bf16(device) if study.bf16_compute is None else study.bf16_compute
+    options = EvalOptions(backend=backend, max_new_tokens=study.max_new_tokens)
     model, tokenizer = load_model(model_spec, dtype="float32", device=device)
     engine = None
     if resolve_backend(backend, model) == "vllm":
@@ -168,14 +176,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--model", required=True, help="a model directory, hub id or smollm2-135m")
     parser.add_argument("--out", help="output directory (default: runs/precision/<model's run>)")
-    parser.add_argument("--limit", type=int, default=100, help="held-out items per task")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out items")
-    parser.add_argument("--max-new-tokens", type=int, default=160)
-    parser.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm"))
+    defaults = PrecisionStudy()
+    parser.add_argument("--limit", type=int, default=defaults.limit, help="held-out items per task")
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="seed of the held-out items"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--backend", default=defaults.backend, choices=("auto", "hf", "vllm"))
     parser.add_argument(
         "--bf16-compute",
         action=argparse.BooleanOptionalAction,
-        default=None,
+        default=defaults.bf16_compute,
         help="also evaluate in bf16 arithmetic (default: where bf16 is native)",
     )
     args = parser.parse_args(argv)
@@ -183,9 +194,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(
         args.out or Path("runs") / "precision" / Path(args.model).as_posix().replace("/", "_")
     )
-    summary = measure(
-        args.model, out, args.limit, args.seed, args.backend, args.bf16_compute, args.max_new_tokens
+    study = PrecisionStudy(
+        limit=args.limit,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        backend=args.backend,
+        bf16_compute=args.bf16_compute,
     )
+    summary = measure(args.model, out, study)
     print(table(summary))
     if "bf16_compute" in summary:
         print(f"bf16 arithmetic {summary['bf16_compute']}")

@@ -127,25 +127,8 @@ def execute(config: RunConfig) -> dict:
     started = time.perf_counter()
 
     data, goal = config.data, config.objective
-    model, tokenizer = load_model(
-        config.model.name_or_path,
-        dtype="float32",
-        device=accelerator.device,
-        lora_rank=config.model.lora_rank,
-        revision=config.model.revision,
-    )
-    demos = load_demonstrations(
-        data.source,
-        prompt_field=data.prompt_field,
-        response_field=data.response_field,
-        split=data.split,
-        size=data.num_demos,
-        seed=config.seed,
-        skip_invalid=data.skip_invalid,
-        tokenizer=tokenizer,
-        max_prompt_length=data.max_prompt_length,
-        truncate_prompts=data.truncate_prompts,
-    )
+    model, tokenizer = load_model(config.model, dtype="float32", device=accelerator.device)
+    demos = load_demonstrations(data, seed=config.seed, tokenizer=tokenizer)
     logger.info(
         "%d demonstrations from %s (skipped: %s)",
         len(demos),

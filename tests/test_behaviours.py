@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from test_trainer import response_logps
 from tiny import Interrupt, interrupting, tiny_demos
 
-from gsil.batching import build_examples
-from gsil.data import Demonstration, encode_prompt
+from gsil.batching import GeneratedResponses, build_examples
+from gsil.data import Demonstration, TokenLimits, encode_prompt
 from gsil.estimators import get_estimator
 from gsil.generation import GenerationSettings
 from gsil.layout import RunLayout
@@ -148,7 +148,11 @@ GENERATED = ["no", "maybe so", "1 2 3 4 5 6 7 8", "x"]  # lengths 2 to 15 tokens
 def tiny_round(tok, count=4, generated=GENERATED):
     demos = tiny_demos(count)
     examples = build_examples(
-        tok, [d.prompt for d in demos], [d.response for d in demos], generated[:count], **LENGTHS
+        tok,
+        [d.prompt for d in demos],
+        [d.response for d in demos],
+        TokenLimits(**LENGTHS),
+        generated=GeneratedResponses(generated[:count], num_samples=1),
     )
     return demos, examples
 
@@ -422,7 +426,7 @@ def test_partial_last_step_averages_over_its_real_examples(tiny_model, tiny_toke
         assert 4 * full["loss"] + last["loss"] == pytest.approx(sum(nll), abs=1e-4)
         (alone,) = [i for i, value in enumerate(nll) if abs(value - last["loss"]) < 1e-5]
         prompt, response = demos[alone].prompt, demos[alone].response
-        (example,) = build_examples(tok, [prompt], [response], None, **LENGTHS)
+        (example,) = build_examples(tok, [prompt], [response], TokenLimits(**LENGTHS))
         assert last["tokens"] == len(example.prompt_ids) + len(example.demo_ids)
         start.zero_grad()
         (-response_logps(start, tok, prompt, response, average=True)).backward()

@@ -16,6 +16,7 @@ from gsil import data
 from gsil.data import (
     IGNORE_INDEX,
     DataError,
+    DataSettings,
     Demonstration,
     PromptTooLong,
     build_sequence,
@@ -75,7 +76,7 @@ def test_jsonl_string_and_chat_prompts(tmp_path):
             {"prompt": CHAT_PROMPT, "response": "4"},
         ],
     )
-    demos = load_demonstrations(str(source))
+    demos = load_demonstrations(DataSettings(source=str(source)))
     assert [d.response for d in demos] == ["Hi!", "4"]
     assert demos[0].prompt == "Say hi." and demos[0].id == "7"
     assert demos[1].prompt == tuple(CHAT_PROMPT)
@@ -99,14 +100,16 @@ def test_json_and_parquet_with_custom_field_names(tmp_path):
     datasets.Dataset.from_list(chat_records).to_parquet(str(parquet_path))
 
     from_json = load_demonstrations(
-        str(json_path), prompt_field="question", response_field="answer"
+        DataSettings(source=str(json_path), prompt_field="question", response_field="answer")
     )
     assert [(d.prompt, d.response) for d in from_json] == [
         ("Say hi.", "Hi!"),
         (({"role": "user", "content": "2+2?"},), "4"),
     ]
     from_parquet = load_demonstrations(
-        str(parquet_path), prompt_field="question", response_field="answer", size=2
+        DataSettings(
+            source=str(parquet_path), prompt_field="question", response_field="answer", num_demos=2
+        )
     )
     assert [d.response for d in from_parquet] == ["1", "2"]
     assert from_parquet[1].prompt == ({"role": "user", "content": "1+1?"},)
@@ -132,13 +135,13 @@ def test_bad_jsonl_record_names_file_line_and_field_or_is_skipped(tmp_path, reas
     path.write_bytes(good + b"\n" + bad + b"\n" + good + b"\n")
 
     with pytest.raises(DataError) as caught:
-        load_demonstrations(str(path))
+        load_demonstrations(DataSettings(source=str(path)))
     message = str(caught.value)
     assert f"{path} line 2:" in message
     for word in expected_words:
         assert word in message
 
-    kept = load_demonstrations(str(path), skip_invalid=True)
+    kept = load_demonstrations(DataSettings(source=str(path), skip_invalid=True))
     assert len(kept) == 2 and kept.skipped == {reason: 1}
 
 
@@ -158,15 +161,15 @@ def test_bad_jsonl_record_names_file_line_and_field_or_is_skipped(tmp_path, reas
 def test_bad_chat_prompts_are_explained(tmp_path, prompt, expected):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": prompt, "response": "r"}])
     with pytest.raises(DataError, match=re.escape(f"{path} line 1: field 'prompt'")) as caught:
-        load_demonstrations(str(path))
+        load_demonstrations(DataSettings(source=str(path)))
     assert expected in str(caught.value)
 
 
 def test_non_object_record_and_skip_counts_by_reason(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [[1, 2], GOOD, {"prompt": "p"}, {"prompt": "p"}])
     with pytest.raises(DataError, match=r"line 1: expected a JSON object"):
-        load_demonstrations(str(path))
-    kept = load_demonstrations(str(path), skip_invalid=True)
+        load_demonstrations(DataSettings(source=str(path)))
+    kept = load_demonstrations(DataSettings(source=str(path), skip_invalid=True))
     assert len(kept) == 1 and kept.skipped == {"wrong_type": 1, "missing_field": 2}
 
 
@@ -174,31 +177,31 @@ def test_json_file_errors_name_line_or_index(tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text('[\n  {"prompt": "p", "response": "r"},\n  {"prompt": \n]', encoding="utf-8")
     with pytest.raises(DataError, match=re.escape(f"{broken} line 4")):
-        load_demonstrations(str(broken))
+        load_demonstrations(DataSettings(source=str(broken)))
     bad_record = tmp_path / "bad.json"
     bad_record.write_text(json.dumps([GOOD, {"prompt": "p", "response": 3}]), encoding="utf-8")
     with pytest.raises(DataError, match=re.escape(f"{bad_record} index 1: field 'response'")):
-        load_demonstrations(str(bad_record))
+        load_demonstrations(DataSettings(source=str(bad_record)))
     not_a_list = tmp_path / "dict.json"
     not_a_list.write_text(json.dumps(GOOD), encoding="utf-8")
     with pytest.raises(DataError, match="JSON list"):
-        load_demonstrations(str(not_a_list))
+        load_demonstrations(DataSettings(source=str(not_a_list)))
 
 
 def test_parquet_error_names_row_and_field(tmp_path):
     path = tmp_path / "d.parquet"
     datasets.Dataset.from_list([GOOD, {"prompt": "p", "response": ""}]).to_parquet(str(path))
     with pytest.raises(DataError, match=re.escape(f"{path} row 1: field 'response' is empty")):
-        load_demonstrations(str(path))
+        load_demonstrations(DataSettings(source=str(path)))
 
 
 def test_missing_and_unsupported_files(tmp_path):
     with pytest.raises(DataError, match="no such file"):
-        load_demonstrations(str(tmp_path / "absent.jsonl"))
+        load_demonstrations(DataSettings(source=str(tmp_path / "absent.jsonl")))
     text_file = tmp_path / "demos.txt"
     text_file.write_text("hello", encoding="utf-8")
     with pytest.raises(DataError, match="unsupported file type"):
-        load_demonstrations(str(text_file))
+        load_demonstrations(DataSettings(source=str(text_file)))
 
 
 def test_hub_source_uses_load_dataset_and_explains_offline_failures(monkeypatch):
@@ -210,16 +213,19 @@ def test_hub_source_uses_load_dataset_and_explains_offline_failures(monkeypatch)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     with pytest.raises(DataError, match=re.escape("hub dataset 'org/demos' split 'dev' row 1")):
-        load_demonstrations("org/demos", split="dev")
+        load_demonstrations(DataSettings(source="org/demos", split="dev"))
     assert calls == [("org/demos", "dev")]
-    assert len(load_demonstrations("org/demos", split="dev", skip_invalid=True)) == 1
+    assert (
+        len(load_demonstrations(DataSettings(source="org/demos", split="dev", skip_invalid=True)))
+        == 1
+    )
 
     def offline(name, split):
         raise ConnectionError("Couldn't reach the Hugging Face Hub")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match="offline") as caught:
-        load_demonstrations("org/demos")
+        load_demonstrations(DataSettings(source="org/demos"))
     assert "'org/demos'" in str(caught.value) and "local .jsonl" in str(caught.value)
 
 
@@ -229,10 +235,13 @@ def test_too_long_prompts_fail_or_are_skipped(tmp_path, tiny_tokenizer):
     with pytest.raises(PromptTooLong):
         encode_prompt(tiny_tokenizer, "x" * 500, max_prompt_length=limit)
     with pytest.raises(DataError, match=re.escape(f"{path} line 2: field 'prompt'")) as caught:
-        load_demonstrations(str(path), tokenizer=tiny_tokenizer, max_prompt_length=limit)
+        load_demonstrations(
+            DataSettings(source=str(path), max_prompt_length=limit), tokenizer=tiny_tokenizer
+        )
     assert "max_prompt_length" in str(caught.value)
     kept = load_demonstrations(
-        str(path), tokenizer=tiny_tokenizer, max_prompt_length=limit, skip_invalid=True
+        DataSettings(source=str(path), max_prompt_length=limit, skip_invalid=True),
+        tokenizer=tiny_tokenizer,
     )
     assert [d.prompt for d in kept] == ["Say hi."] and kept.skipped == {"prompt_too_long": 1}
 
@@ -242,7 +251,9 @@ def test_too_long_prompts_fail_or_are_skipped(tmp_path, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def reasoning_demos():
-    return load_demonstrations("rg:gsm_symbolic,basic_arithmetic,chain_sum", size=90, seed=3)
+    return load_demonstrations(
+        DataSettings(source="rg:gsm_symbolic,basic_arithmetic,chain_sum", num_demos=90), seed=3
+    )
 
 
 def test_reasoning_demos_end_with_the_answer_line_that_scores_one(reasoning_demos):
@@ -270,7 +281,7 @@ def test_basic_arithmetic_demos_agree_with_precedence_correct_gold(reasoning_dem
 
 
 def test_items_whose_gold_disagrees_are_dropped_counted_and_replaced():
-    demos = load_demonstrations("rg:basic_arithmetic", size=300, seed=0)
+    demos = load_demonstrations(DataSettings(source="rg:basic_arithmetic", num_demos=300), seed=0)
     assert len(demos) == 300
     assert demos.skipped["basic_arithmetic:gold_disagrees_with_evaluation"] > 0
     # Gold computed left to right (50 + 83) * 6 + 9 = 807, ignoring precedence: dropped.
@@ -323,15 +334,25 @@ def test_split_seeds_are_disjoint_and_validated():
         split_seed(-1, "train")
     with pytest.raises(DataError):
         split_seed(0, "dev")  # the splits are train, validation and test
-    train = load_demonstrations("rg:basic_arithmetic", size=50, seed=5, split="train")
-    test = load_demonstrations("rg:basic_arithmetic", size=50, seed=5, split="test")
+    train = load_demonstrations(
+        DataSettings(source="rg:basic_arithmetic", num_demos=50, split="train"), seed=5
+    )
+    test = load_demonstrations(
+        DataSettings(source="rg:basic_arithmetic", num_demos=50, split="test"), seed=5
+    )
     assert not {d.prompt for d in train} & {d.prompt for d in test}
 
 
 def test_reasoning_demos_are_deterministic_given_seed_and_split_size_evenly():
-    first = load_demonstrations("rg:chain_sum,basic_arithmetic,gsm_symbolic", size=7, seed=11)
-    again = load_demonstrations("rg:chain_sum,basic_arithmetic,gsm_symbolic", size=7, seed=11)
-    other = load_demonstrations("rg:chain_sum,basic_arithmetic,gsm_symbolic", size=7, seed=12)
+    first = load_demonstrations(
+        DataSettings(source="rg:chain_sum,basic_arithmetic,gsm_symbolic", num_demos=7), seed=11
+    )
+    again = load_demonstrations(
+        DataSettings(source="rg:chain_sum,basic_arithmetic,gsm_symbolic", num_demos=7), seed=11
+    )
+    other = load_demonstrations(
+        DataSettings(source="rg:chain_sum,basic_arithmetic,gsm_symbolic", num_demos=7), seed=12
+    )
     assert [(d.prompt, d.response, d.id) for d in first] == [
         (d.prompt, d.response, d.id) for d in again
     ]
@@ -342,10 +363,10 @@ def test_reasoning_demos_are_deterministic_given_seed_and_split_size_evenly():
 
 
 def test_reasoning_source_errors():
-    with pytest.raises(DataError, match="size"):
-        load_demonstrations("rg:chain_sum")
+    with pytest.raises(DataError, match="num_demos"):
+        load_demonstrations(DataSettings(source="rg:chain_sum", num_demos=None))
     with pytest.raises(DataError, match="no_such_task"):
-        load_demonstrations("rg:no_such_task", size=2)
+        load_demonstrations(DataSettings(source="rg:no_such_task", num_demos=2))
 
 
 # --------------------------------------------------------------------------- tokenization
@@ -430,7 +451,7 @@ def test_build_sequence_rejects_empty_response():
 def test_save_jsonl_round_trips_demonstrations_and_is_atomic(tmp_path):
     demos = [Demonstration("Say hi.", "Hi!", "a"), Demonstration(tuple(CHAT_PROMPT), "4", "b")]
     path = save_jsonl(demos, tmp_path / "out" / "demos.jsonl")
-    loaded = load_demonstrations(str(path))
+    loaded = load_demonstrations(DataSettings(source=str(path)))
     assert [(d.prompt, d.response, d.id) for d in loaded] == [
         (d.prompt, d.response, d.id) for d in demos
     ]
@@ -469,8 +490,10 @@ def test_chat_message_response_takes_the_last_assistant_turn(tmp_path):
         {"prompt": "hi", "chosen": [{"role": "user", "content": "hi"}]},
     ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    demos = load_demonstrations(str(path), response_field="chosen", skip_invalid=True)
+    demos = load_demonstrations(
+        DataSettings(source=str(path), response_field="chosen", skip_invalid=True)
+    )
     assert [d.response for d in demos] == ["hello there"]
     assert demos.skipped == {"wrong_type": 1}
     with pytest.raises(DataError, match=r"line 2.*'chosen'.*assistant"):
-        load_demonstrations(str(path), response_field="chosen")
+        load_demonstrations(DataSettings(source=str(path), response_field="chosen"))

@@ -3,6 +3,7 @@ prompts, the model's hub revision, and their configuration keys and flags."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -11,7 +12,14 @@ from tiny import tiny_demos
 
 from experiments.config import ConfigError, from_dict
 from gsil.batching import build_examples
-from gsil.data import DataError, encode_prompt, load_demonstrations, truncate_prompt_left
+from gsil.data import (
+    DataError,
+    DataSettings,
+    TokenLimits,
+    encode_prompt,
+    load_demonstrations,
+    truncate_prompt_left,
+)
 from gsil.generation import GenerationSettings
 from gsil.methods import get_method
 from gsil.trainer import OptimSettings, RoundsSettings, run_rounds
@@ -91,21 +99,18 @@ def test_loading_cuts_long_prompts_instead_of_rejecting_them(tiny_tokenizer, tmp
     path = tmp_path / "demos.jsonl"
     rows = [{"prompt": LONG, "response": "ok"}, {"prompt": "short", "response": "ok"}]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    load = dict(tokenizer=tiny_tokenizer, max_prompt_length=64)
+    data = DataSettings(source=str(path), max_prompt_length=64)
     with pytest.raises(DataError, match="demos.jsonl line 1: field 'prompt'.*max_prompt_length=64"):
-        load_demonstrations(str(path), **load)
-    assert len(load_demonstrations(str(path), skip_invalid=True, **load)) == 1
-    demos = load_demonstrations(str(path), truncate_prompts=True, **load)
+        load_demonstrations(data, tokenizer=tiny_tokenizer)
+    skipping = dataclasses.replace(data, skip_invalid=True)
+    assert len(load_demonstrations(skipping, tokenizer=tiny_tokenizer)) == 1
+    cutting = dataclasses.replace(data, truncate_prompts=True)
+    demos = load_demonstrations(cutting, tokenizer=tiny_tokenizer)
     assert len(demos) == 2 and LONG.endswith(demos[0].prompt) and demos[0].prompt != LONG
     assert demos[0].meta["prompt_truncated_tokens"] > 0 and demos[1].prompt == "short"
     # training (and generation) encode the cut prompt within the same limit: no error there
     examples = build_examples(
-        tiny_tokenizer,
-        [d.prompt for d in demos],
-        [d.response for d in demos],
-        None,
-        max_prompt_length=64,
-        max_length=96,
+        tiny_tokenizer, [d.prompt for d in demos], [d.response for d in demos], TokenLimits(64, 96)
     )
     assert len(examples[0].prompt_ids) == 64
 
@@ -143,11 +148,11 @@ def test_the_options_are_recipe_keys_and_checked(tmp_path, monkeypatch, tiny_tok
         pass
 
     def fake_load_model(spec, **kwargs):
-        seen.update(spec=spec, **kwargs)
+        seen.update(spec=spec, revision=spec.revision, **kwargs)
         return None, tiny_tokenizer
 
-    def fake_load_demonstrations(source, **kwargs):
-        seen.update(kwargs)
+    def fake_load_demonstrations(settings, **kwargs):
+        seen.update(truncate_prompts=settings.truncate_prompts)
         raise Stop
 
     monkeypatch.setattr(training, "load_model", fake_load_model)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from gsil.data import load_demonstrations
+from gsil.data import DataSettings, load_demonstrations
 from gsil.estimators import get_estimator
 from gsil.generation import GenerationSettings
 from gsil.methods import get_method
@@ -18,7 +18,9 @@ pytestmark = pytest.mark.integration
 def test_embedded_model_takes_gsil_steps(tmp_path):
     model, tokenizer = load_model("smollm2-135m", dtype="float32")
     demos = load_demonstrations(
-        "rg:chain_sum", size=4, seed=0, tokenizer=tokenizer, max_prompt_length=128
+        DataSettings(source="rg:chain_sum", num_demos=4, max_prompt_length=128),
+        seed=0,
+        tokenizer=tokenizer,
     )
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
     objective = get_method("gsil", get_estimator("logistic"), beta=0.1)

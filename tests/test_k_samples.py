@@ -10,8 +10,8 @@ from tiny import tiny_demos
 
 import gsil.generation.core as generation_core
 import gsil.trainer as trainer
-from gsil.batching import build_examples, collate, split_demo_gen
-from gsil.data import Demonstration
+from gsil.batching import GeneratedResponses, build_examples, collate, split_demo_gen
+from gsil.data import Demonstration, TokenLimits
 from gsil.generation import GenerationSettings, generate_set, read_generated_set, settings_path
 from gsil.methods import get_method
 from gsil.optimization import OptimSettings
@@ -31,15 +31,13 @@ def test_batch_layout_puts_k_blocks_of_samples_after_the_demonstrations(tiny_tok
     prompts = ["p0", "p1", "p2"]
     gens = ["a0", "b0", "a1", "b1", "a2", "b2"]  # prompt-major: response j of prompt i
     mask = [True, True, False, True, True, True]
+    limits = TokenLimits(max_prompt_length=32, max_length=64)
     examples = build_examples(
         tiny_tokenizer,
         prompts,
         ["d0", "d1", "d2"],
-        gens,
-        max_prompt_length=32,
-        max_length=64,
-        num_samples=2,
-        gen_mask=mask,
+        limits,
+        generated=GeneratedResponses(gens, num_samples=2, mask=mask),
     )
     assert [len(ex.gen_ids) for ex in examples] == [2, 2, 2]
     assert examples[1].gen_mask == (False, True) and examples[0].gen_mask == (True, True)
@@ -62,10 +60,8 @@ def test_batch_layout_puts_k_blocks_of_samples_after_the_demonstrations(tiny_tok
             tiny_tokenizer,
             prompts,
             ["d0", "d1", "d2"],
-            gens[:5],
-            max_prompt_length=32,
-            max_length=64,
-            num_samples=2,
+            limits,
+            generated=GeneratedResponses(gens[:5], num_samples=2),
         )
 
 

@@ -9,6 +9,7 @@ import torch
 
 from gsil.models import (
     ModelLoadError,
+    ModelSettings,
     apply_lora,
     is_peft_model,
     load_model,
@@ -88,10 +89,10 @@ def test_lora_only_adapters_are_trainable(tiny_model):
 
 def test_load_model_with_lora(tiny_model, tiny_tokenizer, tmp_path):
     save_model(tiny_model, tiny_tokenizer, tmp_path / "m")
-    model, _ = load_model(tmp_path / "m", lora_rank=2, lora_alpha=3, lora_dropout=0.0)
+    model, _ = load_model(ModelSettings(str(tmp_path / "m"), lora_rank=2))
     assert is_peft_model(model)
     assert model.peft_config["default"].r == 2
-    assert model.peft_config["default"].lora_alpha == 3
+    assert model.peft_config["default"].lora_alpha == 4  # apply_lora's default, 2 * rank
 
 
 def test_save_peft_model_merges_adapters(tiny_model, tiny_tokenizer, tmp_path):
@@ -218,14 +219,14 @@ def test_a_hub_revision_reaches_from_pretrained_and_a_local_one_is_ignored(
     with monkeypatch.context() as patch:
         patch.setattr(transformers.AutoTokenizer, "from_pretrained", recording("tokenizer"))
         with pytest.raises(ModelLoadError):
-            load_model("gsil-test-org/model", revision="v1.2")
+            load_model(ModelSettings("gsil-test-org/model", revision="v1.2"))
         assert calls == [("tokenizer", "gsil-test-org/model", "v1.2")]
         patch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: None)
         patch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recording("model"))
         with pytest.raises(ModelLoadError):
-            load_model("gsil-test-org/model", revision="v1.2")
+            load_model(ModelSettings("gsil-test-org/model", revision="v1.2"))
         assert calls[-1] == ("model", "gsil-test-org/model", "v1.2")
     # a local directory has one version: the revision changes nothing
     save_model(tiny_model, tiny_tokenizer, tmp_path / "m")
-    model, _ = load_model(tmp_path / "m", revision="v1.2")
+    model, _ = load_model(ModelSettings(str(tmp_path / "m"), revision="v1.2"))
     assert torch.equal(model.lm_head.weight, tiny_model.lm_head.weight)

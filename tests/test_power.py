@@ -10,6 +10,7 @@ import pytest
 from scipy import stats
 
 from gsil.evaluation.results import (
+    PowerTarget,
     detectable_difference,
     independent_discordance,
     mcnemar_power,
@@ -82,6 +83,15 @@ def test_the_assumed_discordance_from_accuracy_before_results_exist():
     assert power > 0.95
     observed = detectable_difference(n, discordance=correlated_discordance)
     assert observed.difference < planned.difference and observed.assumption == "observed"
+
+
+def test_a_stricter_test_needs_a_larger_difference():
+    strict = detectable_difference(600, discordance=0.3, target=PowerTarget(alpha=0.01, power=0.9))
+    usual = detectable_difference(600, discordance=0.3)
+    assert (strict.alpha, strict.power) == (0.01, 0.9) and (usual.alpha, usual.power) == (0.05, 0.8)
+    assert strict.difference > usual.difference
+    # the forward power of McNemar's test at that difference is the target's
+    assert mcnemar_power(600, 0.3, strict.difference, alpha=0.01) == pytest.approx(0.9, abs=1e-6)
 
 
 def test_too_few_items_and_no_disagreement_are_said_so():

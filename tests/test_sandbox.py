@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gsil.evaluation.sandbox import isolation_info, run_untrusted
+from gsil.evaluation.sandbox import SandboxLimits, isolation_info, run_untrusted
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def test_isolation_probe_describes_layers() -> None:
 
 
 def test_simple_program_passes() -> None:
-    res = run_untrusted("print('hello from the sandbox')", timeout_s=10)
+    res = run_untrusted("print('hello from the sandbox')", SandboxLimits(timeout_s=10))
     assert res.status == "passed", res
     assert res.passed and res.returncode == 0
     assert res.stdout_tail == "hello from the sandbox\n"
@@ -74,7 +74,7 @@ def test_simple_program_passes() -> None:
 
 
 def test_exception_is_failure() -> None:
-    res = run_untrusted("raise ValueError('boom')", timeout_s=10)
+    res = run_untrusted("raise ValueError('boom')", SandboxLimits(timeout_s=10))
     assert res.status == "failed" and not res.passed
     assert res.returncode == 1
     assert "ValueError: boom" in res.stderr_tail
@@ -92,7 +92,7 @@ def test_exception_is_failure() -> None:
 )
 def test_early_exit_is_not_a_pass(early: str) -> None:
     program = early + "\nassert False, 'tests that never ran'\n"
-    res = run_untrusted(program, timeout_s=10)
+    res = run_untrusted(program, SandboxLimits(timeout_s=10))
     assert not res.passed
     assert res.status in ("early_exit", "failed"), res
 
@@ -100,21 +100,25 @@ def test_early_exit_is_not_a_pass(early: str) -> None:
 def test_exit_code_alone_passes_only_without_nonce() -> None:
     # Control: the same early exit is a "pass" if the completion nonce is not required,
     # which is exactly what the nonce protects against.
-    res = run_untrusted("import os\nos._exit(0)", timeout_s=10, require_completion=False)
+    res = run_untrusted(
+        "import os\nos._exit(0)", SandboxLimits(timeout_s=10), require_completion=False
+    )
     assert res.status == "passed"
-    assert run_untrusted("import os\nos._exit(0)", timeout_s=10).status == "early_exit"
+    assert (
+        run_untrusted("import os\nos._exit(0)", SandboxLimits(timeout_s=10)).status == "early_exit"
+    )
 
 
 def test_program_source_not_on_disk() -> None:
     program = "import os\nprint(sorted(os.listdir('.')))\nprint('__file__' in globals())\n"
-    res = run_untrusted(program, timeout_s=10)
+    res = run_untrusted(program, SandboxLimits(timeout_s=10))
     assert res.passed, res
     assert res.stdout_tail == "[]\nFalse\n"
 
 
 def test_infinite_loop_times_out() -> None:
     t0 = time.monotonic()
-    res = run_untrusted("while True:\n    pass\n", timeout_s=1.5)
+    res = run_untrusted("while True:\n    pass\n", SandboxLimits(timeout_s=1.5))
     assert res.status == "timeout" and not res.passed
     assert time.monotonic() - t0 < 5
 
@@ -130,7 +134,7 @@ def test_sleep_ignoring_sigterm_is_killed() -> None:
         """
     )
     t0 = time.monotonic()
-    res = run_untrusted(program, timeout_s=1.5, label=marker)
+    res = run_untrusted(program, SandboxLimits(timeout_s=1.5), label=marker)
     assert res.status == "timeout"
     assert time.monotonic() - t0 < 6
     left = wait_gone(marker)
@@ -151,7 +155,7 @@ def test_fork_bomb_is_contained() -> None:
         """
     )
     t0 = time.monotonic()
-    res = run_untrusted(program, timeout_s=5, max_processes=32, label=marker)
+    res = run_untrusted(program, SandboxLimits(timeout_s=5, max_processes=32), label=marker)
     assert not res.passed
     assert res.status in ("process_limit", "timeout"), res
     assert time.monotonic() - t0 < 10
@@ -180,7 +184,7 @@ print("parent exits")
 def test_double_forked_daemon_is_killed() -> None:
     marker = f"gsil-test-daemon-{uuid.uuid4().hex}"
     program = f"MARKER = {marker!r}\n" + DAEMON
-    res = run_untrusted(program, timeout_s=10)
+    res = run_untrusted(program, SandboxLimits(timeout_s=10))
     assert res.status == "passed", res  # the program itself ends normally ...
     left = wait_gone(marker)
     kill_all(left)
@@ -199,7 +203,9 @@ def test_double_forked_daemon_control_without_sandbox() -> None:
 
 
 def test_huge_allocation_fails_fast() -> None:
-    res = run_untrusted("x = bytearray(8 * 1024**3)\nprint(len(x))", timeout_s=10, memory_mb=512)
+    res = run_untrusted(
+        "x = bytearray(8 * 1024**3)\nprint(len(x))", SandboxLimits(timeout_s=10, memory_mb=512)
+    )
     assert res.status == "failed" and not res.passed
     assert "MemoryError" in res.stderr_tail
     assert res.wall_s < 5
@@ -252,7 +258,7 @@ def test_writes_and_deletes_outside_scratch_are_blocked(tmp_path: Path) -> None:
     d = _make_canary(tmp_path)
     repo_file = REPO / f".gsil-sandbox-canary-{uuid.uuid4().hex}"
     try:
-        res = run_untrusted(_vandal_program(d, repo_file), timeout_s=10)
+        res = run_untrusted(_vandal_program(d, repo_file), SandboxLimits(timeout_s=10))
         assert res.status == "passed", res  # it catches its own errors and reaches the end
         assert "SUCCEEDED" not in res.stdout_tail, res.stdout_tail
         assert res.stdout_tail.count("blocked") == 11
@@ -278,7 +284,9 @@ def test_vandal_control_without_sandbox(tmp_path: Path) -> None:
 
 def test_uncaught_delete_outside_fails_and_canary_survives(tmp_path: Path) -> None:
     d = _make_canary(tmp_path)
-    res = run_untrusted(f"import os\nos.remove({str(d / 'canary.txt')!r})\n", timeout_s=10)
+    res = run_untrusted(
+        f"import os\nos.remove({str(d / 'canary.txt')!r})\n", SandboxLimits(timeout_s=10)
+    )
     assert res.status == "failed"
     assert (d / "canary.txt").read_text() == "original"
 
@@ -293,7 +301,7 @@ def test_scratch_dir_is_writable_private_and_removed() -> None:
         print(open("out.txt").read()[:8])
         """
     )
-    res = run_untrusted(program, timeout_s=10)
+    res = run_untrusted(program, SandboxLimits(timeout_s=10))
     assert res.passed, res
     cwd, content = res.stdout_tail.split()
     assert content == "datadata"
@@ -302,21 +310,25 @@ def test_scratch_dir_is_writable_private_and_removed() -> None:
 
 def test_file_size_limit() -> None:
     program = "open('big', 'wb').write(b'x' * (8 * 1024 * 1024))\n"
-    res = run_untrusted(program, timeout_s=10, max_file_mb=1)
+    res = run_untrusted(program, SandboxLimits(timeout_s=10, max_file_mb=1))
     assert not res.passed
 
 
 def test_stdout_flood_is_capped_and_killed() -> None:
     program = "import sys\nwhile True:\n    sys.stdout.write('A' * 65536)\n"
     t0 = time.monotonic()
-    res = run_untrusted(program, timeout_s=20, max_output_bytes=4 * 1024 * 1024, tail_bytes=1000)
+    res = run_untrusted(
+        program, SandboxLimits(timeout_s=20, max_output_bytes=4 * 1024 * 1024, tail_bytes=1000)
+    )
     assert res.status == "output_limit" and not res.passed
     assert len(res.stdout_tail) <= 1000
     assert time.monotonic() - t0 < 10
 
 
 def test_output_tail_is_bounded_but_program_passes() -> None:
-    res = run_untrusted("print('x' * 200000)\nprint('END')", timeout_s=10, tail_bytes=500)
+    res = run_untrusted(
+        "print('x' * 200000)\nprint('END')", SandboxLimits(timeout_s=10, tail_bytes=500)
+    )
     assert res.passed, res
     assert len(res.stdout_tail) <= 500 and res.stdout_tail.endswith("END\n")
 
@@ -331,7 +343,7 @@ def test_network_is_denied() -> None:
     port = server.getsockname()[1]
     try:
         program = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=3)\n"
-        res = run_untrusted(program, timeout_s=10)
+        res = run_untrusted(program, SandboxLimits(timeout_s=10))
         assert res.status == "failed", res
         with pytest.raises(TimeoutError):
             server.accept()
@@ -346,5 +358,5 @@ def test_concurrent_runs_are_independent() -> None:
         f"import os\nopen('f', 'w').write('{i}')\nprint(open('f').read())" for i in range(6)
     ]
     with ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(lambda p: run_untrusted(p, timeout_s=20), programs))
+        results = list(pool.map(lambda p: run_untrusted(p, SandboxLimits(timeout_s=20)), programs))
     assert [r.stdout_tail for r in results] == [f"{i}\n" for i in range(6)]

@@ -95,10 +95,9 @@ def response_logps(model, tokenizer, prompt, response, *, average=False):
     its EOS). Summed over the response tokens, or their mean with ``average``. Keeps the graph.
     """
     from gsil.batching import build_examples
+    from gsil.data import TokenLimits
 
-    (example,) = build_examples(
-        tokenizer, [prompt], [response], None, max_prompt_length=64, max_length=96
-    )
+    (example,) = build_examples(tokenizer, [prompt], [response], TokenLimits(64, 96))
     ids = torch.tensor([example.prompt_ids + example.demo_ids])
     logits = model(input_ids=ids).logits[0].double()
     start = len(example.prompt_ids)

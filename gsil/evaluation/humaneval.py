@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from gsil.evaluation.results import proportion_interval
-from gsil.evaluation.sandbox import SandboxResult, run_untrusted
+from gsil.evaluation.sandbox import SandboxLimits, SandboxResult, run_untrusted
 
 __all__ = [
     "HUMANEVAL_STOP",
@@ -338,7 +338,9 @@ def evaluate_completions(
     def run_one(row: Mapping[str, Any]) -> SandboxResult:
         program = build_program(problems[row["task_id"]], row["completion"])
         return run_untrusted(
-            program, timeout_s=timeout_s, memory_mb=memory_mb, label=str(row["task_id"])
+            program,
+            SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb),
+            label=str(row["task_id"]),
         )
 
     t0 = time.monotonic()

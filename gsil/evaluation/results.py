@@ -552,6 +552,15 @@ class DetectableDifference:
         )
 
 
+@dataclass(frozen=True)
+class PowerTarget:
+    """What a detectable difference is detectable by: a two-sided test at level ``alpha``
+    with probability ``power``."""
+
+    alpha: float = ALPHA
+    power: float = POWER
+
+
 def detectable_difference(
     n: int,
     *,
@@ -559,10 +568,10 @@ def detectable_difference(
     discordance: float | None = None,
     discordance_source: str = "observed",
     difference_sd: float | None = None,
-    alpha: float = ALPHA,
-    power: float = POWER,
+    target: PowerTarget | None = None,
 ) -> DetectableDifference:
-    """The minimal detectable paired difference for ``n`` items, with its premise.
+    """The minimal detectable paired difference for ``n`` items, with its premise, for the
+    test ``target`` (None: :class:`PowerTarget`'s defaults).
 
     0/1 scores: McNemar's (:func:`minimal_detectable_difference`). Scores that are not all
     0/1: give the observed ``difference_sd`` (and ``discordance``, the share of items that
@@ -576,6 +585,8 @@ def detectable_difference(
     Raises:
         ValueError: when neither ``discordance`` nor ``baseline_accuracy`` is given.
     """
+    target = target or PowerTarget()
+    alpha, power = target.alpha, target.power
     if difference_sd is not None:
         if discordance is None:
             raise ValueError(

@@ -156,6 +156,31 @@ class SandboxResult:
 
 
 @dataclass(frozen=True)
+class SandboxLimits:
+    """The resource limits of one sandboxed program (see the module docs for how each is
+    enforced).
+
+    ``timeout_s``: wall-clock limit; the whole process tree is SIGKILLed when it expires.
+    ``memory_mb``: address-space limit (``RLIMIT_AS``) of the program process.
+    ``cpu_s``: CPU-time limit (``RLIMIT_CPU``); None: ``timeout_s + 1``.
+    ``max_processes``: ``RLIMIT_NPROC`` and the process-count watchdog (fork-bomb guard).
+    ``max_file_mb``: ``RLIMIT_FSIZE``: largest file the program may write.
+    ``scratch_mb``: size of the tmpfs scratch directory (its working directory).
+    ``max_output_bytes``: total stdout+stderr bytes after which the program is killed.
+    ``tail_bytes``: how many trailing bytes of stdout / stderr are kept in the result.
+    """
+
+    timeout_s: float = 10.0
+    memory_mb: int = 1024
+    cpu_s: float | None = None
+    max_processes: int = 64
+    max_file_mb: int = 16
+    scratch_mb: int = 64
+    max_output_bytes: int = 8 * 1024 * 1024
+    tail_bytes: int = 16 * 1024
+
+
+@dataclass(frozen=True)
 class IsolationInfo:
     """What the sandbox can enforce on this machine (see :func:`isolation_info`)."""
 
@@ -648,7 +673,7 @@ def _probe() -> IsolationInfo:
     errors = []
     for mode, args in candidates:
         info = IsolationInfo(mode, args, abi)
-        res = _run(info, "print('gsil-probe-ok')", timeout_s=20.0, nonce=True)
+        res = _run(info, "print('gsil-probe-ok')", SandboxLimits(timeout_s=20.0), nonce=True)
         if res.passed and "gsil-probe-ok" in res.stdout_tail:
             break
         errors.append(f"{mode}: {res.status} rc={res.returncode} {res.stderr_tail.strip()[-300:]}")
@@ -707,18 +732,13 @@ def _decode_tail(buf: bytearray) -> str:
 def _run(
     info: IsolationInfo,
     program: str,
+    limits: SandboxLimits,
     *,
-    timeout_s: float = 10.0,
-    memory_mb: int = 1024,
-    cpu_s: float | None = None,
-    max_processes: int = 64,
-    max_file_mb: int = 16,
-    scratch_mb: int = 64,
-    max_output_bytes: int = 8 * 1024 * 1024,
-    tail_bytes: int = 16 * 1024,
     nonce: bool = True,
     label: str = "",
 ) -> SandboxResult:
+    timeout_s, cpu_s = limits.timeout_s, limits.cpu_s
+    max_output_bytes, tail_bytes = limits.max_output_bytes, limits.tail_bytes
     marker = secrets.token_hex(16) if nonce else ""
     if nonce:
         program = (
@@ -739,11 +759,11 @@ def _run(
             "mounts": info.mode != "none",
             "pidns": info.mode != "none",
             "landlock_abi": info.landlock_abi,
-            "scratch_mb": int(scratch_mb),
+            "scratch_mb": int(limits.scratch_mb),
             "cpu_s": max(1, int(cpu_s if cpu_s is not None else timeout_s + 1)),
-            "memory_bytes": int(memory_mb) * 1024 * 1024,
-            "fsize_bytes": int(max_file_mb) * 1024 * 1024,
-            "nproc": int(max_processes),
+            "memory_bytes": int(limits.memory_mb) * 1024 * 1024,
+            "fsize_bytes": int(limits.max_file_mb) * 1024 * 1024,
+            "nproc": int(limits.max_processes),
             "label": str(label),
         }
         cmd = [*_base_cmd(info.unshare_args), json.dumps(cfg)]
@@ -854,15 +874,8 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
 
 def run_untrusted(
     program: str,
+    limits: SandboxLimits | None = None,
     *,
-    timeout_s: float = 10.0,
-    memory_mb: int = 1024,
-    cpu_s: float | None = None,
-    max_processes: int = 64,
-    max_file_mb: int = 16,
-    scratch_mb: int = 64,
-    max_output_bytes: int = 8 * 1024 * 1024,
-    tail_bytes: int = 16 * 1024,
     require_completion: bool = True,
     label: str = "",
 ) -> SandboxResult:
@@ -870,14 +883,8 @@ def run_untrusted(
 
     Args:
         program: Python source code (run as ``__main__`` in a fresh interpreter state).
-        timeout_s: wall-clock limit; the whole process tree is SIGKILLed when it expires.
-        memory_mb: address-space limit (``RLIMIT_AS``) of the program process.
-        cpu_s: CPU-time limit (``RLIMIT_CPU``); defaults to ``timeout_s + 1``.
-        max_processes: ``RLIMIT_NPROC`` (fork-bomb guard).
-        max_file_mb: ``RLIMIT_FSIZE``: largest file the program may write.
-        scratch_mb: size of the tmpfs scratch directory (its working directory).
-        max_output_bytes: total stdout+stderr bytes after which the program is killed.
-        tail_bytes: how many trailing bytes of stdout / stderr are kept in the result.
+        limits: its time, memory, process, file and output limits (None: the defaults of
+            :class:`SandboxLimits`).
         require_completion: append a nonce statement and require it (see module docs);
             otherwise exit code 0 alone means ``"passed"``.
         label: free text placed in the sandbox init's command line (visible in ``ps``).
@@ -886,20 +893,7 @@ def run_untrusted(
         A :class:`SandboxResult`.
     """
     info = isolation_info()
-    return _run(
-        info,
-        program,
-        timeout_s=timeout_s,
-        memory_mb=memory_mb,
-        cpu_s=cpu_s,
-        max_processes=max_processes,
-        max_file_mb=max_file_mb,
-        scratch_mb=scratch_mb,
-        max_output_bytes=max_output_bytes,
-        tail_bytes=tail_bytes,
-        nonce=require_completion,
-        label=label,
-    )
+    return _run(info, program, limits or SandboxLimits(), nonce=require_completion, label=label)
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--gsil-sandbox-init":
