@@ -164,7 +164,7 @@ def peak_memory(kind: str, precision: str, checkpointing: bool) -> dict:
 
 def generation_speed(num_prompts: int, max_new_tokens: int) -> dict:
     from gsil.data import encode_prompt
-    from gsil.generation import generate_from_ids
+    from gsil.generation import Decoding, generate_from_ids
     from gsil.models import load_model
     from gsil.reasoning_tasks import load_reasoning_demonstrations
 
@@ -178,8 +178,7 @@ def generation_speed(num_prompts: int, max_new_tokens: int) -> dict:
             model,
             tokenizer,
             prompt_ids,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
+            Decoding(max_new_tokens=max_new_tokens, batch_size=batch_size),
             progress=False,
         )
         seconds = time.perf_counter() - start

@@ -135,11 +135,11 @@ def run_pipeline(pipeline: Pipeline) -> dict:
     if not state.is_main_process:
         return outcome
     if pipeline.evaluate:
-        from gsil.generation import resolve_backend
+        from gsil.generation import VLLM, resolve_backend
 
         backend = pipeline.evaluate.backend
         engine = None  # with vLLM: one engine for every evaluated run, started at the first
-        if resolve_backend(backend) == "vllm":
+        if resolve_backend(backend) == VLLM:
             from gsil.generation.vllm_engine import EngineSlot
 
             engine = EngineSlot()

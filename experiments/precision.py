@@ -30,7 +30,7 @@ import torch
 
 from gsil.evaluation.results import compare_results, load_records, result_paths
 from gsil.evaluation.runner import EvalOptions, evaluate_model
-from gsil.generation import resolve_backend
+from gsil.generation import AUTO, BACKENDS, resolve_backend
 from gsil.io import write_json
 from gsil.models import load_model, native_bf16, resolve_device
 
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--limit", type=int, default=100, help="held-out items per task")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out items")
     parser.add_argument("--max-new-tokens", type=int, default=160)
-    parser.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm"))
+    parser.add_argument("--backend", default=AUTO, choices=BACKENDS)
     parser.add_argument(
         "--bf16-compute",
         action=argparse.BooleanOptionalAction,

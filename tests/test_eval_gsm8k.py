@@ -29,7 +29,7 @@ from gsil.evaluation.gsm8k import (
     select_exemplars,
     summarize,
 )
-from gsil.evaluation.results import Decoding, compare_results
+from gsil.evaluation.results import EvalDecoding, compare_results
 from gsil.evaluation.runner import EvalOptions, evaluate_model
 
 TEST_ROWS = [
@@ -146,7 +146,7 @@ def test_evaluate_gsm8k_k_shot_on_tiny_model(
         train_source=train,
         shots=2,
         limit=2,
-        decoding=Decoding(max_new_tokens=4),
+        decoding=EvalDecoding(max_new_tokens=4, batch_size=8),
         progress=False,
     )
     assert result.benchmark == "gsm8k-chat" and result.n == 2 and len(records) == 2

@@ -7,6 +7,7 @@ fake OpenAI-compatible endpoint that the ``openai`` client talks to.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections import Counter
@@ -32,7 +33,7 @@ from gsil.evaluation.mtbench import (
     load_references,
     parse_rating,
 )
-from gsil.evaluation.results import Decoding
+from gsil.evaluation.results import EvalDecoding
 
 DATA = fastchat_data_dir()
 needs_wheel = pytest.mark.skipif(
@@ -51,7 +52,7 @@ QUESTIONS = [
         "reference": ["12", "6"],
     },
 ]
-DECODING = Decoding(max_new_tokens=6)
+DECODING = EvalDecoding(max_new_tokens=6, batch_size=8)
 # Question ids from the wheel's question.jsonl: writing, roleplay, reasoning, math, coding,
 # extraction (with a question-file 'reference' that FastChat ignores), stem, humanities.
 WHEEL_IDS = (81, 95, 101, 111, 121, 131, 142, 151)
@@ -216,8 +217,8 @@ class _RecordingGenerate:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, model, tokenizer, prompts, **kwargs):
-        self.calls.append((prompts, kwargs))
+    def __call__(self, model, tokenizer, prompts, decoding, **kwargs):
+        self.calls.append((prompts, {**dataclasses.asdict(decoding), **kwargs}))
         return [SimpleNamespace(text=f"answer {len(self.calls)}.{i}") for i in range(len(prompts))]
 
 
@@ -265,8 +266,8 @@ def test_flow_with_fake_judge(monkeypatch, question_file, tiny_model_readonly, t
     generation_calls = []
     real_generate = mtbench.generate
 
-    def spy_generate(model, tokenizer, prompts, **kwargs):
-        outputs = real_generate(model, tokenizer, prompts, **kwargs)
+    def spy_generate(model, tokenizer, prompts, decoding, **kwargs):
+        outputs = real_generate(model, tokenizer, prompts, decoding, **kwargs)
         generation_calls.append((prompts, [out.text for out in outputs]))
         return outputs
 

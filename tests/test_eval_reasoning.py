@@ -11,7 +11,7 @@ from gsil.evaluation.reasoning import (
     score_completions,
     summarize,
 )
-from gsil.evaluation.results import Decoding
+from gsil.evaluation.results import EvalDecoding
 from gsil.reasoning_tasks import load_reasoning_demonstrations, split_seed
 
 TASKS = ("chain_sum", "basic_arithmetic")
@@ -86,7 +86,7 @@ def test_evaluate_reasoning_on_tiny_model(tiny_model_readonly, tiny_tokenizer):
         tiny_tokenizer,
         tasks=TASKS,
         items_per_task=2,
-        decoding=Decoding(max_new_tokens=4, batch_size=4),
+        decoding=EvalDecoding(max_new_tokens=4, batch_size=4),
         progress=False,
     )
     assert result.n == 4 and len(records) == 4 and result.score == 0.0

@@ -52,7 +52,7 @@ from gsil.evaluation.harness import (
 )
 from gsil.evaluation.results import (
     BenchmarkResult,
-    Decoding,
+    EvalDecoding,
     base_settings,
     package_versions,
     proportion_interval,
@@ -300,7 +300,7 @@ def evaluate_gsm8k_chat(
     shots: int = 0,
     limit: int | None = None,
     seed: int = 0,
-    decoding: Decoding | None = None,
+    decoding: EvalDecoding | None = None,
     progress: bool = True,
 ) -> tuple[BenchmarkResult, list[dict[str, Any]]]:
     """``gsm8k-chat``: answer GSM8K test problems in our chat format (k-shot when ``shots > 0``)
@@ -311,7 +311,7 @@ def evaluate_gsm8k_chat(
     """
     if shots < 0:
         raise ValueError(f"shots must be >= 0, got {shots}")
-    decoding = decoding or Decoding(max_new_tokens=384)
+    decoding = decoding or EvalDecoding(max_new_tokens=384, batch_size=8)
     items = load_gsm8k(source, "test", limit)
     exemplars: list[GSM8KItem] = []
     if shots:
@@ -325,7 +325,14 @@ def evaluate_gsm8k_chat(
         train = load_gsm8k(train_source, "train")
         exemplars = select_exemplars(train, shots, seed, {item.question for item in items})
     prompts = [build_messages(item.question, exemplars) for item in items]
-    outputs = generate(model, tokenizer, prompts, **decoding.generate_kwargs(progress))
+    outputs = generate(
+        model,
+        tokenizer,
+        prompts,
+        decoding,
+        max_prompt_length=decoding.max_prompt_length,
+        progress=progress,
+    )
     records = score_completions(items, [out.text for out in outputs], prompts, progress)
     for record, out in zip(records, outputs, strict=True):
         record.update(num_tokens=out.num_tokens, truncated=out.truncated)

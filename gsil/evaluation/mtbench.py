@@ -75,8 +75,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gsil import env
-from gsil.evaluation.results import BenchmarkResult, Decoding, base_settings, mean_interval
-from gsil.generation import generate
+from gsil.evaluation.results import BenchmarkResult, EvalDecoding, base_settings, mean_interval
+from gsil.generation import HF, Decoding, generate
 
 BENCHMARK = "mtbench"
 HUB_NAME = "HuggingFaceH4/mt_bench_prompts"  # a hub copy of the questions (online only)
@@ -674,15 +674,10 @@ class LocalModelJudge:
 
     def judge_batch(self, batch: Sequence[Messages], progress: bool = True) -> list[str]:
         """Greedy replies to many judge prompts in batched HF generation."""
-        outputs = generate(
-            self.model,
-            self.tokenizer,
-            list(batch),
-            backend="hf",
-            max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size,
-            progress=progress,
+        greedy = Decoding(
+            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, backend=HF
         )
+        outputs = generate(self.model, self.tokenizer, list(batch), greedy, progress=progress)
         return [out.text for out in outputs]
 
 
@@ -746,7 +741,7 @@ def answer_temperature(category: str, table: Mapping[str, float] | None = None) 
     return float(table.get(category, DEFAULT_ANSWER_TEMPERATURE))
 
 
-def _decoding_at(decoding: Decoding, temperature: float) -> Decoding:
+def _decoding_at(decoding: EvalDecoding, temperature: float) -> EvalDecoding:
     if temperature < GREEDY_BELOW:
         return replace(decoding, do_sample=False, temperature=1.0, top_p=1.0)
     return replace(decoding, do_sample=True, temperature=temperature, top_p=1.0)
@@ -756,7 +751,7 @@ def generate_answers(
     model: Any,
     tokenizer: Any,
     questions: Sequence[MTBenchQuestion],
-    decoding: Decoding,
+    decoding: EvalDecoding,
     progress: bool = True,
     temperatures: Mapping[str, float] | None = None,
 ) -> list[tuple[str, str]]:
@@ -769,12 +764,20 @@ def generate_answers(
     first: list[str] = [""] * len(questions)
     second: list[str] = [""] * len(questions)
     for temperature, indices in sorted(groups.items()):
-        kwargs = _decoding_at(decoding, temperature).generate_kwargs(progress)
+        at = _decoding_at(decoding, temperature)
         prompts = [[{"role": "user", "content": questions[i].turns[0]}] for i in indices]
-        for i, out in zip(indices, generate(model, tokenizer, prompts, **kwargs), strict=True):
+        outputs = generate(
+            model,
+            tokenizer,
+            prompts,
+            at,
+            max_prompt_length=at.max_prompt_length,
+            progress=progress,
+        )
+        for i, out in zip(indices, outputs, strict=True):
             first[i] = out.text
     for temperature, indices in sorted(groups.items()):
-        kwargs = _decoding_at(decoding, temperature).generate_kwargs(progress)
+        at = _decoding_at(decoding, temperature)
         histories = [
             [
                 {"role": "user", "content": questions[i].turns[0]},
@@ -783,7 +786,15 @@ def generate_answers(
             ]
             for i in indices
         ]
-        for i, out in zip(indices, generate(model, tokenizer, histories, **kwargs), strict=True):
+        outputs = generate(
+            model,
+            tokenizer,
+            histories,
+            at,
+            max_prompt_length=at.max_prompt_length,
+            progress=progress,
+        )
+        for i, out in zip(indices, outputs, strict=True):
             second[i] = out.text
     return list(zip(first, second, strict=True))
 
@@ -950,7 +961,7 @@ def evaluate_mtbench(
     judge_prompts: str | None = None,
     references: str | None = None,
     limit: int | None = None,
-    decoding: Decoding | None = None,
+    decoding: EvalDecoding | None = None,
     judge: Judge | None = None,
     progress: bool = True,
     temperatures: Mapping[str, float] | None = None,
@@ -968,7 +979,7 @@ def evaluate_mtbench(
             temperature is per category (``temperatures``, default :data:`CATEGORY_TEMPERATURE`).
         judge: see the module docs; None generates answers only.
     """
-    decoding = decoding or Decoding(max_new_tokens=ANSWER_MAX_NEW_TOKENS)
+    decoding = decoding or EvalDecoding(max_new_tokens=ANSWER_MAX_NEW_TOKENS, batch_size=8)
     questions = load_questions(source, limit)
     prompt_set = reference_set = None
     if judge is not None:  # fail on a missing prompt or reference file before generating

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from gsil.data import Demonstration
 from gsil.evaluation.results import (
     BenchmarkResult,
-    Decoding,
+    EvalDecoding,
     base_settings,
     proportion_interval,
 )
@@ -157,7 +157,7 @@ def evaluate_reasoning(
     tasks: Sequence[str] = DEFAULT_TASKS,
     items_per_task: int = DEFAULT_ITEMS_PER_TASK,
     seed: int = 0,
-    decoding: Decoding | None = None,
+    decoding: EvalDecoding | None = None,
     progress: bool = True,
     split: str = "test",
     role: str = TRAINED,
@@ -171,10 +171,15 @@ def evaluate_reasoning(
     """
     if role not in (TRAINED, HELD_OUT):
         raise ValueError(f"role must be {TRAINED!r} or {HELD_OUT!r}, got {role!r}")
-    decoding = decoding or Decoding()
+    decoding = decoding or EvalDecoding(max_new_tokens=256, batch_size=8)
     items = load_test_items(tasks, items_per_task, seed, split)
     outputs = generate(
-        model, tokenizer, [item.prompt for item in items], **decoding.generate_kwargs(progress)
+        model,
+        tokenizer,
+        [item.prompt for item in items],
+        decoding,
+        max_prompt_length=decoding.max_prompt_length,
+        progress=progress,
     )
     records = score_completions(items, [out.text for out in outputs], progress)
     for record, out in zip(records, outputs, strict=True):

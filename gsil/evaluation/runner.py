@@ -19,13 +19,14 @@ from typing import Any
 
 from gsil.evaluation.results import (
     BenchmarkResult,
-    Decoding,
+    EvalDecoding,
     base_settings,
     mean_interval,
     proportion_interval,
     write_result,
 )
 from gsil.faults import kill_point
+from gsil.generation.common import BACKENDS, VLLM, Decoding
 from gsil.io import read_json, write_json
 from gsil.layout import run_of_model
 
@@ -105,7 +106,7 @@ class EvalOptions:
         "(default: per benchmark)",
     )
     batch_size: int = _opt(32, "prompts per generation batch")
-    backend: str = _opt("auto", "generation backend", choices=("auto", "hf", "vllm"))
+    backend: str = _opt(Decoding.backend, "generation backend", choices=BACKENDS)
     max_prompt_length: int | None = _opt(None, "longest prompt in tokens (default: no limit)")
     split: str = _opt(
         "test",
@@ -185,11 +186,11 @@ class EvalOptions:
             given = given.get(benchmark)
         return given or DEFAULT_MAX_NEW_TOKENS.get(benchmark)
 
-    def decoding(self, benchmark: str, seed: int, sample: bool = False) -> Decoding:
+    def decoding(self, benchmark: str, seed: int, sample: bool = False) -> EvalDecoding:
         """Greedy decoding for ``benchmark`` (sampled at ``temperature`` when ``sample``)."""
         max_new = self.max_new_tokens_for(benchmark)
         temperature = self.temperature or DEFAULT_SAMPLING_TEMPERATURE
-        return Decoding(
+        return EvalDecoding(
             max_new_tokens=max_new,
             do_sample=sample,
             temperature=temperature if sample else 1.0,
@@ -286,13 +287,13 @@ def evaluate_model(
     if by_engine:
         from gsil.generation import resolve_backend
 
-        if engine is None and resolve_backend(options.backend, model_obj) == "vllm":
+        if engine is None and resolve_backend(options.backend, model_obj) == VLLM:
             from gsil.generation.vllm_engine import EngineSlot
 
             engine = owned = EngineSlot()
         if engine is not None:
             generator = engine.serve(model_obj, tokenizer)
-            options = replace(options, backend="vllm")
+            options = replace(options, backend=VLLM)
     results: dict[str, BenchmarkResult] = {}
     try:
         for name in names:
@@ -521,7 +522,14 @@ def _run_humaneval(model, tokenizer, options, limit, seed, progress, judge):
         # like every other prompt; postprocess() turns the reply back into a completion.
         items = humaneval.build_prompts(problems, chat=True)
         inputs = [item["model_input"] for item in items for _ in range(samples)]
-        outputs = generate(model, tokenizer, inputs, **decoding.generate_kwargs(progress))
+        outputs = generate(
+            model,
+            tokenizer,
+            inputs,
+            decoding,
+            max_prompt_length=decoding.max_prompt_length,
+            progress=progress,
+        )
         rows = []
         for index, out in enumerate(outputs):
             item = items[index // samples]
