@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 from gsil.data import encode_prompt, load_demonstrations
-from gsil.evaluation.reasoning import DEFAULT_ITEMS_PER_TASK, load_test_items
+from gsil.evaluation.options import DEFAULT_ITEMS_PER_TASK
+from gsil.evaluation.reasoning import load_test_items
 from gsil.evaluation.runner import EvalOptions
 from gsil.generation import Decoding, generate_from_ids
 from gsil.models import load_model, native_bf16

@@ -80,7 +80,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = _f(
-        "rg:chain_sum,basic_arithmetic",
+        "rg:" + ",".join(DEFAULT_REASONING_TASKS),  # the evaluation's reasoning tasks
         "demonstrations: a .jsonl/.json/.parquet "
         "file, 'rg:task1,task2' (reasoning-gym, generated offline), or a hub "
         "dataset",

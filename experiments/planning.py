@@ -17,7 +17,7 @@ from typing import Any
 
 from experiments.config import Pipeline, RunConfig, Stage
 from experiments.training import run_status
-from gsil.evaluation.reasoning import DEFAULT_ITEMS_PER_TASK
+from gsil.evaluation.options import DEFAULT_ITEMS_PER_TASK
 from gsil.evaluation.results import detectable_difference, paired_scores
 from gsil.generation import VLLM, resolve_backend
 from gsil.io import read_json

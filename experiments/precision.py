@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from gsil.evaluation.results import compare_results, load_records, result_paths
-from gsil.evaluation.runner import EvalOptions, evaluate_model
+from gsil.evaluation.runner import EvalOptions, EvalRequest, evaluate_model
 from gsil.generation import AUTO, BACKENDS, resolve_backend
 from gsil.io import write_json
 from gsil.models import load_model, native_bf16, resolve_device
@@ -82,15 +82,8 @@ def measure(
         engine = EngineSlot()  # one fp32 engine: the fp32 weights, then the rounded ones
 
     def run(variant: str, policy: Any, **kwargs: Any) -> Path:
-        evaluate_model(
-            (policy, tokenizer),
-            ["reasoning"],
-            out / variant,
-            limit=limit,
-            seed=seed,
-            options=options,
-            **kwargs,
-        )
+        request = EvalRequest(options, limit, seed)
+        evaluate_model((policy, tokenizer), ["reasoning"], out / variant, request, **kwargs)
         return result_paths(out / variant, "reasoning")[1]
 
     try:

@@ -232,19 +232,19 @@ def reasoning_records(path) -> list[str]:
 def test_one_engine_serves_several_evaluations(engine, policy, tokenizer, tmp_path):
     """The pipeline's evaluation: each model's weights pushed into one engine; every model's
     answers equal its HF greedy fp32 answers."""
-    from gsil.evaluation.runner import EvalOptions, evaluate_model
+    from gsil.evaluation.runner import EvalOptions, EvalRequest, evaluate_model
     from gsil.generation.vllm_engine import EngineSlot
 
     options = EvalOptions(max_new_tokens=NEW_TOKENS, max_prompt_length=400, backend="hf")
+    request = EvalRequest(options, limit=3, seed=0, progress=False)
     for name, model in (("a", perturbed(policy, 2)), ("b", perturbed(policy, 3))):
-        kwargs = dict(limit=3, seed=0, options=options, progress=False)
-        evaluate_model((model, tokenizer), ["reasoning"], tmp_path / f"{name}-hf", **kwargs)
+        evaluate_model((model, tokenizer), ["reasoning"], tmp_path / f"{name}-hf", request)
         evaluate_model(
             (model, tokenizer),
             ["reasoning"],
             tmp_path / f"{name}-vllm",
+            request,
             engine=EngineSlot(engine),
-            **kwargs,
         )
         hf = reasoning_records(tmp_path / f"{name}-hf" / "reasoning.records.jsonl")
         vllm = reasoning_records(tmp_path / f"{name}-vllm" / "reasoning.records.jsonl")

