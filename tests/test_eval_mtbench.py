@@ -485,7 +485,7 @@ def test_judge_requests_follow_fastchat_prompt_file(endpoint, wheel_question_fil
     answers = [
         (f"A1 of {q.question_id} {{answer}}", f"A2 of {q.question_id} }}{{") for q in questions
     ]
-    judge = OpenAICompatibleJudge(endpoint, "judge-7b", "k1", parallel=3)
+    judge = OpenAICompatibleJudge(endpoint, "judge-7b", "k1", mtbench.EndpointSettings(parallel=3))
     records = grade(
         questions,
         answers,
@@ -528,7 +528,9 @@ def test_judge_requests_follow_fastchat_prompt_file(endpoint, wheel_question_fil
 def test_endpoint_end_to_end_records_provenance(
     endpoint, wheel_question_file, tiny_model_readonly, tiny_tokenizer
 ):
-    judge = OpenAICompatibleJudge(endpoint, "judge-7b", parallel=2)
+    judge = OpenAICompatibleJudge(
+        endpoint, "judge-7b", settings=mtbench.EndpointSettings(parallel=2)
+    )
     result, records = run_mtbench(
         tiny_model_readonly,
         tiny_tokenizer,
@@ -557,21 +559,23 @@ def test_endpoint_end_to_end_records_provenance(
 @pytest.mark.parametrize("status", [429, 503])
 def test_endpoint_judge_retries_429_and_5xx(endpoint, status):
     _FakeEndpoint.failures = [status]
-    judge = OpenAICompatibleJudge(endpoint, "judge-7b", max_retries=2)
+    judge = OpenAICompatibleJudge(
+        endpoint, "judge-7b", settings=mtbench.EndpointSettings(max_retries=2)
+    )
     assert parse_rating(judge([{"role": "user", "content": "grade this"}])) == 8.0
     assert len(_FakeEndpoint.requests) == 2  # one refused, one answered
     _FakeEndpoint.failures = [status]
     with pytest.raises(RuntimeError, match=f"HTTP {status}"):
-        OpenAICompatibleJudge(endpoint, "judge-7b", max_retries=0)(
-            [{"role": "user", "content": "x"}]
-        )
+        OpenAICompatibleJudge(
+            endpoint, "judge-7b", settings=mtbench.EndpointSettings(max_retries=0)
+        )([{"role": "user", "content": "x"}])
 
 
 def test_endpoint_judge_does_not_retry_client_errors(endpoint):
     with pytest.raises(RuntimeError, match="HTTP 401"):
-        OpenAICompatibleJudge(endpoint, "forbidden", max_retries=3)(
-            [{"role": "user", "content": "x"}]
-        )
+        OpenAICompatibleJudge(
+            endpoint, "forbidden", settings=mtbench.EndpointSettings(max_retries=3)
+        )([{"role": "user", "content": "x"}])
     assert len(_FakeEndpoint.requests) == 1
 
 

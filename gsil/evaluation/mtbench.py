@@ -543,6 +543,33 @@ def judge_settings(judge: Judge) -> dict[str, Any]:
     return dict(describe()) if callable(describe) else {"name": judge_name(judge)}
 
 
+@dataclass(frozen=True)
+class EndpointSettings:
+    """How an endpoint judge is called.
+
+    Attributes:
+        timeout_s: per-request timeout.
+        max_retries: the client retries connection errors, timeouts, HTTP 408, 409, 429 and
+            5xx this many times, with exponential backoff (0.5 s doubling to 8 s, jittered)
+            or the server's ``Retry-After``; other errors (401, 404) fail at once.
+        max_tokens, temperature: FastChat's judge settings (2048, 0).
+        parallel: concurrent requests in :meth:`OpenAICompatibleJudge.judge_batch`.
+    """
+
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    max_retries: int = DEFAULT_MAX_RETRIES
+    max_tokens: int = JUDGE_MAX_TOKENS
+    temperature: float = JUDGE_TEMPERATURE
+    parallel: int = DEFAULT_PARALLEL
+
+    def __post_init__(self) -> None:
+        if self.parallel < 1 or self.max_retries < 0 or self.max_tokens < 1 or self.timeout_s <= 0:
+            raise ValueError(
+                "judge needs parallel >= 1, max_retries >= 0, max_tokens >= 1, timeout_s > 0; "
+                f"got {self.parallel}, {self.max_retries}, {self.max_tokens}, {self.timeout_s}"
+            )
+
+
 class OpenAICompatibleJudge:
     """A judge behind any OpenAI-compatible ``/chat/completions`` endpoint (``openai`` client).
 
@@ -551,12 +578,7 @@ class OpenAICompatibleJudge:
         model: the model name the endpoint serves.
         api_key: sent as ``Authorization: Bearer``; ``"EMPTY"`` when not given (many local
             servers need none).
-        timeout_s: per-request timeout.
-        max_retries: the client retries connection errors, timeouts, HTTP 408, 409, 429 and
-            5xx this many times, with exponential backoff (0.5 s doubling to 8 s, jittered)
-            or the server's ``Retry-After``; other errors (401, 404) fail at once.
-        max_tokens, temperature: FastChat's judge settings (2048, 0).
-        parallel: concurrent requests in :meth:`judge_batch`.
+        settings: timeout, retries, reply budget, temperature and parallel requests.
     """
 
     def __init__(
@@ -564,31 +586,23 @@ class OpenAICompatibleJudge:
         base_url: str,
         model: str,
         api_key: str | None = None,
-        *,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        max_tokens: int = JUDGE_MAX_TOKENS,
-        temperature: float = JUDGE_TEMPERATURE,
-        parallel: int = DEFAULT_PARALLEL,
+        settings: EndpointSettings | None = None,
     ) -> None:
         import openai
 
-        if parallel < 1 or max_retries < 0 or max_tokens < 1 or timeout_s <= 0:
-            raise ValueError(
-                "judge needs parallel >= 1, max_retries >= 0, max_tokens >= 1, timeout_s > 0; "
-                f"got {parallel}, {max_retries}, {max_tokens}, {timeout_s}"
-            )
+        settings = settings or EndpointSettings()
         self.base_url = base_url.rstrip("/")
         self.model = model
-        self.timeout_s, self.max_retries = timeout_s, max_retries
-        self.max_tokens, self.temperature, self.parallel = max_tokens, temperature, parallel
+        self.timeout_s, self.max_retries = settings.timeout_s, settings.max_retries
+        self.max_tokens, self.temperature = settings.max_tokens, settings.temperature
+        self.parallel = settings.parallel
         self.name = f"{model} @ {self.base_url}"
         self._openai = openai
         self.client = openai.OpenAI(
             base_url=self.base_url,
             api_key=api_key or "EMPTY",
-            timeout=timeout_s,
-            max_retries=max_retries,
+            timeout=settings.timeout_s,
+            max_retries=settings.max_retries,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -732,15 +746,8 @@ def judge_from_env(
         max_retries = int(environ.get(ENV_MAX_RETRIES) or DEFAULT_MAX_RETRIES)
     except ValueError as err:
         raise ValueError(f"{ENV_TIMEOUT} / {ENV_MAX_RETRIES}: not a number ({err})") from None
-    return OpenAICompatibleJudge(
-        base_url,
-        model,
-        environ.get(ENV_API_KEY),
-        timeout_s=timeout_s,
-        max_retries=max_retries,
-        max_tokens=max_tokens,
-        parallel=parallel,
-    )
+    settings = EndpointSettings(timeout_s, max_retries, max_tokens, parallel=parallel)
+    return OpenAICompatibleJudge(base_url, model, environ.get(ENV_API_KEY), settings)
 
 
 # --------------------------------------------------------------------------- evaluation
