@@ -23,7 +23,7 @@ from experiments.config import load_saved_config
 from gsil.batching import GeneratedResponses, build_examples
 from gsil.data import DataSettings, load_demonstrations, save_jsonl
 from gsil.estimators import get_estimator
-from gsil.generation import generate
+from gsil.generation import Decoding, generate
 from gsil.io import write_json
 from gsil.layout import RunLayout
 from gsil.models import load_model
@@ -83,9 +83,12 @@ def implicit_logits(
             reference,
             tokenizer,
             [d.prompt for d in demos],
-            max_new_tokens=config.generation.max_new_tokens,
-            batch_size=batch_size,
-            seed=config.seed,
+            # greedy, as the paper's rounds
+            Decoding(
+                max_new_tokens=config.generation.max_new_tokens,
+                batch_size=batch_size,
+                seed=config.seed,
+            ),
         )
     ]
     examples = build_examples(

@@ -36,9 +36,10 @@ from pathlib import Path
 import torch
 
 from gsil.data import DataSettings, encode_prompt, load_demonstrations
-from gsil.evaluation.reasoning import DEFAULT_ITEMS_PER_TASK, load_test_items
+from gsil.evaluation.options import DEFAULT_ITEMS_PER_TASK
+from gsil.evaluation.reasoning import load_test_items
 from gsil.evaluation.runner import EvalOptions
-from gsil.generation import generate_from_ids
+from gsil.generation import Decoding, generate_from_ids
 from gsil.models import load_model, native_bf16
 
 
@@ -163,9 +164,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     hf_model,
                     tokenizer,
                     work.prompt_ids,
-                    backend="hf",
-                    batch_size=args.batch_size,
-                    **decoding(work),
+                    decoding(work, args.batch_size, backend="hf"),
+                    progress=False,
                 )
             )
             reference[name] = [r.token_ids for r in results]
@@ -180,7 +180,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with engine:
             for name, work in sets.items():
                 results, seconds = timed(
-                    lambda: generate_from_ids(engine, tokenizer, work.prompt_ids, **decoding(work))  # noqa: B023
+                    lambda work=work, engine=engine: generate_from_ids(
+                        engine,
+                        tokenizer,
+                        work.prompt_ids,
+                        decoding(work, args.batch_size),
+                        progress=False,
+                    )
                 )
                 rows.append(_row("vLLM", precision, name, results, seconds, start, reference))
                 print(json.dumps(rows[-1]), flush=True)
@@ -191,14 +197,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
-def decoding(work: Workload) -> dict:
-    return dict(
+def decoding(work: Workload, batch_size: int, backend: str = Decoding.backend) -> Decoding:
+    """The workload's decoding (seed 0) in batches of ``batch_size`` (HF) on ``backend``."""
+    return Decoding(
         max_new_tokens=work.max_new_tokens,
+        batch_size=batch_size,
         do_sample=work.do_sample,
         temperature=work.temperature,
-        top_p=1.0,
-        seed=0,
-        progress=False,
+        backend=backend,
     )
 
 

@@ -23,7 +23,7 @@ from gsil.models import load_model
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="rg:chain_sum,basic_arithmetic")
+    parser.add_argument("--data", default=DataSettings.source)
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=160)

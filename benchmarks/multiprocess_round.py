@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from gsil.data import DataSettings
+
 PHASES = ("generation_seconds", "reference_seconds", "training_seconds")
 
 
@@ -32,7 +34,7 @@ def run_args(args: argparse.Namespace, name: str, batch_size: int) -> list[str]:
         "--model",
         "smollm2-135m",
         "--data",
-        "rg:chain_sum,basic_arithmetic",
+        DataSettings.source,
         "--num-demos",
         str(args.num_demos),
         "--rounds",

@@ -164,12 +164,14 @@ def peak_memory(kind: str, precision: str, checkpointing: bool) -> dict:
 
 def generation_speed(num_prompts: int, max_new_tokens: int) -> dict:
     from gsil.data import encode_prompt
-    from gsil.generation import generate_from_ids
+    from gsil.evaluation.options import DEFAULT_REASONING_TASKS
+    from gsil.generation import Decoding, generate_from_ids
     from gsil.models import load_model
     from gsil.reasoning_tasks import load_reasoning_demonstrations
 
     model, tokenizer = load_model("smollm2-135m", dtype="float32")
-    demos = load_reasoning_demonstrations("chain_sum,basic_arithmetic", size=num_prompts, seed=7)
+    tasks = ",".join(DEFAULT_REASONING_TASKS)
+    demos = load_reasoning_demonstrations(tasks, size=num_prompts, seed=7)
     prompt_ids = [encode_prompt(tokenizer, d.prompt) for d in demos]
     out = {}
     for label, batch_size in (("batched", 16), ("unbatched", 1)):
@@ -178,8 +180,7 @@ def generation_speed(num_prompts: int, max_new_tokens: int) -> dict:
             model,
             tokenizer,
             prompt_ids,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
+            Decoding(max_new_tokens=max_new_tokens, batch_size=batch_size),
             progress=False,
         )
         seconds = time.perf_counter() - start

@@ -37,7 +37,7 @@ from experiments.config import (
     flag_overrides,
 )
 from gsil.evaluation.results import compare_results
-from gsil.evaluation.runner import BENCHMARKS, evaluate_model
+from gsil.evaluation.runner import BENCHMARKS, EvalRequest, evaluate_model
 from gsil.models import ModelLoadError
 
 # an experiment's fields: gsil evaluate evaluates one model, on --limit items of each benchmark
@@ -106,17 +106,15 @@ def _evaluate(argv: list[str] | None, prog: str) -> int:
     if out is None and args.model is None and config.humaneval_completions:
         # scoring a file: write beside it
         out = str(Path(config.humaneval_completions).parent / "eval")
-    results = evaluate_model(
-        args.model,
-        config.benchmarks,
-        out,
-        config.limit,
-        config.seed,
-        options=config.options(),
+    request = EvalRequest(
+        config.options(),
+        limit=config.limit,
+        seed=config.seed,
         progress=not args.no_progress,
         dtype=config.dtype,
         device=args.device,
     )
+    results = evaluate_model(args.model, config.benchmarks, out, request)
     for result in results.values():
         print(result.summary())
     return 0

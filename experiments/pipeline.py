@@ -60,7 +60,7 @@ def evaluate_stage(pipeline: Pipeline, stage: Stage, engine: Any = None) -> dict
     ``gsil.generation.vllm_engine.EngineSlot``), answers come from its one vLLM engine, shared
     by every evaluated run.
     """
-    from gsil.evaluation.runner import default_out_dir, eval_dtype, evaluate_model
+    from gsil.evaluation.runner import EvalRequest, default_out_dir, eval_dtype, evaluate_model
 
     spec = pipeline.evaluate
     model_dir = final_model_dir(stage.config)
@@ -88,16 +88,8 @@ def evaluate_stage(pipeline: Pipeline, stage: Stage, engine: Any = None) -> dict
             paths[benchmark] = result_path
             continue
         options = spec.options(tasks=tasks)
-        evaluate_model(
-            str(model_dir),
-            [benchmark],
-            out_dir,
-            limit,
-            spec.seed,
-            options=options,
-            dtype=dtype,
-            engine=engine,
-        )
+        evaluation = EvalRequest(options, limit, spec.seed, dtype=dtype)
+        evaluate_model(str(model_dir), [benchmark], out_dir, evaluation, engine=engine)
         requests[benchmark] = request
         write_json(request_path, requests)
         paths[benchmark] = result_path
@@ -135,11 +127,11 @@ def run_pipeline(pipeline: Pipeline) -> dict:
     if not state.is_main_process:
         return outcome
     if pipeline.evaluate:
-        from gsil.generation import resolve_backend
+        from gsil.generation import VLLM, resolve_backend
 
         backend = pipeline.evaluate.backend
         engine = None  # with vLLM: one engine for every evaluated run, started at the first
-        if resolve_backend(backend) == "vllm":
+        if resolve_backend(backend) == VLLM:
             from gsil.generation.vllm_engine import EngineSlot
 
             engine = EngineSlot()

@@ -17,9 +17,9 @@ from typing import Any
 
 from experiments.config import Pipeline, RunConfig, Stage
 from experiments.training import run_status
-from gsil.evaluation.reasoning import DEFAULT_ITEMS_PER_TASK
+from gsil.evaluation.options import DEFAULT_ITEMS_PER_TASK
 from gsil.evaluation.results import detectable_difference, paired_scores
-from gsil.generation import resolve_backend
+from gsil.generation import VLLM, resolve_backend
 from gsil.io import read_json
 from gsil.layout import RunLayout
 
@@ -249,11 +249,11 @@ def plan_pipeline(pipeline: Pipeline) -> dict:
         evaluated = {name: pipeline.runs_of(name) for name in spec.runs}
         # the backend the evaluation will use here: vLLM (one engine for every model) or HF
         backend = resolve_backend(spec.backend)
-        suffix = "_vllm" if backend == "vllm" else ""
+        suffix = "_vllm" if backend == VLLM else ""
         eval_seconds = sum(map(len, evaluated.values())) * sum(
             count * CPU_COSTS.get(f"eval_{name.removesuffix('-heldout')}_s_per_item{suffix}", 5.0)
             for name, count in items.items()
-        ) + (CPU_COSTS["vllm_engine_start_s"] if backend == "vllm" else 0.0)
+        ) + (CPU_COSTS["vllm_engine_start_s"] if backend == VLLM else 0.0)
         result["evaluation"] = {
             "runs": spec.runs,
             "seeds": {

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from gsil.evaluation.results import compare_results, load_records, result_paths
-from gsil.evaluation.runner import EvalOptions, evaluate_model
-from gsil.generation import resolve_backend
+from gsil.evaluation.runner import EvalOptions, EvalRequest, evaluate_model
+from gsil.generation import BACKENDS, resolve_backend
 from gsil.io import write_json
 from gsil.models import load_model, native_bf16, resolve_device
 
@@ -84,21 +84,14 @@ def measure(model_spec: str, out: Path, study: PrecisionStudy | None = None) -> 
     options = EvalOptions(backend=backend, max_new_tokens=study.max_new_tokens)
     model, tokenizer = load_model(model_spec, dtype="float32", device=device)
     engine = None
-    if resolve_backend(backend, model) == "vllm":
+    if resolve_backend(backend, model) == VLLM:
         from gsil.generation.vllm_engine import EngineSlot
 
         engine = EngineSlot()  # one fp32 engine: the fp32 weights, then the rounded ones
 
     def run(variant: str, policy: Any, **kwargs: Any) -> Path:
-        evaluate_model(
-            (policy, tokenizer),
-            ["reasoning"],
-            out / variant,
-            limit=limit,
-            seed=seed,
-            options=options,
-            **kwargs,
-        )
+        request = EvalRequest(options, limit, seed)
+        evaluate_model((policy, tokenizer), ["reasoning"], out / variant, request, **kwargs)
         return result_paths(out / variant, "reasoning")[1]
 
     try:
@@ -182,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--seed", type=int, default=defaults.seed, help="seed of the held-out items"
     )
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--backend", default=defaults.backend, choices=("auto", "hf", "vllm"))
+    parser.add_argument("--backend", default=defaults.backend, choices=BACKENDS)
     parser.add_argument(
         "--bf16-compute",
         action=argparse.BooleanOptionalAction,

@@ -89,7 +89,7 @@ def validation_score(config: RunConfig, limit: int, tasks: str | None) -> dict[s
     Validation items come from their own item seeds (``gsil.reasoning_tasks.split_seed``):
     choosing on them never looks at a test item.
     """
-    from gsil.evaluation.runner import EvalOptions, evaluate_model
+    from gsil.evaluation.runner import EvalOptions, EvalRequest, evaluate_model
 
     layout = RunLayout(config.run_dir())
     last = config.rounds - 1
@@ -105,7 +105,9 @@ def validation_score(config: RunConfig, limit: int, tasks: str | None) -> dict[s
     request_path = out_dir / EVAL_REQUEST
     result_path = out_dir / "reasoning.json"
     if not (result_path.exists() and request_path.exists() and read_json(request_path) == request):
-        evaluate_model(str(layout.model(last)), ["reasoning"], out_dir, limit, 0, options=options)
+        evaluate_model(
+            str(layout.model(last)), ["reasoning"], out_dir, EvalRequest(options, limit, seed=0)
+        )
         write_json(request_path, request)
     result = read_json(result_path)
     return {"score": result["score"], "n": result["n"], "interval": result.get("interval")}

@@ -37,7 +37,7 @@ from gsil.demonstrations import (  # noqa: F401
     PromptTooLong,
 )
 from gsil.io import atomic_file
-from gsil.reasoning_tasks import load_reasoning_demonstrations
+from gsil.reasoning_tasks import DEFAULT_REASONING_TASKS, load_reasoning_demonstrations
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class DataSettings:
     """Which demonstrations, and their token lengths: the run configuration's ``data`` section."""
 
     source: str = _setting(
-        "rg:chain_sum,basic_arithmetic",
+        "rg:" + ",".join(DEFAULT_REASONING_TASKS),
         "demonstrations: a .jsonl/.json/.parquet "
         "file, 'rg:task1,task2' (reasoning-gym, generated offline), or a hub "
         "dataset",

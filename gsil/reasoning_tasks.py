@@ -26,6 +26,9 @@ import reasoning_gym
 
 from gsil.demonstrations import DataError, Demonstration, Demonstrations
 
+# the families trained on and evaluated when a recipe names none
+DEFAULT_REASONING_TASKS = ("chain_sum", "basic_arithmetic")
+
 logger = logging.getLogger(__name__)
 
 ANSWER_PREFIX = "Answer:"

@@ -40,7 +40,7 @@ from gsil.batching import Example, GeneratedResponses, build_examples
 from gsil.checkpoints import load_checkpoint, save_round_model, truncate_metrics
 from gsil.data import TokenLimits, tie_mask
 from gsil.faults import kill_point
-from gsil.generation import GenerationSettings, generate_set, resolve_backend
+from gsil.generation import VLLM, GenerationSettings, SetRequest, generate_set, resolve_backend
 from gsil.integrity import CorruptFileError, read_recorded, verify_manifest, write_recorded
 from gsil.io import read_json, write_json
 from gsil.layout import RunLayout
@@ -222,22 +222,17 @@ class SelfImitation:
                     self.tokenizer,
                     own.demos,
                     self.layout.generated(round_index),
-                    max_new_tokens=generation.max_new_tokens,
-                    do_sample=generation.do_sample,
-                    temperature=generation.temperature,
-                    top_p=generation.top_p,
-                    top_k=generation.top_k,
-                    batch_size=generation.batch_size,
-                    backend=generation.backend,
-                    seed=settings.seed + round_index,
-                    max_prompt_length=settings.max_prompt_length,
-                    progress=accelerator.is_main_process,
-                    extra_settings={
-                        "round": round_index,
-                        "mixed_precision": accelerator.mixed_precision,
-                    },
-                    accelerator=accelerator,
-                    num_samples=k,
+                    SetRequest(
+                        generation,
+                        seed=settings.seed + round_index,
+                        max_prompt_length=settings.max_prompt_length,
+                        extra_settings={
+                            "round": round_index,
+                            "mixed_precision": accelerator.mixed_precision,
+                        },
+                        progress=accelerator.is_main_process,
+                    ),
+                    accelerator,
                 )
             kill_point("generation")  # test hook (gsil.faults): the set is written
             ties = tie_mask([d.response for d in own.demos for _ in range(k)], own.responses)
@@ -348,7 +343,7 @@ class _RunEngine:
 
     def __init__(self, needed: bool, settings: RoundsSettings, tokenizer, accelerator):
         generation = settings.generation
-        self.used = needed and resolve_backend(generation.backend) == "vllm"
+        self.used = needed and resolve_backend(generation.backend) == VLLM
         self.tokenizer, self.accelerator = tokenizer, accelerator
         # a prompt may take max_length - 1 tokens, and its response max_new_tokens more
         self.max_length = settings.max_length + generation.max_new_tokens

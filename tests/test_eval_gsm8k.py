@@ -29,8 +29,26 @@ from gsil.evaluation.gsm8k import (
     select_exemplars,
     summarize,
 )
-from gsil.evaluation.results import Decoding, compare_results
-from gsil.evaluation.runner import EvalOptions, evaluate_model
+from gsil.evaluation.options import EvalOptions, EvalRequest
+from gsil.evaluation.results import compare_results
+from gsil.evaluation.runner import evaluate_model
+
+# evaluate_gsm8k's option of each argument these tests give
+GSM8K_OPTION = {
+    "source": "gsm8k_source",
+    "train_source": "gsm8k_train_source",
+    "num_fewshot": "gsm8k_shots",
+    "seed": "lm_eval_seed",
+    "batch_size": "gsm8k_batch_size",
+    "max_gen_toks": "max_new_tokens",
+}
+
+
+def run_gsm8k(model, tokenizer=None, *, limit=None, **arguments):
+    """``evaluate_gsm8k`` with the options named by ``arguments`` (see GSM8K_OPTION)."""
+    options = EvalOptions(**{GSM8K_OPTION[name]: value for name, value in arguments.items()})
+    return evaluate_gsm8k(model, tokenizer, EvalRequest(options, limit=limit))
+
 
 TEST_ROWS = [
     {
@@ -132,23 +150,19 @@ def test_missing_file_and_bad_rows_are_named(tmp_path):
 
 def test_local_k_shot_needs_a_train_file(test_file, tiny_model_readonly, tiny_tokenizer):
     with pytest.raises(ValueError, match="--gsm8k-train"):
-        evaluate_gsm8k_chat(tiny_model_readonly, tiny_tokenizer, source=test_file, shots=2)
+        options = EvalOptions(gsm8k_source=test_file, gsm8k_shots=2)
+        evaluate_gsm8k_chat(tiny_model_readonly, tiny_tokenizer, EvalRequest(options))
 
 
 def test_evaluate_gsm8k_k_shot_on_tiny_model(
     tmp_path, test_file, tiny_model_readonly, tiny_tokenizer
 ):
     train = _write(tmp_path / "train.jsonl", TRAIN_ROWS)
-    result, records = evaluate_gsm8k_chat(
-        tiny_model_readonly,
-        tiny_tokenizer,
-        source=test_file,
-        train_source=train,
-        shots=2,
-        limit=2,
-        decoding=Decoding(max_new_tokens=4),
-        progress=False,
+    options = EvalOptions(
+        gsm8k_source=test_file, gsm8k_train_source=train, gsm8k_shots=2, max_new_tokens=4
     )
+    request = EvalRequest(options, limit=2, progress=False)
+    result, records = evaluate_gsm8k_chat(tiny_model_readonly, tiny_tokenizer, request)
     assert result.benchmark == "gsm8k-chat" and result.n == 2 and len(records) == 2
     assert len(records[0]["prompt"]) == 5  # two exemplar pairs, then the question
     assert records[0]["prompt"][:4] == records[1]["prompt"][:4]  # the same shots for every item
@@ -281,7 +295,7 @@ def test_wrapper_equals_direct_lm_eval_on_tiny_model(
     from lm_eval.models.huggingface import HFLM
 
     test, train = lm_files
-    result, records = evaluate_gsm8k(
+    result, records = run_gsm8k(
         tiny_model_readonly,
         tiny_tokenizer,
         source=test,
@@ -329,9 +343,7 @@ def test_wrapper_equals_direct_lm_eval_on_tiny_model(
 
 def test_wrapper_reports_lm_evals_numbers_when_the_filters_disagree(tmp_path, lm_files):
     test, train = lm_files
-    result, records = evaluate_gsm8k(
-        ScriptedLM.make(SCRIPTED), source=test, train_source=train, seed=3
-    )
+    result, records = run_gsm8k(ScriptedLM.make(SCRIPTED), source=test, train_source=train, seed=3)
     direct = _direct(
         ScriptedLM.make(SCRIPTED),
         tmp_path,
@@ -370,13 +382,13 @@ def test_wrapper_reports_lm_evals_numbers_when_the_filters_disagree(tmp_path, lm
     strict = _by_doc(direct["samples"]["gsm8k"], "strict-match")
     assert [r["prompt"] for r in records] == [strict[i]["arguments"][0][0] for i in range(6)]
     assert result.settings["seeds"] == dict.fromkeys(("random", "numpy", "torch", "fewshot"), 3)
-    _, default_records = evaluate_gsm8k(ScriptedLM.make(SCRIPTED), source=test, train_source=train)
+    _, default_records = run_gsm8k(ScriptedLM.make(SCRIPTED), source=test, train_source=train)
     assert [r["prompt"] for r in default_records] != [r["prompt"] for r in records]
 
 
 def test_zero_shot_and_limit_pass_through(lm_files):
     test, _ = lm_files
-    result, records = evaluate_gsm8k(ScriptedLM.make(SCRIPTED), source=test, num_fewshot=0, limit=2)
+    result, records = run_gsm8k(ScriptedLM.make(SCRIPTED), source=test, num_fewshot=0, limit=2)
     assert result.n == 2 and result.settings["num_fewshot"] == 0
     assert records[1]["prompt"] == f"Question: {LM_TEST_ROWS[1]['question']}\nAnswer:"
     assert result.score == 0.5 and result.breakdown["filters"]["flexible-extract"]["score"] == 1.0
@@ -386,19 +398,19 @@ def test_lm_eval_data_errors_are_named(tmp_path, lm_files):
     test, train = lm_files
     lm = ScriptedLM.make(SCRIPTED)
     with pytest.raises(FileNotFoundError, match=r"gone\.jsonl: no such GSM8K file"):
-        evaluate_gsm8k(lm, source=str(tmp_path / "gone.jsonl"))
+        run_gsm8k(lm, source=str(tmp_path / "gone.jsonl"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(LM_TEST_ROWS[0]) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl line 2: invalid JSON"):
-        evaluate_gsm8k(lm, source=test, train_source=str(bad))
+        run_gsm8k(lm, source=test, train_source=str(bad))
     with pytest.raises(ValueError, match=r"5-shot.*--gsm8k-train"):
-        evaluate_gsm8k(lm, source=test)  # lm-eval's default 5 shots need a train file
+        run_gsm8k(lm, source=test)  # lm-eval's default 5 shots need a train file
     with pytest.raises(ValueError, match="local train file"):
-        evaluate_gsm8k(lm, source=test, train_source="openai/gsm8k")
+        run_gsm8k(lm, source=test, train_source="openai/gsm8k")
     with pytest.raises(ValueError, match="local test file only"):
-        evaluate_gsm8k(lm, source="openai/gsm8k", train_source=train)
+        run_gsm8k(lm, source="openai/gsm8k", train_source=train)
     with pytest.raises(ValueError, match="tokenizer"):
-        evaluate_gsm8k(object(), source=test, num_fewshot=0)
+        run_gsm8k(object(), source=test, num_fewshot=0)
 
 
 def test_model_tokenizer_and_global_rng_are_left_as_they_were(lm_files, tiny_model, tiny_tokenizer):
@@ -414,7 +426,7 @@ def test_model_tokenizer_and_global_rng_are_left_as_they_were(lm_files, tiny_mod
     random.seed(11), np.random.seed(11), torch.manual_seed(11)
     expected = random.random(), np.random.rand(), torch.rand(1).item()
     random.seed(11), np.random.seed(11), torch.manual_seed(11)
-    result, _ = evaluate_gsm8k(
+    result, _ = run_gsm8k(
         tiny_model, tokenizer, source=test, train_source=train, limit=2, max_gen_toks=2
     )
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
@@ -431,9 +443,7 @@ def test_evaluate_model_runs_gsm8k_and_gsm8k_chat(
         (tiny_model_readonly, tiny_tokenizer),
         "gsm8k,gsm8k-chat",
         tmp_path / "eval",
-        limit=2,
-        options=options,
-        progress=False,
+        EvalRequest(options, limit=2, progress=False),
     )
     assert results["gsm8k"].settings["num_fewshot"] == 5  # lm-eval's default
     # lm-eval's own seeds, not the data seed (0): its few-shot draw is a plain lm-eval run's
@@ -506,4 +516,4 @@ def test_gsm8k_needs_the_model_in_memory_not_a_vllm_engine():
 
     engine = type("VLLMEngine", (), {})()  # what evaluate_model passes with a vLLM backend
     with pytest.raises(ValueError, match="--backend hf"):
-        _RUNNERS["gsm8k"](engine, None, EvalOptions(), None, 0, False, None)
+        _RUNNERS["gsm8k"](engine, None, EvalRequest(), None)

@@ -27,8 +27,24 @@ from gsil.evaluation.ifeval import (
     lm_eval_task_yaml,
     load_ifeval,
 )
+from gsil.evaluation.options import EvalOptions, EvalRequest
 from gsil.evaluation.results import clustered_proportion_interval
-from gsil.evaluation.runner import EvalOptions, evaluate_model
+from gsil.evaluation.runner import evaluate_model
+
+# evaluate_ifeval's option of each argument these tests give
+IFEVAL_OPTION = {
+    "source": "ifeval_source",
+    "chat_template": "ifeval_chat_template",
+    "batch_size": "gsm8k_batch_size",
+    "max_gen_toks": "max_new_tokens",
+}
+
+
+def run_ifeval(model, tokenizer=None, *, limit=None, **arguments):
+    """``evaluate_ifeval`` with the options named by ``arguments`` (see IFEVAL_OPTION)."""
+    options = EvalOptions(**{IFEVAL_OPTION[name]: value for name, value in arguments.items()})
+    return evaluate_ifeval(model, tokenizer, EvalRequest(options, limit=limit))
+
 
 END_PHRASE = "Is there anything else I can help with?"
 ROWS = [
@@ -151,7 +167,7 @@ def assert_hand_verdicts(result, records):
 
 
 def test_crafted_answers_score_as_worked_out_by_hand(data_file):
-    result, records = evaluate_ifeval(_scripted(), source=data_file, chat_template=False)
+    result, records = run_ifeval(_scripted(), source=data_file, chat_template=False)
     assert_hand_verdicts(result, records)
     assert result.benchmark == "ifeval" and result.metric == PROMPT_STRICT
     metrics = result.breakdown["metrics"]
@@ -171,7 +187,7 @@ def test_a_broken_checker_fails_the_hand_worked_test(data_file, monkeypatch):
     from lm_eval.tasks.ifeval import instructions
 
     monkeypatch.setattr(instructions.CommaChecker, "check_following", lambda self, value: True)
-    result, records = evaluate_ifeval(_scripted(), source=data_file, chat_template=False)
+    result, records = run_ifeval(_scripted(), source=data_file, chat_template=False)
     assert result.breakdown["metrics"][INST_STRICT]["score"] == pytest.approx(5 / 7)
     with pytest.raises(AssertionError):
         assert_hand_verdicts(result, records)
@@ -186,7 +202,7 @@ def test_wrapper_equals_direct_lm_eval_on_tiny_model(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    result, records = evaluate_ifeval(
+    result, records = run_ifeval(
         tiny_model_readonly, tiny_tokenizer, source=data_file, max_gen_toks=8, batch_size=2
     )
     # lm-eval's own way to a custom task: a YAML including the installed one, another dataset
@@ -298,7 +314,7 @@ def test_instruction_interval_counts_prompts_not_instructions():
 def test_evaluate_model_runs_ifeval(data_file, tiny_model_readonly, tiny_tokenizer, tmp_path):
     options = EvalOptions(ifeval_source=data_file, max_new_tokens=3, lm_eval_seed=5)
     results = evaluate_model(
-        (tiny_model_readonly, tiny_tokenizer), "ifeval", tmp_path / "eval", limit=2, options=options
+        (tiny_model_readonly, tiny_tokenizer), "ifeval", tmp_path / "eval", EvalRequest(options, 2)
     )
     result = results["ifeval"]
     assert result.n == 2 and result.settings["decoding"]["max_new_tokens"] == 3
@@ -314,7 +330,7 @@ def test_ifeval_needs_the_model_in_memory_not_a_vllm_engine():
 
     engine = type("VLLMEngine", (), {})()  # what evaluate_model passes with a vLLM backend
     with pytest.raises(ValueError, match="ifeval.*--backend hf"):
-        _RUNNERS["ifeval"](engine, None, EvalOptions(), None, 0, False, None)
+        _RUNNERS["ifeval"](engine, None, EvalRequest(), None)
 
 
 @needs_wheel
@@ -335,7 +351,7 @@ def test_googles_541_prompts_run_offline_through_every_checker(tmp_path):
     assert sum(len(item.instruction_id_list) for item in items) == 834
     assert len({i for item in items for i in item.instruction_id_list}) == 25
     echo = {item.prompt: item.prompt for item in items}
-    result, records = evaluate_ifeval(ScriptedLM.make(echo), chat_template=False)
+    result, records = run_ifeval(ScriptedLM.make(echo), chat_template=False)
     assert result.n == 541 and result.settings["data_sha256"] == GOOGLE_SHA256
     installed = Path(lm_eval.tasks.__file__).parent / "ifeval" / "ifeval.yaml"
     folder = tmp_path / "direct_task"

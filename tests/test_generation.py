@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +16,11 @@ import gsil.generation as generation
 import gsil.generation.core as generation_core
 from gsil.data import encode_prompt
 from gsil.generation import (
+    Decoding,
     GenerationBackendError,
     GenerationResult,
+    GenerationSettings,
+    SetRequest,
     generate,
     generate_set,
     read_generated_set,
@@ -34,7 +39,21 @@ PROMPTS = [
     ],
     "Explain self-imitation learning in one sentence.",
 ]
-FAST = dict(max_new_tokens=12, progress=False, backend="hf")
+FAST = Decoding(max_new_tokens=12, batch_size=8, backend="hf")
+
+
+def gen(model, tokenizer, prompts, **changes) -> list[GenerationResult]:
+    """``generate`` with :data:`FAST` changed by ``changes``, without a progress bar."""
+    return generate(model, tokenizer, prompts, replace(FAST, **changes), progress=False)
+
+
+def gen_set(model, tokenizer, demos, path, *, seed=0, extra_settings=None, **changes):
+    """``generate_set`` with FAST's budget, batch and backend changed by ``changes``."""
+    generation = GenerationSettings(
+        **{"max_new_tokens": 12, "batch_size": 8, "backend": "hf", **changes}
+    )
+    request = SetRequest(generation, seed, extra_settings=extra_settings, progress=False)
+    return generate_set(model, tokenizer, demos, path, request)
 
 
 @dataclass
@@ -49,8 +68,8 @@ def _ids(results: list[GenerationResult]) -> list[tuple[int, ...]]:
 
 
 def test_greedy_is_deterministic_and_reports_lengths(tiny_model_readonly, tiny_tokenizer):
-    first = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, **FAST)
-    second = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, **FAST)
+    first = gen(tiny_model_readonly, tiny_tokenizer, PROMPTS)
+    second = gen(tiny_model_readonly, tiny_tokenizer, PROMPTS)
 
     assert first == second
     assert len(first) == len(PROMPTS)
@@ -67,33 +86,32 @@ def test_greedy_is_deterministic_and_reports_lengths(tiny_model_readonly, tiny_t
 
 
 def test_batched_equals_unbatched_and_order_is_restored(tiny_model_readonly, tiny_tokenizer):
-    batched = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, batch_size=5, **FAST)
+    batched = gen(tiny_model_readonly, tiny_tokenizer, PROMPTS, batch_size=5)
     one_by_one = [
-        generate(tiny_model_readonly, tiny_tokenizer, [prompt], batch_size=1, **FAST)[0]
-        for prompt in PROMPTS
+        gen(tiny_model_readonly, tiny_tokenizer, [prompt], batch_size=1)[0] for prompt in PROMPTS
     ]
     # Exact token equality: left padding is masked out and positions start at each prompt's
     # first real token, so in fp32 the padded batch computes the same argmaxes.
     assert _ids(batched) == _ids(one_by_one)
-    uneven = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, batch_size=2, **FAST)
+    uneven = gen(tiny_model_readonly, tiny_tokenizer, PROMPTS, batch_size=2)
     assert _ids(uneven) == _ids(one_by_one)
 
 
 def test_results_follow_the_callers_order(tiny_model_readonly, tiny_tokenizer):
-    forward = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, batch_size=2, **FAST)
-    backward = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS[::-1], batch_size=2, **FAST)
+    forward = gen(tiny_model_readonly, tiny_tokenizer, PROMPTS, batch_size=2)
+    backward = gen(tiny_model_readonly, tiny_tokenizer, PROMPTS[::-1], batch_size=2)
     assert _ids(backward[::-1]) == _ids(forward)
 
 
 def test_generation_stops_at_eos_inside_a_batch(tiny_model_readonly, tiny_tokenizer):
-    baseline = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, **FAST)
+    baseline = gen(tiny_model_readonly, tiny_tokenizer, PROMPTS)
     # Declare the third token of the first response an extra end-of-sequence token: that
     # response must stop right before it, while the other rows are unaffected up to it.
     stop_token = baseline[0].token_ids[2]
     model = copy.deepcopy(tiny_model_readonly)
     model.generation_config.eos_token_id = [tiny_tokenizer.eos_token_id, stop_token]
 
-    stopped = generate(model, tiny_tokenizer, PROMPTS, **FAST)
+    stopped = gen(model, tiny_tokenizer, PROMPTS)
 
     cut = baseline[0].token_ids.index(stop_token)
     assert stopped[0].token_ids == baseline[0].token_ids[:cut]
@@ -113,14 +131,14 @@ def test_make_result_cuts_at_eos_and_ignores_padding(tiny_tokenizer):
 
 
 def test_sampling_is_reproducible_per_seed(tiny_model_readonly, tiny_tokenizer):
-    settings = dict(do_sample=True, temperature=1.5, top_p=0.95, **FAST)
+    settings = dict(do_sample=True, temperature=1.5, top_p=0.95)
     torch.manual_seed(123)
     global_state = torch.get_rng_state()
 
-    first = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, seed=7, **settings)
-    again = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, seed=7, **settings)
-    other = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, seed=8, **settings)
-    greedy = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, **FAST)
+    first = gen(tiny_model_readonly, tiny_tokenizer, PROMPTS, seed=7, **settings)
+    again = gen(tiny_model_readonly, tiny_tokenizer, PROMPTS, seed=7, **settings)
+    other = gen(tiny_model_readonly, tiny_tokenizer, PROMPTS, seed=8, **settings)
+    greedy = gen(tiny_model_readonly, tiny_tokenizer, PROMPTS)
 
     assert _ids(first) == _ids(again)
     assert _ids(first) != _ids(other)
@@ -130,7 +148,7 @@ def test_sampling_is_reproducible_per_seed(tiny_model_readonly, tiny_tokenizer):
 
 def test_generation_restores_training_mode(tiny_model, tiny_tokenizer):
     tiny_model.train()
-    generate(tiny_model, tiny_tokenizer, PROMPTS[:2], **FAST)
+    gen(tiny_model, tiny_tokenizer, PROMPTS[:2])
     assert tiny_model.training
 
 
@@ -146,9 +164,7 @@ def test_generate_matches_data_prompt_encoding(tiny_model_readonly, tiny_tokeniz
             eos_token_id=tiny_tokenizer.eos_token_id,
         )
     expected = tuple(output[0, len(prompt_ids) :].tolist())
-    assert (
-        generate(tiny_model_readonly, tiny_tokenizer, [PROMPTS[1]], **FAST)[0].token_ids == expected
-    )
+    assert gen(tiny_model_readonly, tiny_tokenizer, [PROMPTS[1]])[0].token_ids == expected
 
 
 def test_generate_set_writes_rows_and_reuses_matching_file(
@@ -157,12 +173,12 @@ def test_generate_set_writes_rows_and_reuses_matching_file(
     demos = [Demo(f"d{i}", prompt, f"demo answer {i}") for i, prompt in enumerate(PROMPTS)]
     path = tmp_path / "round-1" / "generated.jsonl"
 
-    responses = generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, **FAST)
+    responses = gen_set(tiny_model_readonly, tiny_tokenizer, demos, path)
 
     rows = read_generated_set(path)
     assert [row["id"] for row in rows] == [demo.id for demo in demos]
     assert [row["generated_response"] for row in rows] == responses
-    expected = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, **FAST)
+    expected = gen(tiny_model_readonly, tiny_tokenizer, PROMPTS)
     assert responses == [result.text for result in expected]
     assert [row["num_tokens"] for row in rows] == [result.num_tokens for result in expected]
     assert [row["truncated"] for row in rows] == [result.truncated for result in expected]
@@ -179,7 +195,7 @@ def test_generate_set_writes_rows_and_reuses_matching_file(
         raise AssertionError("regenerated although the saved set matches")
 
     monkeypatch.setattr(generation_core, "generate_from_ids", must_not_generate)
-    reused = generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, batch_size=2, **FAST)
+    reused = gen_set(tiny_model_readonly, tiny_tokenizer, demos, path, batch_size=2)
     assert reused == responses
 
 
@@ -188,7 +204,7 @@ def test_generate_set_regenerates_when_settings_change(
 ):
     demos = [Demo(f"d{i}", prompt, "x") for i, prompt in enumerate(PROMPTS[:3])]
     path = tmp_path / "generated.jsonl"
-    generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, **FAST)
+    gen_set(tiny_model_readonly, tiny_tokenizer, demos, path)
 
     calls = []
     real_generate = generation_core.generate_from_ids
@@ -197,27 +213,23 @@ def test_generate_set_regenerates_when_settings_change(
         calls.append(kwargs)
         return real_generate(*args, **kwargs)
 
-    settings = {**FAST, "max_new_tokens": 5}
-    expected = [
-        r.text for r in generate(tiny_model_readonly, tiny_tokenizer, PROMPTS[:3], **settings)
-    ]
+    settings = {"max_new_tokens": 5}
+    expected = [r.text for r in gen(tiny_model_readonly, tiny_tokenizer, PROMPTS[:3], **settings)]
     monkeypatch.setattr(generation_core, "generate_from_ids", counting_generate)
-    shorter = generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, **settings)
+    shorter = gen_set(tiny_model_readonly, tiny_tokenizer, demos, path, **settings)
     assert len(calls) == 1
     assert all(row["num_tokens"] <= 5 for row in read_generated_set(path))
     assert shorter == expected
 
-    generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, **settings)
+    gen_set(tiny_model_readonly, tiny_tokenizer, demos, path, **settings)
     assert len(calls) == 1, "an unchanged request must reuse the file"
-    generate_set(
-        tiny_model_readonly, tiny_tokenizer, demos, path, seed=1, do_sample=True, **settings
-    )
+    gen_set(tiny_model_readonly, tiny_tokenizer, demos, path, seed=1, do_sample=True, **settings)
     assert len(calls) == 2, "switching to sampling must regenerate"
-    generate_set(
+    gen_set(
         tiny_model_readonly, tiny_tokenizer, demos[:2], path, seed=1, do_sample=True, **settings
     )
     assert len(calls) == 3, "different demonstrations must regenerate"
-    generate_set(
+    gen_set(
         tiny_model_readonly,
         tiny_tokenizer,
         demos[:2],
@@ -233,20 +245,20 @@ def test_generate_set_regenerates_when_settings_change(
 def test_generate_set_marks_ties_with_the_demonstration(
     tiny_model_readonly, tiny_tokenizer, tmp_path
 ):
-    texts = [r.text for r in generate(tiny_model_readonly, tiny_tokenizer, PROMPTS[:2], **FAST)]
+    texts = [r.text for r in gen(tiny_model_readonly, tiny_tokenizer, PROMPTS[:2])]
     demos = [Demo("same", PROMPTS[0], f"  {texts[0]}\n"), Demo("different", PROMPTS[1], "no")]
-    generate_set(tiny_model_readonly, tiny_tokenizer, demos, tmp_path / "g.jsonl", **FAST)
+    gen_set(tiny_model_readonly, tiny_tokenizer, demos, tmp_path / "g.jsonl")
     assert [row["tie"] for row in read_generated_set(tmp_path / "g.jsonl")] == [True, False]
 
 
 def test_empty_prompt_list_gives_empty_result(tiny_model_readonly, tiny_tokenizer):
-    assert generate(tiny_model_readonly, tiny_tokenizer, [], **FAST) == []
+    assert gen(tiny_model_readonly, tiny_tokenizer, []) == []
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
 def test_vllm_backend_without_vllm_is_a_clear_error(tiny_model_readonly, tiny_tokenizer):
     with pytest.raises(GenerationBackendError, match="needs vllm"):
-        generate(tiny_model_readonly, tiny_tokenizer, PROMPTS[:1], backend="vllm", progress=False)
+        gen(tiny_model_readonly, tiny_tokenizer, PROMPTS[:1], backend="vllm")
 
 
 def test_auto_backend_falls_back_to_hf_without_vllm_or_gpu():
@@ -307,17 +319,15 @@ def test_vllm_runs_eagerly_on_cpus_unless_told_otherwise(monkeypatch):
 def test_top_k_one_samples_the_most_likely_token(tiny_model_readonly, tiny_tokenizer):
     """Sampling from the top 1 token is greedy decoding whatever the seed and temperature;
     without top-k the same sampling differs from greedy (test_sampling_is_reproducible_per_seed)."""
-    settings = dict(do_sample=True, temperature=1.5, top_p=0.95, **FAST)
-    greedy = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, **FAST)
+    settings = dict(do_sample=True, temperature=1.5, top_p=0.95)
+    greedy = gen(tiny_model_readonly, tiny_tokenizer, PROMPTS)
     for seed in (7, 8):
-        top1 = generate(
-            tiny_model_readonly, tiny_tokenizer, PROMPTS, seed=seed, top_k=1, **settings
-        )
+        top1 = gen(tiny_model_readonly, tiny_tokenizer, PROMPTS, seed=seed, top_k=1, **settings)
         assert _ids(top1) == _ids(greedy)
-    unrestricted = generate(tiny_model_readonly, tiny_tokenizer, PROMPTS, seed=7, **settings)
+    unrestricted = gen(tiny_model_readonly, tiny_tokenizer, PROMPTS, seed=7, **settings)
     assert _ids(unrestricted) != _ids(greedy)
     with pytest.raises(ValueError, match="top_k must be >= 0"):
-        generate(tiny_model_readonly, tiny_tokenizer, PROMPTS[:1], top_k=-1, **settings)
+        gen(tiny_model_readonly, tiny_tokenizer, PROMPTS[:1], top_k=-1, **settings)
 
 
 def test_generate_set_regenerates_for_another_top_k(
@@ -325,30 +335,29 @@ def test_generate_set_regenerates_for_another_top_k(
 ):
     demos = [Demo(f"d{i}", prompt, "x") for i, prompt in enumerate(PROMPTS[:3])]
     path = tmp_path / "generated.jsonl"
-    sampled = dict(do_sample=True, temperature=1.5, seed=3, **FAST)
-    generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, **sampled)
+    sampled = dict(do_sample=True, temperature=1.5, seed=3)
+    gen_set(tiny_model_readonly, tiny_tokenizer, demos, path, **sampled)
     # no top-k: the sidecar has no top_k entry, as sets written before the option existed
     assert "top_k" not in json.loads(settings_path(path).read_text())["settings"]
 
-    calls = []
+    calls = []  # the decoding of each generation
     real_generate = generation_core.generate_from_ids
 
-    def counting_generate(*args, **kwargs):
-        calls.append(kwargs)
-        return real_generate(*args, **kwargs)
+    def counting_generate(model, tokenizer, prompt_ids, decoding, **kwargs):
+        calls.append(decoding)
+        return real_generate(model, tokenizer, prompt_ids, decoding, **kwargs)
 
     monkeypatch.setattr(generation_core, "generate_from_ids", counting_generate)
-    generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, top_k=5, **sampled)
-    assert len(calls) == 1 and calls[0]["top_k"] == 5, "another top-k must regenerate"
+    gen_set(tiny_model_readonly, tiny_tokenizer, demos, path, top_k=5, **sampled)
+    assert len(calls) == 1 and calls[0].top_k == 5, "another top-k must regenerate"
     assert json.loads(settings_path(path).read_text())["settings"]["top_k"] == 5
-    generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, top_k=5, **sampled)
+    gen_set(tiny_model_readonly, tiny_tokenizer, demos, path, top_k=5, **sampled)
     assert len(calls) == 1, "the same top-k reuses the set"
-    generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, top_k=50, **sampled)
+    gen_set(tiny_model_readonly, tiny_tokenizer, demos, path, top_k=50, **sampled)
     assert len(calls) == 2
-    greedy = dict(FAST)
-    generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, **greedy)
-    generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, top_k=50, **greedy)
-    assert len(calls) == 3, "greedy output does not depend on top-k: reused"
+    gen_set(tiny_model_readonly, tiny_tokenizer, demos, path)
+    assert len(calls) == 3, "greedy decoding regenerates"
+    assert "top_k" not in json.loads(settings_path(path).read_text())["settings"]
 
 
 def test_vllm_sampling_params_carry_top_k(monkeypatch, tiny_tokenizer):
@@ -357,7 +366,6 @@ def test_vllm_sampling_params_carry_top_k(monkeypatch, tiny_tokenizer):
     import sys
     import types
 
-    from gsil.generation.common import Decoding
     from gsil.generation.vllm_engine import VLLMEngine
 
     made = []
@@ -377,8 +385,11 @@ def test_vllm_sampling_params_carry_top_k(monkeypatch, tiny_tokenizer):
             types.SimpleNamespace(outputs=[completion]) for _ in requests
         ]
     )
-    engine.generate([[1, 2]], Decoding(8, do_sample=True, temperature=0.7, top_k=50))
-    engine.generate([[1, 2]], Decoding(8, do_sample=False, top_k=50))
+    engine.generate(
+        [[1, 2]],
+        Decoding(max_new_tokens=8, batch_size=1, do_sample=True, temperature=0.7, top_k=50),
+    )
+    engine.generate([[1, 2]], Decoding(max_new_tokens=8, batch_size=1, top_k=50))
     assert [params["top_k"] for params in made] == [50, 0]
     assert made[0]["temperature"] == 0.7 and made[1]["temperature"] == 0.0
 
@@ -390,7 +401,6 @@ def test_top_k_setting_is_checked_and_reaches_the_round(
 
     from gsil import trainer
     from gsil.data import Demonstration
-    from gsil.generation import GenerationSettings
     from gsil.methods import get_method
     from gsil.optimization import OptimSettings
 
@@ -399,27 +409,88 @@ def test_top_k_setting_is_checked_and_reaches_the_round(
     with pytest.raises(ValueError, match="top_k=50 applies to sampling: add --do-sample"):
         GenerationSettings(top_k=50)
 
-    seen = {}
+    seen = []
 
     class Stop(Exception):
         pass
 
-    def fake_generate_set(*args, **kwargs):
-        seen.update(kwargs)
+    def fake_generate_set(model, tokenizer, demos, path, request, accelerator=None):
+        seen.append(request)
         raise Stop
 
     monkeypatch.setattr(trainer, "generate_set", fake_generate_set)
+    settings = trainer.RoundsSettings(
+        run_dir=tmp_path,
+        generation=GenerationSettings(max_new_tokens=4, do_sample=True, top_k=50),
+        seed=0,
+        max_prompt_length=32,
+        max_length=64,
+        optim=OptimSettings(batch_size=1),
+    )
+    recipe = trainer.SelfImitation(
+        tiny_tokenizer,
+        [Demonstration(prompt="q", response="r", id="d0")],
+        get_method("spin"),
+        settings,
+        Accelerator(cpu=True),
+    )
     with pytest.raises(Stop):
-        settings = trainer.RoundsSettings(
-            run_dir=tmp_path,
-            max_prompt_length=32,
-            max_length=64,
-            optim=OptimSettings(batch_size=1),
-            generation=GenerationSettings(max_new_tokens=4, do_sample=True, top_k=50),
-        )
-        demos = [Demonstration(prompt="q", response="r", id="d0")]
-        recipe = trainer.SelfImitation(
-            tiny_tokenizer, demos, get_method("spin"), settings, Accelerator(cpu=True)
-        )
-        recipe.generate(tiny_model, 0)
-    assert seen["top_k"] == 50
+        recipe.prepare(tiny_model, 0)
+    assert seen[0].decoding.top_k == 50
+
+
+# --------------------------------------------------------------------------- cached sets
+
+
+FIXTURE_SETS = Path(__file__).parent / "fixtures" / "generated_sets"
+FIXTURE_PROMPTS = [
+    "Hi",
+    "Tell me a long story about a dragon.",
+    "2+2?",
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}],
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "generation", "seed", "max_prompt_length"),
+    [
+        ("greedy", dict(max_new_tokens=8, batch_size=2), 5, 64),
+        (
+            "sampled",
+            dict(
+                max_new_tokens=8,
+                batch_size=3,
+                do_sample=True,
+                temperature=0.7,
+                top_p=0.9,
+                top_k=20,
+                num_samples=2,
+            ),
+            4,
+            None,
+        ),
+    ],
+)
+def test_sets_cached_by_earlier_versions_are_reused(
+    tiny_tokenizer, tmp_path, monkeypatch, name, generation, seed, max_prompt_length
+):
+    """A set and sidecar written by gsil before ``SetRequest`` (tests/fixtures/generated_sets:
+    the tiny tokenizer, these demonstrations and settings) still match the same request."""
+    shutil.copytree(FIXTURE_SETS / name, tmp_path / name)
+    path = tmp_path / name / "generated.jsonl"
+
+    def must_not_generate(*args, **kwargs):
+        raise AssertionError("regenerated although the cached set matches")
+
+    monkeypatch.setattr(generation_core, "generate_from_ids", must_not_generate)
+    demos = [Demo(f"d{i}", prompt, f"answer {i}") for i, prompt in enumerate(FIXTURE_PROMPTS)]
+    request = SetRequest(
+        GenerationSettings(backend="hf", **generation),
+        seed,
+        max_prompt_length,
+        extra_settings={"round": 1, "mixed_precision": "no"},
+        progress=False,
+    )
+    responses = generate_set(None, tiny_tokenizer, demos, path, request)
+    assert responses == [row["generated_response"] for row in read_generated_set(path)]
+    assert len(responses) == len(demos) * request.generation.num_samples

@@ -26,6 +26,7 @@ from gsil.evaluation.humaneval import (
     postprocess,
     truncate_completion,
 )
+from gsil.evaluation.options import EvalOptions
 
 PROBLEMS = load_problems()
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def test_problems_and_prompts() -> None:
 def test_canonical_solutions_pass_all() -> None:
     rows = [{"task_id": t, "completion": p["canonical_solution"]} for t, p in PROBLEMS.items()]
     t0 = time.monotonic()
-    res = evaluate_completions(rows, workers=2, progress=False)
+    res = evaluate_completions(rows, EvalOptions(humaneval_workers=2), progress=False)
     wall = time.monotonic() - t0
     print(f"\ncanonical: {res.summary()} wall={wall:.1f}s")
     failed = [
@@ -70,7 +71,7 @@ def test_canonical_solutions_pass_all() -> None:
 def test_empty_completions_pass_none() -> None:
     rows = [{"task_id": t, "completion": ""} for t in PROBLEMS]
     t0 = time.monotonic()
-    res = evaluate_completions(rows, workers=2, progress=False)
+    res = evaluate_completions(rows, EvalOptions(humaneval_workers=2), progress=False)
     print(f"\nempty: {res.summary()} wall={time.monotonic() - t0:.1f}s")
     assert sum(r["passed"] for r in res.records) == 0
     assert res.score == 0.0
@@ -115,7 +116,8 @@ def test_hostile_completions_are_contained(tmp_path: Path) -> None:
     }
     rows = [{"task_id": "HumanEval/0", "completion": b} for b in bodies.values()]
     t0 = time.monotonic()
-    res = evaluate_completions(rows, timeout_s=3.0, workers=2, progress=False)
+    options = EvalOptions(humaneval_timeout_s=3.0, humaneval_workers=2)
+    res = evaluate_completions(rows, options, progress=False)
     wall = time.monotonic() - t0
     statuses = {name: r["status"] for name, r in zip(bodies, res.records, strict=True)}
     print(f"\nhostile statuses ({wall:.1f}s): {statuses}")

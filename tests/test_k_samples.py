@@ -2,6 +2,7 @@
 response, and one round of SPIN, GSIL and DFT through ``experiments.run`` with k = 2."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,19 +13,24 @@ import gsil.generation.core as generation_core
 import gsil.trainer as trainer
 from gsil.batching import GeneratedResponses, build_examples, collate, split_demo_gen
 from gsil.data import Demonstration, TokenLimits
-from gsil.generation import GenerationSettings, generate_set, read_generated_set, settings_path
+from gsil.generation import (
+    GenerationSettings,
+    SetRequest,
+    generate_set,
+    read_generated_set,
+    settings_path,
+)
 from gsil.methods import get_method
 from gsil.optimization import OptimSettings
 
-SAMPLE = dict(
-    max_new_tokens=6,
-    do_sample=True,
-    batch_size=4,
-    seed=3,
-    progress=False,
-    backend="hf",
-    max_prompt_length=64,
-)
+SAMPLE = GenerationSettings(max_new_tokens=6, do_sample=True, batch_size=4, backend="hf")
+
+
+def sampled_set(model, tokenizer, demos, path, num_samples, seed=3):
+    """``generate_set`` of :data:`SAMPLE` with ``num_samples`` per prompt, seeded ``seed``."""
+    generation = replace(SAMPLE, num_samples=num_samples)
+    request = SetRequest(generation, seed, max_prompt_length=64, progress=False)
+    return generate_set(model, tokenizer, demos, path, request)
 
 
 def test_batch_layout_puts_k_blocks_of_samples_after_the_demonstrations(tiny_tokenizer):
@@ -70,9 +76,7 @@ def test_k_sampled_responses_differ_repeat_with_the_seed_and_are_cached(
 ):
     demos = tiny_demos(5)
     path = tmp_path / "a" / "generated.jsonl"
-    responses = generate_set(
-        tiny_model_readonly, tiny_tokenizer, demos, path, num_samples=2, **SAMPLE
-    )
+    responses = sampled_set(tiny_model_readonly, tiny_tokenizer, demos, path, 2)
     rows = read_generated_set(path)
     assert len(responses) == len(rows) == 10
     assert [(row["id"], row["sample"]) for row in rows] == [
@@ -82,17 +86,10 @@ def test_k_sampled_responses_differ_repeat_with_the_seed_and_are_cached(
     # each prompt's two samples differ (drawn apart), and a rerun with the seed repeats them
     for i in range(5):
         assert responses[2 * i] != responses[2 * i + 1], demos[i].prompt
-    again = generate_set(
-        tiny_model_readonly, tiny_tokenizer, demos, tmp_path / "b.jsonl", num_samples=2, **SAMPLE
-    )
+    again = sampled_set(tiny_model_readonly, tiny_tokenizer, demos, tmp_path / "b.jsonl", 2)
     assert again == responses
-    other_seed = generate_set(
-        tiny_model_readonly,
-        tiny_tokenizer,
-        demos,
-        tmp_path / "c.jsonl",
-        num_samples=2,
-        **{**SAMPLE, "seed": 4},
+    other_seed = sampled_set(
+        tiny_model_readonly, tiny_tokenizer, demos, tmp_path / "c.jsonl", 2, seed=4
     )
     assert other_seed != responses
     assert json.loads(settings_path(path).read_text())["settings"]["num_samples"] == 2
@@ -102,30 +99,20 @@ def test_k_sampled_responses_differ_repeat_with_the_seed_and_are_cached(
     monkeypatch.setattr(
         generation_core, "generate_from_ids", lambda *a, **kw: calls.append(1) or real(*a, **kw)
     )
-    assert (
-        generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, num_samples=2, **SAMPLE)
-        == responses
-    )
+    assert sampled_set(tiny_model_readonly, tiny_tokenizer, demos, path, 2) == responses
     assert not calls, "the same request (k included) must reuse the file"
-    one = generate_set(tiny_model_readonly, tiny_tokenizer, demos, path, num_samples=1, **SAMPLE)
+    one = sampled_set(tiny_model_readonly, tiny_tokenizer, demos, path, 1)
     assert len(calls) == 1 and len(one) == 5, "another k must regenerate"
     assert [row["sample"] for row in read_generated_set(path)] == [0] * 5
 
 
-def test_more_than_one_sample_needs_sampling(tiny_model_readonly, tiny_tokenizer, tmp_path):
+def test_more_than_one_sample_needs_sampling():
     with pytest.raises(ValueError, match="do-sample"):
         GenerationSettings(num_samples=2)
     with pytest.raises(ValueError, match=">= 1"):
         GenerationSettings(num_samples=0, do_sample=True)
     with pytest.raises(ValueError, match="do_sample"):
-        generate_set(
-            tiny_model_readonly,
-            tiny_tokenizer,
-            tiny_demos(2),
-            tmp_path / "g.jsonl",
-            num_samples=2,
-            **{**SAMPLE, "do_sample": False},
-        )
+        replace(SAMPLE, num_samples=2, do_sample=False)
 
 
 @pytest.mark.parametrize("drop_ties", [False, True])
@@ -178,14 +165,7 @@ def cli_inputs(tiny_model, tiny_tokenizer, tmp_path):
 
     model_dir = save_model(tiny_model, tiny_tokenizer, tmp_path / "tiny-model")
     demos = [Demonstration(prompt=f"double {i}", response=f"{2 * i}", id=str(i)) for i in range(6)]
-    drawn = generate_set(
-        tiny_model,
-        tiny_tokenizer,
-        demos,
-        tmp_path / "drawn.jsonl",
-        num_samples=2,
-        **{**SAMPLE, "seed": 0},
-    )
+    drawn = sampled_set(tiny_model, tiny_tokenizer, demos, tmp_path / "drawn.jsonl", 2, seed=0)
     answers = [d.response for d in demos]
     answers[1], answers[4] = drawn[2 * 1 + 1], drawn[2 * 4 + 0]  # sample 1 of 1, sample 0 of 4
     assert all(answer.strip() for answer in answers)

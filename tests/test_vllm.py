@@ -11,13 +11,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 from tiny import build_tiny_model, build_tiny_tokenizer
 
 from gsil.data import encode_prompt
-from gsil.generation import generate_from_ids
+from gsil.generation import Decoding, generate_from_ids
 from gsil.models import save_model
 
 pytestmark = pytest.mark.skipif(
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.skipif(
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 NUM_PROMPTS = 64
 NEW_TOKENS = 12
-GREEDY = dict(max_new_tokens=NEW_TOKENS, do_sample=False, temperature=1.0, top_p=1.0, seed=0)
+GREEDY = Decoding(max_new_tokens=NEW_TOKENS, batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +68,11 @@ def assert_parity(vllm_ids, hf_ids) -> None:
 
 
 def test_greedy_fp32_token_ids_equal_hf(engine, policy, tokenizer, prompts):
-    hf = generate_from_ids(
-        policy, tokenizer, prompts, backend="hf", batch_size=16, progress=False, **GREEDY
+    on_hf = replace(GREEDY, backend="hf", batch_size=16)
+    hf = generate_from_ids(policy, tokenizer, prompts, on_hf, progress=False)
+    vllm = generate_from_ids(
+        engine, tokenizer, prompts, replace(GREEDY, backend="vllm"), progress=False
     )
-    vllm = generate_from_ids(engine, tokenizer, prompts, backend="vllm", progress=False, **GREEDY)
     assert sum(r.num_tokens for r in hf) > NUM_PROMPTS  # the responses are not all empty
     assert_parity(token_ids(vllm), token_ids(hf))
 
@@ -84,33 +86,32 @@ def test_weights_pushed_in_memory_give_the_new_policy(engine, policy, tokenizer,
         torch.manual_seed(1)
         for parameter in trained.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
-    before = generate_from_ids(engine, tokenizer, prompts[:16], progress=False, **GREEDY)
+    before = generate_from_ids(engine, tokenizer, prompts[:16], GREEDY, progress=False)
     engine.load_weights(trained)
     try:
-        after = generate_from_ids(engine, tokenizer, prompts[:16], progress=False, **GREEDY)
-        hf = generate_from_ids(
-            trained, tokenizer, prompts[:16], backend="hf", progress=False, **GREEDY
-        )
+        after = generate_from_ids(engine, tokenizer, prompts[:16], GREEDY, progress=False)
+        on_hf = replace(GREEDY, backend="hf")
+        hf = generate_from_ids(trained, tokenizer, prompts[:16], on_hf, progress=False)
         assert token_ids(after) != token_ids(before)
         assert_parity(token_ids(after), token_ids(hf))
     finally:
         engine.load_weights(policy)  # the other tests use the original weights
-    restored = generate_from_ids(engine, tokenizer, prompts[:16], progress=False, **GREEDY)
+    restored = generate_from_ids(engine, tokenizer, prompts[:16], GREEDY, progress=False)
     assert token_ids(restored) == token_ids(before)
 
 
 def test_k_samples_of_one_prompt_differ_and_seeds_repeat_them(engine, tokenizer, prompts):
     """Per-request seeds: pass@k needs k different samples, and a rerun the same ones."""
     k = 8
-    sampled = dict(max_new_tokens=NEW_TOKENS, do_sample=True, temperature=1.0, top_p=1.0)
+    sampled = replace(GREEDY, do_sample=True, temperature=1.0, top_p=1.0)
     first = generate_from_ids(
-        engine, tokenizer, [prompts[0]] * k, seed=5, progress=False, **sampled
+        engine, tokenizer, [prompts[0]] * k, replace(sampled, seed=5), progress=False
     )
     again = generate_from_ids(
-        engine, tokenizer, [prompts[0]] * k, seed=5, progress=False, **sampled
+        engine, tokenizer, [prompts[0]] * k, replace(sampled, seed=5), progress=False
     )
     other = generate_from_ids(
-        engine, tokenizer, [prompts[0]] * k, seed=6, progress=False, **sampled
+        engine, tokenizer, [prompts[0]] * k, replace(sampled, seed=6), progress=False
     )
     assert len(set(token_ids(first))) == k
     assert token_ids(again) == token_ids(first)
@@ -231,19 +232,19 @@ def reasoning_records(path) -> list[str]:
 def test_one_engine_serves_several_evaluations(engine, policy, tokenizer, tmp_path):
     """The pipeline's evaluation: each model's weights pushed into one engine; every model's
     answers equal its HF greedy fp32 answers."""
-    from gsil.evaluation.runner import EvalOptions, evaluate_model
+    from gsil.evaluation.runner import EvalOptions, EvalRequest, evaluate_model
     from gsil.generation.vllm_engine import EngineSlot
 
     options = EvalOptions(max_new_tokens=NEW_TOKENS, max_prompt_length=400, backend="hf")
+    request = EvalRequest(options, limit=3, seed=0, progress=False)
     for name, model in (("a", perturbed(policy, 2)), ("b", perturbed(policy, 3))):
-        kwargs = dict(limit=3, seed=0, options=options, progress=False)
-        evaluate_model((model, tokenizer), ["reasoning"], tmp_path / f"{name}-hf", **kwargs)
+        evaluate_model((model, tokenizer), ["reasoning"], tmp_path / f"{name}-hf", request)
         evaluate_model(
             (model, tokenizer),
             ["reasoning"],
             tmp_path / f"{name}-vllm",
+            request,
             engine=EngineSlot(engine),
-            **kwargs,
         )
         hf = reasoning_records(tmp_path / f"{name}-hf" / "reasoning.records.jsonl")
         vllm = reasoning_records(tmp_path / f"{name}-vllm" / "reasoning.records.jsonl")

@@ -50,9 +50,9 @@ from gsil.evaluation.harness import (
     recorded_seeds,
     seed_arguments,
 )
+from gsil.evaluation.options import EvalRequest
 from gsil.evaluation.results import (
     BenchmarkResult,
-    Decoding,
     base_settings,
     package_versions,
     proportion_interval,
@@ -292,26 +292,21 @@ def summarize(records: Sequence[dict[str, Any]], settings: dict[str, Any]) -> Be
 
 
 def evaluate_gsm8k_chat(
-    model: Any,
-    tokenizer: Any,
-    *,
-    source: str = HUB_NAME,
-    train_source: str | None = None,
-    shots: int = 0,
-    limit: int | None = None,
-    seed: int = 0,
-    decoding: Decoding | None = None,
-    progress: bool = True,
+    model: Any, tokenizer: Any, request: EvalRequest
 ) -> tuple[BenchmarkResult, list[dict[str, Any]]]:
-    """``gsm8k-chat``: answer GSM8K test problems in our chat format (k-shot when ``shots > 0``)
-    and score them with :func:`extract_numeric_answer`.
+    """``gsm8k-chat``: answer GSM8K test problems (``options.gsm8k_source``, the first
+    ``request.limit``) in our chat format, k-shot when ``options.gsm8k_shots`` > 0 (exemplars
+    drawn with ``request.seed``), and score them with :func:`extract_numeric_answer`.
 
-    ``train_source`` defaults to ``source`` when that is a hub name (its train split); a local
-    test file needs an explicit train file for ``shots > 0``.
+    ``options.gsm8k_train_source`` defaults to the source when that is a hub name (its train
+    split); a local test file needs an explicit train file for shots > 0.
     """
+    options, limit, seed = request.options, request.limit, request.seed
+    source, train_source = options.gsm8k_source, options.gsm8k_train_source
+    shots = options.gsm8k_shots or 0
     if shots < 0:
         raise ValueError(f"shots must be >= 0, got {shots}")
-    decoding = decoding or Decoding(max_new_tokens=384)
+    decoding = request.decoding(CHAT_BENCHMARK)
     items = load_gsm8k(source, "test", limit)
     exemplars: list[GSM8KItem] = []
     if shots:
@@ -325,8 +320,15 @@ def evaluate_gsm8k_chat(
         train = load_gsm8k(train_source, "train")
         exemplars = select_exemplars(train, shots, seed, {item.question for item in items})
     prompts = [build_messages(item.question, exemplars) for item in items]
-    outputs = generate(model, tokenizer, prompts, **decoding.generate_kwargs(progress))
-    records = score_completions(items, [out.text for out in outputs], prompts, progress)
+    outputs = generate(
+        model,
+        tokenizer,
+        prompts,
+        decoding,
+        max_prompt_length=decoding.max_prompt_length,
+        progress=request.progress,
+    )
+    records = score_completions(items, [out.text for out in outputs], prompts, request.progress)
     for record, out in zip(records, outputs, strict=True):
         record.update(num_tokens=out.num_tokens, truncated=out.truncated)
     settings = base_settings(
@@ -405,16 +407,7 @@ def _installed_task_config() -> dict[str, Any]:
 
 
 def evaluate_gsm8k(
-    model: Any,
-    tokenizer: Any = None,
-    *,
-    source: str = HUB_NAME,
-    train_source: str | None = None,
-    num_fewshot: int | None = None,
-    limit: int | None = None,
-    seed: int | None = None,
-    batch_size: int | str | None = None,
-    max_gen_toks: int | None = None,
+    model: Any, tokenizer: Any = None, request: EvalRequest | None = None
 ) -> tuple[BenchmarkResult, list[dict[str, Any]]]:
     """``gsm8k``: lm-evaluation-harness's ``gsm8k`` task on ``model``, via ``simple_evaluate``.
 
@@ -422,14 +415,14 @@ def evaluate_gsm8k(
         model: a transformers causal LM in memory (wrapped in lm-eval's ``HFLM`` with
             ``tokenizer``; its train/eval mode is restored afterwards), or an lm-eval ``LM``
             instance, used as it is.
-        source / train_source: local GSM8K-schema JSONL files (test; train for the few-shot
-            exemplars) or a hub name (see :func:`lm_eval_task_config`).
-        num_fewshot: ``None``: lm-eval's default for the task (5); 0 needs no train file.
-        limit: the first ``limit`` test problems (lm-eval's ``limit``); ``None``: all.
-        seed: lm-eval's random, numpy, torch and few-shot seeds; ``None``: lm-eval's own
-            defaults (the installed ``simple_evaluate``'s, those of a plain ``lm_eval`` run;
-            ``settings["seeds"]`` names the ones used).
-        batch_size / max_gen_toks: ``None`` keeps lm-eval's defaults (HFLM: 1 and 256 tokens).
+        request: its options ``gsm8k_source`` / ``gsm8k_train_source`` (local GSM8K-schema
+            JSONL files, test and train for the few-shot exemplars, or a hub name: see
+            :func:`lm_eval_task_config`); ``gsm8k_shots`` (``None``: lm-eval's default for the
+            task, 5; 0 needs no train file); ``lm_eval_seed`` (lm-eval's random, numpy, torch
+            and few-shot seeds; ``None``: lm-eval's own defaults, those of a plain ``lm_eval``
+            run; ``settings["seeds"]`` names the ones used); ``gsm8k_batch_size`` and the
+            ``gsm8k`` budget (``None`` keeps lm-eval's defaults, HFLM's 1 and 256 tokens); and
+            ``request.limit``, the first ``limit`` test problems (lm-eval's ``limit``).
 
     Returns:
         The result (metric ``exact_match,strict-match``; ``breakdown["filters"]`` holds both
@@ -444,10 +437,13 @@ def evaluate_gsm8k(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    request = request or EvalRequest()
+    options, limit = request.options, request.limit
+    source, train_source = options.gsm8k_source, options.gsm8k_train_source
+    num_fewshot, seed = options.gsm8k_shots, options.lm_eval_seed
+    batch_size, max_gen_toks = options.gsm8k_batch_size, options.max_new_tokens_for(BENCHMARK)
     if num_fewshot is not None and num_fewshot < 0:
         raise ValueError(f"num_fewshot must be >= 0, got {num_fewshot}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 or None, got {limit}")
     config = lm_eval_task_config(source, train_source)
     shots = config.get("num_fewshot", 0) if num_fewshot is None else num_fewshot
     if shots and config.get("fewshot_split") is None:

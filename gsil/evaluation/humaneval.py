@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from gsil.evaluation.options import EvalOptions
 from gsil.evaluation.results import proportion_interval
 from gsil.evaluation.sandbox import SandboxLimits, SandboxResult, run_untrusted
 
@@ -310,15 +311,16 @@ def _pass_at_k(records: Iterable[Mapping[str, Any]], ks: Sequence[int]) -> dict[
 
 def evaluate_completions(
     completions: Sequence[Mapping[str, Any]],
+    options: EvalOptions | None = None,
     *,
     problems: Mapping[str, Mapping[str, Any]] | None = None,
-    timeout_s: float = 10.0,
-    workers: int = 2,
     k: Sequence[int] = (1,),
     memory_mb: int = 1024,
     progress: bool = True,
 ) -> HumanEvalResults:
-    """Run every ``{task_id, completion}`` through the sandbox and score it.
+    """Run every ``{task_id, completion}`` through the sandbox and score it: each program gets
+    ``options.humaneval_timeout_s`` seconds and ``memory_mb`` MB, ``options.humaneval_workers``
+    at a time.
 
     Returns per-sample records (input order; ``task_id``, ``completion``, ``passed``,
     ``status``, ``wall_s``, ``stderr_tail``) and pass@k for every requested ``k`` that every
@@ -330,6 +332,8 @@ def evaluate_completions(
 
     from tqdm.auto import tqdm
 
+    options = options or EvalOptions()
+    timeout_s, workers = options.humaneval_timeout_s, options.humaneval_workers
     problems = load_problems() if problems is None else problems
     for i, row in enumerate(completions):
         if row.get("task_id") not in problems:

@@ -49,6 +49,7 @@ from gsil.evaluation.harness import (
     recorded_seeds,
     seed_arguments,
 )
+from gsil.evaluation.options import EvalRequest
 from gsil.evaluation.results import (
     BenchmarkResult,
     base_settings,
@@ -284,29 +285,21 @@ def _load_task(source: str) -> Any:
 
 
 def evaluate_ifeval(
-    model: Any,
-    tokenizer: Any = None,
-    *,
-    source: str | None = None,
-    limit: int | None = None,
-    seed: int | None = None,
-    batch_size: int | str | None = None,
-    max_gen_toks: int | None = None,
-    chat_template: bool = True,
+    model: Any, tokenizer: Any = None, request: EvalRequest | None = None
 ) -> tuple[BenchmarkResult, list[dict[str, Any]]]:
     """``ifeval``: lm-evaluation-harness's ``ifeval`` task on ``model``, via ``simple_evaluate``.
 
     Args:
         model: a transformers causal LM in memory (wrapped in lm-eval's ``HFLM`` with
             ``tokenizer``; its train/eval mode is restored afterwards), or an lm-eval ``LM``.
-        source: a local IFEval-format JSONL or a hub name (see :func:`lm_eval_task_yaml`);
-            ``None``: :func:`default_source`.
-        limit: the first ``limit`` prompts; ``None``: all.
-        seed: lm-eval's four seeds; ``None``: lm-eval's own defaults (generation is greedy, so
-            they change nothing but are recorded).
-        batch_size / max_gen_toks: ``None`` keeps lm-eval's (HFLM's batch 1; the task's 1,280).
-        chat_template: format prompts with the tokenizer's chat template (lm-eval's
-            ``apply_chat_template``); ``False``: the raw prompt text.
+        request: its options ``ifeval_source`` (a local IFEval-format JSONL or a hub name, see
+            :func:`lm_eval_task_yaml`; ``None``: :func:`default_source`); ``lm_eval_seed``
+            (lm-eval's four seeds; ``None``: lm-eval's own defaults: generation is greedy, so
+            they change nothing but are recorded); ``gsm8k_batch_size`` and the ``ifeval``
+            budget (``None`` keeps lm-eval's: HFLM's batch 1, the task's 1,280 tokens);
+            ``ifeval_chat_template`` (format prompts with the tokenizer's chat template,
+            lm-eval's ``apply_chat_template``; ``False``: the raw prompt text); and
+            ``request.limit``, the first ``limit`` prompts (``None``: all).
 
     Returns:
         The result (metric ``prompt_level_strict_acc``; ``breakdown["metrics"]`` holds all four
@@ -321,8 +314,14 @@ def evaluate_ifeval(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    request = request or EvalRequest()
+    options, limit = request.options, request.limit
+    source, seed, chat_template = (
+        options.ifeval_source,
+        options.lm_eval_seed,
+        options.ifeval_chat_template,
+    )
+    batch_size, max_gen_toks = options.gsm8k_batch_size, options.max_new_tokens_for(BENCHMARK)
     instruction_registry()  # checkers' dependencies and NLTK's data, before lm-eval needs them
     source = default_source() if source is None else source
     if is_local_source(source):

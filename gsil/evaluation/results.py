@@ -27,6 +27,7 @@ import numpy as np
 from scipy import stats
 
 from gsil.data import save_jsonl
+from gsil.generation.common import Decoding
 from gsil.io import read_json, read_jsonl, write_json
 
 CONFIDENCE = 0.95
@@ -75,34 +76,31 @@ class BenchmarkResult:
         )
 
 
-@dataclass(frozen=True)
-class Decoding:
-    """How answers are generated; recorded in every result's settings.
+@dataclass(frozen=True, kw_only=True)
+class EvalDecoding(Decoding):
+    """How answers are generated (a :class:`~gsil.generation.Decoding` and the prompt limit);
+    recorded in every result's settings.
 
     Greedy by default (the paper's evaluation); ``do_sample`` with ``temperature``/``top_p``
-    for pass@k. ``batch_size`` and ``backend`` change speed, not the output.
+    for pass@k. ``batch_size`` and ``backend`` are not recorded (greedy answers do not depend
+    on them). ``EvalOptions.decoding`` makes one per benchmark.
     """
 
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
     max_prompt_length: int | None = None
-    batch_size: int = 8
-    backend: str = "auto"
-
-    def generate_kwargs(self, progress: bool = True) -> dict[str, Any]:
-        """Keyword arguments for ``gsil.generation.generate``."""
-        return {**asdict(self), "progress": progress}
 
     def to_settings(self) -> dict[str, Any]:
         """The settings that determine the output (sampling knobs only when sampling)."""
-        settings = asdict(self)
-        del settings["batch_size"], settings["backend"]
-        if not self.do_sample:
-            settings.update(temperature=None, top_p=None, seed=None)
-        return settings
+        sampled = self.do_sample
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.do_sample,
+            "temperature": self.temperature if sampled else None,
+            "top_p": self.top_p if sampled else None,
+            "seed": self.seed if sampled else None,
+            "max_prompt_length": self.max_prompt_length,
+            # top-k only when it applies, so results recorded before it existed still compare
+            **({"top_k": self.top_k} if sampled and self.top_k else {}),
+        }
 
 
 # --------------------------------------------------------------------------- intervals
@@ -221,7 +219,7 @@ def prompt_format(tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def base_settings(tokenizer: Any, decoding: Decoding | None, **extra: Any) -> dict[str, Any]:
+def base_settings(tokenizer: Any, decoding: EvalDecoding | None, **extra: Any) -> dict[str, Any]:
     """Settings every result records: decoding, prompt format, package versions, and ``extra``."""
     return {
         "decoding": decoding.to_settings() if decoding is not None else None,

@@ -8,7 +8,10 @@
 """
 
 from gsil.generation.common import (
+    AUTO,
     BACKENDS,
+    HF,
+    VLLM,
     Decoding,
     GenerationBackendError,
     GenerationResult,
@@ -19,18 +22,23 @@ from gsil.generation.common import (
 from gsil.generation.core import generate, generate_from_ids, resolve_backend
 from gsil.generation.sets import (
     SETTINGS_FORMAT_VERSION,
+    SetRequest,
     generate_set,
     read_generated_set,
     settings_path,
 )
 
 __all__ = [
+    "AUTO",
     "BACKENDS",
+    "HF",
+    "VLLM",
     "SETTINGS_FORMAT_VERSION",
     "Decoding",
     "GenerationBackendError",
     "GenerationResult",
     "GenerationSettings",
+    "SetRequest",
     "deal_batches",
     "generate",
     "generate_from_ids",

@@ -6,27 +6,51 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-BACKENDS = ("auto", "hf", "vllm")
+BACKENDS = ("auto", "hf", "vllm")  # the generation backends, the default first
+AUTO, HF, VLLM = BACKENDS
 
 
 class GenerationBackendError(RuntimeError):
     """The requested generation backend cannot run here (e.g. vllm missing or no GPU)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Decoding:
-    """How responses are decoded; every backend applies the same rule.
+    """How responses are decoded, and in what batches; every backend applies the same rule.
 
     ``do_sample=False`` is greedy (the paper's choice); sampling uses ``temperature``,
-    ``top_p`` and ``top_k`` (0: no top-k), seeded from ``seed``.
+    ``top_p`` and ``top_k`` (0: no top-k), seeded from ``seed``. The budget
+    ``max_new_tokens`` and the ``batch_size`` have no default here: they come from the section
+    that decides them (``GenerationSettings`` for a round, ``EvalOptions`` for an evaluation).
+    HF sampling is seeded per batch, so ``batch_size`` changes sampled responses (not greedy
+    ones); ``backend`` is one of :data:`BACKENDS`.
+
+    The defaults of the sampling fields and of ``backend`` are those of every section.
     """
 
-    max_new_tokens: int = 256
+    max_new_tokens: int
+    batch_size: int
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
-    seed: int = 0
     top_k: int = 0
+    seed: int = 0
+    backend: str = AUTO
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens is None or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError(
+                "sampling needs temperature > 0 and 0 < top_p <= 1, got "
+                f"{self.temperature}, {self.top_p}"
+            )
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: no top-k), got {self.top_k}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown generation backend {self.backend!r}; use one of {BACKENDS}")
 
 
 @dataclass(frozen=True)
@@ -34,22 +58,27 @@ class GenerationSettings:
     """How a round generates its own responses: the run configuration's ``generation`` section.
 
     The seed is the run's (``seed + round``); each field's ``help`` is its flag's documentation.
+    The round's budget and batch size are defined here; the sampling defaults are
+    :class:`Decoding`'s.
     """
 
     max_new_tokens: int = field(
         default=128, metadata={"help": "longest self-generated response in tokens"}
     )
     do_sample: bool = field(
-        default=False, metadata={"help": "sample (default: greedy, as in the paper)"}
+        default=Decoding.do_sample,
+        metadata={"help": "sample (default: greedy, as in the paper)"},
     )
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    temperature: float = field(
+        default=Decoding.temperature, metadata={"help": "sampling temperature"}
+    )
+    top_p: float = field(default=Decoding.top_p, metadata={"help": "nucleus sampling mass"})
     backend: str = field(
-        default="auto",
+        default=Decoding.backend,
         metadata={
             "help": "auto (vLLM if installed with a GPU, or as vLLM's CPU build; else HF), hf, or "
             "vllm (one engine for the run)",
-            "choices": ("auto", "hf", "vllm"),
+            "choices": BACKENDS,
             "flag": "generator",
         },
     )
@@ -65,7 +94,7 @@ class GenerationSettings:
         },
     )
     top_k: int = field(
-        default=0,
+        default=Decoding.top_k,
         metadata={
             "help": "sample from the k most likely tokens only (0: no top-k; needs --do-sample; "
             "DFT's authors: 50)"
@@ -92,6 +121,19 @@ class GenerationSettings:
                 "decoding would give k identical responses (add --do-sample, or set "
                 "--num-samples 1)"
             )
+
+    def decoding(self, seed: int) -> Decoding:
+        """The round's decoding, seeded with ``seed`` (the run's seed + the round)."""
+        return Decoding(
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=seed,
+            backend=self.backend,
+        )
 
 
 @dataclass(frozen=True)

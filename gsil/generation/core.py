@@ -22,7 +22,10 @@ from accelerate.utils import gather_object
 
 from gsil.data import encode_prompt
 from gsil.generation.common import (
+    AUTO,
     BACKENDS,
+    HF,
+    VLLM,
     Decoding,
     GenerationResult,
     deal_batches,
@@ -35,17 +38,10 @@ def generate(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[str | list[dict[str, str]]],
+    decoding: Decoding,
     *,
-    max_new_tokens: int = 256,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    batch_size: int = 8,
-    seed: int = 0,
     max_prompt_length: int | None = None,
-    backend: str = "auto",
     progress: bool = True,
-    top_k: int = 0,
 ) -> list[GenerationResult]:
     """Generate one response per prompt with the policy ``model``.
 
@@ -54,52 +50,27 @@ def generate(
             backend, reused across calls), or for the vllm backend a model directory path.
         tokenizer: its tokenizer (needs a chat template and an eos token).
         prompts: user messages (str) or chat message lists, formatted by ``encode_prompt``.
-        max_new_tokens: generation budget per response.
-        do_sample: False for greedy decoding (the paper's choice), True to sample.
-        temperature, top_p, top_k: sampling settings (ignored when greedy); ``top_k=0``: no
-            top-k.
-        batch_size: prompts per ``model.generate`` call (hf backend).
-        seed: seeds sampling, so equal seeds give equal samples; the caller's global RNG state
-            is left untouched.
+        decoding: the budget, the decoding rule (greedy, or sampling seeded from
+            ``decoding.seed``: equal seeds give equal samples, and the caller's global RNG
+            state is left untouched), the batch size (hf backend) and the backend.
         max_prompt_length: passed to ``encode_prompt``, which raises ``PromptTooLong`` beyond it.
-        backend: ``"auto"``, ``"hf"`` or ``"vllm"``.
         progress: show a tqdm progress bar.
 
     Returns:
         One :class:`GenerationResult` per prompt, in the order of ``prompts``.
     """
     prompt_ids = [encode_prompt(tokenizer, prompt, max_prompt_length) for prompt in prompts]
-    return generate_from_ids(
-        model,
-        tokenizer,
-        prompt_ids,
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_p=top_p,
-        batch_size=batch_size,
-        seed=seed,
-        backend=backend,
-        progress=progress,
-        top_k=top_k,
-    )
+    return generate_from_ids(model, tokenizer, prompt_ids, decoding, progress=progress)
 
 
 def generate_from_ids(
     model: Any,
     tokenizer: Any,
     prompt_ids: Sequence[Sequence[int]],
+    decoding: Decoding,
     *,
-    max_new_tokens: int = 256,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    batch_size: int = 8,
-    seed: int = 0,
-    backend: str = "auto",
     progress: bool = True,
     accelerator: Accelerator | None = None,
-    top_k: int = 0,
 ) -> list[GenerationResult]:
     """Like :func:`generate`, for prompts already encoded as token ids.
 
@@ -108,26 +79,15 @@ def generate_from_ids(
     of ``prompt_ids``. A batch holds the same prompts whatever the number of processes (and
     sampling is seeded per batch), so N processes return what one would.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if do_sample and not (temperature > 0 and 0 < top_p <= 1):
-        raise ValueError(
-            f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}"
-        )
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0: no top-k), got {top_k}")
     if any(len(ids) == 0 for ids in prompt_ids):
         raise ValueError("every prompt must have at least one token")
     if not prompt_ids:
         return []
-    decoding = Decoding(max_new_tokens, do_sample, temperature, top_p, seed, top_k)
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
-    batches = plan_batches(prompt_ids, batch_size)
+    batches = plan_batches(prompt_ids, decoding.batch_size)
     mine = deal_batches(len(batches), world, rank)
-    if resolve_backend(backend, model) == "vllm":
+    if resolve_backend(decoding.backend, model) == VLLM:
         from gsil.generation.vllm_engine import generate_vllm
 
         indices = [index for number in mine if number >= 0 for index in batches[number]]
@@ -164,13 +124,13 @@ def resolve_backend(backend: str, model: Any = None) -> str:
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown generation backend {backend!r}; use one of {BACKENDS}")
-    if backend != "auto":
+    if backend != AUTO:
         return backend
     if type(model).__name__ == "VLLMEngine":
-        return "vllm"
+        return VLLM
     if importlib.util.find_spec("vllm") is None:
-        return "hf"
-    return "vllm" if torch.cuda.is_available() or _vllm_cpu_build() else "hf"
+        return HF
+    return VLLM if torch.cuda.is_available() or _vllm_cpu_build() else HF
 
 
 def _vllm_cpu_build() -> bool:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -15,6 +16,7 @@ from accelerate import Accelerator
 
 from gsil.data import encode_prompt, save_jsonl
 from gsil.generation import core
+from gsil.generation.common import Decoding, GenerationSettings
 from gsil.generation.core import resolve_backend
 from gsil.integrity import check_file, file_record
 from gsil.io import atomic_file
@@ -31,28 +33,34 @@ class DemonstrationLike(Protocol):
     response: str
 
 
+@dataclass(frozen=True)
+class SetRequest:
+    """What a generated set is asked for: the ``generation`` section, the round's ``seed``,
+    the prompt limit, ``extra_settings`` that tag the policy (e.g. the round, the precision)
+    and whether to show progress."""
+
+    generation: GenerationSettings
+    seed: int
+    max_prompt_length: int | None = None
+    extra_settings: Mapping[str, Any] | None = None
+    progress: bool = True
+
+    @property
+    def decoding(self) -> Decoding:
+        """The generation section's decoding, seeded with the request's ``seed``."""
+        return self.generation.decoding(self.seed)
+
+
 def generate_set(
     model: Any,
     tokenizer: Any,
     demos: Sequence[DemonstrationLike],
     path: str | os.PathLike[str],
-    *,
-    max_new_tokens: int = 256,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    batch_size: int = 8,
-    seed: int = 0,
-    max_prompt_length: int | None = None,
-    backend: str = "auto",
-    progress: bool = True,
-    extra_settings: Mapping[str, Any] | None = None,
+    request: SetRequest,
     accelerator: Accelerator | None = None,
-    num_samples: int = 1,
-    top_k: int = 0,
 ) -> list[str]:
-    """Generate ``num_samples`` responses to each demonstration's prompt, cached as JSONL at
-    ``path``.
+    """Generate ``generation.num_samples`` responses to each demonstration's prompt, cached as
+    JSONL at ``path``.
 
     If ``path`` and its sidecar ``path.with_suffix(".settings.json")`` exist and record the same
     settings -- decoding settings and ``num_samples``, the encoded prompt token ids (so a
@@ -63,7 +71,8 @@ def generate_set(
 
     The k samples of a prompt are k requests of their own, each seeded apart from the others
     (HF: the batch's seed, drawn row by row; vLLM: ``seed`` + the request's number), so they
-    differ, and the same ``seed`` repeats them. k > 1 needs ``do_sample``.
+    differ, and the same ``seed`` repeats them. k > 1 needs ``do_sample``
+    (``GenerationSettings`` checks it).
 
     Each JSONL row is one response: ``id, sample, prompt, demo_response, generated_response,
     num_tokens, truncated, tie``, where ``sample`` is j in 0..k-1 (a prompt's k rows are
@@ -74,45 +83,25 @@ def generate_set(
         The generated responses, prompt-major: response j to ``demos[i]`` is at
         ``i * num_samples + j`` (one per demonstration, in order, when ``num_samples`` is 1).
     """
-    if num_samples < 1 or (num_samples > 1 and not do_sample):
-        raise ValueError(
-            f"num_samples={num_samples}: k must be >= 1, and k > 1 needs "
-            "do_sample (greedy decoding gives k identical responses)"
-        )
     path = Path(path)
-    prompt_ids = [encode_prompt(tokenizer, demo.prompt, max_prompt_length) for demo in demos]
-    settings = _set_settings(
-        demos,
-        prompt_ids,
-        max_new_tokens,
-        do_sample,
-        temperature,
-        top_p,
-        seed,
-        max_prompt_length,
-        extra_settings,
-        num_samples,
-        top_k,
-    )
+    num_samples = request.generation.num_samples
+    prompt_ids = [
+        encode_prompt(tokenizer, demo.prompt, request.max_prompt_length) for demo in demos
+    ]
+    settings = _set_settings(demos, prompt_ids, request)
     cached = _load_matching_set(path, settings, demos, num_samples)
     if cached is not None:
         return cached
 
     # request i * k + j is sample j of prompt i: its own row of an HF batch, its own vLLM seed
+    decoding = request.decoding
     results = core.generate_from_ids(
         model,
         tokenizer,
         [ids for ids in prompt_ids for _ in range(num_samples)],
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_p=top_p,
-        batch_size=batch_size,
-        seed=seed,
-        backend=backend,
-        progress=progress,
+        decoding,
+        progress=request.progress,
         accelerator=accelerator,
-        top_k=top_k,
     )
     rows = [
         {
@@ -136,7 +125,7 @@ def generate_set(
         save_jsonl(rows, path)
         record = {
             "settings": settings,
-            "backend": resolve_backend(backend, model),
+            "backend": resolve_backend(decoding.backend, model),
             "num_rows": len(rows),
             "files": {path.name: file_record(path)},  # size and sha256, checked before reuse
         }
@@ -159,37 +148,31 @@ def read_generated_set(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def _set_settings(
-    demos: Sequence[DemonstrationLike],
-    prompt_ids: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    do_sample: bool,
-    temperature: float,
-    top_p: float,
-    seed: int,
-    max_prompt_length: int | None,
-    extra_settings: Mapping[str, Any] | None,
-    num_samples: int = 1,
-    top_k: int = 0,
+    demos: Sequence[DemonstrationLike], prompt_ids: Sequence[Sequence[int]], request: SetRequest
 ) -> dict[str, Any]:
     """Everything that determines a generated set, as a JSON-comparable dict."""
+    decoding = request.decoding
+    do_sample = decoding.do_sample
     demo_record = [[demo.id, demo.prompt, demo.response] for demo in demos]
     # top-k only when it applies (sampling, k > 0), so sets made before it existed still match
-    top_k_setting = {"top_k": top_k} if do_sample and top_k else {}
+    top_k_setting = {"top_k": decoding.top_k} if do_sample and decoding.top_k else {}
     return {
         "format_version": SETTINGS_FORMAT_VERSION,
-        "max_new_tokens": max_new_tokens,
+        "max_new_tokens": decoding.max_new_tokens,
         "do_sample": do_sample,
         # Greedy output does not depend on these, so they must not force regeneration.
-        "temperature": temperature if do_sample else None,
-        "top_p": top_p if do_sample else None,
-        "seed": seed if do_sample else None,
-        "max_prompt_length": max_prompt_length,
-        "num_samples": num_samples,
+        "temperature": decoding.temperature if do_sample else None,
+        "top_p": decoding.top_p if do_sample else None,
+        "seed": decoding.seed if do_sample else None,
+        "max_prompt_length": request.max_prompt_length,
+        "num_samples": request.generation.num_samples,
         "num_prompts": len(demos),
         "prompt_ids_sha256": _sha256_json([list(ids) for ids in prompt_ids]),
         "demos_sha256": _sha256_json(demo_record),
         # A JSON round trip makes tuples and lists compare equal with what was read back.
-        "extra": json.loads(json.dumps(dict(extra_settings or {}), sort_keys=True, default=str)),
+        "extra": json.loads(
+            json.dumps(dict(request.extra_settings or {}), sort_keys=True, default=str)
+        ),
         **top_k_setting,
     }
 
