@@ -32,6 +32,7 @@ import torch
 from gsil.evaluation.results import compare_results, load_records, result_paths
 from gsil.evaluation.runner import EvalOptions, EvalRequest, evaluate_model
 from gsil.generation import BACKENDS, resolve_backend
+from gsil.generation.common import AUTO, VLLM
 from gsil.io import write_json
 from gsil.models import load_model, native_bf16, resolve_device
 
@@ -71,7 +72,7 @@ class PrecisionStudy:
     limit: int = 100
     seed: int = 0
     max_new_tokens: int = 160
-    backend: str = "auto"
+    backend: str = AUTO
     bf16_compute: bool | None = None
 
 
