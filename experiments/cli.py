@@ -6,6 +6,7 @@
     gsil report runs/default
     gsil figures [--only NAME]
     gsil sweep --config quick --sweep loss=logistic,brier seed=0,1,2
+    gsil testbed [--quick]                            every method scored by exact KL
 
 Each subcommand is the module it names (``python -m experiments.run`` is ``gsil train``, and
 so on); ``gsil <command> --help`` lists its flags.
@@ -36,6 +37,7 @@ COMMANDS = {
     "report": ("experiments.report", "tables of trained and evaluated runs"),
     "figures": ("paper_figs.__main__", "draw the analysis figures"),
     "sweep": ("experiments.sweep", "the product of swept settings, one run each"),
+    "testbed": ("experiments.testbed", "every method against a known distribution, by exact KL"),
 }
 
 
