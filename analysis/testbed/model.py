@@ -92,9 +92,11 @@ class ModelSpec:
             )
 
     @classmethod
-    def tiny(cls) -> ModelSpec:
-        """A model for tests: 2 layers, 32 wide (about 25k parameters)."""
-        return cls(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    def tiny(cls, **overrides: Any) -> ModelSpec:
+        """A model for tests: 2 layers, 32 wide (about 25k parameters); ``overrides`` set
+        other fields."""
+        sizes = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+        return cls(**{**sizes, **overrides})
 
 
 def build_model(spec: ModelSpec, tokenizer: Any, seed: int):
