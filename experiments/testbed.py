@@ -36,6 +36,8 @@ import multiprocessing
 import sys
 import time
 import typing
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -229,13 +231,15 @@ def setting_name(setting: dict[str, float]) -> str:
 
 
 def base_dir(testbed: Testbed, seed: int) -> Path:
-    """The seed's pretrained base (built and cached on first use, shared by every grid with the
-    same model and pretraining)."""
+    """The pretrained base of grid seed ``seed``: the one base of ``grid.base_seed`` (or the
+    seed's own when that is None), built and cached on first use under ``OUTPUT_DIR/bases``,
+    shared by every grid with the same model and pretraining."""
     from analysis.testbed.model import ModelSpec, PretrainSpec, pretrained_base_dir
 
     cache = testbed.root.parent / "bases"
+    base_seed = seed if testbed.grid.base_seed is None else testbed.grid.base_seed
     return pretrained_base_dir(
-        PretrainSpec(**testbed.pretrain), ModelSpec(**testbed.model_spec), seed, cache
+        PretrainSpec(**testbed.pretrain), ModelSpec(**testbed.model_spec), base_seed, cache
     )
 
 
@@ -274,7 +278,9 @@ def link_config(task: ChainTask, round_index: int, model_dir: Path):
     return from_dict(merge(testbed.run, nest(values)), "testbed")
 
 
-def measure_plan(testbed: Testbed, seed: int, frontier: bool):
+def measure_plan(testbed: Testbed, seed: int, frontier: bool, samples: bool = True):
+    """What to measure of a round: everything at the last round and at ``loss_n`` (the
+    per-round claims); forward KL and the demonstrations' log-probs at the other rounds."""
     from analysis.testbed.round_measures import MeasurePlan
 
     grid = testbed.grid
@@ -284,6 +290,7 @@ def measure_plan(testbed: Testbed, seed: int, frontier: bool):
         from_dict(testbed.run).generation.max_new_tokens,
         sample_seed=seed,
         temperatures=grid.temperatures if frontier else (),
+        samples=samples,
     )
 
 
@@ -351,7 +358,8 @@ def run_chain(task: ChainTask) -> dict:
                 }
             else:
                 last = round_index == task.rounds
-                plan = measure_plan(testbed, config.seed, task.frontier and last)
+                samples = last or chain.n == testbed.grid.loss_n
+                plan = measure_plan(testbed, config.seed, task.frontier and last, samples)
                 measures = measure_model(model, tokenizer, train, plan)
                 if config.objective.method == "gsil":
                     measures["classifier"] = implicit_classifier(
@@ -388,10 +396,12 @@ def _init_worker() -> None:
     import gc
 
     import torch
+    import transformers
 
     import experiments.training  # noqa: F401  (its imports are what gc.freeze spares)
 
     torch.set_num_threads(1)
+    transformers.utils.logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING)
     for name in ("experiments", "gsil", "transformers", "accelerate"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -419,18 +429,20 @@ def run_units(units: list[tuple], workers: int, describe) -> list[Any]:
             print(describe(index, len(units), results[index]), flush=True)
         return results
     context = multiprocessing.get_context("spawn")
-    with context.Pool(min(workers, len(units)), initializer=_init_worker) as pool:
-        for count, (index, result) in enumerate(
-            pool.imap_unordered(_indexed_call, list(enumerate(units))), start=1
-        ):
-            results[index] = result
-            print(describe(count - 1, len(units), result), flush=True)
+    pool = ProcessPoolExecutor(min(workers, len(units)), context, initializer=_init_worker)
+    try:
+        futures = {pool.submit(_call, unit): index for index, unit in enumerate(units)}
+        for count, future in enumerate(as_completed(futures)):
+            results[futures[future]] = future.result()
+            print(describe(count, len(units), results[futures[future]]), flush=True)
+    except BrokenProcessPool:
+        raise SystemExit(
+            "a testbed worker process died (killed, or out of memory); everything it finished "
+            "is kept: run the same command again to continue"
+        ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return results
-
-
-def _indexed_call(item: tuple[int, tuple]) -> tuple[int, Any]:
-    index, unit = item
-    return index, _call(unit)
 
 
 # --------------------------------------------------------------------------- selection
@@ -547,6 +559,30 @@ def collect(testbed: Testbed, results: list[dict], bases: dict[int, dict]) -> di
     return table
 
 
+def classifier_example(testbed: Testbed, table: dict, settings: dict) -> dict | None:
+    """GSIL-logistic's implicit classifier after round 1 at ``loss_n`` for the first seed, per
+    training demonstration, with its exact targets (the classifier figure's scatter)."""
+    from analysis.testbed.grid import empirical_log_probs
+    from analysis.testbed.round_measures import train_pool
+
+    grid = testbed.grid
+    by_seed = table.get("gsil-logistic", {}).get(grid.loss_n)
+    if not by_seed:
+        return None
+    seed = min(by_seed)
+    base, first = by_seed[seed][0], by_seed[seed][1]
+    train = train_pool(seed, grid.pool)[: grid.loss_n]
+    ref = base["demo_logps"][: grid.loss_n]
+    beta = settings["gsil-logistic"]["beta"]
+    return {
+        "seed": seed,
+        "beta": beta,
+        "f": [beta * (p - r) for p, r in zip(first["demo_logps"], ref, strict=True)],
+        "data": [d.meta["data_logp"] - r for d, r in zip(train, ref, strict=True)],
+        "empirical": [e - r for e, r in zip(empirical_log_probs(train), ref, strict=True)],
+    }
+
+
 def slim(measures: dict) -> dict:
     """A round's measures without the per-demonstration log-probabilities (for report.json)."""
     return {k: v for k, v in measures.items() if k != "demo_logps"}
@@ -588,12 +624,16 @@ def estimate(testbed: Testbed) -> dict:
     select_sft = (
         len(grid.lr_grid) * len(grid.select_seeds) * grid.select_rounds * (BASELINE in keys)
     )
-    bases = len(grid.seeds) + len(grid.select_seeds)
+    bases = 1 if grid.base_seed is not None else len(grid.seeds) + len(grid.select_seeds)
     total = (
-        (sft_rounds + select_sft) * seconds["sft_round"]
-        + (sampled_rounds + selection - select_sft) * seconds["sampled_round"]
-        + bases * seconds["base"]
-    ) / grid.workers + seconds["worker_start"]
+        (
+            (sft_rounds + select_sft) * seconds["sft_round"]
+            + (sampled_rounds + selection - select_sft) * seconds["sampled_round"]
+        )
+        / grid.workers
+        + seconds["worker_start"]
+        + bases * seconds["base"] / min(bases, grid.workers)
+    )
     return {
         "chains": len(chains),
         "rounds_trained": sft_rounds + sampled_rounds,
@@ -624,6 +664,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.testb
     )
     started = time.perf_counter()
     seeds = sorted(set(testbed.grid.seeds) | set(testbed.grid.select_seeds))
+    if testbed.grid.base_seed is not None:
+        base_dir(testbed, seeds[0])  # the one shared base, before workers could race for it
     base_results = run_units(
         [(_base_unit, (testbed, seed)) for seed in seeds], testbed.grid.workers, _describe_base
     )
@@ -643,6 +685,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.testb
             "model_spec": testbed.model_spec,
             "pretrain": testbed.pretrain,
             "wall_seconds": round(wall, 1),
+            "classifier_example": classifier_example(testbed, table, settings),
             "results": {
                 name: {
                     n: {s: [slim(m) for m in r] for s, r in by_seed.items()}

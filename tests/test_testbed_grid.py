@@ -212,23 +212,45 @@ def test_the_testbed_trains_through_run_rounds(tmp_path, monkeypatch):
     assert len(calls) == 8 * 2 + 2
     assert report["positive_control"]["pairs"][0]["n"] == 4
     assert (tmp_path / "spy" / "report.md").exists()
+    from paper_figs.fig_testbed import draw
+
+    figures = draw(tmp_path / "figures", tmp_path / "spy")  # the real report's schema
+    assert len(figures) == 10 and all(p.stat().st_size > 1000 for p in figures)
     calls.clear()
     main(["--config", _recipe(tmp_path), "--name", "spy"])  # a rerun trains nothing
     assert calls == []
 
 
-def test_an_interrupted_grid_resumes_and_leaves_nothing_half_written(tmp_path):
-    recipe = _recipe(tmp_path)
-    command = [sys.executable, "-m", "experiments.testbed", "--config", recipe, "--name", "cut"]
-    env = {**os.environ, "GSIL_TEST_KILL_AT": "training:7"}
+def test_quick_interrupted_resumes_and_leaves_nothing_half_written(tmp_path):
+    """``gsil testbed --quick`` (the command ``make test`` runs), killed in the middle of the
+    grid (SIGKILL after an optimizer step), then run again: it finishes where it stopped."""
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.testbed",
+        "--quick",
+        "--output-dir",
+        str(tmp_path),
+    ]
+    env = {**os.environ, "GSIL_TEST_KILL_AT": "training:40"}
     killed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    root = tmp_path / "cut"
+    assert killed.returncode == 2, killed.stderr[-2000:]  # a worker died: the grid stops
+    assert "run the same command again" in killed.stderr
+    root = tmp_path / "testbed-quick"
     assert not (root / "report.md").exists()
     env.pop("GSIL_TEST_KILL_AT")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "skipped" in done.stdout  # the rounds finished before the kill were not trained again
     report = json.loads((root / "report.json").read_text())
-    assert set(report["results"]["gsil-logistic"]) == {"4", "16"}
+    assert set(report["results"]["gsil-logistic"]) == {"32", "128"}
+    assert set(report["results"]["gsil-hinge"]["32"]) == {"0", "1", "2"}
     left = [p for p in root.rglob("*") if p.name.endswith(".tmp") or ".tmp-" in p.name]
     assert left == []
+
+
+def test_the_figures_skip_without_a_report(tmp_path, capsys):
+    from paper_figs.fig_testbed import draw
+
+    assert draw(tmp_path / "out", tmp_path / "nothing") == []
+    assert "nothing drawn" in capsys.readouterr().out

@@ -63,6 +63,9 @@ class GridSpec:
     loss_n: int = _g(128, "the N of the loss comparison, the negative control and the frontier")
     steps_per_round: int = _g(16, "optimizer steps per round (rows = steps x batch x accum)")
     pool: int = _g(2048, "demonstrations drawn per seed (N must not exceed it)")
+    base_seed: int | None = _g(
+        0, "seed of the one pretrained base every seed starts from (None: a base per seed)"
+    )
     negative_shift: float = _g(2.0, "GSIL shift of the negative control (0: no control)")
     temperatures: tuple[float, ...] = _g(
         (0.5, 0.75, 1.0, 1.25, 1.5), "sampling temperatures of the (forward, reverse KL) frontier"

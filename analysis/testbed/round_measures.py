@@ -46,8 +46,18 @@ def held_out(split: str, size: int) -> HeldOut:
 
 @lru_cache(maxsize=32)
 def train_pool(seed: int, pool: int) -> tuple[Demonstration, ...]:
-    """A seed's pool of training demonstrations; the first N are the grid's N (nested)."""
-    return tuple(TaskDistribution(TARGET).demonstrations(pool, seed, split="train"))
+    """A seed's pool of training demonstrations; the first N are the grid's N (nested).
+
+    The stream's empty responses (the noise part's length 0, probability
+    ``lambda (1 - q)``) are left out: a training record needs a response
+    (``gsil.data.load_demonstrations``). Held-out sets keep them.
+    """
+    dist, draw = TaskDistribution(TARGET), pool
+    while True:
+        kept = [d for d in dist.demonstrations(draw, seed, split="train") if d.response]
+        if len(kept) >= pool:
+            return tuple(kept[:pool])
+        draw += pool // 8 + 8
 
 
 def forward_kl_on(model: Any, tokenizer: Any, data: HeldOut, temperature: float = 1.0) -> dict:
@@ -90,6 +100,7 @@ class MeasurePlan:
     max_new_tokens: int
     sample_seed: int
     temperatures: tuple[float, ...] = ()
+    samples: bool = True  # False: forward KL and the demonstrations' log-probs only
 
 
 def measure_model(
@@ -104,10 +115,13 @@ def measure_model(
     ).tolist()
     out = {
         "forward_kl": forward_kl_on(model, tokenizer, test),
-        **own_samples(model, tokenizer, prompts, 1.0, plan.sample_seed, plan.max_new_tokens),
         "demo_logp": sum(demo_logps) / len(demo_logps),
         "demo_logps": demo_logps,
     }
+    if plan.samples:
+        out.update(
+            own_samples(model, tokenizer, prompts, 1.0, plan.sample_seed, plan.max_new_tokens)
+        )
     frontier = []
     for temperature in plan.temperatures:
         point = own_samples(
