@@ -85,7 +85,14 @@ PER_RUN = {
 }
 # Seconds measured on this 2-core machine while other jobs ran (the dry run's fallback when
 # no earlier grid left timings.json): one round of each kind, and a base model.
-MEASURED_SECONDS = {"sft_round": 2.5, "sampled_round": 4.5, "base": 10.0, "worker_start": 8.0}
+# A round costs ``overhead + steps x step`` (load, generation, reference pass, save, measures;
+# then the optimizer steps); a base ``pretrain steps x base_step``.
+MEASURED_SECONDS = {
+    "sft": {"step": 0.08, "overhead": 2.0},
+    "sampled": {"step": 0.15, "overhead": 3.5},
+    "base_step": 0.15,
+    "worker_start": 10.0,
+}
 
 
 # --------------------------------------------------------------------------- the command line
@@ -336,11 +343,12 @@ def run_chain(task: ChainTask) -> dict:
     ref_logps = None
     if not task.validation:
         ref_logps = run_base(testbed, chain.seed)["demo_logps"][: chain.n]
-    rounds, statuses = [], []
+    rounds, statuses, timings = [], [], []
     for round_index in range(1, task.rounds + 1):
+        round_started = time.perf_counter()
         config = link_config(task, round_index, model_dir)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            status, _ = ensure_run(config)  # quiet: the progress bars of ~1000 short runs
+            status, summary = ensure_run(config)  # quiet: the progress bars of ~1000 short runs
         statuses.append(status)
         model_dir = RunLayout(config.run_dir()).model(0)
         path = config.run_dir() / (
@@ -376,11 +384,21 @@ def run_chain(task: ChainTask) -> dict:
             write_json(path, measures)
         ref_logps = measures.get("demo_logps")
         rounds.append(measures)
+        if status == "ran":
+            timings.append(
+                {
+                    "kind": "sft" if config.objective.method == "sft" else "sampled",
+                    "steps": summary["rounds"][0]["global_step"],
+                    "training_seconds": summary["rounds"][0]["training_seconds"],
+                    "seconds": time.perf_counter() - round_started,
+                }
+            )
     return {
         "chain": dataclasses.asdict(chain),
         "setting": task.setting,
         "statuses": statuses,
         "rounds": rounds,
+        "timings": timings,
         "seconds": round(time.perf_counter() - started, 2),
     }
 
@@ -604,14 +622,17 @@ def plan_units(testbed: Testbed, settings: dict[str, dict]) -> list[tuple]:
 
 
 def estimate(testbed: Testbed) -> dict:
-    """The plan's size and its time from measured per-round costs (``timings.json`` of an
-    earlier grid on this machine, else :data:`MEASURED_SECONDS`)."""
+    """The plan's size and its time from measured per-step and per-round costs
+    (``timings.json`` of an earlier grid in the same directory, else
+    :data:`MEASURED_SECONDS`)."""
+    from analysis.testbed.model import PretrainSpec
+
     grid = testbed.grid
     timings_path = testbed.root / "timings.json"
-    seconds = dict(MEASURED_SECONDS)
+    costs = dict(MEASURED_SECONDS)
     source = "MEASURED_SECONDS (experiments/testbed.py, measured under load on 2 cores)"
     if timings_path.exists():
-        seconds.update(read_json(timings_path)["per_unit"])
+        costs.update(read_json(timings_path)["costs"])
         source = str(timings_path)
     chains = plan_chains(grid)
     sft_rounds = sum(testbed.rounds for c in chains if c.name == BASELINE)
@@ -625,14 +646,20 @@ def estimate(testbed: Testbed) -> dict:
         len(grid.lr_grid) * len(grid.select_seeds) * grid.select_rounds * (BASELINE in keys)
     )
     bases = 1 if grid.base_seed is not None else len(grid.seeds) + len(grid.select_seeds)
+    steps = grid.steps_per_round
+
+    def per_round(kind: str) -> float:
+        return costs[kind]["overhead"] + steps * costs[kind]["step"]
+
+    pretrain_steps = PretrainSpec(**testbed.pretrain).steps
     total = (
         (
-            (sft_rounds + select_sft) * seconds["sft_round"]
-            + (sampled_rounds + selection - select_sft) * seconds["sampled_round"]
+            (sft_rounds + select_sft) * per_round("sft")
+            + (sampled_rounds + selection - select_sft) * per_round("sampled")
         )
         / grid.workers
-        + seconds["worker_start"]
-        + bases * seconds["base"] / min(bases, grid.workers)
+        + costs["worker_start"]
+        + bases * pretrain_steps * costs["base_step"] / min(bases, grid.workers)
     )
     return {
         "chains": len(chains),
@@ -643,9 +670,22 @@ def estimate(testbed: Testbed) -> dict:
         "steps_per_round": grid.steps_per_round,
         "workers": grid.workers,
         "estimated_seconds": round(total),
-        "costs": seconds,
+        "costs": costs,
         "costs_from": source,
     }
+
+
+def measured_costs(timings: list[dict]) -> dict:
+    """Per kind of round (``sft``, ``sampled``): seconds per optimizer step (its training time
+    over its steps) and the rest of a round (``overhead``), from the rounds trained here."""
+    costs = {}
+    for kind in ("sft", "sampled"):
+        rows = [t for t in timings if t["kind"] == kind and t["steps"]]
+        if rows:
+            step = sum(t["training_seconds"] for t in rows) / sum(t["steps"] for t in rows)
+            overhead = sum(t["seconds"] - t["training_seconds"] for t in rows) / len(rows)
+            costs[kind] = {"step": round(step, 4), "overhead": round(overhead, 3)}
+    return costs
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m experiments.testbed") -> dict:
@@ -699,21 +739,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.testb
     text = format_report(report) + f"\nWall time: {wall:.0f} s (workers: {testbed.grid.workers}).\n"
     with atomic_file(testbed.root / "report.md") as handle:
         handle.write(text)
-    trained = [r for r in results if any(s != "skipped" for s in r["statuses"])]
-    if trained:
-        sft = [r["seconds"] / len(r["rounds"]) for r in trained if r["chain"]["name"] == BASELINE]
-        sampled = [
-            r["seconds"] / len(r["rounds"]) for r in trained if r["chain"]["name"] != BASELINE
-        ]
-        per_unit = {}
-        if sft:
-            per_unit["sft_round"] = round(sum(sft) / len(sft), 2)
-        if sampled:
-            per_unit["sampled_round"] = round(sum(sampled) / len(sampled), 2)
+    costs = measured_costs([t for r in results for t in r.get("timings", [])])
+    if costs:
         write_json(
             testbed.root / "timings.json",
             {
-                "per_unit": per_unit,
+                "costs": costs,
                 "bases_seconds": round(base_seconds, 1),
                 "selection_seconds": round(selected - started - base_seconds, 1),
                 "grid_seconds": round(time.perf_counter() - selected, 1),

@@ -254,3 +254,26 @@ def test_the_figures_skip_without_a_report(tmp_path, capsys):
 
     assert draw(tmp_path / "out", tmp_path / "nothing") == []
     assert "nothing drawn" in capsys.readouterr().out
+
+
+def test_the_dry_run_prices_the_grid_from_measured_step_costs(tmp_path, capsys):
+    from experiments.testbed import main, measured_costs
+    from gsil.io import write_json
+
+    timings = [
+        {"kind": "sampled", "steps": 4, "training_seconds": 2.0, "seconds": 5.0},
+        {"kind": "sampled", "steps": 4, "training_seconds": 1.0, "seconds": 3.0},
+        {"kind": "sft", "steps": 4, "training_seconds": 0.4, "seconds": 1.4},
+    ]
+    costs = measured_costs(timings)
+    assert costs["sampled"] == {"step": 0.375, "overhead": 2.5}  # 3 s / 8 steps; (3 + 2) / 2
+    assert costs["sft"] == {"step": 0.1, "overhead": 1.0}
+    argv = ["--quick", "--dry-run", "--output-dir", str(tmp_path), "--workers", "1"]
+    write_json(tmp_path / "testbed-quick" / "timings.json", {"costs": costs})
+    plan = main(argv)
+    doubled = main([*argv, "--steps-per-round", "8"])
+    assert plan["costs_from"].endswith("timings.json")
+    sft_rounds = 3 * 2 * 2 + 1  # continued SFT: 3 seeds x 2 N x 2 rounds, and its selection run
+    sampled_rounds = plan["rounds_trained"] + plan["selection_rounds"] - sft_rounds
+    extra = 4 * (sft_rounds * 0.1 + sampled_rounds * 0.375)  # 4 more steps a round
+    assert doubled["estimated_seconds"] - plan["estimated_seconds"] == pytest.approx(extra, abs=1)
