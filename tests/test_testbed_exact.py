@@ -229,10 +229,10 @@ def model(tokenizer):
 SAMPLED_PROMPT = "2+7"
 
 
-@pytest.fixture(scope="module")
-def stopping_model(tokenizer):
-    """A random model, its EOS output row turned towards the hidden states that predict a
-    response's first and second tokens, so that "" and one-character responses are likely."""
+def turned_model(tokenizer, tokens: tuple[str, ...]):
+    """A random model, the output rows of ``tokens`` turned towards the hidden states that
+    predict a response's first and second tokens, so that each of them is likely there (about
+    1/4 each): with EOS, "" and one-character responses are likely."""
     from gsil.data import encode_prompt
 
     model = build_model(ModelSpec.tiny(initializer_range=0.3), tokenizer, seed=0)
@@ -249,9 +249,10 @@ def stopping_model(tokenizer):
         )
         logits = model.lm_head(hidden)
         direction = hidden.mean(0) / hidden.mean(0).norm() ** 2
-        # EOS logit one below the other tokens' logsumexp: P(EOS) about 1/4 at each step
+        # a logit one below the other tokens' logsumexp
         scale = torch.logsumexp(logits, dim=-1).mean() - 1.0
-        model.lm_head.weight[tokenizer.eos_token_id] = scale * direction
+        for token in tokens:
+            model.lm_head.weight[tokenizer.convert_tokens_to_ids(token)] = scale * direction
     return model
 
 
@@ -322,21 +323,24 @@ def test_sequence_logps_equals_a_hand_computation(model, tokenizer, temperature)
     np.testing.assert_allclose(one_by_one.numpy(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_samples_match_exp_sequence_logps(stopping_model, tokenizer, temperature):
+@pytest.mark.parametrize(
+    ("temperature", "likely"),
+    [(1.0, ("<|end|>",)), (0.5, ("<|end|>",)), (1.0, ("<|end|>", "<|user|>"))],
+)
+def test_samples_match_exp_sequence_logps(tokenizer, temperature, likely):
     """Sampling (gsil.generation, HF backend) and scoring agree: with 2 new tokens, the complete
     strings are "" and the single characters; their sampled frequencies against
-    exp(sequence_logps), the rest (unterminated or a special token) against what remains."""
+    exp(sequence_logps), the rest (unterminated, or a special token such as a likely
+    ``<|user|>``, which the decoded text drops) against what remains."""
+    model = turned_model(tokenizer, likely)
     prompt, total = SAMPLED_PROMPT, 6000
-    drawn = sample(
-        stopping_model, tokenizer, [prompt] * total, temperature, seed=0, max_new_tokens=2
-    )
+    drawn = sample(model, tokenizer, [prompt] * total, temperature, seed=0, max_new_tokens=2)
     counts: dict[str, int] = {}
     for text, complete in zip(drawn.texts, drawn.complete, strict=True):
         key = text if complete else "<incomplete>"
         counts[key] = counts.get(key, 0) + 1
     strings = ["", *alphabet()]
-    logps = sequence_logps(stopping_model, tokenizer, [prompt] * len(strings), strings, temperature)
+    logps = sequence_logps(model, tokenizer, [prompt] * len(strings), strings, temperature)
     expected = dict(zip(strings, logps.exp().tolist(), strict=True))
     expected["<incomplete>"] = 1.0 - sum(expected.values())
     assert expected["<incomplete>"] < 0.9  # the complete strings carry real weight
@@ -344,15 +348,23 @@ def test_samples_match_exp_sequence_logps(stopping_model, tokenizer, temperature
     assert chi_square_p(counts, expected, total) > 1e-3
 
 
-def test_incomplete_samples_are_flagged(tokenizer):
-    model = build_model(ModelSpec.tiny(), tokenizer, seed=1)
-    drawn = sample(model, tokenizer, ["1+1"] * 50, 1.0, seed=0, max_new_tokens=3)
-    special = {tokenizer.decode([i]) for i in tokenizer.all_special_ids} - {""}
-    assert len(drawn.texts) == len(drawn.complete) == 50
-    for text, complete in zip(drawn.texts, drawn.complete, strict=True):
-        if complete:
-            assert len(text) <= 2 and not any(token in text for token in special)
-    assert not all(drawn.complete)
+def test_unterminated_and_special_samples_are_flagged(tokenizer):
+    """One new token: a sample is complete only when it is EOS; a likely ``<|user|>`` decodes
+    to "" as well, and is flagged (unterminated). A special token followed by EOS is covered by
+    the chi-square test above (its ``<|user|>`` case fails when specials are not flagged)."""
+    model = turned_model(tokenizer, ("<|end|>", "<|user|>"))
+    drawn = sample(model, tokenizer, [SAMPLED_PROMPT] * 200, 1.0, seed=0, max_new_tokens=1)
+    assert len(drawn.texts) == len(drawn.complete) == 200
+    assert all(
+        text == "" for text, complete in zip(drawn.texts, drawn.complete, strict=True) if complete
+    )
+    assert any(complete for complete in drawn.complete)
+    flagged_empty = [
+        text == "" and not complete
+        for text, complete in zip(drawn.texts, drawn.complete, strict=True)
+    ]
+    assert any(flagged_empty)  # <|user|> alone: decoded "", not complete
+    assert any(text != "" for text in drawn.texts)  # a character, unterminated
 
 
 def test_pretrained_base_is_trained_cached_and_reloaded(tokenizer, tmp_path, monkeypatch):
