@@ -88,6 +88,8 @@ def test_program_probabilities_by_hand_and_ambiguous_strings_summed():
     # steps: 2 orders x (1 + 4 mistakes); terse: the sum, one less, one more
     assert len(dist.support("1+2+3")) == 2 * 5 + 3
     assert dist.log_prob("1+2+3", "2+1=3, 3+3=6. Answer: 6") == -math.inf  # not a derivation
+    assert dist.in_program_support("1+2+3", "Answer: 7")
+    assert not dist.in_program_support("1+2+3", "2+1=3, 3+3=6. Answer: 6")
 
 
 @pytest.mark.parametrize("prompt", ["1+2", "2+2", "9+1+9", "3+2+1", "4+4+4", "1+9+5"])

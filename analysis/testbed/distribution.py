@@ -203,6 +203,11 @@ class TaskDistribution:
         probability the sum over every derivation writing that response (sums to 1)."""
         return dict(_program_support(parse_prompt(prompt), self.spec))
 
+    def in_program_support(self, prompt: str, response: str) -> bool:
+        """Whether some derivation of the program writes ``response`` (else only the noise
+        explains it, at a cost of about ``-log(lambda p_noise)``, 3.3 nats a character)."""
+        return response in _program_support(parse_prompt(prompt), self.spec)
+
     def noise_log_prob(self, response: str) -> float:
         """``log p_noise(y) = log(1 - q) + |y| log q - |y| log |alphabet|`` (-inf for a string
         with a character outside the alphabet)."""
