@@ -389,7 +389,34 @@ def test_pretrained_base_is_trained_cached_and_reloaded(tokenizer, tmp_path, mon
     )
     other, _ = pretrained_base(pretrain, spec, seed=1, cache_dir=tmp_path)
     assert len(calls) == 1  # another seed is another base
-    assert len(list(tmp_path.iterdir())) == 2
+    assert len(list(tmp_path.glob("base-*"))) == 2
+
+
+def test_concurrent_requests_for_one_base_train_it_once(tmp_path):
+    """Two processes asking for the same base at once: one trains, the other waits and reuses
+    (a marker file per training counts them)."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent(
+        f"""
+        import os, torch, analysis.testbed.model as m
+        torch.set_num_threads(1)
+        train = m.pretrain_model
+        def counted(*args):
+            open(os.path.join({str(tmp_path)!r}, f"trained-{{os.getpid()}}"), "w").close()
+            return train(*args)
+        m.pretrain_model = counted
+        m.pretrained_base_dir(m.PretrainSpec.quick(), m.ModelSpec.tiny(), 0, {str(tmp_path / "cache")!r})
+        """
+    )
+    root = Path(__file__).resolve().parents[1]
+    processes = [subprocess.Popen([sys.executable, "-c", script], cwd=root) for _ in range(2)]
+    assert [process.wait(timeout=300) for process in processes] == [0, 0]
+    assert len(list(tmp_path.glob("trained-*"))) == 1
+    assert len(list((tmp_path / "cache").glob("base-*"))) == 1
 
 
 # --------------------------------------------------------------------------- the measures

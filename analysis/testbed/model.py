@@ -11,6 +11,7 @@ of the event "the characters of y, then EOS", the same event ``p_data(y | x)`` m
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -168,16 +169,22 @@ def pretrained_base_dir(
 
     The digest covers ``pretrain`` (with its data spec) and ``model_spec``: another setting is
     another directory. The directory is an ordinary model directory that
-    :func:`gsil.models.load_model` (and so ``run_rounds``) reads.
+    :func:`gsil.models.load_model` (and so ``run_rounds``) reads. Processes asking for the
+    same base at once take turns (a lock file beside it): one trains, the others reuse.
     """
     from gsil.models import save_model
 
     path = Path(cache_dir) / f"base-{_digest(pretrain, model_spec)}-seed{seed}"
-    if not (path / "config.json").is_file():
-        tokenizer = build_tokenizer()
-        model = build_model(model_spec, tokenizer, seed)
-        pretrain_model(model, tokenizer, pretrain, seed)
-        save_model(model, tokenizer, path)
+    if (path / "config.json").is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (path / "config.json").is_file():
+            tokenizer = build_tokenizer()
+            model = build_model(model_spec, tokenizer, seed)
+            pretrain_model(model, tokenizer, pretrain, seed)
+            save_model(model, tokenizer, path)
     return path
 
 
