@@ -515,7 +515,16 @@ def choose(testbed: Testbed, keys: list[str], beta: float | None, workers: int) 
 def select(testbed: Testbed) -> dict[str, dict[str, float]]:
     """The settings of every method, chosen on validation (cached in ``selection.json``)."""
     path = testbed.root / "selection.json"
-    request = {"grid": testbed.grid.to_dict(), "run": testbed.run}
+    grid = testbed.grid
+    # what the choice depends on (not the grid's seeds, Ns or measures: a grid with fewer seeds
+    # reuses it)
+    request = {
+        "keys": selection_keys(grid),
+        "select": [grid.select_seeds, grid.lr_grid, grid.beta_grid, grid.select_rounds],
+        "data": [grid.loss_n, grid.pool, grid.steps_per_round, grid.validation_size],
+        "bases": [grid.base_seed, testbed.model_spec, testbed.pretrain],
+        "run": testbed.run,
+    }
     if path.exists():
         saved = read_json(path)
         if saved.get("request") == json.loads(json.dumps(request)):
@@ -704,8 +713,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.testb
     )
     started = time.perf_counter()
     seeds = sorted(set(testbed.grid.seeds) | set(testbed.grid.select_seeds))
-    if testbed.grid.base_seed is not None:
-        base_dir(testbed, seeds[0])  # the one shared base, before workers could race for it
+    if testbed.grid.base_seed is not None:  # the one shared base, before workers race for it
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # a tiny model: more threads only wait for each other
+        base_dir(testbed, seeds[0])
+        torch.set_num_threads(threads)
     base_results = run_units(
         [(_base_unit, (testbed, seed)) for seed in seeds], testbed.grid.workers, _describe_base
     )
