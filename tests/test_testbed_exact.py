@@ -392,31 +392,35 @@ def test_pretrained_base_is_trained_cached_and_reloaded(tokenizer, tmp_path, mon
     assert len(list(tmp_path.glob("base-*"))) == 2
 
 
-def test_concurrent_requests_for_one_base_train_it_once(tmp_path):
-    """Two processes asking for the same base at once: one trains, the other waits and reuses
-    (a marker file per training counts them)."""
-    import subprocess
-    import sys
-    import textwrap
-    from pathlib import Path
+def test_concurrent_requests_for_one_base_train_it_once(tmp_path, monkeypatch):
+    """Two callers asking for the same base at once (threads: each opens the lock file itself,
+    as two processes would): one trains, the other waits and reuses."""
+    import threading
+    import time
 
-    script = textwrap.dedent(
-        f"""
-        import os, torch, analysis.testbed.model as m
-        torch.set_num_threads(1)
-        train = m.pretrain_model
-        def counted(*args):
-            open(os.path.join({str(tmp_path)!r}, f"trained-{{os.getpid()}}"), "w").close()
-            return train(*args)
-        m.pretrain_model = counted
-        m.pretrained_base_dir(m.PretrainSpec.quick(), m.ModelSpec.tiny(), 0, {str(tmp_path / "cache")!r})
-        """
-    )
-    root = Path(__file__).resolve().parents[1]
-    processes = [subprocess.Popen([sys.executable, "-c", script], cwd=root) for _ in range(2)]
-    assert [process.wait(timeout=300) for process in processes] == [0, 0]
-    assert len(list(tmp_path.glob("trained-*"))) == 1
-    assert len(list((tmp_path / "cache").glob("base-*"))) == 1
+    import analysis.testbed.model as model_module
+
+    calls = []
+
+    def slow_pretrain(*args):
+        calls.append(args)
+        time.sleep(1.0)  # the other caller arrives meanwhile
+
+    monkeypatch.setattr(model_module, "pretrain_model", slow_pretrain)
+    paths = []
+
+    def ask():
+        paths.append(
+            model_module.pretrained_base_dir(PretrainSpec.quick(), ModelSpec.tiny(), 0, tmp_path)
+        )
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(paths) == 2 and paths[0] == paths[1] and (paths[0] / "config.json").is_file()
+    assert len(calls) == 1
 
 
 # --------------------------------------------------------------------------- the measures
