@@ -6,6 +6,7 @@ or from sampling, never from the code under test.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 import random
@@ -501,3 +502,30 @@ def test_classifier_fit():
     assert fit["correlation"] == pytest.approx(1.0)
     assert classifier_fit(-target, target)["correlation"] == pytest.approx(-1.0)
     assert classifier_fit(target, target)["rmse"] == 0.0
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None,
+    reason="vLLM is not installed here; `make test` runs vLLM tests in .venv-vllm",
+)
+def test_vllm_generates_what_hf_does_with_the_testbed_tokenizer(tokenizer):
+    """The default model and the character tokenizer through the vLLM backend: greedy token ids
+    equal to HF's, and the texts decode the same."""
+    import os
+
+    from gsil.data import encode_prompt
+    from gsil.generation import generate_from_ids
+    from gsil.generation.vllm_engine import VLLMEngine
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    policy = build_model(ModelSpec(initializer_range=0.2), tokenizer, seed=0)
+    prompts = [encode_prompt(tokenizer, p) for p in TaskDistribution(TARGET).prompts(16, 0)]
+    greedy = dict(max_new_tokens=12, do_sample=False, temperature=1.0, top_p=1.0, seed=0)
+    hf = generate_from_ids(policy, tokenizer, prompts, backend="hf", progress=False, **greedy)
+    assert sum(result.num_tokens for result in hf) > len(prompts)  # not all empty
+    with VLLMEngine(policy, tokenizer, dtype="float32", seed=0, max_model_len=256) as engine:
+        vllm = generate_from_ids(
+            engine, tokenizer, prompts, backend="vllm", progress=False, **greedy
+        )
+    assert [r.token_ids for r in vllm] == [r.token_ids for r in hf]
+    assert [r.text for r in vllm] == [r.text for r in hf]
