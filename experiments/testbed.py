@@ -302,18 +302,30 @@ def measure_plan(testbed: Testbed, seed: int, frontier: bool, samples: bool = Tr
 
 
 def run_base(testbed: Testbed, seed: int) -> dict:
-    """Build (or reuse) the seed's base and measure it: round 0 of every chain."""
+    """Build (or reuse) the seed's base and measure it: round 0 of every chain.
+
+    With one shared base (``grid.base_seed``) its sample-based measures are those of the
+    first seed's file (the same model, test set and sampling seed); each seed adds its own
+    training demonstrations' log-probabilities.
+    """
     from analysis.testbed.round_measures import measure_model, train_pool
     from gsil.models import load_model
 
     path = testbed.root / "bases" / f"seed{seed}.json"
     if path.exists():
         return read_json(path)
+    grid = testbed.grid
+    first = testbed.root / "bases" / f"seed{min(grid.seeds)}.json"
+    shared = grid.base_seed is not None and seed != min(grid.seeds) and first.exists()
     started = time.perf_counter()
     model, tokenizer = load_model(base_dir(testbed, seed), dtype="float32", device="cpu")
-    largest = max((*testbed.grid.ns, testbed.grid.loss_n))
-    train = train_pool(seed, testbed.grid.pool)[:largest]
-    measures = measure_model(model, tokenizer, train, measure_plan(testbed, seed, False))
+    largest = max((*grid.ns, grid.loss_n))
+    train = train_pool(seed, grid.pool)[:largest]
+    sample_seed = seed if grid.base_seed is None else grid.base_seed
+    plan = measure_plan(testbed, sample_seed, False, samples=not shared)
+    measures = measure_model(model, tokenizer, train, plan)
+    if shared:
+        measures = {**read_json(first), **measures}
     measures["seconds"] = round(time.perf_counter() - started, 2)
     write_json(path, measures)
     return measures
@@ -713,13 +725,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.testb
     )
     started = time.perf_counter()
     seeds = sorted(set(testbed.grid.seeds) | set(testbed.grid.select_seeds))
-    if testbed.grid.base_seed is not None:  # the one shared base, before workers race for it
-        import torch
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # a tiny model: more threads only wait for each other
-        base_dir(testbed, seeds[0])
-        torch.set_num_threads(threads)
+    if testbed.grid.base_seed is not None:
+        # the one shared base, built before workers could race for it (on one thread: a tiny
+        # model), and its sampled measures, once
+        _init_worker()
+        run_base(testbed, min(testbed.grid.seeds))
     base_results = run_units(
         [(_base_unit, (testbed, seed)) for seed in seeds], testbed.grid.workers, _describe_base
     )

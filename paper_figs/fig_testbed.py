@@ -80,7 +80,8 @@ def _per_round(report: dict, key: str, names: list[str], ax, ylabel: str) -> Non
     ax.set_xlabel("round (0: the base)")
     ax.set_ylabel(ylabel)
     ax.set_title(f"N = {report['grid']['loss_n']}")
-    ax.legend(fontsize=6)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=6)
 
 
 def draw_demo_loglik(report: dict, out_dir: Path) -> list[Path]:
@@ -162,7 +163,8 @@ def draw_frontier(report: dict, out_dir: Path) -> list[Path]:
     ax.set_xlabel("forward KL(p_data || pi_T)")
     ax.set_ylabel("reverse KL(pi_T || p_data), in support")
     ax.set_title(f"temperature frontier, N = {report['grid']['loss_n']}")
-    ax.legend(fontsize=6)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=6)
     return save_figure(fig, out_dir, f"{NAME}_frontier")
 
 
