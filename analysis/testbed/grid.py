@@ -74,7 +74,7 @@ class GridSpec:
     validation_size: int = _g(256, "validation demonstrations (learning-rate/beta selection)")
     policy_samples: int = _g(256, "policy samples per measure (reverse KL, entropy, accuracy)")
     select_seeds: tuple[int, ...] = _g((1000, 1001), "seeds of the selection runs (not tested)")
-    lr_grid: tuple[float, ...] = _g((3e-4, 1e-3, 3e-3), "learning rates tried per method")
+    lr_grid: tuple[float, ...] = _g((1e-4, 3e-4, 1e-3), "learning rates tried per method")
     beta_grid: tuple[float, ...] = _g((0.3, 1.0), "betas tried for spin and gsil (logistic)")
     select_rounds: int = _g(1, "rounds per selection run")
     workers: int = _g(2, "worker processes (one torch thread each)")
