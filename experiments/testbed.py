@@ -124,6 +124,7 @@ def build_parser(prog: str = "python -m experiments.testbed") -> argparse.Argume
         grid.add_argument(
             "--" + spec.name.replace("_", "-"),
             dest="grid__" + spec.name,
+            metavar=spec.name.upper(),
             default=None,
             type=str if typing.get_origin(annotation) is tuple else parse_type(annotation),
             help=f"{spec.metadata['help']} (default: {spec.default})",
