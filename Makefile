@@ -44,7 +44,9 @@ $(VLLM_STAMP): pyproject.toml
 
 setup-vllm: $(VLLM_STAMP)
 
-# The main job: the default experiment on the embedded model (SFT once, then continued SFT,
+# The main job: first the testbed (gsil testbed: every method on demonstrations from a known
+# distribution, scored by exact KL; runs-testbed/testbed/report.md), then the default experiment
+# on the embedded model (SFT once, then continued SFT,
 # SPIN, GSIL and DFT from it over 3 seeds, evaluated and reported with per-seed scores, the
 # interval across seeds, the pooled paired test and the minimal detectable difference; finished
 # parts are skipped on a rerun), then every analysis figure. It runs in .venv-vllm, so that
@@ -54,7 +56,7 @@ run:
 	@if $(MAKE) --no-print-directory setup-vllm; then py=$(VLLM_PY); else \
 		echo "vLLM's CPU build could not be installed (make setup-vllm): generating with HF"; \
 		$(MAKE) --no-print-directory setup && py=$(PY); fi; \
-	$$py -m experiments.run --preset default && $$py -m paper_figs
+	$$py -m experiments.testbed && $$py -m experiments.run --preset default && $$py -m paper_figs
 
 quick: setup
 	$(PY) -m experiments.run --preset quick

@@ -6,6 +6,7 @@
     gsil report runs/default
     gsil figures [--only NAME]
     gsil sweep --config quick --sweep loss=logistic,brier seed=0,1,2
+    gsil testbed [--quick]                            every method scored by exact KL
 
 Each subcommand is the module it names (``python -m experiments.run`` is ``gsil train``, and
 so on); ``gsil <command> --help`` lists its flags.
@@ -54,6 +55,13 @@ def figures(argv: list[str], prog: str) -> Any:
     return main(argv, prog=prog)
 
 
+def testbed(argv: list[str], prog: str) -> Any:
+    """Every method against a known distribution, by exact KL."""
+    from experiments.testbed import main
+
+    return main(argv, prog=prog)
+
+
 def sweep(argv: list[str], prog: str) -> Any:
     """The product of swept settings, one run each."""
     from experiments.sweep import main
@@ -67,6 +75,7 @@ COMMANDS: dict[str, Callable[[list[str], str], Any]] = {
     "report": report,
     "figures": figures,
     "sweep": sweep,
+    "testbed": testbed,
 }
 
 

@@ -23,6 +23,7 @@ FIGURES: list[tuple[str, str]] = [
     ("beta_sensitivity", "paper_figs.fig_beta_sensitivity"),
     ("normaliser_bias", "paper_figs.fig_normaliser_bias"),
     ("experiments", "paper_figs.fig_experiments"),
+    ("testbed", "paper_figs.fig_testbed"),
 ]
 
 
