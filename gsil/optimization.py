@@ -80,7 +80,7 @@ from gsil.integrity import (
 )
 from gsil.io import read_json, replace_dir, write_json
 from gsil.layout import RunLayout
-from gsil.logprobs import sequence_logps
+from gsil.logprobs import LOGPROB_PATHS, model_sequence_logps
 from gsil.objectives import Objective, sample_mean
 from gsil.tracking import accelerator_tracking_kwargs, log_metrics
 
@@ -125,6 +125,13 @@ class OptimSettings:
         "update, record skipped=1)",
         choices=("stop", "skip"),
     )
+    logprob_path: str = _opt(
+        "lean",
+        "how response log-probs are computed: lean (only response positions through the "
+        "output layer, in chunks recomputed in the backward: no batch x length x vocabulary "
+        "logits) or plain (the model's full logits)",
+        choices=LOGPROB_PATHS,
+    )
 
 
 @dataclass(frozen=True)
@@ -137,12 +144,19 @@ class RoundData:
     ids: Sequence | None = None  # the demonstrations' ids, by example index (errors name them)
 
 
-def forward_logps(model, batch: dict, average: bool) -> torch.Tensor:
-    """Per-row response log-probs of a (demos, then generations) batch, in one forward."""
-    outputs = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+def forward_logps(
+    model, batch: dict, average: bool, *, path: str = OptimSettings.logprob_path
+) -> torch.Tensor:
+    """Per-row response log-probs of a (demos, then generations) batch, in one forward, by the
+    log-prob ``path`` (:func:`gsil.logprobs.model_sequence_logps`)."""
+    return model_sequence_logps(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["labels"],
+        average=average,
+        path=path,
     )
-    return sequence_logps(outputs.logits, batch["labels"], average=average)
 
 
 @dataclass(frozen=True)
