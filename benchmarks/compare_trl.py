@@ -37,6 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -162,6 +164,20 @@ def run_sft(bench: Bench, token_ids: dict) -> dict:
     return meter.result("sft", loss=float(loss))
 
 
+@contextmanager
+def _logprob_path(path: str) -> Iterator[None]:
+    """The log-prob path of ``forward_logps`` calls that do not name one (optimizer_step and
+    reference_logps read OptimSettings.logprob_path once train_round passes it on)."""
+    from gsil.optimization import forward_logps
+
+    defaults = forward_logps.__kwdefaults__
+    saved, defaults["path"] = defaults["path"], path
+    try:
+        yield
+    finally:
+        defaults["path"] = saved
+
+
 def run_gsil(bench: Bench, token_ids: dict, row: str) -> dict:
     """GSIL optimizer steps with reference log-probs computed once beforehand."""
     import torch
@@ -173,8 +189,6 @@ def run_gsil(bench: Bench, token_ids: dict, row: str) -> dict:
     from gsil.objectives import make_objective
 
     path, every_n_layers = GSIL_ROWS[row]
-    # until train_round threads OptimSettings.logprob_path through, the step reads this default
-    optimization.forward_logps.__kwdefaults__["path"] = path
     model, tokenizer = _load(bench)
     examples = [
         Example(i, tuple(prompt), tuple(demo), (tuple(gen),))
@@ -195,9 +209,10 @@ def run_gsil(bench: Bench, token_ids: dict, row: str) -> dict:
     )
     accelerator = Accelerator(cpu=True)
     pad_id = tokenizer.pad_token_id
-    ref_demo, ref_gen = optimization.reference_logps(
-        model, examples, pad_id, len(examples), False, accelerator, True
-    )
+    with _logprob_path(path):
+        ref_demo, ref_gen = optimization.reference_logps(
+            model, examples, pad_id, len(examples), False, accelerator, True
+        )
     data = optimization.RoundData(examples, ref_demo, ref_gen)
     objective = make_objective("gsil", get_estimator("logistic"), beta=BETA)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
@@ -208,12 +223,21 @@ def run_gsil(bench: Bench, token_ids: dict, row: str) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     (step_plan,) = optimization.plan_steps(range(len(examples)), len(examples), 1, 1, 0)
     meter = Meter(bench.warmup)
-    for _ in range(bench.warmup + bench.steps):
-        meter.begin()
-        stats = optimization.optimizer_step(
-            model, step_plan, data, objective, settings, optimizer, scheduler, accelerator, pad_id
-        )
-        meter.end()
+    with _logprob_path(path):
+        for _ in range(bench.warmup + bench.steps):
+            meter.begin()
+            stats = optimization.optimizer_step(
+                model,
+                step_plan,
+                data,
+                objective,
+                settings,
+                optimizer,
+                scheduler,
+                accelerator,
+                pad_id,
+            )
+            meter.end()
     return meter.result(row, loss=stats["loss"], logprob_path=path, checkpoint_every=every_n_layers)
 
 

@@ -73,22 +73,33 @@ def test_train_step(tiny_dir):
 
 
 def test_compare_trl(tiny_dir, tmp_path):
-    """All rows in their subprocesses on the tiny model; TRL's only where TRL is installed."""
-    from benchmarks.compare_trl import ROWS, main
+    """One GSIL, one SFT and one TRL row through their subprocesses, the other variants in this
+    process; TRL's rows only where TRL is installed."""
+    from accelerate.state import AcceleratorState
 
+    from benchmarks.compare_trl import ROWS, Bench, child, main, make_token_ids
+
+    has_trl = importlib.util.find_spec("trl") is not None
     out = tmp_path / "compare.json"
     args = ["--model", str(tiny_dir), "--rows", "4", "--length", "16", "--prompt", "4"]
-    report = main([*args, "--warmup", "1", "--steps", "1", "--out", str(out)])
-    expected = list(ROWS)
-    if importlib.util.find_spec("trl") is None:
-        expected = [row for row in ROWS if not row.startswith("trl")]
-    assert [row["row"] for row in report["rows"]] == expected
-    assert all(row["step_s"] > 0 and row["step_peak_mib"] > 0 for row in report["rows"])
-    # the same batch, the same steps: the lean and the plain path end at the same loss
-    losses = {row["row"]: row["loss"] for row in report["rows"]}
+    args += ["--warmup", "1", "--steps", "1", "--out", str(out), "--only", "sft,gsil,trl"]
+    report = main(args)
+    assert [row["row"] for row in report["rows"]] == ["sft", "gsil", "trl"][: 3 if has_trl else 2]
     assert json.loads(out.read_text())["table"] == report["table"]
-    assert len(report["table"]) == 2 + len(expected)
-    assert losses["gsil"] == pytest.approx(losses["gsil-plain"], rel=1e-3)
+    assert len(report["table"]) == 2 + len(report["rows"])
+    bench = Bench(str(tiny_dir), rows=4, length=16, prompt=4, warmup=1, steps=1)
+    ids_file = tmp_path / "ids.json"
+    ids_file.write_text(json.dumps(make_token_ids(bench, vocab=259)))
+    rows = {row["row"]: row for row in report["rows"]}
+    for name in ROWS:
+        if name in rows or (name.startswith("trl") and not has_trl):
+            continue
+        AcceleratorState._reset_state(reset_partial_state=True)
+        rows[name] = child(name, bench, ids_file)
+    assert all(row["step_s"] > 0 and row["step_peak_mib"] > 0 for row in rows.values())
+    # the same batch, the same steps: every GSIL variant ends at the same loss
+    for name in ("gsil-plain", "gsil-ckpt", "gsil-ckpt2"):
+        assert rows[name]["loss"] == pytest.approx(rows["gsil"]["loss"], rel=1e-4)
 
 
 def test_generation(tiny_dir):
