@@ -12,6 +12,10 @@ chunks of rows:
 - :func:`sequence_logps_from_hidden` goes further for training: it never builds the full logits,
   projecting only the response positions through the output layer, chunk by chunk, with
   activation checkpointing (recomputed in the backward).
+- :func:`model_sequence_logps` scores a whole (possibly wrapped) causal LM by either path:
+  ``lean`` (:func:`lean_model_logps`: the model's forward for the final hidden states, then
+  :func:`sequence_logps_from_hidden`; what training and the reference pass use by default) or
+  ``plain`` (the model's full logits, then :func:`sequence_logps`).
 
 Labels follow the Hugging Face convention: aligned with ``input_ids`` (same shape), so the
 logit at position ``t`` predicts ``labels[t + 1]``.
