@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -107,22 +108,25 @@ def _enable_checkpointing(model, every_n_layers: int) -> None:
 
 
 class Meter:
-    """Step times and the peak resident memory after the warm-up steps."""
+    """Step times (wall and this process's CPU time, all threads) and the peak resident memory
+    after the warm-up steps."""
 
     def __init__(self, warmup: int):
         self.warmup = warmup
         self.seconds: list[float] = []
+        self.cpu_seconds: list[float] = []
         self.count = 0
-        self.started = 0.0
+        self.started = (0.0, 0.0)
 
     def begin(self) -> None:
         if self.count == self.warmup:
             reset_peak()  # model, optimizer state and allocator pools exist now
-        self.started = time.perf_counter()
+        self.started = (time.perf_counter(), time.process_time())
 
     def end(self) -> None:
         if self.count >= self.warmup:
-            self.seconds.append(time.perf_counter() - self.started)
+            self.seconds.append(time.perf_counter() - self.started[0])
+            self.cpu_seconds.append(time.process_time() - self.started[1])
         self.count += 1
 
     def result(self, row: str, **extra) -> dict:
@@ -130,6 +134,8 @@ class Meter:
             "row": row,
             "step_s": round(statistics.median(self.seconds), 3),
             "step_times_s": [round(s, 3) for s in self.seconds],
+            # less sensitive to other jobs on the machine than the wall time
+            "step_cpu_s": round(statistics.median(self.cpu_seconds), 3),
             "step_peak_mib": round(status_kib("VmHWM") / 1024, 1),
             "process_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             **extra,
@@ -332,7 +338,10 @@ def cpu_name() -> str:
         [],
     )
     vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"{name} ({vector})"
+    import torch
+
+    kernels = torch.backends.cpu.get_cpu_capability()
+    return f"{name}, {os.cpu_count()} cores ({vector}; torch's CPU kernels: {kernels})"
 
 
 def table(results: list[dict]) -> list[str]:
@@ -342,14 +351,16 @@ def table(results: list[dict]) -> list[str]:
     floor = by_row.get("sft")
     trl = by_row.get("trl")
     lines = [
-        "| row | s/step | step peak MiB | process peak MiB | time / SFT loop | memory / TRL |",
-        "|---|---|---|---|---|---|",
+        "| row | s/step | CPU s/step | step peak MiB | process peak MiB | time / SFT loop "
+        "| memory / TRL |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         time_ratio = f"{r['step_s'] / floor['step_s']:.2f}x" if floor else "-"
         memory_ratio = f"{r['step_peak_mib'] / trl['step_peak_mib']:.2f}x" if trl else "-"
         lines.append(
-            f"| {r['row']} | {r['step_s']:.2f} | {r['step_peak_mib']:.0f} | "
+            f"| {r['row']} | {r['step_s']:.2f} | {r.get('step_cpu_s', float('nan')):.2f} | "
+            f"{r['step_peak_mib']:.0f} | "
             f"{r['process_peak_mib']:.0f} | {time_ratio} | {memory_ratio} |"
         )
     return lines
