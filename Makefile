@@ -85,9 +85,16 @@ format: setup
 figures: setup
 	$(PY) -m paper_figs
 
-bench: setup
+# TRL (the bench extra) for benchmarks/compare_trl.py's DPOTrainer rows
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.logprobs_memory
 	$(PY) -m benchmarks.train_step
+	$(PY) -m benchmarks.compare_trl --out runs/bench/compare_trl.json
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

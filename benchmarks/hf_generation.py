@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument(
+        "--no-compile", action="store_true", help="leave out the torch.compile variant"
+    )
     args = parser.parse_args(argv)
 
     model, tokenizer = load_model(args.model, dtype="float32", device="cpu")
@@ -64,10 +67,14 @@ def main(argv: list[str] | None = None) -> None:
 
     dynamic = run("dynamic cache")
     static = run("static cache", cache_implementation="static")
-    model.forward = torch.compile(model.forward, mode="reduce-overhead", dynamic=False)
-    run("static cache + compile (compiling)", cache_implementation="static")
-    compiled = run("static cache + compile", cache_implementation="static")
-    for label, outputs in (("static", static), ("static + compile", compiled)):
+    variants = [("static", static)]
+    if not args.no_compile:
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", dynamic=False)
+        run("static cache + compile (compiling)", cache_implementation="static")
+        variants.append(
+            ("static + compile", run("static cache + compile", cache_implementation="static"))
+        )
+    for label, outputs in variants:
         same = sum(a == b for a, b in zip(outputs, dynamic, strict=True))
         print(f"{label}: {same}/{len(dynamic)} outputs equal the dynamic cache's")
 

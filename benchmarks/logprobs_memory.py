@@ -16,23 +16,26 @@ import time
 from benchmarks._memory import reset_peak, status_kib
 
 VOCAB = 49152  # SmolLM2's vocabulary
+HIDDEN = 576  # and width
 
 
-def measure(method: str, batch: int, length: int, backward: bool) -> dict:
+def measure(
+    method: str, batch: int, length: int, backward: bool, vocab: int = VOCAB, hidden: int = HIDDEN
+) -> dict:
     import torch
 
     from gsil.logprobs import naive_sequence_logps, sequence_logps, sequence_logps_from_hidden
 
     torch.manual_seed(0)
-    labels = torch.randint(0, VOCAB, (batch, length))
+    labels = torch.randint(0, vocab, (batch, length))
     labels[:, : length // 4] = -100  # a prompt
     if method in ("naive", "chunked"):
-        inputs = (torch.randn(batch, length, VOCAB).requires_grad_(backward),)
+        inputs = (torch.randn(batch, length, vocab).requires_grad_(backward),)
         function = {"naive": naive_sequence_logps, "chunked": sequence_logps}[method]
-    else:  # from final hidden states through the output layer (576 = SmolLM2's width)
+    else:  # from final hidden states through the output layer
         inputs = (
-            torch.randn(batch, length, 576).requires_grad_(backward),
-            (torch.randn(VOCAB, 576) / 24).requires_grad_(backward),
+            torch.randn(batch, length, hidden).requires_grad_(backward),
+            (torch.randn(vocab, hidden) / hidden**0.5).requires_grad_(backward),
         )
 
         def naive_projected(hidden, weight, labels):

@@ -32,7 +32,7 @@ def run_args(args: argparse.Namespace, name: str, batch_size: int) -> list[str]:
         "-m",
         "experiments.run",
         "--model",
-        "smollm2-135m",
+        args.model,
         "--data",
         DataSettings.source,
         "--num-demos",
@@ -78,6 +78,7 @@ def timed(command: list[str], env: dict[str, str]) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="model id or directory")
     parser.add_argument("--num-demos", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--gen-batch-size", type=int, default=8)
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows["command wall (incl. start-up)"] = (one, two)
     print(
         f"\nGSIL round, {args.num_demos} demos, global batch {args.global_batch}, "
-        f"{args.max_new_tokens} new tokens, SmolLM2-135M fp32, {os.cpu_count()} cores"
+        f"{args.max_new_tokens} new tokens, {args.model} fp32, {os.cpu_count()} cores"
     )
     print(f"{'phase':<32}{'1 process':>12}{'2 processes':>14}{'2p / 1p':>10}")
     for phase, (single, double) in rows.items():

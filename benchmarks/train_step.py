@@ -8,7 +8,8 @@
 - the reference pass for one batch against one training step;
 - generation tokens/s: batched, left-padded ``generate`` against one prompt at a time.
 
-Run: ``python -m benchmarks.train_step`` (about 10 minutes on 2 CPU cores; ``--quick`` for less).
+Run: ``python -m benchmarks.train_step`` (about 10 minutes on 2 CPU cores; ``--quick`` for less;
+``--model DIR --rows 4 --length 32 --prompt 8`` for a small model).
 """
 
 from __future__ import annotations
@@ -19,17 +20,26 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 
 from benchmarks._memory import reset_peak, status_kib
 
-BATCH_ROWS = 8  # sequences per step: 8 demos for SFT, 4 demos + 4 generations for GSIL
-LENGTH = 256
-PROMPT = 64
+
+@dataclass(frozen=True)
+class Workload:
+    """The model and the batch every measurement uses: ``rows`` sequences of ``length`` tokens
+    per step (SFT: ``rows`` demos; GSIL: ``rows / 2`` demos and as many generations), the first
+    ``prompt`` tokens of each a prompt."""
+
+    model: str = "smollm2-135m"
+    rows: int = 8
+    length: int = 256
+    prompt: int = 64
 
 
-def _setup(precision: str, checkpointing: bool):
+def _setup(work: Workload, precision: str, checkpointing: bool):
     from accelerate import Accelerator
 
     from gsil.batching import Example
@@ -39,18 +49,19 @@ def _setup(precision: str, checkpointing: bool):
     from gsil.optimization import OptimSettings, RoundData
 
     torch.manual_seed(0)
-    model, tokenizer = load_model("smollm2-135m", dtype="float32")
+    model, tokenizer = load_model(work.model, dtype="float32")
     vocab = model.config.vocab_size
-    ids = torch.randint(100, vocab, (BATCH_ROWS, LENGTH)).tolist()
-    half = BATCH_ROWS // 2
-    pair_examples = [
-        Example(i, tuple(ids[i][:PROMPT]), tuple(ids[i][PROMPT:]), tuple(ids[i + half][PROMPT:]))
+    ids = torch.randint(min(100, vocab - 1), vocab, (work.rows, work.length)).tolist()
+    half = work.rows // 2
+    prompt = work.prompt
+    pair_examples = [  # one generated response per prompt (k = 1)
+        Example(i, tuple(ids[i][:prompt]), tuple(ids[i][prompt:]), (tuple(ids[i + half][prompt:]),))
         for i in range(half)
     ]
     sft_examples = [
-        Example(i, tuple(row[:PROMPT]), tuple(row[PROMPT:])) for i, row in enumerate(ids)
+        Example(i, tuple(row[:prompt]), tuple(row[prompt:])) for i, row in enumerate(ids)
     ]
-    settings = OptimSettings(batch_size=BATCH_ROWS, gradient_checkpointing=checkpointing)
+    settings = OptimSettings(batch_size=work.rows, gradient_checkpointing=checkpointing)
     accelerator = Accelerator(cpu=True, mixed_precision="bf16" if precision == "bf16" else "no")
     if checkpointing:
         model.gradient_checkpointing_enable()
@@ -61,38 +72,33 @@ def _setup(precision: str, checkpointing: bool):
     ref = torch.randn(half) - 400.0
     gsil = (
         get_method("gsil", get_estimator("logistic"), beta=0.1),
-        RoundData(pair_examples, ref, ref.clone()),
+        RoundData(pair_examples, ref, ref.clone(), pad_id=tokenizer.pad_token_id),
     )
-    sft = (get_method("sft"), RoundData(sft_examples, None, None))
+    sft = (get_method("sft"), RoundData(sft_examples, None, None, pad_id=tokenizer.pad_token_id))
     return model, tokenizer, optimizer, scheduler, accelerator, settings, {"gsil": gsil, "sft": sft}
 
 
 def _step(model, tokenizer, optimizer, scheduler, accelerator, settings, objective, data):
-    from gsil.optimization import optimizer_step, plan_steps
+    from gsil.optimization import Prepared, RoundStepper, plan_steps
 
     # one optimizer step over every example, in one micro-batch on this one process
     (step_plan,) = plan_steps(range(len(data.examples)), len(data.examples), 1, 1, 0)
-    start = time.perf_counter()
-    stats = optimizer_step(
-        model,
-        step_plan,
-        data,
-        objective,
-        settings,
-        optimizer,
-        scheduler,
-        accelerator,
-        tokenizer.pad_token_id,
+    stepper = RoundStepper(
+        Prepared(model, optimizer, scheduler), data, objective, settings, accelerator
     )
+    start = time.perf_counter()
+    stats = stepper.step(step_plan)
     return time.perf_counter() - start, stats["tokens"]
 
 
-def time_steps(repeats: int, precision: str) -> dict:
+def time_steps(work: Workload, repeats: int, precision: str) -> dict:
     """Interleaved GSIL and SFT steps; medians after one warm-up step each."""
     from gsil.batching import collate
     from gsil.optimization import forward_logps
 
-    model, tokenizer, optimizer, scheduler, accelerator, settings, jobs = _setup(precision, False)
+    model, tokenizer, optimizer, scheduler, accelerator, settings, jobs = _setup(
+        work, precision, False
+    )
     times: dict[str, list[float]] = {"gsil": [], "sft": []}
     tokens = {}
     for repeat in range(repeats + 1):
@@ -123,10 +129,10 @@ def time_steps(repeats: int, precision: str) -> dict:
     }
 
 
-def peak_memory(kind: str, precision: str, checkpointing: bool) -> dict:
+def peak_memory(work: Workload, kind: str, precision: str, checkpointing: bool) -> dict:
     """Peak resident memory added by one training step (after a warm-up step)."""
     model, tokenizer, optimizer, scheduler, accelerator, settings, jobs = _setup(
-        precision, checkpointing
+        work, precision, checkpointing
     )
     if kind == "naive-sft":
         from gsil.batching import collate
@@ -162,14 +168,14 @@ def peak_memory(kind: str, precision: str, checkpointing: bool) -> dict:
     }
 
 
-def generation_speed(num_prompts: int, max_new_tokens: int) -> dict:
+def generation_speed(work: Workload, num_prompts: int, max_new_tokens: int) -> dict:
     from gsil.data import encode_prompt
     from gsil.evaluation.options import DEFAULT_REASONING_TASKS
     from gsil.generation import Decoding, generate_from_ids
     from gsil.models import load_model
     from gsil.reasoning_tasks import load_reasoning_demonstrations
 
-    model, tokenizer = load_model("smollm2-135m", dtype="float32")
+    model, tokenizer = load_model(work.model, dtype="float32")
     tasks = ",".join(DEFAULT_REASONING_TASKS)
     demos = load_reasoning_demonstrations(tasks, size=num_prompts, seed=7)
     prompt_ids = [encode_prompt(tokenizer, d.prompt) for d in demos]
@@ -196,40 +202,61 @@ def generation_speed(num_prompts: int, max_new_tokens: int) -> dict:
     return out
 
 
-def _child(task: str, *params: str) -> dict:
-    command = [sys.executable, "-m", "benchmarks.train_step", "--child", task, *params]
+def _child(work: Workload, task: str, *params: str) -> dict:
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.train_step",
+        "--workload",
+        json.dumps(asdict(work)),
+    ]
+    command += ["--child", task, *params]
     return json.loads(subprocess.check_output(command, text=True).strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and cases")
+    parser.add_argument("--model", default=Workload.model, help="model id or directory")
+    parser.add_argument("--rows", type=int, default=Workload.rows, help="sequences per step")
+    parser.add_argument("--length", type=int, default=Workload.length, help="tokens a sequence")
+    parser.add_argument("--prompt", type=int, default=Workload.prompt, help="prompt tokens")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts generated for")
+    parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
+        work = Workload(**json.loads(args.workload))
         task, *params = args.child
         if task == "time":
-            result = time_steps(int(params[0]), params[1])
+            result = time_steps(work, int(params[0]), params[1])
         elif task == "memory":
-            result = peak_memory(params[0], params[1], params[2] == "1")
+            result = peak_memory(work, params[0], params[1], params[2] == "1")
         else:
-            result = generation_speed(int(params[0]), int(params[1]))
+            result = generation_speed(work, int(params[0]), int(params[1]))
         print(json.dumps(result))
-        return
+        return [result]
+    work = Workload(args.model, args.rows, args.length, args.prompt)
     repeats = 3 if args.quick else args.repeats
     print(
-        f"SmolLM2-135M, {BATCH_ROWS} sequences x {LENGTH} tokens per step, CPU "
+        f"{work.model}, {work.rows} sequences x {work.length} tokens per step, CPU "
         f"({torch.get_num_threads()} threads)"
     )
+    results = []
     for precision in ("fp32",) if args.quick else ("fp32", "bf16"):
-        print("step time:", json.dumps(_child("time", str(repeats), precision)))
+        results.append(_child(work, "time", str(repeats), precision))
+        print("step time:", json.dumps(results[-1]))
     cases = [("naive-sft", "fp32", "0"), ("sft", "fp32", "0"), ("gsil", "fp32", "0")]
     if not args.quick:
         cases += [("gsil", "bf16", "0"), ("gsil", "fp32", "1"), ("gsil", "bf16", "1")]
     for case in cases:
-        print("memory:", json.dumps(_child("memory", *case)))
-    print("generation:", json.dumps(_child("generate", "16", "32" if args.quick else "64")))
+        results.append(_child(work, "memory", *case))
+        print("memory:", json.dumps(results[-1]))
+    new_tokens = "32" if args.quick else "64"
+    results.append(_child(work, "generate", str(args.prompts), new_tokens))
+    print("generation:", json.dumps(results[-1]))
+    return results
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ chunks of rows:
 - :func:`sequence_logps_from_hidden` goes further for training: it never builds the full logits,
   projecting only the response positions through the output layer, chunk by chunk, with
   activation checkpointing (recomputed in the backward).
+- :func:`model_sequence_logps` scores a whole (possibly wrapped) causal LM by either path:
+  ``lean`` (:func:`lean_model_logps`: the model's forward for the final hidden states, then
+  :func:`sequence_logps_from_hidden`; what training and the reference pass use by default) or
+  ``plain`` (the model's full logits, then :func:`sequence_logps`).
 
 Labels follow the Hugging Face convention: aligned with ``input_ids`` (same shape), so the
 logit at position ``t`` predicts ``labels[t + 1]``.
@@ -19,12 +23,19 @@ logit at position ``t`` predicts ``labels[t + 1]``.
 
 from __future__ import annotations
 
+import inspect
+import logging
+from dataclasses import dataclass
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 256
+
+# the output layer of :func:`sequence_logps_from_hidden`: its (vocab, hidden) weight or the module
+OutputLayer = Tensor | nn.Module
 
 
 def _shift_labels(labels: Tensor, ignore_index: int) -> Tensor:
@@ -106,26 +117,49 @@ def sequence_logps(
     return _reduce(token_logps, mask, average)
 
 
-def _projected_token_logps(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
-    logits = (hidden @ weight.T).float()
+def _projected_token_logps(hidden: Tensor, output_layer: OutputLayer, targets: Tensor) -> Tensor:
+    """``z[y] - logsumexp(z)`` for ``z = output_layer(hidden)``: ``(rows, hidden)`` -> ``(rows,)``."""
+    if isinstance(output_layer, Tensor):
+        logits = (hidden @ output_layer.T).float()
+    else:
+        logits = output_layer(hidden).float()
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def _needs_grad(hidden: Tensor, output_layer: OutputLayer) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    if isinstance(output_layer, Tensor):
+        return hidden.requires_grad or output_layer.requires_grad
+    return hidden.requires_grad or any(p.requires_grad for p in output_layer.parameters())
 
 
 def sequence_logps_from_hidden(
     hidden: Tensor,
-    output_weight: Tensor,
+    output_layer: OutputLayer,
     labels: Tensor,
     *,
     average: bool = False,
     ignore_index: int = IGNORE_INDEX,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> Tensor:
-    """Like :func:`sequence_logps`, from final hidden states and the output (lm_head) weight.
+    """Like :func:`sequence_logps`, from final hidden states and the output layer.
 
     Only response positions are projected to the vocabulary, ``chunk_tokens`` rows at a time,
     and each chunk's logits are recomputed in the backward instead of kept: the full
-    ``(batch, length, vocab)`` logits never exist. Valid for models whose logits are exactly
-    ``hidden @ weight.T`` (no bias, soft-capping or scaling).
+    ``(batch, length, vocab)`` logits never exist; the extra memory is about
+    ``chunk_tokens x vocab`` floats.
+
+    Args:
+        hidden: ``(batch, length, hidden)`` final hidden states (what the output layer reads).
+        output_layer: the ``(vocab, hidden)`` output weight (logits ``hidden @ weight.T``), or
+            the output module itself (``lm_head``; a bias, a LoRA-wrapped head or ZeRO-3's
+            parameter gathering then work as in the model's own forward). Valid for models
+            whose logits are exactly this layer's output (no soft-capping or scaling after it).
+        labels: ``(batch, length)`` as in :func:`sequence_logps`.
+
+    Returns:
+        ``(batch,)`` float32 log-probabilities.
     """
     if hidden.shape[:2] != labels.shape:
         raise ValueError(
@@ -138,22 +172,23 @@ def sequence_logps_from_hidden(
     positions = mask.reshape(-1).nonzero().squeeze(1)
     selected_hidden = hidden.reshape(batch * length, -1).index_select(0, positions)
     selected_targets = targets.reshape(-1).index_select(0, positions)
+    recompute = _needs_grad(hidden, output_layer)
     chunks = []
     for start in range(0, positions.numel(), chunk_tokens):
         hidden_chunk = selected_hidden[start : start + chunk_tokens]
         target_chunk = selected_targets[start : start + chunk_tokens]
-        if torch.is_grad_enabled() and (hidden.requires_grad or output_weight.requires_grad):
+        if recompute:
             chunks.append(
                 checkpoint(
                     _projected_token_logps,
                     hidden_chunk,
-                    output_weight,
+                    output_layer,
                     target_chunk,
                     use_reentrant=False,
                 )
             )
         else:
-            chunks.append(_projected_token_logps(hidden_chunk, output_weight, target_chunk))
+            chunks.append(_projected_token_logps(hidden_chunk, output_layer, target_chunk))
     token_logps = torch.zeros(batch * length, dtype=torch.float32, device=hidden.device)
     if chunks:
         token_logps = token_logps.index_put((positions,), torch.cat(chunks))
@@ -169,3 +204,186 @@ def naive_sequence_logps(
     all_logps = logits.float().log_softmax(-1)
     token_logps = all_logps.gather(2, torch.where(mask, targets, 0)[..., None]).squeeze(2)
     return _reduce(token_logps, mask, average)
+
+
+# ---------------------------------------------------------------------------------------------
+# A causal LM's response log-probs, by either path
+
+
+LOGPROB_PATHS = ("lean", "plain")
+# config fields after which the logits are no longer the output layer's output (Gemma 2/3,
+# Cohere, Granite): the lean path refuses such models
+_LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": (None,),
+    "logit_scale": (None, 1, 1.0),
+    "logits_scaling": (None, 1, 1.0),
+}
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LeanHead:
+    """Where the lean path reads a causal LM: the module whose output's ``last_hidden_state``
+    the output layer reads (``decoder``), that output layer (a LoRA-wrapped ``lm_head`` too),
+    and the forward's keyword that limits the logits it computes (None: the model has none)."""
+
+    decoder: nn.Module
+    output_layer: nn.Module
+    keep_logits_arg: str | None
+
+
+class LeanPathUnsupported(ValueError):
+    """The model's logits are not the output layer applied to the decoder's last hidden state
+    (or its wrapper cannot run the output layer on its own); the message says why."""
+
+
+def _core_model(model: nn.Module) -> nn.Module:
+    """The model inside its DDP / DeepSpeed / ``torch.compile`` wrappers (a peft model stays
+    peft-wrapped: its output layer may carry adapters)."""
+    while True:
+        if _is_fsdp(model):
+            raise LeanPathUnsupported(
+                "FSDP shards the output layer with the whole model; it cannot run alone"
+            )
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _is_fsdp(module: nn.Module) -> bool:
+    names = {cls.__name__ for cls in type(module).__mro__}
+    return bool(names & {"FullyShardedDataParallel", "FSDPModule"})
+
+
+def lean_head(model: nn.Module) -> LeanHead:
+    """The decoder, output layer and logits-limiting keyword of a (wrapped) causal LM.
+
+    Raises:
+        LeanPathUnsupported: no output layer or decoder, FSDP, or a config that transforms the
+            logits after the output layer (soft-capping, scaling).
+    """
+    core = _core_model(model)
+    causal_lm = core.get_base_model() if hasattr(core, "get_base_model") else core
+    config = getattr(causal_lm, "config", None)
+    for name, neutral in _LOGIT_TRANSFORMS.items():
+        value = getattr(config, name, None)
+        if value not in neutral:
+            raise LeanPathUnsupported(
+                f"{type(causal_lm).__name__} transforms its logits after the output layer "
+                f"(config.{name} = {value})"
+            )
+    get_output, get_decoder = (
+        getattr(causal_lm, "get_output_embeddings", None),
+        getattr(causal_lm, "get_decoder", None),
+    )
+    output_layer = get_output() if get_output is not None else None
+    try:
+        decoder = get_decoder() if get_decoder is not None else None
+    except (AttributeError, NotImplementedError, ValueError):
+        decoder = None
+    if output_layer is None or decoder is None or decoder is causal_lm:
+        raise LeanPathUnsupported(
+            f"{type(causal_lm).__name__} has no separate decoder and output layer"
+        )
+    parameters = inspect.signature(causal_lm.forward).parameters
+    keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in parameters), None)
+    return LeanHead(decoder, output_layer, keep)
+
+
+def _hidden_states(output) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, tuple):
+        return output[0]
+    return output.last_hidden_state
+
+
+def lean_model_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    *,
+    average: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> Tensor:
+    """Response log-probs of a causal LM without its full logits (:func:`sequence_logps_from_hidden`).
+
+    The model is called as a whole, through its wrappers (DDP's forward prepares the gradient
+    all-reduce, DeepSpeed's its hooks), asking for the last position's logits only; a forward
+    hook on its decoder keeps the final hidden states, which the output layer then projects at
+    the response positions only, in chunks recomputed in the backward. The output layer runs as
+    a module (tied or untied, LoRA-wrapped, gathered by ZeRO-3's hooks) under the autocast state
+    of the model's forward.
+
+    Args:
+        model: a causal LM, possibly wrapped (peft, DDP, DeepSpeed, ``torch.compile``).
+        input_ids, attention_mask, labels: ``(batch, length)``; labels as in
+            :func:`sequence_logps`.
+
+    Returns:
+        ``(batch,)`` float32 log-probabilities.
+
+    Raises:
+        LeanPathUnsupported: see :func:`lean_head`.
+    """
+    head = lean_head(model)
+    captured: list[tuple[Tensor, bool, torch.dtype]] = []
+
+    def keep_hidden(module, args, output):
+        hidden = _hidden_states(output)
+        device = hidden.device.type
+        autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        captured.append((hidden, *autocast))
+
+    handle = head.decoder.register_forward_hook(keep_hidden)
+    try:
+        extra = {head.keep_logits_arg: 1} if head.keep_logits_arg else {}
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(
+            f"the decoder ran {len(captured)} times in one forward; use the plain log-prob path"
+        )
+    hidden, autocast_enabled, autocast_dtype = captured[0]
+    with torch.autocast(hidden.device.type, dtype=autocast_dtype, enabled=autocast_enabled):
+        return sequence_logps_from_hidden(
+            hidden, head.output_layer, labels, average=average, chunk_tokens=chunk_tokens
+        )
+
+
+_warned_unsupported: set[str] = set()
+
+
+def model_sequence_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    *,
+    average: bool,
+    path: str,
+) -> Tensor:
+    """Per-row response log-probs ``(batch,)`` of a (wrapped) causal LM, by ``path``:
+
+    - ``"lean"``: :func:`lean_model_logps`, no full logits; a model it cannot serve
+      (:class:`LeanPathUnsupported`) takes the plain path, with a warning (once per reason);
+    - ``"plain"``: the model's full ``(batch, length, vocab)`` logits, then
+      :func:`sequence_logps`.
+    """
+    if path not in LOGPROB_PATHS:
+        raise ValueError(f"unknown log-prob path {path!r}; choose one of {LOGPROB_PATHS}")
+    if path == "lean":
+        try:
+            return lean_model_logps(model, input_ids, attention_mask, labels, average=average)
+        except LeanPathUnsupported as reason:
+            if str(reason) not in _warned_unsupported:
+                _warned_unsupported.add(str(reason))
+                logger.warning("lean log-prob path unavailable: %s; using the plain path", reason)
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return sequence_logps(outputs.logits, labels, average=average)

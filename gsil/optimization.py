@@ -67,7 +67,7 @@ from gsil.batching import Example, collate, split_demo_gen
 from gsil.checkpoints import load_method_state, save_checkpoint
 from gsil.faults import kill_point
 from gsil.layout import RunLayout
-from gsil.logprobs import sequence_logps
+from gsil.logprobs import LOGPROB_PATHS, model_sequence_logps
 from gsil.methods import LogpBatch, Method
 from gsil.nonfinite import check_step, nonfinite_rows
 from gsil.objectives import sample_mean
@@ -118,6 +118,13 @@ class OptimSettings:
         "get_linear/get_cosine_schedule_with_warmup; DFT's authors: cosine)",
         choices=("linear", "cosine"),
     )
+    logprob_path: str = _opt(
+        "lean",
+        "how response log-probs are computed: lean (only response positions through the "
+        "output layer, in chunks recomputed in the backward: no batch x length x vocabulary "
+        "logits) or plain (the model's full logits)",
+        choices=LOGPROB_PATHS,
+    )
 
 
 @dataclass(frozen=True)
@@ -132,12 +139,19 @@ class RoundData:
     pad_id: int = field(kw_only=True)
 
 
-def forward_logps(model, batch: dict, average: bool) -> torch.Tensor:
-    """Per-row response log-probs of a (demos, then generations) batch, in one forward."""
-    outputs = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+def forward_logps(
+    model, batch: dict, average: bool, *, path: str = OptimSettings.logprob_path
+) -> torch.Tensor:
+    """Per-row response log-probs of a (demos, then generations) batch, in one forward, by the
+    log-prob ``path`` (:func:`gsil.logprobs.model_sequence_logps`)."""
+    return model_sequence_logps(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["labels"],
+        average=average,
+        path=path,
     )
-    return sequence_logps(outputs.logits, batch["labels"], average=average)
 
 
 @dataclass(frozen=True)
@@ -232,7 +246,8 @@ def reference_logps(
         (micro,) = step.micro_batches
         batch = _to_device(_collate(examples, micro, pad_id, with_generations), accelerator.device)
         demo_part, gen_part = split_demo_gen(
-            forward_logps(model, batch, settings.average_logps), len(micro.indices)
+            forward_logps(model, batch, settings.average_logps, path=settings.logprob_path),
+            len(micro.indices),
         )
         gen_values = (
             gen_part.float().tolist() if gen_part is not None else [[0.0]] * len(micro.indices)
@@ -511,7 +526,7 @@ class RoundStepper:
         )
         index = batch["index"].cpu()
         average = self.settings.average_logps
-        logps = forward_logps(self.model, batch, average)
+        logps = forward_logps(self.model, batch, average, path=self.settings.logprob_path)
         policy_demo, policy_gen = split_demo_gen(logps, len(index))
         counts = batch["demo_token_counts"].float()
         gen_counts = batch.get("gen_token_counts")
