@@ -7,6 +7,7 @@ key (``experiments.config``).
     GSIL_CACHE              where the de-quantised embedded model is cached (~/.cache/gsil)
     GSIL_TRACEBACK=1        print the traceback of a user error too
     GSIL_RUNS_DIR           where ``gsil figures`` looks for experiment runs (runs)
+    GSIL_TESTBED_DIR        where ``gsil figures`` looks for the testbed's grid
     GSIL_VLLM_GPU_MEMORY    share of the GPU a vLLM engine takes beside the policy (0.5)
     GSIL_VLLM_EAGER         1: vLLM eager, 0: its compiled graph (default: eager on CPUs only)
     GSIL_JUDGE_*            the MT-Bench endpoint judge (BASE_URL, MODEL, API_KEY, TIMEOUT,
@@ -23,6 +24,7 @@ from pathlib import Path
 CACHE = "GSIL_CACHE"
 TRACEBACK = "GSIL_TRACEBACK"
 RUNS_DIR = "GSIL_RUNS_DIR"
+TESTBED_DIR = "GSIL_TESTBED_DIR"
 VLLM_GPU_MEMORY = "GSIL_VLLM_GPU_MEMORY"
 VLLM_EAGER = "GSIL_VLLM_EAGER"
 JUDGE_PREFIX = "GSIL_JUDGE_"
@@ -41,6 +43,10 @@ def traceback_wanted() -> bool:
 
 def runs_dir(default: str = "runs") -> Path:
     return Path(os.environ.get(RUNS_DIR, default))
+
+
+def testbed_dir(default: str = "runs-testbed/testbed") -> Path:
+    return Path(os.environ.get(TESTBED_DIR, default))
 
 
 def vllm_gpu_memory(default: float = 0.5) -> float:

@@ -13,9 +13,9 @@ testbed`` writes); without it prints a message and draws nothing.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from gsil import env
 from gsil.io import read_json
 from paper_figs.style import color, figure, save_figure, save_numbers
 
@@ -28,7 +28,7 @@ EXTRA_COLORS = {
 
 
 def default_testbed_dir() -> Path:
-    return Path(os.environ.get("GSIL_TESTBED_DIR", "runs-testbed/testbed"))
+    return env.testbed_dir()
 
 
 def _color(name: str) -> str:
