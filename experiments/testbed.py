@@ -88,8 +88,8 @@ PER_RUN = {
 # A round costs ``overhead + steps x step`` (load, generation, reference pass, save, measures;
 # then the optimizer steps); a base ``pretrain steps x base_step``.
 MEASURED_SECONDS = {
-    "sft": {"step": 0.08, "overhead": 2.0},
-    "sampled": {"step": 0.15, "overhead": 3.5},
+    "sft": {"step": 0.088, "overhead": 4.0},
+    "sampled": {"step": 0.164, "overhead": 5.8},
     "base_step": 0.15,
     "worker_start": 10.0,
 }

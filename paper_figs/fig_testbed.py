@@ -32,7 +32,7 @@ def default_testbed_dir() -> Path:
 
 
 def _color(name: str) -> str:
-    return EXTRA_COLORS.get(name) or color(name)
+    return EXTRA_COLORS.get(name) or color("logistic" if name == "gsil" else name)
 
 
 def _errorbar(ax, xs, estimates, label, name, **kwargs) -> None:

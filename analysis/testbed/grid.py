@@ -611,6 +611,27 @@ def format_report(report: Mapping[str, Any]) -> str:
                 f"| {name} | {_fmt(row['forward_kl'])} | {_fmt(row['vs_continued_sft'])} | "
                 f"{_fmt(fit['empirical_rmse'])} | {_fmt(fit['empirical_correlation'])} |"
             )
+    negative = report.get("negative_control")
+    if negative is not None:
+        lines += ["", "## Negative control", ""]
+        lines.append(
+            f"GSIL-logistic with shift {negative['shift']} minus shift 0 at N={negative['n']}, "
+            f"forward KL after {rounds} rounds: {_fmt(negative['vs_gsil_logistic'])} nats "
+            f"({'detected' if negative['detected'] else 'NOT detected'})"
+        )
+    per_round = report.get("per_round", {})
+    if per_round:
+        lines += ["", f"## Per round at N={report['grid']['loss_n']} (round 0: the base)", ""]
+        lines.append(
+            "| method | measure | " + " | ".join(f"round {t}" for t in range(rounds + 1)) + " |"
+        )
+        lines.append("|---" * (rounds + 3) + "|")
+        for name in (BASELINE, "spin", "gsil-logistic", "dft", NEGATIVE):
+            if name not in per_round:
+                continue
+            for key, label in (("forward_kl", "forward KL"), ("demo_logp", "demo log-lik")):
+                cells = [_fmt(per_round[name][t][key]) for t in range(rounds + 1)]
+                lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     lines += ["", "## Verdicts", ""]
     if report["verdicts"] is None:
         lines.append(
