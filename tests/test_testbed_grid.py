@@ -24,6 +24,7 @@ from analysis.testbed.grid import (
     plan_chains,
     round_rows,
 )
+from experiments.config import read_recipe
 from experiments.errors import run_command
 from gsil.demonstrations import Demonstration
 
@@ -147,7 +148,7 @@ def test_a_grid_with_power_states_its_verdicts():
 
 def _recipe(tmp_path: Path, **grid) -> str:
     """A micro testbed recipe: 2 seeds, N 4 and 16, two rounds of 2 steps, a 32-wide model."""
-    recipe = json.loads((ROOT / "experiments/presets/testbed-quick.json").read_text())
+    recipe = read_recipe("testbed-quick")[1]
     recipe["grid"].update(
         {
             "ns": [4, 16],
