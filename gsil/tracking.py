@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,8 @@ def start_trackers(
     files = Path(accelerator.logging_dir) if accelerator.logging_dir else None
     if not resume and accelerator.is_main_process and files is not None:
         shutil.rmtree(files / project_name, ignore_errors=True)  # TensorBoard's
+    if resume and accelerator.is_main_process and files is not None:
+        _after_earlier_event_files(files / project_name)
     if run_name is None and project_dir is not None:
         run_name = project_dir.name
     names = {str(tracker) for tracker in accelerator.log_with}
@@ -188,6 +191,24 @@ def start_trackers(
             where = (files or Path.cwd()) / "mlruns"
             mlflow.set_tracking_uri(where.resolve().as_uri())
     accelerator.init_trackers(project_name, config=flatten_hparams(config), init_kwargs=init_kwargs)
+
+
+def _after_earlier_event_files(directory: Path) -> None:
+    """Wait, if needed, until a new TensorBoard event file sorts after the earlier ones.
+
+    TensorBoard reads a directory's event files in name order, and a name carries the whole
+    second it was created in, then a per-process counter (``...1796257135.host.589.10`` sorts
+    before ``...1796257135.host.589.8``). A run resumed within the second its interrupted
+    attempt started in would be read first, and the purge of the steps it redoes (see
+    :func:`restart_trackers_at`) would not apply; at most one second of waiting avoids it.
+    """
+    stamps = [
+        int(parts[3])
+        for path in directory.glob("events.out.tfevents.*")
+        if len(parts := path.name.split(".")) > 3 and parts[3].isdigit()
+    ]
+    if stamps and time.time() < max(stamps) + 1:
+        time.sleep(max(stamps) + 1 - time.time())
 
 
 def tracker_values(row: Mapping[str, Any]) -> dict[str, int | float]:

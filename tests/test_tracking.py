@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,15 @@ def test_hparams_are_flat_and_of_tensorboard_types():
         "b": 0.5,
         "d": 1,
     }
+
+
+def test_a_resumed_runs_event_file_sorts_after_the_interrupted_ones(tmp_path):
+    """TensorBoard reads event files in name order; names carry the creation second, then a
+    per-process counter ("...589.10" sorts before "...589.8"), so a resume within the same
+    second must wait for the next one."""
+    now = int(time.time())
+    (tmp_path / f"events.out.tfevents.{now}.host.589.8").write_bytes(b"")
+    tracking._after_earlier_event_files(tmp_path)
+    assert int(time.time()) > now
+    later = f"events.out.tfevents.{int(time.time())}.host.589.10"
+    assert sorted([later, f"events.out.tfevents.{now}.host.589.8"])[-1] == later
