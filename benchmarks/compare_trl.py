@@ -96,15 +96,6 @@ def _load(bench: Bench):
     return model, tokenizer
 
 
-def _enable_checkpointing(model, every_n_layers: int) -> None:
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-        model.activation_checkpointing_enable(every_n_layers=every_n_layers)
-    elif every_n_layers == 1:
-        model.gradient_checkpointing_enable()
-    else:
-        raise SystemExit("checkpointing every n-th layer needs a newer transformers")
-
-
 class Meter:
     """Step times (wall and this process's CPU time, all threads) and the peak resident memory
     after the warm-up steps."""
@@ -177,6 +168,7 @@ def run_gsil(bench: Bench, token_ids: dict, row: str) -> dict:
     from gsil.batching import Example
     from gsil.estimators import get_estimator
     from gsil.methods import get_method
+    from gsil.models import enable_activation_checkpointing
 
     path, every_n_layers = GSIL_ROWS[row]
     model, tokenizer = _load(bench)
@@ -195,6 +187,7 @@ def run_gsil(bench: Bench, token_ids: dict, row: str) -> dict:
         learning_rate=LEARNING_RATE,
         batch_size=len(examples),
         gradient_checkpointing=every_n_layers > 0,
+        checkpoint_layers_every=max(every_n_layers, 1),
         logprob_path=path,
     )
     accelerator = Accelerator(cpu=True)
@@ -206,8 +199,8 @@ def run_gsil(bench: Bench, token_ids: dict, row: str) -> dict:
     method = get_method("gsil", get_estimator("logistic"), beta=BETA)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    if every_n_layers:
-        _enable_checkpointing(model, every_n_layers)
+    if settings.gradient_checkpointing:  # what RoundStepper.prepare does in a run
+        enable_activation_checkpointing(model, settings.checkpoint_layers_every)
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     (step_plan,) = optimization.plan_steps(range(len(examples)), len(examples), 1, 1, 0)

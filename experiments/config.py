@@ -470,6 +470,8 @@ def validate(config: RunConfig) -> None:
         problems.append("--rounds and --epochs must be >= 1")
     if config.optim.batch_size < 1 or config.optim.grad_accum < 1:
         problems.append("--batch-size and --grad-accum must be >= 1")
+    if config.optim.checkpoint_layers_every < 1:
+        problems.append("--checkpoint-layers-every must be >= 1 (1: every decoder layer)")
     if config.data.max_prompt_length >= config.data.max_length:
         problems.append("--max-prompt-length must be smaller than --max-length")
     if config.objective.gamma is not None and config.objective.gamma <= 0:

@@ -254,6 +254,30 @@ def is_peft_model(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
+def enable_activation_checkpointing(model: Any, every_n_layers: int = 1) -> None:
+    """Recompute decoder layers' activations in the backward: every layer, or every n-th one
+    (the others keep theirs; transformers' ``activation_checkpointing_enable``, 5.20 on)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(every_n_layers=every_n_layers)
+    elif every_n_layers == 1:  # transformers < 5.20 (the vLLM environment's pin)
+        model.gradient_checkpointing_enable()
+    else:
+        import transformers
+
+        raise ValueError(
+            f"--checkpoint-layers-every {every_n_layers} needs transformers >= 5.20 "
+            f"(installed: {transformers.__version__}); use 1 (every layer) with this one"
+        )
+
+
+def disable_activation_checkpointing(model: Any) -> None:
+    """Undo :func:`enable_activation_checkpointing`."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def save_model(
     model: Any,
     tokenizer: Any,

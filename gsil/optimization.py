@@ -69,6 +69,7 @@ from gsil.faults import kill_point
 from gsil.layout import RunLayout
 from gsil.logprobs import LOGPROB_PATHS, model_sequence_logps
 from gsil.methods import LogpBatch, Method
+from gsil.models import disable_activation_checkpointing, enable_activation_checkpointing
 from gsil.nonfinite import check_step, nonfinite_rows
 from gsil.objectives import sample_mean
 from gsil.processes import configure_engine
@@ -104,7 +105,15 @@ class OptimSettings:
     checkpoint_every: int = _opt(
         50, "optimizer steps between resumable checkpoints (0: at the end of each round only)"
     )
-    gradient_checkpointing: bool = _opt(False, "trade compute for activation memory")
+    gradient_checkpointing: bool = _opt(
+        False, "recompute decoder layers' activations in the backward instead of keeping them"
+    )
+    checkpoint_layers_every: int = _opt(
+        1,
+        "with --gradient-checkpointing, checkpoint every n-th decoder layer only (1: every "
+        "layer, least memory; 2: half of them, about half the recompute; needs transformers "
+        ">= 5.20 for n > 1)",
+    )
     on_nonfinite: str = _opt(
         "stop",
         "a NaN or inf loss or gradient norm: stop (raise before the "
@@ -434,7 +443,9 @@ class RoundStepper:
         # the scheduler is not prepared: accelerate would step it once per process per update
         model, optimizer = accelerator.prepare(model, optimizer)
         if settings.gradient_checkpointing:
-            accelerator.unwrap_model(model).gradient_checkpointing_enable()
+            enable_activation_checkpointing(
+                accelerator.unwrap_model(model), settings.checkpoint_layers_every
+            )
         model.train()
         return cls(Prepared(model, optimizer, scheduler), round_data, method, settings, accelerator)
 
@@ -458,7 +469,7 @@ class RoundStepper:
         """The prepared model, back in evaluation mode."""
         self.model.eval()
         if self.settings.gradient_checkpointing:
-            self.accelerator.unwrap_model(self.model).gradient_checkpointing_disable()
+            disable_activation_checkpointing(self.accelerator.unwrap_model(self.model))
         return self.model
 
     def step(self, step_plan: StepPlan, where: str = "") -> dict:

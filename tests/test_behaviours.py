@@ -236,49 +236,57 @@ def test_average_logps_leaves_the_sft_loss_a_token_mean(tiny_model, tiny_tokeniz
 
 
 def test_gradient_checkpointing_gives_the_same_steps(tiny_model_readonly, tiny_tokenizer, tmp_path):
-    """Four GSIL steps with and without gradient checkpointing: the same losses and gradient
-    norms (1e-5) and the same final weights (1e-6). Checkpointing really ran: the first
-    layer's attention ran twice per micro-batch (the forward, then its recomputation in the
-    backward), against once without; and it is off again after the round."""
+    """Four GSIL steps without gradient checkpointing, with it on every decoder layer and on
+    every second one: the same losses and gradient norms (1e-5) and the same final weights
+    (1e-6). Checkpointing really ran where asked: a checkpointed layer's attention ran twice per
+    micro-batch (the forward, then its recomputation in the backward), another once; and it is
+    off again after the round."""
     tok = tiny_tokenizer
     _, examples = tiny_round(tok)
     zeros = torch.zeros(len(examples))  # reference 0: a logit far from the shift, real gradients
     data = RoundData(examples, zeros, zeros.clone(), pad_id=tok.pad_token_id)
     objective = get_method("gsil", get_estimator("logistic"), beta=0.1)
+    assert len(tiny_model_readonly.model.layers) == 2
+    micro_batches = 4
+    # layers checkpointed -> runs of layers 0 and 1's attention
+    expected_calls = {0: (1, 1), 1: (2, 2), 2: (2, 1)}
     results = {}
-    for checkpointing in (False, True):
+    for every in expected_calls:
         model = copy.deepcopy(tiny_model_readonly)
-        calls = []
+        calls = {0: [], 1: []}
         # a pre-hook inside the layer: the recomputation runs it again (transformers checkpoints
         # the layer's forward, not its __call__, and torch stops recomputing early, before
         # the end of the layer, so neither the layer's hooks nor a post-hook would see it)
-        attention = model.model.layers[0].self_attn
-        attention.register_forward_pre_hook(lambda *args, calls=calls: calls.append(1))
+        for index, calls_of_layer in calls.items():
+            attention = model.model.layers[index].self_attn
+            attention.register_forward_pre_hook(lambda *a, c=calls_of_layer: c.append(1))
         settings = OptimSettings(
             learning_rate=1e-2,
             batch_size=2,
             epochs=2,
             checkpoint_every=0,
-            gradient_checkpointing=checkpointing,
+            gradient_checkpointing=every > 0,
+            checkpoint_layers_every=max(every, 1),
         )
-        rows, trained = one_round(
-            model, tok, data, objective, settings, tmp_path / f"{checkpointing}"
-        )
-        results[checkpointing] = (
+        rows, trained = one_round(model, tok, data, objective, settings, tmp_path / f"{every}")
+        results[every] = (
             rows,
             {k: v.detach().clone() for k, v in trained.state_dict().items()},
         )
-        micro_batches = 4
-        assert len(calls) == micro_batches * (2 if checkpointing else 1), checkpointing
+        runs = tuple(len(calls[index]) // micro_batches for index in (0, 1))
+        assert runs == expected_calls[every], every
         assert not trained.is_gradient_checkpointing
-    (plain_rows, plain), (ckpt_rows, ckpt) = results[False], results[True]
-    assert len(plain_rows) == len(ckpt_rows) == 4
-    for plain_row, ckpt_row in zip(plain_rows, ckpt_rows, strict=True):
-        for key in ("loss", "grad_norm", "rewards/margins"):
-            assert ckpt_row[key] == pytest.approx(plain_row[key], abs=1e-5), key
+    plain_rows, plain = results[0]
+    assert len(plain_rows) == 4
     assert any(not torch.equal(plain[k], tiny_model_readonly.state_dict()[k]) for k in plain)
-    for name in plain:
-        torch.testing.assert_close(ckpt[name], plain[name], rtol=0, atol=1e-6)
+    for every in (1, 2):
+        ckpt_rows, ckpt = results[every]
+        assert len(ckpt_rows) == 4
+        for plain_row, ckpt_row in zip(plain_rows, ckpt_rows, strict=True):
+            for key in ("loss", "grad_norm", "rewards/margins"):
+                assert ckpt_row[key] == pytest.approx(plain_row[key], abs=1e-5), key
+        for name in plain:
+            torch.testing.assert_close(ckpt[name], plain[name], rtol=0, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- LoRA and resume
