@@ -741,7 +741,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.testb
     units = plan_units(testbed, settings)
     results = run_units(units, testbed.grid.workers, _describe_chain)
     table = collect(testbed, results, bases)
-    report = build_report(table, testbed.grid, testbed.rounds)
+    report = build_report(
+        table, testbed.grid, testbed.rounds, testbed.rounds * testbed.rows_per_round
+    )
     wall = time.perf_counter() - started
     report.update(
         {

@@ -143,6 +143,25 @@ def test_a_grid_with_power_states_its_verdicts():
     assert "lower forward KL than" in format_report(report)
 
 
+def test_a_pair_beyond_the_rows_a_chain_sees_does_not_count():
+    """N=128 -> 512 is resolved; 512 -> 2048 is not, but a chain of 1024 rows cannot use up
+    2048 demonstrations: that pair is reported, not counted, and the grid has power. Without
+    the budget (or with one that covers 2048 rows) the unresolved pair takes the power away."""
+    ns = (128, 512, 2048)
+    spec = GridSpec(ns=ns, seeds=tuple(range(8)), methods=("continued-sft", "gsil"), loss_n=128)
+    results = _synthetic(ns, {128: 0.0, 512: 1.0, 2048: 1.0})
+    report = build_report(results, spec, rounds=2, rows_seen=1024)
+    control = report["positive_control"]
+    assert [p["within_budget"] for p in control["pairs"]] == [True, False]
+    assert [p["resolved"] for p in control["pairs"]] == [True, False]
+    assert control["has_power"] is True and report["verdicts"] is not None
+    assert "not counted: a chain sees 1024 rows" in format_report(report)
+    for rows_seen in (None, 2048):
+        report = build_report(results, spec, rounds=2, rows_seen=rows_seen)
+        assert report["positive_control"]["has_power"] is False, rows_seen
+        assert report["verdicts"] is None
+
+
 # --------------------------------------------------------------------------- the command
 
 

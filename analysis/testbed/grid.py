@@ -24,8 +24,8 @@ rows in all, the same for every method and N.
 Statistics. Seeds are paired (same demonstrations, same base model, same rows). Per method and
 N the seeds' mean with a 95% t-interval, and the paired difference to ``continued-sft`` (equal
 steps) and to ``sft``. The positive control (continued SFT on 4N against N, for every such
-pair in the grid) must be resolved, else :func:`build_report` states that the grid has no
-power and gives no verdicts.
+pair in the grid whose 4N rows a chain can see within its budget) must be resolved, else
+:func:`build_report` states that the grid has no power and gives no verdicts.
 """
 
 from __future__ import annotations
@@ -295,9 +295,15 @@ def method_rounds(method: str, rounds: int) -> tuple[str, int]:
     return ({"gsil": "gsil-logistic"}.get(method, method)), rounds
 
 
-def positive_control(results: Results, ns: Sequence[int], rounds: int) -> dict:
+def positive_control(
+    results: Results, ns: Sequence[int], rounds: int, rows_seen: int | None = None
+) -> dict:
     """Continued SFT on 4N against N, for every (N, 4N) in the grid: the paired difference in
-    forward KL must be resolved below 0. ``has_power`` needs at least one pair, all resolved."""
+    forward KL must be resolved below 0. A chain sees ``rows_seen`` rows in all (rounds x
+    rows per round); at ``4N > rows_seen`` the larger set cannot be used up, so 4N and N may
+    differ by little for a reason that is not a lack of power: such a pair is reported
+    (``within_budget`` False) but does not count. ``has_power`` needs at least one counted
+    pair, all of them resolved."""
     pairs = []
     for n in sorted(ns):
         if 4 * n in ns:
@@ -310,9 +316,15 @@ def positive_control(results: Results, ns: Sequence[int], rounds: int) -> dict:
                     "four_n": 4 * n,
                     "difference": difference,
                     "resolved": direction(difference) == "lower",
+                    "within_budget": rows_seen is None or 4 * n <= rows_seen,
                 }
             )
-    return {"pairs": pairs, "has_power": bool(pairs) and all(p["resolved"] for p in pairs)}
+    counted = [p for p in pairs if p["within_budget"]]
+    return {
+        "pairs": pairs,
+        "rows_seen": rows_seen,
+        "has_power": bool(counted) and all(p["resolved"] for p in counted),
+    }
 
 
 def dominates(frontier: Sequence[Sequence[float]], baseline: Sequence[Sequence[float]]) -> bool:
@@ -348,11 +360,14 @@ def mean_frontier(results: Results, name: str, n: int, rounds: int) -> list[dict
     ]
 
 
-def build_report(results: Results, spec: GridSpec, rounds: int) -> dict:
+def build_report(
+    results: Results, spec: GridSpec, rounds: int, rows_seen: int | None = None
+) -> dict:
     """Every table and verdict of the grid from its per-round measures (see the module
-    docstring); verdicts are None when the positive control is not resolved."""
+    docstring); verdicts are None when the positive control is not resolved (``rows_seen``:
+    the rows a chain sees in all, :func:`positive_control`)."""
     ns = sorted(set(spec.ns))
-    control = positive_control(results, ns, rounds)
+    control = positive_control(results, ns, rounds, rows_seen)
     table: dict[str, dict] = {}
     for method in spec.methods:
         name, at = method_rounds(method, rounds)
@@ -572,13 +587,18 @@ def format_report(report: Mapping[str, Any]) -> str:
     control = report["positive_control"]
     lines.append("## Positive control (continued SFT on 4N against N)")
     for pair in control["pairs"]:
+        outcome = "resolved" if pair["resolved"] else "NOT resolved"
+        if not pair.get("within_budget", True):
+            outcome += (
+                f" (not counted: a chain sees {control['rows_seen']} rows, fewer than "
+                f"{pair['four_n']}, so it cannot use up the larger set)"
+            )
         lines.append(
             f"- N={pair['n']} -> {pair['four_n']}: forward KL difference "
-            f"{_fmt(pair['difference'])} nats: "
-            + ("resolved" if pair["resolved"] else "NOT resolved")
+            f"{_fmt(pair['difference'])} nats: {outcome}"
         )
-    if not control["pairs"]:
-        lines.append("- no (N, 4N) pair in the grid")
+    if not any(p.get("within_budget", True) for p in control["pairs"]):
+        lines.append("- no (N, 4N) pair in the grid within the rows a chain sees")
     lines.append("")
     lines.append(
         f"## Forward KL to p_data after {rounds} round(s) (nats/sequence, mean over seeds, 95% interval)"
