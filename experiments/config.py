@@ -91,6 +91,8 @@ class RunConfig:
             return self.name
         goal = self.objective
         method = goal.dft_variant if goal.method == "dft" else goal.method
+        if goal.token_weighting == "prob":
+            method = "dynamic-ft"
         loss = f"-{goal.loss}" if goal.method == "gsil" else ""
         return f"{method}{loss}-seed{self.seed}"
 

@@ -6,9 +6,10 @@
                                          └── method.loss(LogpBatch) ──► (losses (B,), stats)
 
 The trainer asks a method only for its capabilities (``needs_generations``,
-``needs_reference``, ``state_key``) and calls :meth:`Method.loss` with one
-:class:`LogpBatch`; it never branches on a method's name. A new method is a subclass decorated
-with :func:`register`, with its own fields and a ``from_settings`` that reads what it needs.
+``needs_reference``, ``needs_prob_weighted_logps``, ``state_key``) and calls
+:meth:`Method.loss` with one :class:`LogpBatch`; it never branches on a method's name. A new
+method is a subclass decorated with :func:`register`, with its own fields and a
+``from_settings`` that reads what it needs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,16 @@ import torch
 from torch import Tensor
 
 from gsil.estimators import ESTIMATORS, DensityRatioEstimator, get_estimator
-from gsil.objectives import DFT_VARIANTS, Stats, dft_loss, gsil_loss, sft_loss, spin_loss
+from gsil.objectives import (
+    DFT_VARIANTS,
+    TOKEN_WEIGHTINGS,
+    Stats,
+    dft_loss,
+    dynamic_ft_loss,
+    gsil_loss,
+    sft_loss,
+    spin_loss,
+)
 
 
 def _setting(default, help: str, **metadata):
@@ -72,6 +82,21 @@ class ObjectiveSettings:
     dft_u_init: float = _setting(
         0.0, "DFT's initial log normaliser log u of every prompt, each round"
     )
+    token_weighting: str = _setting(
+        "none",
+        "SFT's per-token weights: none, or prob (each token's loss -log p_t weighted by its "
+        "detached probability p_t: Dynamic Fine-Tuning, Wu et al. 2025, TRL's "
+        "loss_type='dft'; not --method dft); --method sft only",
+        choices=TOKEN_WEIGHTINGS,
+    )
+
+    def __post_init__(self) -> None:
+        if self.token_weighting != "none" and self.method != "sft":
+            raise ValueError(
+                f"objective.token_weighting={self.token_weighting!r} (--token-weighting) weights "
+                f"SFT's tokens; objective.method is {self.method!r}: use --method sft, or "
+                "--token-weighting none"
+            )
 
     def estimator_params(self) -> dict[str, float]:
         """Keyword arguments of ``gsil.estimators.get_estimator`` beyond the name."""
@@ -87,6 +112,9 @@ class LogpBatch:
     ``demo_token_counts``/``gen_token_counts`` are response lengths (ones where the log-probs
     are already length-averaged); ``gen_mask`` marks the samples that count (None: all);
     ``state`` is a stateful method's per-example state before the step.
+    ``policy_demo_prob_weighted_logps`` ``(B,)`` is each demonstration's
+    ``sum_t sg(p_t) log p_t`` (:class:`gsil.logprobs.SequenceLogps`), for a method that
+    ``needs_prob_weighted_logps``; else None.
     """
 
     policy_demo_logps: Tensor
@@ -97,6 +125,7 @@ class LogpBatch:
     gen_token_counts: Tensor | None = None
     gen_mask: Tensor | None = None
     state: Tensor | None = None
+    policy_demo_prob_weighted_logps: Tensor | None = None
 
     def kept_mask(self) -> Tensor | None:
         """``gen_mask`` when it leaves some sample out, else None (every sample counts)."""
@@ -117,6 +146,7 @@ class Method:
     key: ClassVar[str] = ""  # the registry name (``--method``)
     needs_generations: ClassVar[bool] = False
     needs_reference: ClassVar[bool] = False
+    needs_prob_weighted_logps: ClassVar[bool] = False  # LogpBatch.policy_demo_prob_weighted_logps
     state_key: ClassVar[str | None] = None
 
     @property
@@ -213,13 +243,40 @@ class SPIN(Method):
 @register("sft")
 @dataclass(frozen=True)
 class SFT(Method):
-    """Supervised fine-tuning: :func:`gsil.objectives.sft_loss` (no samples, no reference)."""
+    """Supervised fine-tuning (no samples, no reference): :func:`gsil.objectives.sft_loss`, or
+    with ``token_weighting="prob"`` Dynamic Fine-Tuning (:func:`gsil.objectives.dynamic_ft_loss`,
+    named ``dynamic-ft`` in logs), which needs each demonstration's probability-weighted
+    log-prob sum."""
+
+    token_weighting: str = ObjectiveSettings.token_weighting
+
+    def __post_init__(self) -> None:
+        if self.token_weighting not in TOKEN_WEIGHTINGS:
+            raise ValueError(
+                f"--token-weighting must be one of {TOKEN_WEIGHTINGS}, got {self.token_weighting!r}"
+            )
+
+    @property
+    def name(self) -> str:
+        return "dynamic-ft" if self.token_weighting == "prob" else self.key
+
+    @property
+    def needs_prob_weighted_logps(self) -> bool:
+        return self.token_weighting == "prob"
 
     @classmethod
     def from_settings(cls, settings: ObjectiveSettings) -> SFT:
-        return cls()
+        return cls(settings.token_weighting)
 
     def loss(self, batch: LogpBatch) -> tuple[Tensor, Stats]:
+        if self.token_weighting == "prob":
+            if batch.policy_demo_prob_weighted_logps is None:
+                raise ValueError("Dynamic FT needs LogpBatch.policy_demo_prob_weighted_logps")
+            return dynamic_ft_loss(
+                batch.policy_demo_prob_weighted_logps,
+                batch.policy_demo_logps,
+                batch.demo_token_counts,
+            )
         return sft_loss(batch.policy_demo_logps, batch.demo_token_counts)
 
 

@@ -1,4 +1,5 @@
-"""GSIL, SPIN, DPO, SFT and DFT objectives as pure functions of per-sequence log-probs.
+"""GSIL, SPIN, DPO, SFT, Dynamic FT and DFT objectives as pure functions of per-sequence
+log-probs.
 
 Every function takes summed response log-probabilities (one number per sequence) and returns
 per-example losses plus a dict of per-example, detached statistics; the caller averages.
@@ -33,6 +34,8 @@ from gsil.estimators import DensityRatioEstimator
 
 Stats = dict[str, Tensor]
 DFT_VARIANTS = ("dft", "dft2")
+# SFT's per-token weights: none (plain SFT) or prob (Dynamic Fine-Tuning: sg(p_t))
+TOKEN_WEIGHTINGS = ("none", "prob")
 
 
 def per_sample(values: Tensor, like: Tensor) -> Tensor:
@@ -284,6 +287,39 @@ def sft_loss(policy_demo_logps: Tensor, demo_token_counts: Tensor) -> tuple[Tens
     """Supervised fine-tuning: ``-log pi_theta(y_demo|x) / |y_demo|`` (mean over tokens)."""
     token_mean_logps = policy_demo_logps / demo_token_counts.clamp(min=1)
     return -token_mean_logps, {"logps/chosen_per_token": token_mean_logps.detach()}
+
+
+def dynamic_ft_loss(
+    policy_demo_prob_weighted_logps: Tensor,
+    policy_demo_logps: Tensor,
+    demo_token_counts: Tensor,
+) -> tuple[Tensor, Stats]:
+    """Dynamic Fine-Tuning (Wu et al. 2025, arXiv 2508.05629): SFT with each token's loss
+    weighted by its own detached probability ``p_t = pi_theta(y_t | x, y_<t)``::
+
+        loss_i = -(1/|y_i|) sum_t sg(p_t) log p_t        (mean over the demonstration's tokens)
+
+    so the gradient ``-(1/|y_i|) sum_t p_t grad log p_t`` down-weights the tokens the model
+    finds unlikely. The value is not a likelihood: a token's ``-p log p`` rises with ``p`` up to
+    ``p = 1/e``, so on unlikely demonstrations the loss grows as training raises their
+    log-probs (``logps/chosen``). Per token this is TRL's ``SFTConfig(loss_type="dft")``
+    (``-exp(log p).detach() * log p``); TRL divides the batch's sum by the batch's token count,
+    here each demonstration's sum is divided by its own length and the examples averaged, as
+    :func:`sft_loss` does: the two agree on one sequence and on equal lengths.
+
+    Args:
+        policy_demo_prob_weighted_logps: ``(B,)`` ``sum_t sg(p_t) log p_t`` of each
+            demonstration (:class:`gsil.logprobs.SequenceLogps`; its mean with
+            ``demo_token_counts`` of ones when already length-averaged).
+        policy_demo_logps: ``(B,)`` ``log pi_theta(y_demo|x)``, for the statistic only.
+        demo_token_counts: ``(B,)`` response lengths.
+
+    Returns per-example losses ``(B,)`` and the statistic ``logps/chosen_per_token`` (the plain
+    token-mean log-prob, as :func:`sft_loss`'s).
+    """
+    counts = demo_token_counts.clamp(min=1)
+    stats = {"logps/chosen_per_token": (policy_demo_logps / counts).detach()}
+    return -policy_demo_prob_weighted_logps / counts, stats
 
 
 def _reward_stats(
