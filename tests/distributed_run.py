@@ -49,10 +49,11 @@ def run_job(
     **optim: object,
 ) -> Path:
     """One run of ``run_rounds`` into ``out/name``; with ``interrupt_after_calls`` the run is
-    interrupted at that objective call and then resumed in the same processes. ``objective_settings``
-    holds further :class:`gsil.methods.ObjectiveSettings` fields (``token_weighting``). ``zero3_init``
-    starts from a model already partitioned by ZeRO-3 (as ``from_pretrained`` leaves it under
-    accelerate's ``zero3_init_flag``): each process holds only its shard of every parameter."""
+    interrupted at that objective call and then resumed in the same processes.
+    ``objective_settings`` holds further :class:`gsil.methods.ObjectiveSettings` fields
+    (``token_weighting``). ``zero3_init`` starts from a model already partitioned by ZeRO-3
+    (as ``from_pretrained`` leaves it under accelerate's ``zero3_init_flag``): each process
+    holds only its shard of every parameter."""
     tokenizer = build_tiny_tokenizer()
 
     def policy():
