@@ -490,6 +490,14 @@ def validate(config: RunConfig) -> None:
             method.from_settings(config.objective)
         except ValueError as err:
             problems.append(str(err))
+    if config.objective.method == "dft" and not config.generation.do_sample:
+        problems.append(
+            "objective.method=dft with generation.do_sample=false: DFT estimates its normaliser "
+            "from sampled negatives, and one greedy response per prompt "
+            f"(generation.num_samples={config.generation.num_samples}) is a single "
+            "deterministic negative; add --do-sample (the authors: --temperature 0.7 --top-k 50) "
+            "and --num-samples k (k > 1; the authors' recipe draws several)"
+        )
     tree = config.to_dict()
     for leaf in leaves():
         value = leaf.value_in(tree)

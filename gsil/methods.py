@@ -23,6 +23,7 @@ from torch import Tensor
 
 from gsil.estimators import ESTIMATORS, DensityRatioEstimator, get_estimator
 from gsil.objectives import (
+    DFT_DEFAULTS,
     DFT_VARIANTS,
     TOKEN_WEIGHTINGS,
     Stats,
@@ -63,15 +64,19 @@ class ObjectiveSettings:
         "leave out each generated response that equals its "
         "demonstration (a prompt whose k responses all tie is dropped)",
     )
-    dft_tau: float = _setting(
-        1.0,
-        "DFT's temperature tau of the discriminative likelihood (> 0; the "
-        "authors' recipes: 1.0 for dft, 0.3 for dft2)",
+    dft_tau: float | None = _setting(
+        None,
+        "DFT's temperature tau of the discriminative likelihood (> 0; default: the variant's, "
+        "the authors' recipes: "
+        + ", ".join(f"{variant} {tau}" for variant, (tau, _) in DFT_DEFAULTS.items())
+        + ")",
     )
-    dft_gamma: float = _setting(
-        0.85,
-        "DFT's moving-average weight of each new estimate of the "
-        "normaliser, in (0, 1] (1: no memory; recipes: 0.85 dft, 0.9 dft2)",
+    dft_gamma: float | None = _setting(
+        None,
+        "DFT's moving-average weight of each new estimate of the normaliser, in (0, 1] (1: no "
+        "memory; default: the variant's, the authors' recipes: "
+        + ", ".join(f"{variant} {gamma}" for variant, (_, gamma) in DFT_DEFAULTS.items())
+        + ")",
     )
     dft_variant: str = _setting(
         "dft",
@@ -284,10 +289,12 @@ class SFT(Method):
 @dataclass(frozen=True)
 class DFT(Method):
     """Discriminative fine-tuning, DFT or DFT2 (:func:`gsil.objectives.dft_loss`): stateful,
-    one moving-average normaliser ``log u`` per prompt, ``u_init`` at each round's start."""
+    one moving-average normaliser ``log u`` per prompt, ``u_init`` at each round's start.
+    A ``tau`` or ``gamma`` of None is the variant's default
+    (:data:`gsil.objectives.DFT_DEFAULTS`)."""
 
-    tau: float = ObjectiveSettings.dft_tau
-    gamma: float = ObjectiveSettings.dft_gamma
+    tau: float | None = ObjectiveSettings.dft_tau
+    gamma: float | None = ObjectiveSettings.dft_gamma
     variant: str = ObjectiveSettings.dft_variant
     u_init: float = ObjectiveSettings.dft_u_init
     needs_generations: ClassVar[bool] = True
@@ -296,6 +303,11 @@ class DFT(Method):
     def __post_init__(self) -> None:
         if self.variant not in DFT_VARIANTS:
             raise ValueError(f"--dft-variant must be one of {DFT_VARIANTS}, got {self.variant!r}")
+        default_tau, default_gamma = DFT_DEFAULTS[self.variant]
+        if self.tau is None:
+            object.__setattr__(self, "tau", default_tau)
+        if self.gamma is None:
+            object.__setattr__(self, "gamma", default_gamma)
         if self.tau <= 0 or not 0 < self.gamma <= 1:
             raise ValueError(
                 f"DFT needs --dft-tau > 0 and 0 < --dft-gamma <= 1, got {self.tau} and {self.gamma}"

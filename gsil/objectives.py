@@ -34,6 +34,8 @@ from gsil.estimators import DensityRatioEstimator
 
 Stats = dict[str, Tensor]
 DFT_VARIANTS = ("dft", "dft2")
+# each DFT variant's (tau, gamma) when none is given: the authors' Mistral-7B recipes
+DFT_DEFAULTS = {"dft": (1.0, 0.85), "dft2": (0.3, 0.9)}
 # SFT's per-token weights: none (plain SFT) or prob (Dynamic Fine-Tuning: sg(p_t))
 TOKEN_WEIGHTINGS = ("none", "prob")
 
@@ -206,11 +208,12 @@ def dft_loss(
     ``gamma = 1`` keeps no memory (``log u_i = logmeanexp_j d_ij``), and then ``grad_i`` is
     exactly ``tau * grad[-s(y_i)/tau + log ghat_i]`` for the mini-batch estimate ghat_i. The
     code's ``tau = 1, gamma = 0.85`` (DFT) and ``tau = 0.3, gamma = 0.9`` (DFT2) are its
-    Mistral-7B recipes; its ``u_init`` (the initial ``log u_i``) is 0. The authors draw their
-    negatives once, offline, from the base model with the system message "You are an
-    unhelpful assistant." (temperature 0.7, top-k 50, 320 new tokens; their
-    ``generator/gen.py``); gsil samples them from each round's policy on the training prompt
-    as it is, the self-play setting SPIN and GSIL use, so the three see the same prompts.
+    Mistral-7B recipes (each variant's default, :data:`DFT_DEFAULTS`); its ``u_init`` (the
+    initial ``log u_i``) is 0. The authors draw their negatives once, offline, from the base
+    model with the system message "You are an unhelpful assistant." (temperature 0.7, top-k
+    50, 320 new tokens; their ``generator/gen.py``); gsil samples them from each round's
+    policy on the training prompt as it is, the self-play setting SPIN and GSIL use, so the
+    three see the same prompts.
     (Equation numbers are not cited: the paper's text beyond its abstract was not available
     offline when this was written; the formulas follow the authors' code, named above.)
 
