@@ -495,8 +495,8 @@ def validate(config: RunConfig) -> None:
             "objective.method=dft with generation.do_sample=false: DFT estimates its normaliser "
             "from sampled negatives, and one greedy response per prompt "
             f"(generation.num_samples={config.generation.num_samples}) is a single "
-            "deterministic negative; add --do-sample (the authors: --temperature 0.7 --top-k 50) "
-            "and --num-samples k (k > 1; the authors' recipe draws several)"
+            "deterministic negative; add --do-sample (the authors sample several negatives per "
+            "prompt: --num-samples k --temperature 0.7 --top-k 50)"
         )
     tree = config.to_dict()
     for leaf in leaves():
