@@ -91,6 +91,8 @@ class RunConfig:
             return self.name
         goal = self.objective
         method = goal.dft_variant if goal.method == "dft" else goal.method
+        if goal.token_weighting == "prob":
+            method = "dynamic-ft"
         loss = f"-{goal.loss}" if goal.method == "gsil" else ""
         return f"{method}{loss}-seed{self.seed}"
 
@@ -490,6 +492,14 @@ def validate(config: RunConfig) -> None:
             method.from_settings(config.objective)
         except ValueError as err:
             problems.append(str(err))
+    if config.objective.method == "dft" and not config.generation.do_sample:
+        problems.append(
+            "objective.method=dft with generation.do_sample=false: DFT estimates its normaliser "
+            "from sampled negatives, and one greedy response per prompt "
+            f"(generation.num_samples={config.generation.num_samples}) is a single "
+            "deterministic negative; add --do-sample (the authors sample several negatives per "
+            "prompt: --num-samples k --temperature 0.7 --top-k 50)"
+        )
     tree = config.to_dict()
     for leaf in leaves():
         value = leaf.value_in(tree)

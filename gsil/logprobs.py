@@ -17,6 +17,11 @@ chunks of rows:
   :func:`sequence_logps_from_hidden`; what training and the reference pass use by default) or
   ``plain`` (the model's full logits, then :func:`sequence_logps`).
 
+Every function can also return, with ``prob_weighted=True``, each sequence's
+probability-weighted sum ``sum_t sg(p_t) log p_t`` (``p_t = exp(log p_t)``, detached: the
+gradient is ``sum_t p_t grad log p_t``) from the same token log-probs, as a
+:class:`SequenceLogps`: Dynamic Fine-Tuning's objective (Wu et al. 2025, arXiv 2508.05629).
+
 Labels follow the Hugging Face convention: aligned with ``input_ids`` (same shape), so the
 logit at position ``t`` predicts ``labels[t + 1]``.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -44,9 +50,28 @@ def _shift_labels(labels: Tensor, ignore_index: int) -> Tensor:
     return torch.cat([labels[:, 1:], pad], dim=1)
 
 
+class SequenceLogps(NamedTuple):
+    """Two reductions of the same response-token log-probs, each ``(batch,)`` float32."""
+
+    logps: Tensor  # sum_t log p_t (the mean over tokens with ``average``)
+    prob_weighted: Tensor  # sum_t sg(p_t) log p_t (the mean with ``average``)
+
+
 def _reduce(token_logps: Tensor, mask: Tensor, average: bool) -> Tensor:
     summed = (token_logps * mask).sum(-1)
     return summed / mask.sum(-1).clamp(min=1) if average else summed
+
+
+def _reductions(
+    token_logps: Tensor, mask: Tensor, average: bool, prob_weighted: bool
+) -> Tensor | SequenceLogps:
+    """``(batch, length)`` token log-probs -> their per-row reduction ``(batch,)``, and with
+    ``prob_weighted`` also the detached-probability-weighted one (a :class:`SequenceLogps`)."""
+    logps = _reduce(token_logps, mask, average)
+    if not prob_weighted:
+        return logps
+    weighted = token_logps * token_logps.detach().exp()
+    return SequenceLogps(logps, _reduce(weighted, mask, average))
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
@@ -89,7 +114,8 @@ def sequence_logps(
     average: bool = False,
     ignore_index: int = IGNORE_INDEX,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-) -> Tensor:
+    prob_weighted: bool = False,
+) -> Tensor | SequenceLogps:
     """Sum (or mean, ``average=True``) of response-token log-probs per sequence.
 
     Args:
@@ -98,9 +124,10 @@ def sequence_logps(
             and padding positions.
         chunk_tokens: rows of the vocabulary matrix processed at once; bounds the extra memory
             to about ``chunk_tokens x vocab`` floats.
+        prob_weighted: also reduce ``sg(p_t) log p_t`` (see the module's docstring).
 
     Returns:
-        ``(batch,)`` float32 log-probabilities.
+        ``(batch,)`` float32 log-probabilities; with ``prob_weighted`` a :class:`SequenceLogps`.
     """
     if logits.shape[:2] != labels.shape:
         raise ValueError(
@@ -114,7 +141,7 @@ def sequence_logps(
     token_logps = _ChunkedTokenLogps.apply(
         logits.reshape(batch * length, vocab), safe_targets.reshape(-1), chunk_tokens
     ).view(batch, length)
-    return _reduce(token_logps, mask, average)
+    return _reductions(token_logps, mask, average, prob_weighted)
 
 
 def _projected_token_logps(hidden: Tensor, output_layer: OutputLayer, targets: Tensor) -> Tensor:
@@ -142,7 +169,8 @@ def sequence_logps_from_hidden(
     average: bool = False,
     ignore_index: int = IGNORE_INDEX,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-) -> Tensor:
+    prob_weighted: bool = False,
+) -> Tensor | SequenceLogps:
     """Like :func:`sequence_logps`, from final hidden states and the output layer.
 
     Only response positions are projected to the vocabulary, ``chunk_tokens`` rows at a time,
@@ -157,9 +185,10 @@ def sequence_logps_from_hidden(
             parameter gathering then work as in the model's own forward). Valid for models
             whose logits are exactly this layer's output (no soft-capping or scaling after it).
         labels: ``(batch, length)`` as in :func:`sequence_logps`.
+        prob_weighted: also reduce ``sg(p_t) log p_t`` (see the module's docstring).
 
     Returns:
-        ``(batch,)`` float32 log-probabilities.
+        ``(batch,)`` float32 log-probabilities; with ``prob_weighted`` a :class:`SequenceLogps`.
     """
     if hidden.shape[:2] != labels.shape:
         raise ValueError(
@@ -192,7 +221,7 @@ def sequence_logps_from_hidden(
     token_logps = torch.zeros(batch * length, dtype=torch.float32, device=hidden.device)
     if chunks:
         token_logps = token_logps.index_put((positions,), torch.cat(chunks))
-    return _reduce(token_logps.view(batch, length), mask, average)
+    return _reductions(token_logps.view(batch, length), mask, average, prob_weighted)
 
 
 def naive_sequence_logps(
@@ -310,7 +339,8 @@ def lean_model_logps(
     *,
     average: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-) -> Tensor:
+    prob_weighted: bool = False,
+) -> Tensor | SequenceLogps:
     """Response log-probs of a causal LM without its full logits (:func:`sequence_logps_from_hidden`).
 
     The model is called as a whole, through its wrappers (DDP's forward prepares the gradient
@@ -324,9 +354,10 @@ def lean_model_logps(
         model: a causal LM, possibly wrapped (peft, DDP, DeepSpeed, ``torch.compile``).
         input_ids, attention_mask, labels: ``(batch, length)``; labels as in
             :func:`sequence_logps`.
+        prob_weighted: also reduce ``sg(p_t) log p_t`` (see the module's docstring).
 
     Returns:
-        ``(batch,)`` float32 log-probabilities.
+        ``(batch,)`` float32 log-probabilities; with ``prob_weighted`` a :class:`SequenceLogps`.
 
     Raises:
         LeanPathUnsupported: see :func:`lean_head`.
@@ -353,7 +384,12 @@ def lean_model_logps(
     hidden, autocast_enabled, autocast_dtype = captured[0]
     with torch.autocast(hidden.device.type, dtype=autocast_dtype, enabled=autocast_enabled):
         return sequence_logps_from_hidden(
-            hidden, head.output_layer, labels, average=average, chunk_tokens=chunk_tokens
+            hidden,
+            head.output_layer,
+            labels,
+            average=average,
+            chunk_tokens=chunk_tokens,
+            prob_weighted=prob_weighted,
         )
 
 
@@ -368,8 +404,10 @@ def model_sequence_logps(
     *,
     average: bool,
     path: str,
-) -> Tensor:
-    """Per-row response log-probs ``(batch,)`` of a (wrapped) causal LM, by ``path``:
+    prob_weighted: bool = False,
+) -> Tensor | SequenceLogps:
+    """Per-row response log-probs ``(batch,)`` of a (wrapped) causal LM, by ``path`` (with
+    ``prob_weighted``, a :class:`SequenceLogps` that adds ``sum_t sg(p_t) log p_t``):
 
     - ``"lean"``: :func:`lean_model_logps`, no full logits; a model it cannot serve
       (:class:`LeanPathUnsupported`) takes the plain path, with a warning (once per reason);
@@ -380,10 +418,17 @@ def model_sequence_logps(
         raise ValueError(f"unknown log-prob path {path!r}; choose one of {LOGPROB_PATHS}")
     if path == "lean":
         try:
-            return lean_model_logps(model, input_ids, attention_mask, labels, average=average)
+            return lean_model_logps(
+                model,
+                input_ids,
+                attention_mask,
+                labels,
+                average=average,
+                prob_weighted=prob_weighted,
+            )
         except LeanPathUnsupported as reason:
             if str(reason) not in _warned_unsupported:
                 _warned_unsupported.add(str(reason))
                 logger.warning("lean log-prob path unavailable: %s; using the plain path", reason)
     outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return sequence_logps(outputs.logits, labels, average=average)
+    return sequence_logps(outputs.logits, labels, average=average, prob_weighted=prob_weighted)

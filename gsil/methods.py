@@ -6,9 +6,10 @@
                                          └── method.loss(LogpBatch) ──► (losses (B,), stats)
 
 The trainer asks a method only for its capabilities (``needs_generations``,
-``needs_reference``, ``state_key``) and calls :meth:`Method.loss` with one
-:class:`LogpBatch`; it never branches on a method's name. A new method is a subclass decorated
-with :func:`register`, with its own fields and a ``from_settings`` that reads what it needs.
+``needs_reference``, ``needs_prob_weighted_logps``, ``state_key``) and calls
+:meth:`Method.loss` with one :class:`LogpBatch`; it never branches on a method's name. A new
+method is a subclass decorated with :func:`register`, with its own fields and a
+``from_settings`` that reads what it needs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,17 @@ import torch
 from torch import Tensor
 
 from gsil.estimators import ESTIMATORS, DensityRatioEstimator, get_estimator
-from gsil.objectives import DFT_VARIANTS, Stats, dft_loss, gsil_loss, sft_loss, spin_loss
+from gsil.objectives import (
+    DFT_DEFAULTS,
+    DFT_VARIANTS,
+    TOKEN_WEIGHTINGS,
+    Stats,
+    dft_loss,
+    dynamic_ft_loss,
+    gsil_loss,
+    sft_loss,
+    spin_loss,
+)
 
 
 def _setting(default, help: str, **metadata):
@@ -53,15 +64,19 @@ class ObjectiveSettings:
         "leave out each generated response that equals its "
         "demonstration (a prompt whose k responses all tie is dropped)",
     )
-    dft_tau: float = _setting(
-        1.0,
-        "DFT's temperature tau of the discriminative likelihood (> 0; the "
-        "authors' recipes: 1.0 for dft, 0.3 for dft2)",
+    dft_tau: float | None = _setting(
+        None,
+        "DFT's temperature tau of the discriminative likelihood (> 0; default: the variant's, "
+        "the authors' recipes: "
+        + ", ".join(f"{variant} {tau}" for variant, (tau, _) in DFT_DEFAULTS.items())
+        + ")",
     )
-    dft_gamma: float = _setting(
-        0.85,
-        "DFT's moving-average weight of each new estimate of the "
-        "normaliser, in (0, 1] (1: no memory; recipes: 0.85 dft, 0.9 dft2)",
+    dft_gamma: float | None = _setting(
+        None,
+        "DFT's moving-average weight of each new estimate of the normaliser, in (0, 1] (1: no "
+        "memory; default: the variant's, the authors' recipes: "
+        + ", ".join(f"{variant} {gamma}" for variant, (_, gamma) in DFT_DEFAULTS.items())
+        + ")",
     )
     dft_variant: str = _setting(
         "dft",
@@ -72,6 +87,21 @@ class ObjectiveSettings:
     dft_u_init: float = _setting(
         0.0, "DFT's initial log normaliser log u of every prompt, each round"
     )
+    token_weighting: str = _setting(
+        "none",
+        "SFT's per-token weights: none, or prob (each token's loss -log p_t weighted by its "
+        "detached probability p_t: Dynamic Fine-Tuning, Wu et al. 2025, TRL's "
+        "loss_type='dft'; not --method dft); --method sft only",
+        choices=TOKEN_WEIGHTINGS,
+    )
+
+    def __post_init__(self) -> None:
+        if self.token_weighting != "none" and self.method != "sft":
+            raise ValueError(
+                f"objective.token_weighting={self.token_weighting!r} (--token-weighting) weights "
+                f"SFT's tokens; objective.method is {self.method!r}: use --method sft, or "
+                "--token-weighting none"
+            )
 
     def estimator_params(self) -> dict[str, float]:
         """Keyword arguments of ``gsil.estimators.get_estimator`` beyond the name."""
@@ -87,6 +117,9 @@ class LogpBatch:
     ``demo_token_counts``/``gen_token_counts`` are response lengths (ones where the log-probs
     are already length-averaged); ``gen_mask`` marks the samples that count (None: all);
     ``state`` is a stateful method's per-example state before the step.
+    ``policy_demo_prob_weighted_logps`` ``(B,)`` is each demonstration's
+    ``sum_t sg(p_t) log p_t`` (:class:`gsil.logprobs.SequenceLogps`), for a method that
+    ``needs_prob_weighted_logps``; else None.
     """
 
     policy_demo_logps: Tensor
@@ -97,6 +130,7 @@ class LogpBatch:
     gen_token_counts: Tensor | None = None
     gen_mask: Tensor | None = None
     state: Tensor | None = None
+    policy_demo_prob_weighted_logps: Tensor | None = None
 
     def kept_mask(self) -> Tensor | None:
         """``gen_mask`` when it leaves some sample out, else None (every sample counts)."""
@@ -117,6 +151,7 @@ class Method:
     key: ClassVar[str] = ""  # the registry name (``--method``)
     needs_generations: ClassVar[bool] = False
     needs_reference: ClassVar[bool] = False
+    needs_prob_weighted_logps: ClassVar[bool] = False  # LogpBatch.policy_demo_prob_weighted_logps
     state_key: ClassVar[str | None] = None
 
     @property
@@ -213,13 +248,40 @@ class SPIN(Method):
 @register("sft")
 @dataclass(frozen=True)
 class SFT(Method):
-    """Supervised fine-tuning: :func:`gsil.objectives.sft_loss` (no samples, no reference)."""
+    """Supervised fine-tuning (no samples, no reference): :func:`gsil.objectives.sft_loss`, or
+    with ``token_weighting="prob"`` Dynamic Fine-Tuning (:func:`gsil.objectives.dynamic_ft_loss`,
+    named ``dynamic-ft`` in logs), which needs each demonstration's probability-weighted
+    log-prob sum."""
+
+    token_weighting: str = ObjectiveSettings.token_weighting
+
+    def __post_init__(self) -> None:
+        if self.token_weighting not in TOKEN_WEIGHTINGS:
+            raise ValueError(
+                f"--token-weighting must be one of {TOKEN_WEIGHTINGS}, got {self.token_weighting!r}"
+            )
+
+    @property
+    def name(self) -> str:
+        return "dynamic-ft" if self.token_weighting == "prob" else self.key
+
+    @property
+    def needs_prob_weighted_logps(self) -> bool:
+        return self.token_weighting == "prob"
 
     @classmethod
     def from_settings(cls, settings: ObjectiveSettings) -> SFT:
-        return cls()
+        return cls(settings.token_weighting)
 
     def loss(self, batch: LogpBatch) -> tuple[Tensor, Stats]:
+        if self.token_weighting == "prob":
+            if batch.policy_demo_prob_weighted_logps is None:
+                raise ValueError("Dynamic FT needs LogpBatch.policy_demo_prob_weighted_logps")
+            return dynamic_ft_loss(
+                batch.policy_demo_prob_weighted_logps,
+                batch.policy_demo_logps,
+                batch.demo_token_counts,
+            )
         return sft_loss(batch.policy_demo_logps, batch.demo_token_counts)
 
 
@@ -227,10 +289,12 @@ class SFT(Method):
 @dataclass(frozen=True)
 class DFT(Method):
     """Discriminative fine-tuning, DFT or DFT2 (:func:`gsil.objectives.dft_loss`): stateful,
-    one moving-average normaliser ``log u`` per prompt, ``u_init`` at each round's start."""
+    one moving-average normaliser ``log u`` per prompt, ``u_init`` at each round's start.
+    A ``tau`` or ``gamma`` of None is the variant's default
+    (:data:`gsil.objectives.DFT_DEFAULTS`)."""
 
-    tau: float = ObjectiveSettings.dft_tau
-    gamma: float = ObjectiveSettings.dft_gamma
+    tau: float | None = ObjectiveSettings.dft_tau
+    gamma: float | None = ObjectiveSettings.dft_gamma
     variant: str = ObjectiveSettings.dft_variant
     u_init: float = ObjectiveSettings.dft_u_init
     needs_generations: ClassVar[bool] = True
@@ -239,6 +303,11 @@ class DFT(Method):
     def __post_init__(self) -> None:
         if self.variant not in DFT_VARIANTS:
             raise ValueError(f"--dft-variant must be one of {DFT_VARIANTS}, got {self.variant!r}")
+        default_tau, default_gamma = DFT_DEFAULTS[self.variant]
+        if self.tau is None:
+            object.__setattr__(self, "tau", default_tau)
+        if self.gamma is None:
+            object.__setattr__(self, "gamma", default_gamma)
         if self.tau <= 0 or not 0 < self.gamma <= 1:
             raise ValueError(
                 f"DFT needs --dft-tau > 0 and 0 < --dft-gamma <= 1, got {self.tau} and {self.gamma}"

@@ -1,4 +1,5 @@
-"""GSIL, SPIN, DPO, SFT and DFT objectives as pure functions of per-sequence log-probs.
+"""GSIL, SPIN, DPO, SFT, Dynamic FT and DFT objectives as pure functions of per-sequence
+log-probs.
 
 Every function takes summed response log-probabilities (one number per sequence) and returns
 per-example losses plus a dict of per-example, detached statistics; the caller averages.
@@ -33,6 +34,10 @@ from gsil.estimators import DensityRatioEstimator
 
 Stats = dict[str, Tensor]
 DFT_VARIANTS = ("dft", "dft2")
+# each DFT variant's (tau, gamma) when none is given: the authors' Mistral-7B recipes
+DFT_DEFAULTS = {"dft": (1.0, 0.85), "dft2": (0.3, 0.9)}
+# SFT's per-token weights: none (plain SFT) or prob (Dynamic Fine-Tuning: sg(p_t))
+TOKEN_WEIGHTINGS = ("none", "prob")
 
 
 def per_sample(values: Tensor, like: Tensor) -> Tensor:
@@ -203,11 +208,12 @@ def dft_loss(
     ``gamma = 1`` keeps no memory (``log u_i = logmeanexp_j d_ij``), and then ``grad_i`` is
     exactly ``tau * grad[-s(y_i)/tau + log ghat_i]`` for the mini-batch estimate ghat_i. The
     code's ``tau = 1, gamma = 0.85`` (DFT) and ``tau = 0.3, gamma = 0.9`` (DFT2) are its
-    Mistral-7B recipes; its ``u_init`` (the initial ``log u_i``) is 0. The authors draw their
-    negatives once, offline, from the base model with the system message "You are an
-    unhelpful assistant." (temperature 0.7, top-k 50, 320 new tokens; their
-    ``generator/gen.py``); gsil samples them from each round's policy on the training prompt
-    as it is, the self-play setting SPIN and GSIL use, so the three see the same prompts.
+    Mistral-7B recipes (each variant's default, :data:`DFT_DEFAULTS`); its ``u_init`` (the
+    initial ``log u_i``) is 0. The authors draw their negatives once, offline, from the base
+    model with the system message "You are an unhelpful assistant." (temperature 0.7, top-k
+    50, 320 new tokens; their ``generator/gen.py``); gsil samples them from each round's
+    policy on the training prompt as it is, the self-play setting SPIN and GSIL use, so the
+    three see the same prompts.
     (Equation numbers are not cited: the paper's text beyond its abstract was not available
     offline when this was written; the formulas follow the authors' code, named above.)
 
@@ -284,6 +290,39 @@ def sft_loss(policy_demo_logps: Tensor, demo_token_counts: Tensor) -> tuple[Tens
     """Supervised fine-tuning: ``-log pi_theta(y_demo|x) / |y_demo|`` (mean over tokens)."""
     token_mean_logps = policy_demo_logps / demo_token_counts.clamp(min=1)
     return -token_mean_logps, {"logps/chosen_per_token": token_mean_logps.detach()}
+
+
+def dynamic_ft_loss(
+    policy_demo_prob_weighted_logps: Tensor,
+    policy_demo_logps: Tensor,
+    demo_token_counts: Tensor,
+) -> tuple[Tensor, Stats]:
+    """Dynamic Fine-Tuning (Wu et al. 2025, arXiv 2508.05629): SFT with each token's loss
+    weighted by its own detached probability ``p_t = pi_theta(y_t | x, y_<t)``::
+
+        loss_i = -(1/|y_i|) sum_t sg(p_t) log p_t        (mean over the demonstration's tokens)
+
+    so the gradient ``-(1/|y_i|) sum_t p_t grad log p_t`` down-weights the tokens the model
+    finds unlikely. The value is not a likelihood: a token's ``-p log p`` rises with ``p`` up to
+    ``p = 1/e``, so on unlikely demonstrations the loss grows as training raises their
+    log-probs (``logps/chosen``). Per token this is TRL's ``SFTConfig(loss_type="dft")``
+    (``-exp(log p).detach() * log p``); TRL divides the batch's sum by the batch's token count,
+    here each demonstration's sum is divided by its own length and the examples averaged, as
+    :func:`sft_loss` does: the two agree on one sequence and on equal lengths.
+
+    Args:
+        policy_demo_prob_weighted_logps: ``(B,)`` ``sum_t sg(p_t) log p_t`` of each
+            demonstration (:class:`gsil.logprobs.SequenceLogps`; its mean with
+            ``demo_token_counts`` of ones when already length-averaged).
+        policy_demo_logps: ``(B,)`` ``log pi_theta(y_demo|x)``, for the statistic only.
+        demo_token_counts: ``(B,)`` response lengths.
+
+    Returns per-example losses ``(B,)`` and the statistic ``logps/chosen_per_token`` (the plain
+    token-mean log-prob, as :func:`sft_loss`'s).
+    """
+    counts = demo_token_counts.clamp(min=1)
+    stats = {"logps/chosen_per_token": (policy_demo_logps / counts).detach()}
+    return -policy_demo_prob_weighted_logps / counts, stats
 
 
 def _reward_stats(

@@ -13,7 +13,7 @@ over the prompt's k samples, and an accuracy the fraction of its k pairs the dem
 
     key                           TRL name             quantity
     ----------------------------  -------------------  -------------------------------------------
-    loss                          loss                 the objective (GSIL, SPIN, SFT or DFT)
+    loss                          loss                 the objective (every method's)
     grad_norm                     grad_norm            gradient norm before clipping
     learning_rate                 learning_rate        after this step's scheduler step
     epoch                         epoch                fractional epochs done in this round
@@ -30,7 +30,7 @@ over the prompt's k samples, and an accuracy the fraction of its k pairs the dem
     dft/log_normalizer            (none)               DFT: log u, each prompt's moving average of
                                                        the discriminative normaliser
     dft/weights                   (none)               DFT: mean importance weight of the samples
-    logps/chosen_per_token        (none)               SFT: token-mean log pi_theta(demo)
+    logps/chosen_per_token        (none)               SFT, Dynamic FT: token-mean log pi(demo)
     tokens                        (none) [2]           non-padding tokens in the step
     step, round, round_step       (step: global step)  global step, round, step within the round
     skipped                       (none)               1: a non-finite loss or gradient, update
@@ -67,7 +67,7 @@ from gsil.batching import Example, collate, split_demo_gen
 from gsil.checkpoints import load_method_state, save_checkpoint
 from gsil.faults import kill_point
 from gsil.layout import RunLayout
-from gsil.logprobs import LOGPROB_PATHS, model_sequence_logps
+from gsil.logprobs import LOGPROB_PATHS, SequenceLogps, model_sequence_logps
 from gsil.methods import LogpBatch, Method
 from gsil.models import disable_activation_checkpointing, enable_activation_checkpointing
 from gsil.nonfinite import check_step, nonfinite_rows
@@ -149,10 +149,16 @@ class RoundData:
 
 
 def forward_logps(
-    model, batch: dict, average: bool, *, path: str = OptimSettings.logprob_path
-) -> torch.Tensor:
+    model,
+    batch: dict,
+    average: bool,
+    *,
+    path: str = OptimSettings.logprob_path,
+    prob_weighted: bool = False,
+) -> torch.Tensor | SequenceLogps:
     """Per-row response log-probs of a (demos, then generations) batch, in one forward, by the
-    log-prob ``path`` (:func:`gsil.logprobs.model_sequence_logps`)."""
+    log-prob ``path`` (:func:`gsil.logprobs.model_sequence_logps`; ``prob_weighted`` adds
+    each row's ``sum_t sg(p_t) log p_t``)."""
     return model_sequence_logps(
         model,
         batch["input_ids"],
@@ -160,6 +166,7 @@ def forward_logps(
         batch["labels"],
         average=average,
         path=path,
+        prob_weighted=prob_weighted,
     )
 
 
@@ -537,7 +544,17 @@ class RoundStepper:
         )
         index = batch["index"].cpu()
         average = self.settings.average_logps
-        logps = forward_logps(self.model, batch, average, path=self.settings.logprob_path)
+        logps = forward_logps(
+            self.model,
+            batch,
+            average,
+            path=self.settings.logprob_path,
+            prob_weighted=self.method.needs_prob_weighted_logps,
+        )
+        prob_weighted_demo = None
+        if isinstance(logps, SequenceLogps):
+            prob_weighted_demo, _ = split_demo_gen(logps.prob_weighted, len(index))
+            logps = logps.logps
         policy_demo, policy_gen = split_demo_gen(logps, len(index))
         counts = batch["demo_token_counts"].float()
         gen_counts = batch.get("gen_token_counts")
@@ -555,6 +572,7 @@ class RoundStepper:
                 gen_token_counts=gen_counts,
                 gen_mask=batch.get("gen_mask"),
                 state=_take(self.method_state, index, logps),
+                policy_demo_prob_weighted_logps=prob_weighted_demo,
             )
         )
         stats = {**stats, "loss": losses.detach(), "logps/chosen": policy_demo.detach()}

@@ -45,12 +45,15 @@ def run_job(
     num_demos: int = 10,
     interrupt_after_calls: int = 0,
     zero3_init: bool = False,
+    objective_settings: dict | None = None,
     **optim: object,
 ) -> Path:
     """One run of ``run_rounds`` into ``out/name``; with ``interrupt_after_calls`` the run is
-    interrupted at that objective call and then resumed in the same processes. ``zero3_init``
-    starts from a model already partitioned by ZeRO-3 (as ``from_pretrained`` leaves it under
-    accelerate's ``zero3_init_flag``): each process holds only its shard of every parameter."""
+    interrupted at that objective call and then resumed in the same processes.
+    ``objective_settings`` holds further :class:`gsil.methods.ObjectiveSettings` fields
+    (``token_weighting``). ``zero3_init`` starts from a model already partitioned by ZeRO-3
+    (as ``from_pretrained`` leaves it under accelerate's ``zero3_init_flag``): each process
+    holds only its shard of every parameter."""
     tokenizer = build_tiny_tokenizer()
 
     def policy():
@@ -64,7 +67,7 @@ def run_job(
         return model
 
     estimator = get_estimator(loss) if method == "gsil" else None
-    objective = get_method(method, estimator, beta=0.5)
+    objective = get_method(method, estimator, beta=0.5, **(objective_settings or {}))
     settings = OptimSettings(**{"checkpoint_every": 1, **optim})
     kwargs = dict(
         rounds=rounds,

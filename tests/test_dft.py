@@ -10,8 +10,11 @@ import torch
 from safetensors.torch import load_file
 from tiny import Interrupt, interrupting, tiny_demos
 
+from experiments import run
+from experiments.config import ConfigError, from_dict, leaves
+from experiments.errors import run_command
 from gsil.generation import GenerationSettings
-from gsil.methods import LogpBatch, get_method
+from gsil.methods import LogpBatch, build_method, get_method
 from gsil.objectives import dft_loss
 from gsil.trainer import OptimSettings, RoundsSettings, run_rounds
 
@@ -254,3 +257,55 @@ def test_dft_state_is_kept_across_epochs_and_resumed_exactly(
     got = load_file(str(broken / "round_0" / "model" / "model.safetensors"))
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_each_variant_defaults_to_its_authors_tau_and_gamma():
+    """The authors' Mistral-7B recipes: DFT tau 1.0, gamma 0.85; DFT2 tau 0.3, gamma 0.9. A
+    value given explicitly wins, the other keeps the variant's default."""
+    dft = get_method("dft")
+    dft2 = build_method(
+        from_dict({"method": "dft", "dft_variant": "dft2", "do_sample": True}).objective
+    )
+    assert (dft.tau, dft.gamma) == (1.0, 0.85)
+    assert (dft2.tau, dft2.gamma) == (0.3, 0.9)
+    mixed = get_method("dft", dft_variant="dft2", dft_tau=1.0)
+    assert (mixed.tau, mixed.gamma) == (1.0, 0.9)
+    demo, gen, _, log_u = tensors()
+    counts = torch.tensor([3.0, 5.0], dtype=torch.float64)
+    gen_counts = torch.tensor([[2.0, 4.0, 6.0], [1.0, 3.0, 5.0]], dtype=torch.float64)
+    batch = LogpBatch(demo, counts, policy_gen_logps=gen, gen_token_counts=gen_counts, state=log_u)
+    losses, _ = dft2.loss(batch)
+    expected, _ = dft_loss(
+        demo,
+        gen,
+        None,
+        log_u,
+        tau=0.3,
+        gamma=0.9,
+        variant="dft2",
+        demo_token_counts=counts,
+        gen_token_counts=gen_counts,
+    )
+    torch.testing.assert_close(losses, expected, rtol=0, atol=0)
+    help_texts = {leaf.flag: leaf.help for leaf in leaves()}
+    assert "dft 1.0, dft2 0.3" in help_texts["dft_tau"]
+    assert "dft 0.85, dft2 0.9" in help_texts["dft_gamma"]
+
+
+def test_dft_with_one_greedy_sample_is_refused(capsys):
+    """Greedy decoding gives each prompt one deterministic negative: DFT's normaliser then
+    has nothing to average; the error names the fields and the fix, exit status 2."""
+    with pytest.raises(ConfigError, match=r"generation.do_sample=false.*--do-sample"):
+        from_dict({"method": "dft"})
+    with pytest.raises(ConfigError, match="generation.num_samples=1"):
+        from_dict({"method": "dft", "dft_variant": "dft2", "do_sample": False})
+    assert run_command(run.main, ["--method", "dft", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "objective.method=dft" in err and "--do-sample" in err
+    assert "Traceback" not in err
+    for sampled in ({"num_samples": 1}, {"num_samples": 4, "temperature": 0.7, "top_k": 50}):
+        from_dict({"method": "dft", "do_sample": True, **sampled})
+    from_dict({"method": "gsil"})  # greedy stays the default of the other methods

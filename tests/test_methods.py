@@ -73,5 +73,6 @@ def test_methods_are_bound_from_their_settings_and_unknown_ones_are_refused():
     with pytest.raises(ValueError, match="registered twice"):
         register("gsil")(GSIL)
     assert torch.equal(
-        build_method(from_dict({"method": "dft"}).objective).initial_state(2), torch.zeros(2)
+        build_method(from_dict({"method": "dft", "do_sample": True}).objective).initial_state(2),
+        torch.zeros(2),
     )

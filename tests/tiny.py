@@ -102,6 +102,10 @@ class Spy(Method):
         return self.inner.needs_reference
 
     @property
+    def needs_prob_weighted_logps(self) -> bool:
+        return self.inner.needs_prob_weighted_logps
+
+    @property
     def state_key(self) -> str | None:
         return self.inner.state_key
 
