@@ -40,7 +40,14 @@ from gsil.batching import Example, GeneratedResponses, build_examples
 from gsil.checkpoints import load_checkpoint, save_round_model, truncate_metrics
 from gsil.data import TokenLimits, tie_mask
 from gsil.faults import kill_point
-from gsil.generation import VLLM, GenerationSettings, SetRequest, generate_set, resolve_backend
+from gsil.generation import (
+    VLLM,
+    GenerationSettings,
+    SetRequest,
+    generate_set,
+    read_previous_set,
+    resolve_backend,
+)
 from gsil.integrity import CorruptFileError, read_recorded, verify_manifest, write_recorded
 from gsil.io import read_json, write_json
 from gsil.layout import RunLayout
@@ -64,6 +71,12 @@ class RoundsSettings:
     ``lora_rank`` > 0: the policy is trained through LoRA adapters, merged after each round.
     ``resume``: finished rounds are skipped and an interrupted round continues from its
     checkpoint, so the final weights equal those of an uninterrupted run.
+
+    ``mix_previous_generations``: round ``t`` trains on its own generated set and on the set
+    of the round before it, concatenated (each demonstration twice, paired once with each;
+    SPIN's ``config_iter1.yaml``), both scored by the round's reference pi_t. The set before
+    round 0 is ``previous_generations`` (the last round of the run whose model this one
+    starts from); without it round 0 trains on its own set alone.
     """
 
     run_dir: Path
@@ -76,6 +89,8 @@ class RoundsSettings:
     drop_ties: bool = False
     lora_rank: int = 0
     resume: bool = False
+    mix_previous_generations: bool = False
+    previous_generations: Path | None = None
 
 
 @dataclass
@@ -235,6 +250,8 @@ class SelfImitation:
                     accelerator,
                 )
             kill_point("generation")  # test hook (gsil.faults): the set is written
+            if settings.mix_previous_generations:
+                self._add_previous_generations(own, round_index)
             ties = tie_mask([d.response for d in own.demos for _ in range(k)], own.responses)
             own.info["ties"] = sum(ties)
             if settings.drop_ties:
@@ -242,6 +259,21 @@ class SelfImitation:
             own.info["num_trained"] = len(own.demos)
         own.info["generation_seconds"] = round(time.perf_counter() - started, 3)
         return own
+
+    def _add_previous_generations(self, own: OwnSamples, round_index: int) -> None:
+        """Append the set of the round before ``round_index`` (``mix_previous_generations``):
+        every demonstration once more, paired with its earlier responses."""
+        previous = (
+            self.layout.generated(round_index - 1)
+            if round_index > 0
+            else self.settings.previous_generations
+        )
+        if previous is None:
+            return
+        k = self.settings.generation.num_samples
+        own.responses = own.responses + read_previous_set(previous, self.demos, k)
+        own.demos = own.demos + list(self.demos)
+        own.info["mixed_previous_generations"] = str(previous)
 
     def reference_pass(self, model, own: OwnSamples, round_index: int) -> RoundData:
         """Stage 2: the round's examples and, when the method needs them, the reference
