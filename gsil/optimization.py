@@ -92,6 +92,11 @@ class OptimSettings:
     )
     weight_decay: float = _opt(0.0, "weight decay")
     warmup_steps: int = _opt(0, "linear warm-up steps (then --lr-scheduler's decay to 0)")
+    warmup_ratio: float = _opt(
+        0.0,
+        "warm-up as a fraction of the round's optimizer steps, rounded up (transformers' "
+        "warmup_ratio; SPIN's and DFT's authors: 0.1); only when --warmup-steps is 0",
+    )
     epochs: int = _opt(1, "epochs over the demonstrations per round")
     batch_size: int = _opt(
         8,
@@ -125,6 +130,12 @@ class OptimSettings:
         "logits) or plain (the model's full logits)",
         choices=LOGPROB_PATHS,
     )
+
+
+def warmup_steps(settings: OptimSettings, total_steps: int) -> int:
+    """The round's warm-up steps: ``warmup_steps``, else ``ceil(warmup_ratio * total_steps)``
+    (as transformers' ``TrainingArguments.get_warmup_steps``)."""
+    return settings.warmup_steps or math.ceil(settings.warmup_ratio * total_steps)
 
 
 @dataclass(frozen=True)
@@ -429,7 +440,7 @@ class RoundStepper:
         configure_engine(accelerator, settings)
         optimizer = _make_optimizer(model, settings)
         scheduler = get_scheduler(
-            settings.lr_scheduler, optimizer, settings.warmup_steps, total_steps
+            settings.lr_scheduler, optimizer, warmup_steps(settings, total_steps), total_steps
         )
         # the scheduler is not prepared: accelerate would step it once per process per update
         model, optimizer = accelerator.prepare(model, optimizer)
