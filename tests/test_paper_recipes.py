@@ -1,0 +1,133 @@
+"""The paper presets as their authors ran them: SPIN's iterations (uclaml/SPIN, commit a12ba80),
+DFT's run (PenGuln/DFT, commit cd7a0fb), and each preset's dry run stating where it still
+departs from the authors. Values are copied from the authors' files, not from the presets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import experiments.run
+from experiments.config import (
+    PRESETS_DIR,
+    ConfigError,
+    load_pipeline,
+    read_recipe,
+    recipe_departures,
+)
+from experiments.training import rounds_settings
+from gsil.layout import RunLayout
+
+PAPER_PRESETS = sorted(p.stem for p in PRESETS_DIR.glob("paper-*.yaml"))
+
+
+def _dry_run(capsys, *argv) -> dict:
+    experiments.run.main(["--dry-run", *argv])
+    out = capsys.readouterr().out
+    assert out.startswith("dry run: nothing is loaded or trained")
+    return json.loads(out.split("\n", 1)[1])
+
+
+def test_the_paper_presets_are_found():
+    assert {"paper-zephyr", "paper-spin"} <= set(PAPER_PRESETS)
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_each_paper_presets_dry_run_prints_its_departures(preset, capsys):
+    """The dry run validates the recipe and prints every sentence of its ``_departures``."""
+    _, values = read_recipe(preset)
+    written = values["_departures"]
+    assert len(written) >= 3 and all(len(sentence) > 40 for sentence in written)
+    plan = _dry_run(capsys, "--preset", preset)
+    assert plan["departures_from_the_authors"] == written
+
+
+def test_paper_zephyr_names_the_instruction_prompt_it_does_not_use():
+    assert any("### Instruction" in s for s in recipe_departures("paper-zephyr"))
+
+
+def test_departures_must_be_sentences(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("_departures: not a list\nmethod: sft\n")
+    with pytest.raises(ConfigError, match="_departures"):
+        recipe_departures(str(recipe))
+    with pytest.raises(SystemExit, match="_departures"):
+        experiments.run.main(["--dry-run", "--preset", str(recipe)])
+
+
+# SPIN's four iterations (configs/config.yaml, config_iter1-3.yaml and scripts/finetune*.sh,
+# whose flags override the configs): (learning rate, beta, epochs, mixes the iteration before)
+SPIN_ITERATIONS = {
+    "spin-iter0": (5e-7, 0.1, 6, False),
+    "spin-iter1": (5e-7, 0.1, 6, True),
+    "spin-iter2": (1e-7, 0.1, 6, True),
+    "spin-iter3": (1e-7, 5.0, 6, True),
+}
+
+
+def test_paper_spin_is_the_authors_four_iterations():
+    pipeline = load_pipeline("paper-spin")
+    assert [s.name for s in pipeline.stages] == list(SPIN_ITERATIONS)
+    for stage in pipeline.stages:
+        config = stage.config
+        lr, beta, epochs, mixes = SPIN_ITERATIONS[stage.name]
+        assert config.objective.method == "spin"
+        assert (config.optim.learning_rate, config.objective.beta) == (lr, beta), stage.name
+        assert (config.optim.epochs, config.mix_previous_generations) == (epochs, mixes)
+        assert (config.optim.optimizer, config.optim.lr_scheduler) == ("rmsprop", "linear")
+        assert (config.optim.warmup_ratio, config.optim.warmup_steps) == (0.1, 0)
+        assert (config.data.max_length, config.data.max_prompt_length) == (1024, 512)
+        assert config.data.truncate_prompts  # truncation_mode keep_end
+        assert (config.generation.do_sample, config.generation.max_new_tokens) == (False, 256)
+        assert config.rounds == 1 and config.seed == 42
+    first = pipeline.stages[0].config.model
+    assert first.name_or_path == "alignment-handbook/zephyr-7b-sft-full"
+    assert first.revision == "ac6e600eefcce74f5e8bae1035d4f66019e93190"
+    # iteration t starts from iteration t-1's model and mixes in the set it trained on
+    for before, stage in zip(pipeline.stages, pipeline.stages[1:], strict=False):
+        assert stage.init_from == before.name
+        previous = rounds_settings(stage.config).previous_generations
+        assert previous == RunLayout(before.config.run_dir()).generated(0)
+    assert rounds_settings(pipeline.stages[0].config).previous_generations is None
+
+
+def test_paper_spin_dry_run_counts_the_mixed_pairs(capsys):
+    """61,135 prompts, 8 per GPU x 4 GPUs x 2 accumulated: iteration 0 trains 61,135 pairs,
+    ceil(61135 / 32) = 1,911 micro-batches = 956 steps an epoch, 5,736 in 6 epochs; the later
+    iterations 122,270 pairs (both sets), 3,821 micro-batches = 1,911 steps, 11,466 in 6."""
+    plan = _dry_run(capsys, "--preset", "paper-spin")
+    steps = {stage["run"]: stage["optimizer_steps"] for stage in plan["stages"]}
+    assert steps == {
+        "spin-iter0": 5_736,
+        "spin-iter1": 11_466,
+        "spin-iter2": 11_466,
+        "spin-iter3": 11_466,
+    }
+
+
+def test_warmup_ratio_warms_up_a_share_of_the_rounds_steps(tiny_model, tiny_tokenizer, tmp_path):
+    """8 examples in micro-batches of 2: 4 steps; ratio 0.3 -> ceil(1.2) = 2 warm-up steps, so
+    the rates after each step are lr x 1/2, 1, then linear decay over the last 2: 1/2, 0."""
+    from tiny import tiny_demos
+
+    from gsil.methods import get_method
+    from gsil.optimization import OptimSettings
+    from gsil.trainer import RoundsSettings, run_rounds
+
+    optim = OptimSettings(learning_rate=1e-3, batch_size=2, warmup_ratio=0.3, checkpoint_every=0)
+    run_rounds(
+        tiny_model,
+        tiny_tokenizer,
+        tiny_demos(8),
+        get_method("sft"),
+        RoundsSettings(run_dir=tmp_path, max_prompt_length=64, max_length=96, optim=optim),
+    )
+    rows = RunLayout(tmp_path).metrics.read_text().splitlines()
+    rates = [json.loads(row)["learning_rate"] / 1e-3 for row in rows]
+    assert rates == pytest.approx([0.5, 1.0, 0.5, 0.0])
+
+
+def test_warmup_ratio_out_of_range_is_refused():
+    with pytest.raises(SystemExit, match="warmup_ratio"):
+        experiments.run.main(["--dry-run", "--method", "sft", "--warmup-ratio", "1.5"])
