@@ -492,6 +492,18 @@ def validate(config: RunConfig) -> None:
         problems.append("--gamma must be > 0 for the power estimator")
     if not 0.0 <= config.optim.warmup_ratio < 1.0:
         problems.append(f"optim.warmup_ratio must be in [0, 1), got {config.optim.warmup_ratio}")
+    if config.objective.dft_keep_normalizer and config.mix_previous_generations:
+        problems.append(
+            "objective.dft_keep_normalizer keeps one u per demonstration, but "
+            "mix_previous_generations trains on each demonstration twice a round: use one"
+        )
+    samples, per_epoch = config.generation.num_samples, config.optim.samples_per_epoch
+    if not 0 <= per_epoch <= samples:
+        problems.append(
+            f"optim.samples_per_epoch (--samples-per-epoch) = {per_epoch} asks for more of each "
+            f"prompt's own samples than generation.num_samples (--num-samples) = {samples} "
+            "makes (or is negative): lower it, or raise --num-samples"
+        )
     if config.optim.learning_rate <= 0:
         problems.append("--lr must be > 0")
     if config.objective.beta <= 0:

@@ -430,6 +430,15 @@ def format_prompt(tokenizer: Any, prompt: Prompt | list[dict[str, str]]) -> str:
     return (getattr(tokenizer, "bos_token", None) or "") + turns + FALLBACK_GENERATION_PROMPT
 
 
+def with_system_message(prompt: Prompt, system: str) -> Prompt:
+    """``prompt`` as chat messages opening with the system message ``system``; a prompt that
+    opens with a system message already is returned as it is (DFT's generator does the same)."""
+    messages = ({"role": "user", "content": prompt},) if isinstance(prompt, str) else prompt
+    if messages[0]["role"] == "system":
+        return prompt
+    return ({"role": "system", "content": system}, *messages)
+
+
 def encode_prompt(
     tokenizer: Any, prompt: Prompt | list[dict[str, str]], max_prompt_length: int | None = None
 ) -> list[int]:

@@ -72,6 +72,12 @@ class ObjectiveSettings:
     dft_u_init: float = _setting(
         0.0, "DFT's initial log normaliser log u of every prompt, each round"
     )
+    dft_keep_normalizer: bool = _setting(
+        False,
+        "keep each prompt's log u from one round to the next instead of dft_u_init at each "
+        "round's start (multi-round DFT is this toolkit's extension; the authors train one "
+        "round, over whose epochs u is kept)",
+    )
 
     def estimator_params(self) -> dict[str, float]:
         """Keyword arguments of ``gsil.estimators.get_estimator`` beyond the name."""
@@ -135,6 +141,12 @@ class Method:
     def initial_state(self, num_examples: int) -> Tensor | None:
         """The round's starting state, ``(num_examples,)`` float32; None if stateless."""
         return None
+
+    @property
+    def keeps_state_across_rounds(self) -> bool:
+        """Whether a round starts from the state the round before ended with (matched by
+        demonstration id) instead of :meth:`initial_state`."""
+        return False
 
 
 METHODS: dict[str, type[Method]] = {}
@@ -227,12 +239,14 @@ class SFT(Method):
 @dataclass(frozen=True)
 class DFT(Method):
     """Discriminative fine-tuning, DFT or DFT2 (:func:`gsil.objectives.dft_loss`): stateful,
-    one moving-average normaliser ``log u`` per prompt, ``u_init`` at each round's start."""
+    one moving-average normaliser ``log u`` per prompt, ``u_init`` at each round's start, or
+    (``keep_normalizer``) the value the round before ended with."""
 
     tau: float = ObjectiveSettings.dft_tau
     gamma: float = ObjectiveSettings.dft_gamma
     variant: str = ObjectiveSettings.dft_variant
     u_init: float = ObjectiveSettings.dft_u_init
+    keep_normalizer: bool = ObjectiveSettings.dft_keep_normalizer
     needs_generations: ClassVar[bool] = True
     state_key: ClassVar[str | None] = "dft/log_normalizer"
 
@@ -254,7 +268,17 @@ class DFT(Method):
 
     @classmethod
     def from_settings(cls, settings: ObjectiveSettings) -> DFT:
-        return cls(settings.dft_tau, settings.dft_gamma, settings.dft_variant, settings.dft_u_init)
+        return cls(
+            settings.dft_tau,
+            settings.dft_gamma,
+            settings.dft_variant,
+            settings.dft_u_init,
+            settings.dft_keep_normalizer,
+        )
+
+    @property
+    def keeps_state_across_rounds(self) -> bool:
+        return self.keep_normalizer
 
     def initial_state(self, num_examples: int) -> Tensor:
         return torch.full((num_examples,), float(self.u_init), dtype=torch.float32)

@@ -30,7 +30,7 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ from accelerate import Accelerator
 
 from gsil.batching import Example, GeneratedResponses, build_examples
 from gsil.checkpoints import load_checkpoint, save_round_model, truncate_metrics
-from gsil.data import TokenLimits, tie_mask
+from gsil.data import TokenLimits, tie_mask, with_system_message
 from gsil.faults import kill_point
 from gsil.generation import (
     VLLM,
@@ -231,16 +231,22 @@ class SelfImitation:
             # process generates its share, the main process writes the set
             engine = self.vllm.engine_for(model)
             policy = accelerator.unwrap_model(model)
+            asked, max_prompt_length = own.demos, settings.max_prompt_length
+            if generation.system_prompt is not None:
+                # generation alone sees it; the limit is the training prompt's, without it
+                system = generation.system_prompt
+                asked = [replace(d, prompt=with_system_message(d.prompt, system)) for d in asked]
+                max_prompt_length = None
             with accelerator.autocast(), full_parameters(accelerator, policy):
                 own.responses = generate_set(
                     engine or policy,
                     self.tokenizer,
-                    own.demos,
+                    asked,
                     self.layout.generated(round_index),
                     SetRequest(
                         generation,
                         seed=settings.seed + round_index,
-                        max_prompt_length=settings.max_prompt_length,
+                        max_prompt_length=max_prompt_length,
                         extra_settings={
                             "round": round_index,
                             "mixed_precision": accelerator.mixed_precision,
@@ -300,13 +306,31 @@ class SelfImitation:
                 own.info["ref_logps/rejected"] = float(ref_gen.mean())
         own.info["reference_seconds"] = round(time.perf_counter() - started, 3)
         accelerator.wait_for_everyone()
+        ids = [d.id for d in own.demos]
         return RoundData(
             examples,
             ref_demo,
             ref_gen,
-            ids=[d.id for d in own.demos],
+            ids=ids,
             pad_id=self.tokenizer.pad_token_id,
+            initial_state=self._carried_state(round_index, ids),
         )
+
+    def _carried_state(self, round_index: int, ids: list) -> torch.Tensor | None:
+        """The state round ``round_index`` starts from when the method keeps it across rounds:
+        the round before's final value of each demonstration (by id; one it did not train on,
+        ``--drop-ties``, starts from the method's initial value). None: the method's own."""
+        if round_index == 0 or not self.method.keeps_state_across_rounds:
+            return None
+        path = self.layout.method_state(round_index - 1)
+        fix = f"Delete {path.parent} and the later rounds to train them again"
+        carried = read_recorded(path, torch.load, what="method state", fix=fix)
+        ended = dict(zip(carried["ids"], carried["state"].tolist(), strict=True))
+        state = self.method.initial_state(len(ids))
+        for position, demo_id in enumerate(ids):
+            if demo_id in ended:
+                state[position] = ended[demo_id]
+        return state
 
     def _reference_logps(self, model, examples: list[Example], round_index: int):
         path = self.layout.reference_logps(round_index)

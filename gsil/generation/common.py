@@ -101,6 +101,16 @@ class GenerationSettings:
         },
     )
 
+    system_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "a system message put before each prompt (unless it has one) when the round "
+            "generates, and only then: the responses are scored and trained on without it (DFT's "
+            "authors drew their negatives under 'You are an unhelpful assistant.')",
+            "flag": "gen_system_prompt",
+        },
+    )
+
     def __post_init__(self) -> None:
         if self.num_samples < 1:
             raise ValueError(
