@@ -163,7 +163,12 @@ def plan_run(
     )
     demo_tokens = demos * (prompt + response)
     gen_tokens = demos * k * (prompt + generated)
-    train_tokens = (demo_tokens + gen_tokens) * config.optim.epochs * (config.rounds + mixed)
+    # an epoch trains on m of the k samples (--samples-per-epoch), the reference scores all k
+    trained_k = min(config.optim.samples_per_epoch or k, k)
+    trained_gen_tokens = demos * trained_k * (prompt + generated)
+    train_tokens = (
+        (demo_tokens + trained_gen_tokens) * config.optim.epochs * (config.rounds + mixed)
+    )
     reference_tokens = (demo_tokens + gen_tokens) * (config.rounds + mixed) if pairs else 0
     new_tokens = demos * k * generated * config.rounds
     plan: dict[str, Any] = {
@@ -192,7 +197,7 @@ def plan_run(
         costs = CPU_COSTS
         # a pair's cost is two sequences' (demonstration + one response): 1 + k sequences
         sequence = costs["pair_step_s_per_pair"] / 2 if pairs else costs["sft_step_s_per_sequence"]
-        seconds = total_steps * per_step * sequence * (1 + k)
+        seconds = total_steps * per_step * sequence * (1 + trained_k)
         if pairs:
             seconds += (
                 config.rounds

@@ -30,7 +30,7 @@ def _dry_run(capsys, *argv) -> dict:
 
 
 def test_the_paper_presets_are_found():
-    assert {"paper-zephyr", "paper-spin"} <= set(PAPER_PRESETS)
+    assert {"paper-zephyr", "paper-spin", "paper-dft"} <= set(PAPER_PRESETS)
 
 
 @pytest.mark.parametrize("preset", PAPER_PRESETS)
@@ -131,3 +131,64 @@ def test_warmup_ratio_warms_up_a_share_of_the_rounds_steps(tiny_model, tiny_toke
 def test_warmup_ratio_out_of_range_is_refused():
     with pytest.raises(SystemExit, match="warmup_ratio"):
         experiments.run.main(["--dry-run", "--method", "sft", "--warmup-ratio", "1.5"])
+
+
+# recipes/dft/mistral_base_dft.yaml and mistral_base_dft2.yaml: (variant, tau, gamma)
+DFT_RUNS = {"dft": ("dft", 1.0, 0.85), "dft2": ("dft2", 0.3, 0.9)}
+
+
+def test_paper_dft_is_the_authors_runs():
+    pipeline = load_pipeline("paper-dft")
+    assert [s.name for s in pipeline.stages] == list(DFT_RUNS)
+    assert pipeline.stages[1].share_round0_generations == "dft"  # the same offline negatives
+    for stage in pipeline.stages:
+        config = stage.config
+        goal, optim, gen = config.objective, config.optim, config.generation
+        assert (goal.method, goal.dft_variant, goal.dft_tau, goal.dft_gamma) == (
+            "dft",
+            *DFT_RUNS[stage.name],
+        )
+        assert goal.dft_u_init == 0.0 and not goal.dft_keep_normalizer  # one round
+        assert (config.model.name_or_path, config.model.revision) == (
+            "mistralai/Mistral-7B-v0.1",
+            "7231864981174d9bee8c7687c24c8344414eae6b",
+        )
+        assert (config.data.source, config.data.split) == (
+            "HuggingFaceH4/ultrafeedback_binarized",
+            "train_sft",
+        )
+        assert (config.data.max_length, config.data.max_prompt_length) == (1024, 512)
+        assert (optim.optimizer, optim.learning_rate, optim.lr_scheduler) == (
+            "adamw",
+            2e-6,
+            "cosine",
+        )
+        assert (optim.epochs, optim.warmup_ratio, optim.batch_size, optim.grad_accum) == (
+            2,
+            0.1,
+            4,
+            8,
+        )
+        # generator/gen_uf.sh: --temp 0.7 --top_p 1.0 --top_k 50 --max_new_tokens 320
+        assert (gen.do_sample, gen.temperature, gen.top_p, gen.top_k) == (True, 0.7, 1.0, 50)
+        assert gen.max_new_tokens == 320
+        assert gen.system_prompt == "You are an unhelpful assistant."
+        # samples_per_prompt 2 with sample: true over 2 epochs reads generated_0 .. generated_3
+        assert (optim.samples_per_epoch, gen.num_samples) == (2, 4)
+        assert config.rounds == 1 and config.seed == 42
+
+
+def test_paper_dft_dry_run_counts_the_authors_steps(capsys):
+    """61,135 prompts, 128 a step: ceil(61135 / 128) = 478 steps an epoch, 956 in 2."""
+    plan = _dry_run(capsys, "--preset", "paper-dft")
+    assert [stage["optimizer_steps"] for stage in plan["stages"]] == [956, 956]
+
+
+def test_a_dft_preset_asking_more_samples_per_epoch_than_drawn_is_one_error(capsys):
+    from experiments.errors import run_command
+
+    argv = ["--dry-run", "--preset", "paper-dft", "--samples-per-epoch", "5"]
+    code = run_command(experiments.run.main, argv)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--samples-per-epoch" in err and "--num-samples" in err
