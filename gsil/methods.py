@@ -240,7 +240,8 @@ class SFT(Method):
 class DFT(Method):
     """Discriminative fine-tuning, DFT or DFT2 (:func:`gsil.objectives.dft_loss`): stateful,
     one moving-average normaliser ``log u`` per prompt, ``u_init`` at each round's start, or
-    (``keep_normalizer``) the value the round before ended with."""
+    (``keep_normalizer``) the value the round before ended with. The authors train one round on
+    negatives drawn once from the base model; more rounds are this toolkit's extension."""
 
     tau: float = ObjectiveSettings.dft_tau
     gamma: float = ObjectiveSettings.dft_gamma

@@ -45,6 +45,7 @@ def run_job(
     num_demos: int = 10,
     interrupt_after_calls: int = 0,
     zero3_init: bool = False,
+    mix_previous_generations: bool = False,
     **optim: object,
 ) -> Path:
     """One run of ``run_rounds`` into ``out/name``; with ``interrupt_after_calls`` the run is
@@ -73,6 +74,7 @@ def run_job(
         max_prompt_length=64,
         max_length=96,
         seed=1,
+        mix_previous_generations=mix_previous_generations,
     )
     run_dir = out / name
     demos = tiny_demos(num_demos)
