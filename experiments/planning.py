@@ -193,6 +193,8 @@ def plan_run(
         },
         "token_assumptions": tokens,
     }
+    if config.generation.prompt_format == "instruction" and pairs:
+        plan["warning"] = INSTRUCTION_FORMAT_WARNING
     if on_cpu:
         costs = CPU_COSTS
         # a pair's cost is two sequences' (demonstration + one response): 1 + k sequences
@@ -222,6 +224,13 @@ def plan_run(
             "gradient checkpointing adds a forward, ~8x)",
         }
     return plan
+
+
+INSTRUCTION_FORMAT_WARNING = (
+    "--gen-prompt-format instruction: the round generates with '### Instruction: ... ### "
+    "Response: ' but trains and scores with the chat template, as SPIN's and GSIL's public code "
+    "did; a defect of that code (theory page section 6), for exact replication only"
+)
 
 
 def mixed_rounds(config: RunConfig) -> int:

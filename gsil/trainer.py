@@ -232,6 +232,13 @@ class SelfImitation:
             engine = self.vllm.engine_for(model)
             policy = accelerator.unwrap_model(model)
             asked, max_prompt_length = own.demos, settings.max_prompt_length
+            if generation.prompt_format != "chat" and accelerator.is_main_process:
+                logger.warning(
+                    "round %d generates with the %s prompt format but trains on the chat "
+                    "template (exact replication of SPIN's and GSIL's code only)",
+                    round_index,
+                    generation.prompt_format,
+                )
             if generation.system_prompt is not None:
                 # generation alone sees it; the limit is the training prompt's, without it
                 system = generation.system_prompt

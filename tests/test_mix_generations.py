@@ -1,5 +1,6 @@
 """SPIN's recipe in the round loop: round t trains on the generated sets of rounds t-1 and t
-together (``mix_previous_generations``), on a tiny random model (seconds)."""
+together (``mix_previous_generations``), and the plain instruction prompt its (and GSIL's) code
+generated with (``generation.prompt_format``), on a tiny random model (seconds)."""
 
 import copy
 import json
@@ -160,3 +161,49 @@ def test_a_mixed_run_resumes_to_the_same_weights(
     # round 0: 6 examples / batch 2 = 3 steps; round 1 (12 examples, mixed): 6 steps
     rows = RunLayout(resumed).metrics.read_text().splitlines()
     assert [json.loads(row)["step"] for row in rows] == list(range(1, 10))
+
+
+def test_the_instruction_prompt_format_reaches_generation_alone(
+    tiny_model, tiny_tokenizer, tmp_path, monkeypatch
+):
+    """--gen-prompt-format instruction: the round generates from SPIN's plain prompt (its
+    spin/generate.py, no special tokens) and still trains on the chat template."""
+    import gsil.generation.core as generation_core
+    from gsil.data import format_prompt
+
+    asked, trained = [], []
+    real_generate, real_train_round = generation_core.generate_from_ids, trainer.train_round
+
+    def generate_spy(model, tokenizer, prompt_ids, *args, **kwargs):
+        asked.extend(tokenizer.decode(ids) for ids in prompt_ids)
+        return real_generate(model, tokenizer, prompt_ids, *args, **kwargs)
+
+    def train_spy(model, data, *args):
+        trained.extend(tiny_tokenizer.decode(e.prompt_ids) for e in data.examples)
+        return real_train_round(model, data, *args)
+
+    monkeypatch.setattr(generation_core, "generate_from_ids", generate_spy)
+    monkeypatch.setattr(trainer, "train_round", train_spy)
+    demos = tiny_demos(3)
+    generation = GenerationSettings(max_new_tokens=4, prompt_format="instruction")
+    run_rounds(
+        tiny_model,
+        tiny_tokenizer,
+        demos,
+        get_method("spin"),
+        settings(tmp_path, rounds=1, generation=generation),
+    )
+    assert asked == [f"### Instruction: {d.prompt}\n\n### Response: " for d in demos]
+    assert trained == [format_prompt(tiny_tokenizer, d.prompt) for d in demos]
+
+
+def test_the_dry_run_warns_of_the_instruction_prompt_format(capsys):
+    import experiments.run
+
+    experiments.run.main(["--dry-run", "--method", "spin", "--gen-prompt-format", "instruction"])
+    plan = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert "chat template" in plan["warning"] and "exact replication" in plan["warning"]
+    with pytest.raises(SystemExit, match="--gen-system-prompt"):
+        experiments.run.main(
+            ["--dry-run", "--gen-prompt-format", "instruction", "--gen-system-prompt", "Be."]
+        )

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from accelerate import Accelerator
 
-from gsil.data import encode_prompt, save_jsonl
+from gsil.data import encode_instruction_prompt, encode_prompt, save_jsonl
 from gsil.generation import core
 from gsil.generation.common import Decoding, GenerationSettings
 from gsil.generation.core import resolve_backend
@@ -62,6 +62,10 @@ def generate_set(
     """Generate ``generation.num_samples`` responses to each demonstration's prompt, cached as
     JSONL at ``path``.
 
+    Prompts are encoded as training encodes them (:func:`gsil.data.encode_prompt`), or, with
+    ``generation.prompt_format`` instruction, as SPIN's and GSIL's public code generated
+    (:func:`gsil.data.encode_instruction_prompt`).
+
     If ``path`` and its sidecar ``path.with_suffix(".settings.json")`` exist and record the same
     settings -- decoding settings and ``num_samples``, the encoded prompt token ids (so a
     changed tokenizer or template counts as a change), the demonstrations, and
@@ -85,9 +89,12 @@ def generate_set(
     """
     path = Path(path)
     num_samples = request.generation.num_samples
-    prompt_ids = [
-        encode_prompt(tokenizer, demo.prompt, request.max_prompt_length) for demo in demos
-    ]
+    if request.generation.prompt_format == "instruction":
+        prompt_ids = [encode_instruction_prompt(tokenizer, demo.prompt) for demo in demos]
+    else:
+        prompt_ids = [
+            encode_prompt(tokenizer, demo.prompt, request.max_prompt_length) for demo in demos
+        ]
     settings = _set_settings(demos, prompt_ids, request)
     cached = _load_matching_set(path, settings, demos, num_samples)
     if cached is not None:
