@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -115,7 +116,7 @@ def rounds_settings(config: RunConfig) -> RoundsSettings:
     )
 
 
-def previous_generations(config: RunConfig):
+def previous_generations(config: RunConfig) -> Path | None:
     """The generated set before round 0 that ``mix_previous_generations`` mixes in: the last
     round's of the run whose model ``config`` starts from (None: not a run's round model)."""
     found = run_of_model(config.model.name_or_path)

@@ -19,6 +19,7 @@ Run directory layout::
     metrics.jsonl                 one row per optimizer step
     round_<t>/generated.jsonl     the round's self-generated set (+ .settings.json)
     round_<t>/reference_logps.pt  the round's reference log-probs
+    round_<t>/method_state.pt     a stateful method's state at the round's end (DFT's u)
     round_<t>/model/              the policy after the round
     round_<t>/summary.json        the round's figures; its presence marks the round done
     checkpoint/                   latest in-round state (model, optimizer, scheduler, RNG, step)
