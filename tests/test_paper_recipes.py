@@ -192,3 +192,42 @@ def test_a_dft_preset_asking_more_samples_per_epoch_than_drawn_is_one_error(caps
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "--samples-per-epoch" in err and "--num-samples" in err
+
+
+def test_a_spin_like_pipeline_mixes_the_previous_stages_set(tiny_model, tiny_tokenizer, tmp_path):
+    """paper-spin's shape at toy scale, through the command: iteration 1 starts from
+    iteration 0's model, its lr and beta its own, and trains on both iterations' sets."""
+    from tiny import tiny_pipeline_base
+
+    from gsil.models import save_model
+
+    model_dir = save_model(tiny_model, tiny_tokenizer, tmp_path / "model")
+    base = tiny_pipeline_base(model_dir, method="spin", epochs=2, warmup_ratio=0.5)
+    recipe = {
+        "pipeline": "spin-like",
+        "_departures": ["A toy: two demonstrations, a random model, four new tokens a response."],
+        "base": base,
+        "stages": [
+            {"name": "iter0"},
+            {
+                "name": "iter1",
+                "init_from": "iter0",
+                "mix_previous_generations": True,
+                "lr": 1e-7,
+                "beta": 5.0,
+            },
+        ],
+    }
+    preset = tmp_path / "spin-like.json"
+    preset.write_text(json.dumps(recipe))
+    experiments.run.main(["--preset", str(preset), "--output-dir", str(tmp_path / "runs")])
+    root = tmp_path / "runs" / "spin-like"
+    first, second = RunLayout(root / "iter0"), RunLayout(root / "iter1")
+    summary = json.loads(second.round_summary(0).read_text())
+    assert summary["mixed_previous_generations"] == str(first.generated(0))
+    # 2 demonstrations in micro-batches of 2: 1 step an epoch, 2 mixed pairs: 2 steps an epoch
+    rows = [json.loads(row) for row in second.metrics.read_text().splitlines()]
+    assert len(rows) == 4
+    assert max(row["learning_rate"] for row in rows) == pytest.approx(1e-7)
+    saved = json.loads(second.config.read_text())
+    assert (saved["objective"]["beta"], saved["optim"]["learning_rate"]) == (5.0, 1e-7)
