@@ -231,3 +231,44 @@ def test_a_spin_like_pipeline_mixes_the_previous_stages_set(tiny_model, tiny_tok
     assert max(row["learning_rate"] for row in rows) == pytest.approx(1e-7)
     saved = json.loads(second.config.read_text())
     assert (saved["objective"]["beta"], saved["optim"]["learning_rate"]) == (5.0, 1e-7)
+
+
+def test_a_dft_like_pipeline_shares_its_negatives(tiny_model, tiny_tokenizer, tmp_path):
+    """paper-dft's shape at toy scale, through the command: DFT draws 4 negatives a prompt under
+    the system prompt, trains on 2 an epoch, and DFT2 trains on the same negatives."""
+    from tiny import tiny_pipeline_base
+
+    from gsil.generation import read_generated_set
+    from gsil.models import save_model
+
+    model_dir = save_model(tiny_model, tiny_tokenizer, tmp_path / "model")
+    unhelpful = "You are an unhelpful assistant."
+    base = tiny_pipeline_base(
+        model_dir,
+        method="dft",
+        epochs=2,
+        do_sample=True,
+        top_k=50,
+        num_samples=4,
+        samples_per_epoch=2,
+        gen_system_prompt=unhelpful,
+        lr_scheduler="cosine",
+    )
+    recipe = {
+        "pipeline": "dft-like",
+        "base": base,
+        "stages": [
+            {"name": "dft", "dft_variant": "dft"},
+            {"name": "dft2", "dft_variant": "dft2", "share_round0_generations": "dft"},
+        ],
+    }
+    preset = tmp_path / "dft-like.json"
+    preset.write_text(json.dumps(recipe))
+    experiments.run.main(["--preset", str(preset), "--output-dir", str(tmp_path / "runs")])
+    root = tmp_path / "runs" / "dft-like"
+    sets = [read_generated_set(RunLayout(root / n).generated(0)) for n in ("dft", "dft2")]
+    assert sets[0] == sets[1] and len(sets[0]) == 2 * 4
+    assert all(row["prompt"][0] == {"role": "system", "content": unhelpful} for row in sets[0])
+    for name in ("dft", "dft2"):
+        rows = RunLayout(root / name).metrics.read_text().splitlines()
+        assert len(rows) == 2  # 2 prompts a step, 2 epochs
