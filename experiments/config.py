@@ -79,6 +79,12 @@ class RunConfig:
         "reference to the current policy)",
     )
     resume: bool = _f(False, "continue an interrupted run in the same directory")
+    mix_previous_generations: bool = _f(
+        False,
+        "round t trains on its own generated set and the one before it together (SPIN's "
+        "recipe, its config_iter1.yaml); before round 0, the last set of the run whose model "
+        "--model names (a pipeline's init_from), if any",
+    )
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
     objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
@@ -341,6 +347,16 @@ def read_recipe(name_or_path: str) -> tuple[Path, dict[str, Any]]:
     return path, values
 
 
+def recipe_departures(name_or_path: str) -> list[str]:
+    """A recipe's ``_departures``: the sentences saying where it still differs from the
+    authors' recipe it follows, and why (``--dry-run`` prints them; none: an empty list)."""
+    path, values = read_recipe(name_or_path)
+    found = values.get("_departures", [])
+    if not isinstance(found, list) or not all(isinstance(s, str) and s.strip() for s in found):
+        raise ConfigError(f"{path}: '_departures' must be a list of sentences, got {found!r}")
+    return found
+
+
 def is_pipeline_preset(name_or_path: str) -> bool:
     """Whether a recipe describes several stages (``experiments.pipeline``), not one run."""
     return "pipeline" in read_recipe(name_or_path)[1]
@@ -478,6 +494,20 @@ def validate(config: RunConfig) -> None:
         problems.append("--max-prompt-length must be smaller than --max-length")
     if config.objective.gamma is not None and config.objective.gamma <= 0:
         problems.append("--gamma must be > 0 for the power estimator")
+    if not 0.0 <= config.optim.warmup_ratio < 1.0:
+        problems.append(f"optim.warmup_ratio must be in [0, 1), got {config.optim.warmup_ratio}")
+    if config.objective.dft_keep_normalizer and config.mix_previous_generations:
+        problems.append(
+            "objective.dft_keep_normalizer keeps one u per demonstration, but "
+            "mix_previous_generations trains on each demonstration twice a round: use one"
+        )
+    samples, per_epoch = config.generation.num_samples, config.optim.samples_per_epoch
+    if not 0 <= per_epoch <= samples:
+        problems.append(
+            f"optim.samples_per_epoch (--samples-per-epoch) = {per_epoch} asks for more of each "
+            f"prompt's own samples than generation.num_samples (--num-samples) = {samples} "
+            "makes (or is negative): lower it, or raise --num-samples"
+        )
     if config.optim.learning_rate <= 0:
         problems.append("--lr must be > 0")
     if config.objective.beta <= 0:
@@ -634,6 +664,7 @@ class Pipeline:
     evaluate: EvaluationConfig | None = None
     comment: str = ""
     power: PowerAssumptions = field(default_factory=PowerAssumptions)
+    departures: list[str] = field(default_factory=list)  # the recipe's ``_departures``
 
     def stage(self, name: str) -> Stage:
         """The run named ``name`` (a repeated stage's runs are ``<stage>-seed<s>``)."""
@@ -799,4 +830,5 @@ def load_pipeline(
         numbers = value.values() if isinstance(value, dict) else [value]
         if any(v is not None and not 0.0 <= v <= 1.0 for v in numbers):
             raise ConfigError(f"{where}: 'power' values are proportions in [0, 1], got {value!r}")
-    return Pipeline(name, root, stages, evaluate, spec.get("_comment", ""), power)
+    comment = spec.get("_comment", "")
+    return Pipeline(name, root, stages, evaluate, comment, power, recipe_departures(recipe))

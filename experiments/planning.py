@@ -21,11 +21,12 @@ from gsil.evaluation.options import DEFAULT_ITEMS_PER_TASK
 from gsil.evaluation.results import detectable_difference, paired_scores
 from gsil.generation import VLLM, resolve_backend
 from gsil.io import read_json
-from gsil.layout import RunLayout
+from gsil.layout import RunLayout, run_of_model
 
 # Known sizes of hub datasets (a dry run loads nothing): (name, split) -> records.
 KNOWN_SIZES = {
     ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs"): 61_135,
+    ("HuggingFaceH4/ultrafeedback_binarized", "train_sft"): 61_135,
     ("HuggingFaceH4/ultrafeedback_binarized", "test_prefs"): 2_000,
 }
 HUMANEVAL_PROBLEMS = 164
@@ -144,10 +145,16 @@ def plan_run(
     # k responses per prompt: a step forwards the demonstration and k generated rows
     k = config.generation.num_samples if pairs else 0
     per_step = config.optim.batch_size * config.optim.grad_accum * processes
-    steps_per_round = math.ceil(
-        math.ceil(demos / config.optim.batch_size / processes) / config.optim.grad_accum
+    mixed = mixed_rounds(config)  # rounds that train on 2N pairs (their own set + the one before)
+
+    def steps_per_round(examples: int) -> int:
+        return math.ceil(
+            math.ceil(examples / config.optim.batch_size / processes) / config.optim.grad_accum
+        )
+
+    total_steps = config.optim.epochs * (
+        steps_per_round(demos) * (config.rounds - mixed) + steps_per_round(2 * demos) * mixed
     )
-    total_steps = steps_per_round * config.optim.epochs * config.rounds
     tokens = _token_assumptions(config)
     prompt = min(tokens["prompt"], config.data.max_prompt_length)
     response = min(tokens["response"], config.data.max_length - prompt)
@@ -156,8 +163,13 @@ def plan_run(
     )
     demo_tokens = demos * (prompt + response)
     gen_tokens = demos * k * (prompt + generated)
-    train_tokens = (demo_tokens + gen_tokens) * config.optim.epochs * config.rounds
-    reference_tokens = (demo_tokens + gen_tokens) * config.rounds if pairs else 0
+    # an epoch trains on m of the k samples (--samples-per-epoch), the reference scores all k
+    trained_k = min(config.optim.samples_per_epoch or k, k)
+    trained_gen_tokens = demos * trained_k * (prompt + generated)
+    train_tokens = (
+        (demo_tokens + trained_gen_tokens) * config.optim.epochs * (config.rounds + mixed)
+    )
+    reference_tokens = (demo_tokens + gen_tokens) * (config.rounds + mixed) if pairs else 0
     new_tokens = demos * k * generated * config.rounds
     plan: dict[str, Any] = {
         "run": config.run_name(),
@@ -170,6 +182,7 @@ def plan_run(
         "demonstrations_source": size_source,
         "rounds": config.rounds,
         "epochs_per_round": config.optim.epochs,
+        "rounds_mixing_the_set_before": mixed,
         "prompts_per_optimizer_step": per_step,
         "optimizer_steps": total_steps,
         "generated_responses": demos * k * config.rounds,
@@ -180,11 +193,13 @@ def plan_run(
         },
         "token_assumptions": tokens,
     }
+    if config.generation.prompt_format == "instruction" and pairs:
+        plan["warning"] = INSTRUCTION_FORMAT_WARNING
     if on_cpu:
         costs = CPU_COSTS
         # a pair's cost is two sequences' (demonstration + one response): 1 + k sequences
         sequence = costs["pair_step_s_per_pair"] / 2 if pairs else costs["sft_step_s_per_sequence"]
-        seconds = total_steps * per_step * sequence * (1 + k)
+        seconds = total_steps * per_step * sequence * (1 + trained_k)
         if pairs:
             seconds += (
                 config.rounds
@@ -209,6 +224,22 @@ def plan_run(
             "gradient checkpointing adds a forward, ~8x)",
         }
     return plan
+
+
+INSTRUCTION_FORMAT_WARNING = (
+    "--gen-prompt-format instruction: the round generates with '### Instruction: ... ### "
+    "Response: ' but trains and scores with the chat template, as SPIN's and GSIL's public code "
+    "did; a defect of that code (theory page section 6), for exact replication only"
+)
+
+
+def mixed_rounds(config: RunConfig) -> int:
+    """How many of a run's rounds train on the set before theirs too
+    (``mix_previous_generations``): every round but the first, and the first when the model
+    is an earlier run's round model (a pipeline's ``init_from``)."""
+    if not config.mix_previous_generations:
+        return 0
+    return config.rounds - 1 + (run_of_model(config.model.name_or_path) is not None)
 
 
 def format_plan(plan: dict) -> str:
@@ -270,6 +301,8 @@ def plan_pipeline(pipeline: Pipeline) -> dict:
         }
         minutes += eval_seconds / 60
     result["total_minutes_on_this_cpu"] = round(minutes, 1)
+    if pipeline.departures:
+        result["departures_from_the_authors"] = pipeline.departures
     return result
 
 

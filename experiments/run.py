@@ -18,6 +18,7 @@ from experiments.config import (
     flag_overrides,
     is_pipeline_preset,
     load_pipeline,
+    recipe_departures,
     resolve_config,
 )
 from experiments.training import execute
@@ -104,12 +105,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.run")
                 outcome["figures"] = draw_experiment_figures(Path(outcome["directory"]))
             return outcome
         config = resolve_config(args, args.preset)
+        departures = recipe_departures(args.preset) if args.preset else []
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
     if args.dry_run:
         from experiments.planning import format_plan, plan_run
 
-        print(format_plan(plan_run(config)))
+        plan = plan_run(config)
+        if departures:
+            plan["departures_from_the_authors"] = departures
+        print(format_plan(plan))
         return {"dry_run": True}
     return execute(config)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -18,7 +19,7 @@ from accelerate.utils import set_seed
 from experiments.config import RunConfig, leaves, load_saved_config
 from gsil.data import load_demonstrations
 from gsil.io import read_json, read_jsonl, write_json
-from gsil.layout import RunLayout
+from gsil.layout import RunLayout, run_of_model
 from gsil.methods import build_method
 from gsil.models import load_model, native_bf16, resolve_device
 from gsil.processes import make_accelerator as gsil_accelerator
@@ -110,7 +111,19 @@ def rounds_settings(config: RunConfig) -> RoundsSettings:
         drop_ties=config.objective.drop_ties,
         lora_rank=config.model.lora_rank,
         resume=config.resume,
+        mix_previous_generations=config.mix_previous_generations,
+        previous_generations=previous_generations(config),
     )
+
+
+def previous_generations(config: RunConfig) -> Path | None:
+    """The generated set before round 0 that ``mix_previous_generations`` mixes in: the last
+    round's of the run whose model ``config`` starts from (None: not a run's round model)."""
+    found = run_of_model(config.model.name_or_path)
+    if not config.mix_previous_generations or found is None:
+        return None
+    layout, round_index = found
+    return layout.generated(round_index)
 
 
 def execute(config: RunConfig) -> dict:

@@ -430,6 +430,29 @@ def format_prompt(tokenizer: Any, prompt: Prompt | list[dict[str, str]]) -> str:
     return (getattr(tokenizer, "bos_token", None) or "") + turns + FALLBACK_GENERATION_PROMPT
 
 
+# The plain prompt SPIN's and GSIL's public code generated with (spin/generate.py): not the
+# chat template their training used (theory page, section 6); for exact replication only.
+INSTRUCTION_PROMPT = "### Instruction: {prompt}\n\n### Response: "
+
+
+def encode_instruction_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """Token ids of :data:`INSTRUCTION_PROMPT` around the prompt's text (a chat prompt's last
+    user message), without special tokens, as SPIN's generation script encodes it."""
+    if not isinstance(prompt, str):
+        prompt = next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+    text = INSTRUCTION_PROMPT.format(prompt=prompt)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def with_system_message(prompt: Prompt, system: str) -> Prompt:
+    """``prompt`` as chat messages opening with the system message ``system``; a prompt that
+    opens with a system message already is returned as it is (DFT's generator does the same)."""
+    messages = ({"role": "user", "content": prompt},) if isinstance(prompt, str) else prompt
+    if messages[0]["role"] == "system":
+        return prompt
+    return ({"role": "system", "content": system}, *messages)
+
+
 def encode_prompt(
     tokenizer: Any, prompt: Prompt | list[dict[str, str]], max_prompt_length: int | None = None
 ) -> list[int]:

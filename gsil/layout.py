@@ -8,6 +8,7 @@
     <run>/trackers/                     experiment trackers' files (TensorBoard events, ...)
     <run>/round_<t>/generated.jsonl     the round's self-generated set (+ generated.settings.json)
     <run>/round_<t>/reference_logps.pt  the round's reference log-probs (+ .manifest.json)
+    <run>/round_<t>/method_state.pt     a stateful method's state at the round's end (DFT's u)
     <run>/round_<t>/model/              the policy after the round (+ model/manifest.json)
     <run>/round_<t>/summary.json        the round's figures; its presence marks the round done
     <run>/round_<t>/eval/               benchmark results of that round's model
@@ -76,6 +77,10 @@ class RunLayout:
 
     def reference_logps(self, round_index: int) -> Path:
         return self.round_dir(round_index) / "reference_logps.pt"
+
+    def method_state(self, round_index: int) -> Path:
+        """A stateful method's per-example state at the round's end (+ .manifest.json)."""
+        return self.round_dir(round_index) / "method_state.pt"
 
     def model(self, round_index: int) -> Path:
         return self.round_dir(round_index) / "model"

@@ -87,6 +87,12 @@ class ObjectiveSettings:
     dft_u_init: float = _setting(
         0.0, "DFT's initial log normaliser log u of every prompt, each round"
     )
+    dft_keep_normalizer: bool = _setting(
+        False,
+        "keep each prompt's log u from one round to the next instead of dft_u_init at each "
+        "round's start (multi-round DFT is this toolkit's extension; the authors train one "
+        "round, over whose epochs u is kept)",
+    )
     token_weighting: str = _setting(
         "none",
         "SFT's per-token weights: none, or prob (each token's loss -log p_t weighted by its "
@@ -170,6 +176,12 @@ class Method:
     def initial_state(self, num_examples: int) -> Tensor | None:
         """The round's starting state, ``(num_examples,)`` float32; None if stateless."""
         return None
+
+    @property
+    def keeps_state_across_rounds(self) -> bool:
+        """Whether a round starts from the state the round before ended with (matched by
+        demonstration id) instead of :meth:`initial_state`."""
+        return False
 
 
 METHODS: dict[str, type[Method]] = {}
@@ -289,14 +301,16 @@ class SFT(Method):
 @dataclass(frozen=True)
 class DFT(Method):
     """Discriminative fine-tuning, DFT or DFT2 (:func:`gsil.objectives.dft_loss`): stateful,
-    one moving-average normaliser ``log u`` per prompt, ``u_init`` at each round's start.
-    A ``tau`` or ``gamma`` of None is the variant's default
-    (:data:`gsil.objectives.DFT_DEFAULTS`)."""
+    one moving-average normaliser ``log u`` per prompt, ``u_init`` at each round's start, or
+    (``keep_normalizer``) the value the round before ended with. A ``tau`` or ``gamma`` of None
+    is the variant's default (:data:`gsil.objectives.DFT_DEFAULTS`). The authors train one round
+    on negatives drawn once from the base model; more rounds are this toolkit's extension."""
 
     tau: float | None = ObjectiveSettings.dft_tau
     gamma: float | None = ObjectiveSettings.dft_gamma
     variant: str = ObjectiveSettings.dft_variant
     u_init: float = ObjectiveSettings.dft_u_init
+    keep_normalizer: bool = ObjectiveSettings.dft_keep_normalizer
     needs_generations: ClassVar[bool] = True
     state_key: ClassVar[str | None] = "dft/log_normalizer"
 
@@ -323,7 +337,17 @@ class DFT(Method):
 
     @classmethod
     def from_settings(cls, settings: ObjectiveSettings) -> DFT:
-        return cls(settings.dft_tau, settings.dft_gamma, settings.dft_variant, settings.dft_u_init)
+        return cls(
+            settings.dft_tau,
+            settings.dft_gamma,
+            settings.dft_variant,
+            settings.dft_u_init,
+            settings.dft_keep_normalizer,
+        )
+
+    @property
+    def keeps_state_across_rounds(self) -> bool:
+        return self.keep_normalizer
 
     def initial_state(self, num_examples: int) -> Tensor:
         return torch.full((num_examples,), float(self.u_init), dtype=torch.float32)

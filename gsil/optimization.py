@@ -47,6 +47,7 @@ Before TRL's names these were ``rewards/demo|gen|margin|accuracy``, ``logps/demo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -66,6 +67,7 @@ from transformers import get_scheduler
 from gsil.batching import Example, collate, split_demo_gen
 from gsil.checkpoints import load_method_state, save_checkpoint
 from gsil.faults import kill_point
+from gsil.integrity import write_recorded
 from gsil.layout import RunLayout
 from gsil.logprobs import LOGPROB_PATHS, SequenceLogps, model_sequence_logps
 from gsil.methods import LogpBatch, Method
@@ -93,6 +95,11 @@ class OptimSettings:
     )
     weight_decay: float = _opt(0.0, "weight decay")
     warmup_steps: int = _opt(0, "linear warm-up steps (then --lr-scheduler's decay to 0)")
+    warmup_ratio: float = _opt(
+        0.0,
+        "warm-up as a fraction of the round's optimizer steps, rounded up (transformers' "
+        "warmup_ratio; SPIN's and DFT's authors: 0.1); only when --warmup-steps is 0",
+    )
     epochs: int = _opt(1, "epochs over the demonstrations per round")
     batch_size: int = _opt(
         8,
@@ -127,6 +134,12 @@ class OptimSettings:
         "get_linear/get_cosine_schedule_with_warmup; DFT's authors: cosine)",
         choices=("linear", "cosine"),
     )
+    samples_per_epoch: int = _opt(
+        0,
+        "m: each epoch trains on m of the k own samples of every prompt, a fresh block each "
+        "epoch (epoch e: samples e*m .. e*m+m-1, modulo k), as DFT's authors (their "
+        "samples_per_prompt with sample: true); 0: all k every epoch",
+    )
     logprob_path: str = _opt(
         "lean",
         "how response log-probs are computed: lean (only response positions through the "
@@ -134,6 +147,12 @@ class OptimSettings:
         "logits) or plain (the model's full logits)",
         choices=LOGPROB_PATHS,
     )
+
+
+def warmup_steps(settings: OptimSettings, total_steps: int) -> int:
+    """The round's warm-up steps: ``warmup_steps``, else ``ceil(warmup_ratio * total_steps)``
+    (as transformers' ``TrainingArguments.get_warmup_steps``)."""
+    return settings.warmup_steps or math.ceil(settings.warmup_ratio * total_steps)
 
 
 @dataclass(frozen=True)
@@ -146,6 +165,36 @@ class RoundData:
     ref_gen_logps: torch.Tensor | None
     ids: Sequence | None = None  # the demonstrations' ids, by example index (errors name them)
     pad_id: int = field(kw_only=True)
+    # a stateful method's per-example state at the round's start (None: its initial_state)
+    initial_state: torch.Tensor | None = field(default=None, kw_only=True)
+
+
+def epoch_samples(num_samples: int, per_epoch: int, epoch: int) -> list[int]:
+    """Which of the k = ``num_samples`` own samples of each prompt epoch ``epoch`` trains on:
+    block ``epoch`` of ``per_epoch`` (m) consecutive samples, wrapping around modulo k (so
+    fresh ones while ``(epoch + 1) * m <= k``); all k when m is 0."""
+    if per_epoch == 0:
+        return list(range(num_samples))
+    if not 0 < per_epoch <= num_samples:
+        raise ValueError(f"{per_epoch} samples per epoch of {num_samples} per prompt")
+    return [(epoch * per_epoch + j) % num_samples for j in range(per_epoch)]
+
+
+def with_samples(data: RoundData, chosen: Sequence[int]) -> RoundData:
+    """``data`` with each example's own samples (and their reference log-probs ``(N, k)``)
+    cut to the sample numbers ``chosen``, in that order."""
+    examples = [
+        dataclasses.replace(
+            example,
+            gen_ids=tuple(example.gen_ids[j] for j in chosen),
+            gen_mask=None
+            if example.gen_mask is None
+            else tuple(example.gen_mask[j] for j in chosen),
+        )
+        for example in data.examples
+    ]
+    ref_gen = None if data.ref_gen_logps is None else data.ref_gen_logps[:, list(chosen)]
+    return dataclasses.replace(data, examples=examples, ref_gen_logps=ref_gen)
 
 
 def forward_logps(
@@ -338,9 +387,13 @@ def train_round(
     continues exactly where that checkpoint stopped.
 
     A stateful method (DFT's per-prompt moving average) starts the round from
-    :meth:`~gsil.methods.Method.initial_state`; its state lives on every process (the same
-    values: each step's updates are gathered), is saved in every checkpoint and loaded with it
-    on resume. A new round starts it afresh: the round's reference and samples are new.
+    ``data.initial_state``, else :meth:`~gsil.methods.Method.initial_state`; its state lives on
+    every process (the same values: each step's updates are gathered), is saved in every
+    checkpoint and loaded with it on resume, and at the round's end in
+    ``round_<t>/method_state.pt`` with the demonstrations' ids.
+
+    ``settings.samples_per_epoch`` (m > 0): epoch e trains on block e of each prompt's own
+    samples (:func:`epoch_samples`), the same on a resumed run.
     """
     world, rank = accelerator.num_processes, accelerator.process_index
     steps_per_epoch = len(
@@ -360,7 +413,11 @@ def train_round(
         desc=f"round {place.round_index} ({method.name})",
         disable=not accelerator.is_main_process,
     )
+    num_samples = len(data.examples[0].gen_ids or ()) if data.examples else 0
     for epoch in range(step // steps_per_epoch, settings.epochs):
+        if settings.samples_per_epoch and num_samples:
+            chosen = epoch_samples(num_samples, settings.samples_per_epoch, epoch)
+            stepper.data = with_samples(data, chosen)
         order = _epoch_order(len(data.examples), place.seed, place.round_index, epoch)
         plan = plan_steps(order, settings.batch_size, settings.grad_accum, world, rank)
         for step_plan in plan[step - epoch * steps_per_epoch :]:
@@ -390,6 +447,12 @@ def train_round(
                 stepper.save(place, step)
             kill_point("training")  # test hook (gsil.faults): after the step and its checkpoint
     progress.close()
+    if stepper.method_state is not None and accelerator.is_main_process:
+        ids = list(data.ids) if data.ids is not None else list(range(len(data.examples)))
+        final = {"ids": ids, "state": stepper.method_state.clone()}
+        write_recorded(
+            place.layout.method_state(place.round_index), lambda out: torch.save(final, out)
+        )
     return last_metrics, stepper.finish()
 
 
@@ -419,6 +482,8 @@ class RoundStepper:
         self.data, self.method = round_data, method
         self.settings, self.accelerator = settings, accelerator
         self.method_state = method.initial_state(len(round_data.examples))
+        if self.method_state is not None and round_data.initial_state is not None:
+            self.method_state = round_data.initial_state.clone()
 
     @classmethod
     def prepare(
@@ -445,7 +510,7 @@ class RoundStepper:
         configure_engine(accelerator, settings)
         optimizer = _make_optimizer(model, settings)
         scheduler = get_scheduler(
-            settings.lr_scheduler, optimizer, settings.warmup_steps, total_steps
+            settings.lr_scheduler, optimizer, warmup_steps(settings, total_steps), total_steps
         )
         # the scheduler is not prepared: accelerate would step it once per process per update
         model, optimizer = accelerator.prepare(model, optimizer)

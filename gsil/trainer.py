@@ -19,6 +19,7 @@ Run directory layout::
     metrics.jsonl                 one row per optimizer step
     round_<t>/generated.jsonl     the round's self-generated set (+ .settings.json)
     round_<t>/reference_logps.pt  the round's reference log-probs
+    round_<t>/method_state.pt     a stateful method's state at the round's end (DFT's u)
     round_<t>/model/              the policy after the round
     round_<t>/summary.json        the round's figures; its presence marks the round done
     checkpoint/                   latest in-round state (model, optimizer, scheduler, RNG, step)
@@ -30,7 +31,7 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -38,9 +39,16 @@ from accelerate import Accelerator
 
 from gsil.batching import Example, GeneratedResponses, build_examples
 from gsil.checkpoints import load_checkpoint, save_round_model, truncate_metrics
-from gsil.data import TokenLimits, tie_mask
+from gsil.data import TokenLimits, tie_mask, with_system_message
 from gsil.faults import kill_point
-from gsil.generation import VLLM, GenerationSettings, SetRequest, generate_set, resolve_backend
+from gsil.generation import (
+    VLLM,
+    GenerationSettings,
+    SetRequest,
+    generate_set,
+    read_previous_set,
+    resolve_backend,
+)
 from gsil.integrity import CorruptFileError, read_recorded, verify_manifest, write_recorded
 from gsil.io import read_json, write_json
 from gsil.layout import RunLayout
@@ -64,6 +72,12 @@ class RoundsSettings:
     ``lora_rank`` > 0: the policy is trained through LoRA adapters, merged after each round.
     ``resume``: finished rounds are skipped and an interrupted round continues from its
     checkpoint, so the final weights equal those of an uninterrupted run.
+
+    ``mix_previous_generations``: round ``t`` trains on its own generated set and on the set
+    of the round before it, concatenated (each demonstration twice, paired once with each;
+    SPIN's ``config_iter1.yaml``), both scored by the round's reference pi_t. The set before
+    round 0 is ``previous_generations`` (the last round of the run whose model this one
+    starts from); without it round 0 trains on its own set alone.
     """
 
     run_dir: Path
@@ -76,6 +90,8 @@ class RoundsSettings:
     drop_ties: bool = False
     lora_rank: int = 0
     resume: bool = False
+    mix_previous_generations: bool = False
+    previous_generations: Path | None = None
 
 
 @dataclass
@@ -216,16 +232,29 @@ class SelfImitation:
             # process generates its share, the main process writes the set
             engine = self.vllm.engine_for(model)
             policy = accelerator.unwrap_model(model)
+            asked, max_prompt_length = own.demos, settings.max_prompt_length
+            if generation.prompt_format != "chat" and accelerator.is_main_process:
+                logger.warning(
+                    "round %d generates with the %s prompt format but trains on the chat "
+                    "template (exact replication of SPIN's and GSIL's code only)",
+                    round_index,
+                    generation.prompt_format,
+                )
+            if generation.system_prompt is not None:
+                # generation alone sees it; the limit is the training prompt's, without it
+                system = generation.system_prompt
+                asked = [replace(d, prompt=with_system_message(d.prompt, system)) for d in asked]
+                max_prompt_length = None
             with accelerator.autocast(), full_parameters(accelerator, policy):
                 own.responses = generate_set(
                     engine or policy,
                     self.tokenizer,
-                    own.demos,
+                    asked,
                     self.layout.generated(round_index),
                     SetRequest(
                         generation,
                         seed=settings.seed + round_index,
-                        max_prompt_length=settings.max_prompt_length,
+                        max_prompt_length=max_prompt_length,
                         extra_settings={
                             "round": round_index,
                             "mixed_precision": accelerator.mixed_precision,
@@ -235,6 +264,8 @@ class SelfImitation:
                     accelerator,
                 )
             kill_point("generation")  # test hook (gsil.faults): the set is written
+            if settings.mix_previous_generations:
+                self._add_previous_generations(own, round_index)
             ties = tie_mask([d.response for d in own.demos for _ in range(k)], own.responses)
             own.info["ties"] = sum(ties)
             if settings.drop_ties:
@@ -242,6 +273,21 @@ class SelfImitation:
             own.info["num_trained"] = len(own.demos)
         own.info["generation_seconds"] = round(time.perf_counter() - started, 3)
         return own
+
+    def _add_previous_generations(self, own: OwnSamples, round_index: int) -> None:
+        """Append the set of the round before ``round_index`` (``mix_previous_generations``):
+        every demonstration once more, paired with its earlier responses."""
+        previous = (
+            self.layout.generated(round_index - 1)
+            if round_index > 0
+            else self.settings.previous_generations
+        )
+        if previous is None:
+            return
+        k = self.settings.generation.num_samples
+        own.responses = own.responses + read_previous_set(previous, self.demos, k)
+        own.demos = own.demos + list(self.demos)
+        own.info["mixed_previous_generations"] = str(previous)
 
     def reference_pass(self, model, own: OwnSamples, round_index: int) -> RoundData:
         """Stage 2: the round's examples and, when the method needs them, the reference
@@ -268,13 +314,31 @@ class SelfImitation:
                 own.info["ref_logps/rejected"] = float(ref_gen.mean())
         own.info["reference_seconds"] = round(time.perf_counter() - started, 3)
         accelerator.wait_for_everyone()
+        ids = [d.id for d in own.demos]
         return RoundData(
             examples,
             ref_demo,
             ref_gen,
-            ids=[d.id for d in own.demos],
+            ids=ids,
             pad_id=self.tokenizer.pad_token_id,
+            initial_state=self._carried_state(round_index, ids),
         )
+
+    def _carried_state(self, round_index: int, ids: list) -> torch.Tensor | None:
+        """The state round ``round_index`` starts from when the method keeps it across rounds:
+        the round before's final value of each demonstration (by id; one it did not train on,
+        ``--drop-ties``, starts from the method's initial value). None: the method's own."""
+        if round_index == 0 or not self.method.keeps_state_across_rounds:
+            return None
+        path = self.layout.method_state(round_index - 1)
+        fix = f"Delete {path.parent} and the later rounds to train them again"
+        carried = read_recorded(path, torch.load, what="method state", fix=fix)
+        ended = dict(zip(carried["ids"], carried["state"].tolist(), strict=True))
+        state = self.method.initial_state(len(ids))
+        for position, demo_id in enumerate(ids):
+            if demo_id in ended:
+                state[position] = ended[demo_id]
+        return state
 
     def _reference_logps(self, model, examples: list[Example], round_index: int):
         path = self.layout.reference_logps(round_index)

@@ -46,6 +46,7 @@ def run_job(
     interrupt_after_calls: int = 0,
     zero3_init: bool = False,
     objective_settings: dict | None = None,
+    mix_previous_generations: bool = False,
     **optim: object,
 ) -> Path:
     """One run of ``run_rounds`` into ``out/name``; with ``interrupt_after_calls`` the run is
@@ -76,6 +77,7 @@ def run_job(
         max_prompt_length=64,
         max_length=96,
         seed=1,
+        mix_previous_generations=mix_previous_generations,
     )
     run_dir = out / name
     demos = tiny_demos(num_demos)

@@ -29,6 +29,10 @@ JOBS = {
     "gsil": dict(learning_rate=1e-3, batch_size=2),
     "spin": dict(method="spin", learning_rate=1e-3, batch_size=2),
     "sft": dict(method="sft", learning_rate=1e-3, batch_size=2),
+    # round 1 trains on the sets of rounds 0 and 1 together (SPIN's recipe): 20 pairs
+    "spin-mixed": dict(
+        method="spin", learning_rate=1e-3, batch_size=2, mix_previous_generations=True
+    ),
     # 9 demos, micro-batch 1 x 2 processes, accumulation 2: the last global batch has one
     # example (process 1 runs a zero-weight filler) and the last step one micro-batch (padded)
     "gsil-accum2": dict(
@@ -139,8 +143,9 @@ def assert_same_run(two: Path, one: Path, job: dict) -> None:
     two_rows, one_rows = metrics(two), metrics(one)
     # the same optimizer steps (each process took its share, not every example)
     assert [r["step"] for r in two_rows] == [r["step"] for r in one_rows]
-    # 10 demos / global batch 4 (or 9 / 2, accumulated by 2): 3 steps a round, 2 rounds
-    assert len(two_rows) == 6
+    # 10 demos / global batch 4 (or 9 / 2, accumulated by 2): 3 steps a round, 2 rounds; mixed,
+    # round 1 trains on 20 pairs: 5 steps
+    assert len(two_rows) == (8 if job.get("mix_previous_generations") else 6)
     for two_row, one_row in zip(two_rows, one_rows, strict=True):
         assert two_row["loss"] == pytest.approx(one_row["loss"], abs=1e-4)
         # the gradient itself (AdamW and clipping would hide a wrong scale in the weights)

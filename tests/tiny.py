@@ -112,6 +112,10 @@ class Spy(Method):
     def initial_state(self, num_examples: int):
         return self.inner.initial_state(num_examples)
 
+    @property
+    def keeps_state_across_rounds(self) -> bool:
+        return self.inner.keeps_state_across_rounds
+
     def loss(self, batch):
         return self.around(self.inner.loss, batch)
 

@@ -25,6 +25,7 @@ from gsil.generation.sets import (
     SetRequest,
     generate_set,
     read_generated_set,
+    read_previous_set,
     settings_path,
 )
 
@@ -45,6 +46,7 @@ __all__ = [
     "generate_set",
     "plan_batches",
     "read_generated_set",
+    "read_previous_set",
     "resolve_backend",
     "settings_path",
 ]

@@ -101,7 +101,39 @@ class GenerationSettings:
         },
     )
 
+    system_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "a system message put before each prompt (unless it has one) when the round "
+            "generates, and only then: the responses are scored and trained on without it (DFT's "
+            "authors drew their negatives under 'You are an unhelpful assistant.')",
+            "flag": "gen_system_prompt",
+        },
+    )
+
+    prompt_format: str = field(
+        default="chat",
+        metadata={
+            "help": "how the round's generation sees a prompt: chat (the one prompt format of "
+            "training and evaluation) or instruction ('### Instruction: ...\\n\\n### Response: "
+            "', what SPIN's and GSIL's public code generated with while training on the chat "
+            "template: a mismatch, for exact replication only)",
+            "choices": ("chat", "instruction"),
+            "flag": "gen_prompt_format",
+        },
+    )
+
     def __post_init__(self) -> None:
+        if self.prompt_format not in ("chat", "instruction"):
+            raise ValueError(
+                f"generation.prompt_format (--gen-prompt-format) must be chat or instruction, "
+                f"got {self.prompt_format!r}"
+            )
+        if self.prompt_format == "instruction" and self.system_prompt is not None:
+            raise ValueError(
+                "generation.system_prompt (--gen-system-prompt) needs a chat prompt; the "
+                "instruction prompt format (--gen-prompt-format instruction) has no system turn"
+            )
         if self.num_samples < 1:
             raise ValueError(
                 f"generation.num_samples (--num-samples) must be >= 1, got {self.num_samples}"

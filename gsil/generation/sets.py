@@ -14,11 +14,11 @@ from typing import Any, Protocol
 
 from accelerate import Accelerator
 
-from gsil.data import encode_prompt, save_jsonl
+from gsil.data import encode_instruction_prompt, encode_prompt, save_jsonl
 from gsil.generation import core
 from gsil.generation.common import Decoding, GenerationSettings
 from gsil.generation.core import resolve_backend
-from gsil.integrity import check_file, file_record
+from gsil.integrity import CorruptFileError, check_file, file_record
 from gsil.io import atomic_file
 
 SETTINGS_FORMAT_VERSION = 3  # 2: sampling seeded per batch; 3: k samples per prompt (rows)
@@ -62,6 +62,10 @@ def generate_set(
     """Generate ``generation.num_samples`` responses to each demonstration's prompt, cached as
     JSONL at ``path``.
 
+    Prompts are encoded as training encodes them (:func:`gsil.data.encode_prompt`), or, with
+    ``generation.prompt_format`` instruction, as SPIN's and GSIL's public code generated
+    (:func:`gsil.data.encode_instruction_prompt`).
+
     If ``path`` and its sidecar ``path.with_suffix(".settings.json")`` exist and record the same
     settings -- decoding settings and ``num_samples``, the encoded prompt token ids (so a
     changed tokenizer or template counts as a change), the demonstrations, and
@@ -85,9 +89,12 @@ def generate_set(
     """
     path = Path(path)
     num_samples = request.generation.num_samples
-    prompt_ids = [
-        encode_prompt(tokenizer, demo.prompt, request.max_prompt_length) for demo in demos
-    ]
+    if request.generation.prompt_format == "instruction":
+        prompt_ids = [encode_instruction_prompt(tokenizer, demo.prompt) for demo in demos]
+    else:
+        prompt_ids = [
+            encode_prompt(tokenizer, demo.prompt, request.max_prompt_length) for demo in demos
+        ]
     settings = _set_settings(demos, prompt_ids, request)
     cached = _load_matching_set(path, settings, demos, num_samples)
     if cached is not None:
@@ -145,6 +152,44 @@ def read_generated_set(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read the rows of a generated-set JSONL file (for metrics such as tie rate, lengths)."""
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def read_previous_set(
+    path: str | os.PathLike[str], demos: Sequence[DemonstrationLike], num_samples: int
+) -> list[str]:
+    """The responses of an earlier round's generated set at ``path``, checked: its sidecar's
+    size and sha256, its ``num_samples`` (k) and one row per (demonstration, sample) in the
+    order of ``demos``. Laid out as :func:`generate_set` returns them (prompt-major).
+
+    Raises:
+        CorruptFileError: the set or its sidecar is missing, changed since it was written, or
+            made for other demonstrations or another k; the message names the file and the fix.
+    """
+    path, sidecar = Path(path), settings_path(path)
+    fix = (
+        "Mix only sets made for the same demonstrations and --num-samples (the round before, "
+        "or the last round of the run whose model this run starts from), or run without "
+        "--mix-previous-generations"
+    )
+    if not (path.is_file() and sidecar.is_file()):
+        raise CorruptFileError(
+            path, "the earlier round's generated set or its sidecar is missing", fix
+        )
+    record = json.loads(sidecar.read_text(encoding="utf-8"))
+    check_file(path, record["files"][path.name], source=sidecar, fix=fix)
+    made_with = record["settings"]["num_samples"]
+    if made_with != num_samples:
+        raise CorruptFileError(
+            path, f"holds {made_with} samples per prompt, not {num_samples}", fix
+        )
+    rows = read_generated_set(path)
+    expected = [(_json_value(d.id), j) for d in demos for j in range(num_samples)]
+    found = [(row.get("id"), row.get("sample", 0)) for row in rows]
+    if found != expected:
+        raise CorruptFileError(
+            path, f"holds {len(rows)} rows for other demonstrations than this run's", fix
+        )
+    return [row["generated_response"] for row in rows]
 
 
 def _set_settings(
