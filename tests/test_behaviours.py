@@ -275,7 +275,7 @@ def test_gradient_checkpointing_gives_the_same_steps(tiny_model_readonly, tiny_t
         )
         runs = tuple(len(calls[index]) // micro_batches for index in (0, 1))
         assert runs == expected_calls[every], every
-        assert not trained.is_gradient_checkpointing
+        assert not trained.is_activation_checkpointing
     plain_rows, plain = results[0]
     assert len(plain_rows) == 4
     assert any(not torch.equal(plain[k], tiny_model_readonly.state_dict()[k]) for k in plain)
