@@ -31,6 +31,8 @@ over the prompt's k samples, and an accuracy the fraction of its k pairs the dem
                                                        the discriminative normaliser
     dft/weights                   (none)               DFT: mean importance weight of the samples
     logps/chosen_per_token        (none)               SFT: token-mean log pi_theta(demo)
+    sdft/teacher_logps            (none)               SDFT: log-prob of the own sample under the
+                                                       EMA teacher shown the demonstration
     tokens                        (none) [2]           non-padding tokens in the step
     step, round, round_step       (step: global step)  global step, round, step within the round
     skipped                       (none)               1: a non-finite loss or gradient, update
@@ -64,7 +66,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from gsil.batching import Example, collate, split_demo_gen
-from gsil.checkpoints import load_method_state, save_checkpoint
+from gsil.checkpoints import load_method_state, load_model_loss_state, save_checkpoint
 from gsil.faults import kill_point
 from gsil.layout import RunLayout
 from gsil.logprobs import LOGPROB_PATHS, model_sequence_logps
@@ -403,6 +405,8 @@ class RoundStepper:
         self.data, self.method = round_data, method
         self.settings, self.accelerator = settings, accelerator
         self.method_state = method.initial_state(len(round_data.examples))
+        # a method whose loss needs the model itself (SDFT): built from the round's start
+        self.model_loss = method.model_loss(accelerator.unwrap_model(self.model), accelerator)
 
     @classmethod
     def prepare(
@@ -444,6 +448,8 @@ class RoundStepper:
         self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler_state.pt"))
         if self.method_state is not None:
             self.method_state = load_method_state(checkpoint, self.method_state)
+        if self.model_loss is not None:
+            self.model_loss.load_state_dict(load_model_loss_state(checkpoint))
 
     def save(self, place: RoundPlace, step: int) -> None:
         """Write a resumable checkpoint after ``step`` optimizer steps of the round."""
@@ -452,7 +458,15 @@ class RoundStepper:
             "step_in_round": step,
             "global_step": place.global_step_offset + step,
         }
-        save_checkpoint(self.accelerator, self.scheduler, place.layout, position, self.method_state)
+        model_loss_state = self.model_loss.state_dict() if self.model_loss is not None else None
+        save_checkpoint(
+            self.accelerator,
+            self.scheduler,
+            place.layout,
+            position,
+            self.method_state,
+            model_loss_state,
+        )
 
     def finish(self) -> torch.nn.Module:
         """The prepared model, back in evaluation mode."""
@@ -512,6 +526,8 @@ class RoundStepper:
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()  # also after a skipped update: later steps keep their rate
         self._apply_state(state_updates, skip)
+        if self.model_loss is not None and not skip:
+            self.model_loss.after_update(self.accelerator.unwrap_model(self.model))
         means = totals.reduce(self.accelerator, step_plan)
         means["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         means["skipped"] = int(skip)
@@ -524,6 +540,9 @@ class RoundStepper:
             _collate(self.data.examples, micro, self.data.pad_id, needs_generations),
             self.accelerator.device,
         )
+        if self.model_loss is not None:  # the method forwards the model itself
+            losses, stats = self.model_loss(self.model, batch)
+            return batch, losses, {**stats, "loss": losses.detach()}
         index = batch["index"].cpu()
         average = self.settings.average_logps
         logps = forward_logps(self.model, batch, average, path=self.settings.logprob_path)

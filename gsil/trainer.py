@@ -259,6 +259,7 @@ class SelfImitation:
             [d.response for d in own.demos],
             TokenLimits(settings.max_prompt_length, settings.max_length),
             generated=generated,
+            teacher_prompt=self.method.teacher_prompt_ids,
         )
         ref_demo = ref_gen = None
         if self.method.needs_reference:
