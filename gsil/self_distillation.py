@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from gsil.data import PromptTooLong, encode_prompt
 from gsil.demonstrations import Prompt
-from gsil.logprobs import IGNORE_INDEX
+from gsil.logprobs import IGNORE_INDEX, LeanPathUnsupported, lean_head
 from gsil.objectives import Stats, sample_mean
 from gsil.processes import is_zero3
 
@@ -155,6 +155,46 @@ def sequence_means(per_token: Tensor, positions: Tensor, skip_tokens: int) -> Te
     return sums / counts.clamp(min=1)
 
 
+def response_logits(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, positions: Tensor
+) -> Tensor:
+    """A causal LM's logits ``(N, V)`` at ``positions`` (``(rows, length)`` bool, row-major).
+
+    As :func:`gsil.logprobs.lean_model_logps`: the model runs whole, through its wrappers
+    (DDP's forward prepares the gradient all-reduce), asked for the last position's logits
+    only; a forward hook keeps the decoder's final hidden states, of which the output layer
+    projects only the ``positions`` (under the forward's autocast state), so the
+    ``(rows, length, vocab)`` logits of prompt positions are never made. A model whose logits
+    are not the output layer's (:class:`gsil.logprobs.LeanPathUnsupported`) gives its full
+    logits, then picked.
+    """
+    try:
+        head = lean_head(model)
+    except LeanPathUnsupported:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return logits[positions]
+    captured: list[tuple[Tensor, bool, torch.dtype]] = []
+
+    def keep_hidden(module, args, output):
+        hidden = output if isinstance(output, Tensor) else output[0]
+        device = hidden.device.type
+        captured.append(
+            (hidden, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        )
+
+    handle = head.decoder.register_forward_hook(keep_hidden)
+    try:
+        extra = {head.keep_logits_arg: 1} if head.keep_logits_arg else {}
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"the decoder ran {len(captured)} times in one forward")
+    hidden, enabled, dtype = captured[0]
+    with torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
+        return head.output_layer(hidden[positions])
+
+
 class EMATeacher:
     """A copy of the policy, without gradients, moved towards it after each optimizer step:
     ``phi <- (1 - rate) phi + rate theta`` on the parameters the policy trains (the others stay
@@ -224,23 +264,21 @@ class SelfDistillation:
             )
         n = batch["index"].shape[0]
         labels = batch["labels"][n:]
-        student_logits = model(
-            input_ids=batch["input_ids"][n:],
-            attention_mask=batch["attention_mask"][n:],
-            use_cache=False,
-        ).logits
-        with torch.no_grad(), self.accelerator.autocast():
-            teacher_logits = self.teacher.module(
-                input_ids=batch["teacher_input_ids"],
-                attention_mask=batch["teacher_attention_mask"],
-                use_cache=False,
-            ).logits
         targets = next_tokens(labels)
         student_at = targets != IGNORE_INDEX
         teacher_at = next_tokens(batch["teacher_labels"]) != IGNORE_INDEX
         if not torch.equal(student_at.sum(1), teacher_at.sum(1)):
             raise RuntimeError("student and teacher rows score different responses (a bug)")
-        student_picked, teacher_picked = student_logits[student_at], teacher_logits[teacher_at]
+        student_picked = response_logits(
+            model, batch["input_ids"][n:], batch["attention_mask"][n:], student_at
+        )
+        with torch.no_grad(), self.accelerator.autocast():
+            teacher_picked = response_logits(
+                self.teacher.module,
+                batch["teacher_input_ids"],
+                batch["teacher_attention_mask"],
+                teacher_at,
+            )
         per_token = token_divergence(student_picked, teacher_picked, self.alpha)
         per_sequence = sequence_means(per_token, student_at, self.skip_tokens)
         gen_mask = batch.get("gen_mask")

@@ -17,9 +17,11 @@ from test_distributed import assert_same_run, assert_same_weights_bitwise, launc
 from tiny import Interrupt, build_tiny_model, build_tiny_tokenizer, interrupting, tiny_demos
 
 from experiments.config import ConfigError, from_dict, validate
+from gsil import self_distillation
 from gsil.batching import GeneratedResponses, build_examples, collate
 from gsil.data import PromptTooLong, TokenLimits, format_prompt
 from gsil.generation import GenerationSettings
+from gsil.logprobs import LeanPathUnsupported
 from gsil.methods import SDFT, get_method
 from gsil.models import save_model
 from gsil.optimization import OptimSettings
@@ -126,10 +128,21 @@ def test_a_long_demonstration_loses_its_end_to_fit_the_teacher_prompt(tiny_token
 # --------------------------------------------------------------------------- the round loss
 
 
-def test_the_round_loss_is_the_formula_by_hand_on_a_tiny_batch(tiny_model, tiny_tokenizer):
+@pytest.mark.parametrize("path", ["lean", "full-logits"])
+def test_the_round_loss_is_the_formula_by_hand_on_a_tiny_batch(
+    path, tiny_model, tiny_tokenizer, monkeypatch
+):
     """3 prompts x k = 2 own samples (one left out by gen_mask), the first token skipped: each
     example's loss is the mean over its kept samples of the mean per-token divergence, the
-    student reading prompt + sample, the teacher (the same weights) teacher prompt + sample."""
+    student reading prompt + sample, the teacher (the same weights) teacher prompt + sample.
+    ``lean`` projects only the response positions; ``full-logits`` is the fallback for models
+    the lean path cannot serve."""
+    if path == "full-logits":
+
+        def unsupported(model):
+            raise LeanPathUnsupported("test")
+
+        monkeypatch.setattr(self_distillation, "lean_head", unsupported)
     alpha, skip = 0.5, 1
     demos = tiny_demos(3)
     responses = ["seven", "1 2", "x", "twelve!", "ok", "5 + 4"]
