@@ -27,7 +27,7 @@ from torch import Tensor
 from gsil.demonstrations import Prompt
 from gsil.estimators import ESTIMATORS, DensityRatioEstimator, get_estimator
 from gsil.objectives import DFT_VARIANTS, Stats, dft_loss, gsil_loss, sft_loss, spin_loss
-from gsil.self_distillation import SelfDistillation, encode_teacher_prompt
+from gsil.self_distillation import SelfDistillation, check_engine, encode_teacher_prompt
 
 
 def _setting(default, help: str, **metadata):
@@ -182,6 +182,10 @@ class Method:
     def initial_state(self, num_examples: int) -> Tensor | None:
         """The round's starting state, ``(num_examples,)`` float32; None if stateless."""
         return None
+
+    def check_launch(self, accelerator) -> None:
+        """Refuse (``ValueError``, naming the fix) a launch the method cannot train under;
+        called before any work. Every launch is fine by default."""
 
     def teacher_prompt_ids(self, tokenizer, prompt: Prompt, demonstration: str) -> list[int] | None:
         """Token ids of the prompt a demonstration-conditioned teacher reads
@@ -373,6 +377,9 @@ class SDFT(Method):
 
     def loss(self, batch: LogpBatch) -> tuple[Tensor, Stats]:
         raise TypeError("SDFT's loss needs token distributions: the trainer calls model_loss")
+
+    def check_launch(self, accelerator) -> None:
+        check_engine(accelerator)
 
     def teacher_prompt_ids(self, tokenizer, prompt: Prompt, demonstration: str) -> list[int]:
         return encode_teacher_prompt(

@@ -127,6 +127,7 @@ class SelfImitation:
         self.layout = RunLayout(settings.run_dir)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         check_processes(self.accelerator)
+        method.check_launch(self.accelerator)
         # one vLLM engine for the whole run (if vLLM generates), holding each round's policy
         self.vllm = _RunEngine(method.needs_generations, settings, tokenizer, self.accelerator)
 

@@ -398,3 +398,26 @@ def test_sdft_loss_of_per_sequence_log_probs_is_refused():
     with pytest.raises(TypeError, match="model_loss"):
         SDFT().loss(None)
     assert copy.deepcopy(SDFT()).needs_generations and not SDFT().needs_reference
+
+
+def test_a_sharded_launch_is_refused_before_any_work(
+    tmp_path, model_dir, data_file, capsys, monkeypatch
+):
+    """Under ZeRO-3 (here: its detection forced) the command stops at once: one message, exit 2,
+    no generation."""
+    monkeypatch.setattr(self_distillation, "is_zero3", lambda accelerator: True)
+    argv = train_args(model_dir, data_file, tmp_path / "runs", "--method", "sdft")
+    code, err = train(argv, capsys)
+    assert_user_error(code, err, "--method sdft", "FSDP and DeepSpeed ZeRO-3", "DDP")
+    assert not (tmp_path / "runs" / "tiny" / "round_0").exists()
+    monkeypatch.undo()
+    code, err = train(argv, capsys)
+    assert code == 0, err
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "demos.jsonl"
+    rows = [{"prompt": f"double {i}", "response": f"{2 * i}"} for i in range(4)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -111,6 +111,9 @@ class Spy(Method):
     def loss(self, batch):
         return self.around(self.inner.loss, batch)
 
+    def check_launch(self, accelerator) -> None:
+        self.inner.check_launch(accelerator)
+
     def teacher_prompt_ids(self, tokenizer, prompt, demonstration):
         return self.inner.teacher_prompt_ids(tokenizer, prompt, demonstration)
 
