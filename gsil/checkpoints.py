@@ -15,7 +15,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from gsil.integrity import CorruptFileError, verify_manifest, write_manifest
+from gsil.integrity import (
+    CorruptFileError,
+    read_recorded,
+    verify_manifest,
+    write_manifest,
+    write_recorded,
+)
 from gsil.io import read_json, replace_dir, write_json
 from gsil.layout import RunLayout
 
@@ -118,6 +124,37 @@ def load_model_loss_state(checkpoint: Path) -> dict[str, torch.Tensor]:
             "from its start, or start without --resume"
         )
     return torch.load(path, map_location="cpu")
+
+
+def save_carried_state(
+    accelerator: Accelerator, path: Path, state: dict[str, torch.Tensor]
+) -> None:
+    """What a round's :class:`gsil.methods.ModelLoss` hands the next round (the same on every
+    process), written atomically with its manifest by the main process."""
+    if accelerator.is_main_process:
+        write_recorded(path, lambda handle: torch.save(state, handle))
+    accelerator.wait_for_everyone()
+
+
+def load_carried_state(path: Path) -> dict[str, torch.Tensor] | None:
+    """The state :func:`save_carried_state` wrote (on CPU), checked against its manifest;
+    None when the round left none.
+
+    Raises:
+        CorruptFileError: the file is truncated, changed or unreadable.
+    """
+    if not path.exists():
+        return None
+    fix = (
+        f"Delete {path.parent} and the later round_<t> directories (trained from it), then "
+        "rerun with --resume; or start without --resume"
+    )
+    return read_recorded(
+        path,
+        lambda p: torch.load(p, map_location="cpu"),
+        what="state carried to the next round",
+        fix=fix,
+    )
 
 
 def load_checkpoint(run_dir: Path) -> dict | None:

@@ -136,7 +136,8 @@ class ModelLoss(Protocol):
     log-probs (SDFT's token distributions under a teacher): built by
     :meth:`Method.model_loss` when the round's optimisation starts, it replaces the policy
     forward and :meth:`Method.loss`, hears of each optimizer step that updates the weights,
-    and has a state that every in-round checkpoint saves and a resumed round loads."""
+    and has a state that every in-round checkpoint saves and a resumed round loads, and that
+    it may hand on to the next round."""
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> tuple[Tensor, Stats]:
         """Per-example losses ``(n,)`` and statistics of a collated micro-batch
@@ -150,6 +151,12 @@ class ModelLoss(Protocol):
     def state_dict(self) -> dict[str, Tensor]: ...
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
+
+    def carried_state(self) -> dict[str, Tensor] | None:
+        """At the round's end, the state the next round's ModelLoss starts from (its
+        ``load_state_dict``; stored in the round's directory, so a resumed run reads it too);
+        None: the next round starts afresh."""
+        ...
 
 
 class Method:

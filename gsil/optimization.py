@@ -66,7 +66,13 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from gsil.batching import Example, collate, split_demo_gen
-from gsil.checkpoints import load_method_state, load_model_loss_state, save_checkpoint
+from gsil.checkpoints import (
+    load_carried_state,
+    load_method_state,
+    load_model_loss_state,
+    save_carried_state,
+    save_checkpoint,
+)
 from gsil.faults import kill_point
 from gsil.layout import RunLayout
 from gsil.logprobs import LOGPROB_PATHS, model_sequence_logps
@@ -338,6 +344,8 @@ def train_round(
     if place.resume_state is not None:
         step = place.resume_state["step_in_round"]
         stepper.load(place.layout.checkpoint)
+    else:
+        stepper.start_from_previous_round(place)
     metrics_path = place.layout.metrics
     last_metrics: dict = {}
     progress = tqdm(
@@ -376,6 +384,7 @@ def train_round(
                 stepper.save(place, step)
             kill_point("training")  # test hook (gsil.faults): after the step and its checkpoint
     progress.close()
+    stepper.hand_on(place)
     return last_metrics, stepper.finish()
 
 
@@ -450,6 +459,22 @@ class RoundStepper:
             self.method_state = load_method_state(checkpoint, self.method_state)
         if self.model_loss is not None:
             self.model_loss.load_state_dict(load_model_loss_state(checkpoint))
+
+    def start_from_previous_round(self, place: RoundPlace) -> None:
+        """A :class:`~gsil.methods.ModelLoss` starts from what the previous round handed on
+        (SDFT's teacher), if it handed on anything."""
+        if self.model_loss is None or place.round_index == 0:
+            return
+        state = load_carried_state(place.layout.model_loss_state(place.round_index - 1))
+        if state is not None:
+            self.model_loss.load_state_dict(state)
+
+    def hand_on(self, place: RoundPlace) -> None:
+        """Store what the round's :class:`~gsil.methods.ModelLoss` hands the next round."""
+        state = self.model_loss.carried_state() if self.model_loss is not None else None
+        if state is not None:
+            path = place.layout.model_loss_state(place.round_index)
+            save_carried_state(self.accelerator, path, state)
 
     def save(self, place: RoundPlace, step: int) -> None:
         """Write a resumable checkpoint after ``step`` optimizer steps of the round."""

@@ -30,8 +30,10 @@ Where this differs, and why:
 - **Rounds.** The authors sample afresh for every optimizer step; here the round's policy
   samples once per round (the generation stage every method shares) and the round trains on
   those samples: on-policy at the round's first step, increasingly stale after it (many short
-  rounds come closer). The EMA teacher starts each round as a copy of the round's policy (with
-  one round, the initial model, as the authors' teacher); it is not carried across rounds.
+  rounds come closer). The EMA teacher starts as a copy of the initial model (as the authors')
+  and is one moving average over the whole run: each round hands it on to the next
+  (``round_<t>/model_loss_state.pt``). Under LoRA, whose adapters are merged between rounds,
+  it restarts from each round's policy.
 - **TRL's defaults differ from the authors'**: its teacher is the initial model (``base``;
   ``ema`` with rate 0.05 is an option), its divergence alpha 0.5 on the student's top-100
   logits, its teacher prompt ``"{prompt}\\n\\n{privileged_context}"``, no skipped tokens.
@@ -45,7 +47,9 @@ Where this differs, and why:
   sample keep the run's ``max_prompt_length`` and ``max_length``.
 
 The teacher is a full copy of the policy on every process (DDP, and DeepSpeed ZeRO-1/2, keep
-whole weights there); FSDP and ZeRO-3 shard the weights, and are refused.
+whole weights there); FSDP and ZeRO-3 shard the weights, and are refused. Both models' logits
+are made at the response positions only (:func:`response_logits`), ``(tokens, vocabulary)``
+each, with float32 softmaxes; the run's ``--logprob-path`` and ``--average-logps`` do not apply.
 """
 
 from __future__ import annotations
@@ -302,6 +306,14 @@ class SelfDistillation:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.teacher.load_state_dict(state)
+
+    def carried_state(self) -> dict[str, Tensor] | None:
+        """The teacher, for the next round (one moving average over the whole run) when it
+        tracks every weight; None under LoRA (the next round's policy is the merged one with
+        fresh adapters: its teacher starts from it)."""
+        if len(self.teacher.names) < len(list(self.teacher.module.parameters())):
+            return None
+        return self.teacher.state_dict()
 
 
 @torch.no_grad()

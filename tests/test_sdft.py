@@ -23,7 +23,7 @@ from gsil.data import PromptTooLong, TokenLimits, format_prompt
 from gsil.generation import GenerationSettings
 from gsil.logprobs import LeanPathUnsupported
 from gsil.methods import SDFT, get_method
-from gsil.models import save_model
+from gsil.models import apply_lora, save_model
 from gsil.optimization import OptimSettings
 from gsil.self_distillation import (
     SelfDistillation,
@@ -277,7 +277,9 @@ def test_sdft_trains_through_the_round_loop(straight_run):
     assert (straight_run / "round_1" / "generated.jsonl").exists()  # on-policy samples
 
 
-@pytest.mark.parametrize("after_calls", [2, 4], ids=["in-round-0", "in-round-1"])
+@pytest.mark.parametrize(
+    "after_calls", [2, 3, 4], ids=["in-round-0", "at-round-1-start", "in-round-1"]
+)
 def test_sdft_resume_is_bitwise_equal_to_the_uninterrupted_run(
     after_calls, straight_run, tmp_path, cpu_only
 ):
@@ -293,19 +295,62 @@ def test_sdft_resume_is_bitwise_equal_to_the_uninterrupted_run(
             broken,
             interrupting(objective, after_calls=after_calls),
         )
-    teacher = torch.load(broken / "checkpoint" / "model_loss_state.pt")
-    round_start = (
-        build_tiny_model(tokenizer).state_dict()
-        if after_calls < 3
-        else _round_weights(broken / "round_0")
-    )
-    assert any(not torch.equal(teacher[n], round_start[n]) for n in teacher)  # it moved
+    if after_calls == 3:  # round 0 finished: round 1 starts from the teacher it handed on
+        teacher = torch.load(broken / "round_0" / "model_loss_state.pt")
+        assert not (broken / "checkpoint").exists()
+    else:
+        teacher = torch.load(broken / "checkpoint" / "model_loss_state.pt")
+    policy = _round_weights(broken / "round_0") if after_calls == 3 else None
+    start = build_tiny_model(tokenizer).state_dict()
+    assert any(not torch.equal(teacher[n], start[n]) for n in teacher)  # it moved
+    if policy is not None:  # and lags the policy
+        assert any(not torch.equal(teacher[n], policy[n]) for n in teacher)
     sdft_run(build_tiny_model(tokenizer), tokenizer, broken, objective, resume=True)
     assert_same_weights_bitwise(broken, straight_run)
     assert rows(broken) == [
         {**row, "step_seconds": resumed["step_seconds"]}
         for row, resumed in zip(rows(straight_run), rows(broken), strict=True)
     ]
+
+
+def test_the_teacher_is_one_moving_average_over_the_rounds(straight_run, tmp_path, cpu_only):
+    """Round 1's teacher starts from round 0's last teacher (handed on in round_0/), not from
+    round 0's policy; under LoRA (merged between rounds) it restarts."""
+    loaded = []
+
+    class Recording(SDFT):
+        def model_loss(self, policy, accelerator):
+            distill = super().model_loss(policy, accelerator)
+            load = distill.load_state_dict
+
+            def record(state):
+                loaded.append({name: value.clone() for name, value in state.items()})
+                load(state)
+
+            distill.load_state_dict = record
+            return distill
+
+    tokenizer = build_tiny_tokenizer()
+    run_dir = tmp_path / "recorded"
+    sdft_run(build_tiny_model(tokenizer), tokenizer, run_dir, Recording(ema_rate=0.5))
+    handed_on = torch.load(run_dir / "round_0" / "model_loss_state.pt")
+    assert len(loaded) == 1 and loaded[0].keys() == handed_on.keys()
+    for name, value in handed_on.items():
+        assert torch.equal(loaded[0][name], value)
+    policy = _round_weights(run_dir / "round_0")
+    assert any(not torch.equal(handed_on[n], policy[n]) for n in handed_on)
+    assert rows(run_dir) == [
+        {**row, "step_seconds": mine["step_seconds"]}
+        for row, mine in zip(rows(straight_run), rows(run_dir), strict=True)
+    ]
+    lora = SelfDistillation(
+        apply_lora(build_tiny_model(tokenizer), rank=2),
+        Accelerator(cpu=True),
+        alpha=0.0,
+        ema_rate=0.5,
+        skip_tokens=0,
+    )
+    assert lora.carried_state() is None and lora.state_dict()  # the adapters only
 
 
 def _round_weights(round_dir) -> dict:

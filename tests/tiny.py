@@ -140,6 +140,9 @@ class _SpiedModelLoss:
     def load_state_dict(self, state) -> None:
         self.inner.load_state_dict(state)
 
+    def carried_state(self):
+        return self.inner.carried_state()
+
 
 def interrupting(objective: Method, after_calls: int) -> Method:
     """The same method, raising :class:`Interrupt` on call ``after_calls + 1``."""
