@@ -333,6 +333,11 @@ def train_round(
     :meth:`~gsil.methods.Method.initial_state`; its state lives on every process (the same
     values: each step's updates are gathered), is saved in every checkpoint and loaded with it
     on resume. A new round starts it afresh: the round's reference and samples are new.
+
+    A method whose loss needs the model itself (:meth:`~gsil.methods.Method.model_loss`: SDFT)
+    has the round's :class:`~gsil.methods.ModelLoss` forward each micro-batch, hear of each
+    update, save its state in every checkpoint, and hand its carried state on to the next round
+    (``round_<t>/model_loss_state.pt``), from which the next round's starts.
     """
     world, rank = accelerator.num_processes, accelerator.process_index
     steps_per_epoch = len(
