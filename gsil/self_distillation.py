@@ -47,7 +47,10 @@ Where this differs, and why:
   sample keep the run's ``max_prompt_length`` and ``max_length``.
 
 The teacher is a full copy of the policy on every process (DDP, and DeepSpeed ZeRO-1/2, keep
-whole weights there); FSDP and ZeRO-3 shard the weights, and are refused. Both models' logits
+whole weights there), in the policy's dtype (a bf16 policy, as the authors' and ZeRO's bf16
+weights, averages in bf16, where an update smaller than the weight's precision is lost; with
+accelerate's bf16 mixed precision the weights stay float32); FSDP and ZeRO-3 shard the
+weights, and are refused. Both models' logits
 are made at the response positions only (:func:`response_logits`), ``(tokens, vocabulary)``
 each, with float32 softmaxes; the run's ``--logprob-path`` and ``--average-logps`` do not apply.
 """

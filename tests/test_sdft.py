@@ -5,6 +5,7 @@ loop: resumed bit for bit, two processes equal to one, bad input one message and
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 from types import SimpleNamespace
@@ -12,8 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import Accelerator, DistributedType
+from launch import ZERO3
 from test_bad_input import assert_user_error, train, train_args
-from test_distributed import assert_same_run, assert_same_weights_bitwise, launch
+from test_distributed import assert_same_run, assert_same_weights_bitwise, launch, weights
 from tiny import Interrupt, build_tiny_model, build_tiny_tokenizer, interrupting, tiny_demos
 
 from experiments.config import ConfigError, from_dict, validate
@@ -391,6 +393,36 @@ def test_sdft_on_two_processes_gives_the_one_process_run(sdft_processes):
 def test_sdft_two_process_resume_is_bitwise_exact(sdft_processes):
     two = sdft_processes / "two"
     assert_same_weights_bitwise(two / "sdft-resumed", two / "sdft")
+
+
+@pytest.fixture(scope="module")
+def deepspeed_installed():
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (make setup installs it with the dev extras)")
+
+
+def test_sdft_under_zero2_gives_the_one_process_run(sdft_processes, deepspeed_installed, tmp_path):
+    """ZeRO-2 keeps whole weights on every process (it shards the optimizer state and the
+    gradients): the EMA teacher works as under DDP."""
+    zero2_engine = ["--use_deepspeed", "--zero_stage", "2"]
+    launch(tmp_path, [{"name": "sdft", **SDFT_JOB}], engine=zero2_engine)
+    zero2, one = tmp_path / "sdft", sdft_processes / "one" / "sdft"
+    assert len(rows(zero2)) == len(rows(one)) == 6
+    for row, expected in zip(rows(zero2), rows(one), strict=True):
+        assert row["loss"] == pytest.approx(expected["loss"], abs=1e-4)
+        assert row["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)
+    final, reference = weights(zero2), weights(one)  # ZeRO-2 also saves the tied lm_head
+    start = build_tiny_model(build_tiny_tokenizer()).state_dict()
+    moved = sum(((reference[k] - start[k]) ** 2).sum() for k in reference) ** 0.5
+    gap = sum(((final[k] - reference[k]) ** 2).sum() for k in reference) ** 0.5
+    assert moved > 0 and 100 * gap <= moved
+
+
+def test_sdft_under_zero3_is_refused_before_any_work(deepspeed_installed, tmp_path):
+    with pytest.raises(AssertionError) as failed:
+        launch(tmp_path, [{"name": "sdft", **SDFT_JOB}], engine=ZERO3)
+    assert "FSDP and DeepSpeed ZeRO-3" in str(failed.value)
+    assert not (tmp_path / "sdft" / "round_0").exists()  # nothing generated
 
 
 # --------------------------------------------------------------------------- bad input
