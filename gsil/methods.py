@@ -94,7 +94,7 @@ class ObjectiveSettings:
         3, "SDFT: leading tokens of each own sample left out of the loss (the authors: 3)"
     )
     sdft_max_teacher_prompt_length: int = _setting(
-        1024,
+        2048,
         "SDFT: longest teacher prompt (the prompt with the demonstration shown) in tokens; "
         "a longer demonstration loses its end there",
     )

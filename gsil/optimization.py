@@ -13,7 +13,7 @@ over the prompt's k samples, and an accuracy the fraction of its k pairs the dem
 
     key                           TRL name             quantity
     ----------------------------  -------------------  -------------------------------------------
-    loss                          loss                 the objective (GSIL, SPIN, SFT or DFT)
+    loss                          loss                 the objective (GSIL, SPIN, SFT, DFT or SDFT)
     grad_norm                     grad_norm            gradient norm before clipping
     learning_rate                 learning_rate        after this step's scheduler step
     epoch                         epoch                fractional epochs done in this round
