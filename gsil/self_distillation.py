@@ -114,9 +114,8 @@ def encode_teacher_prompt(
 
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """``KL(p || q) = sum_v p_v (log p_v - log q_v)`` over the last dimension (0 where p_v = 0)."""
-    terms = log_p.exp() * (log_p - log_q)
-    return torch.where(torch.isneginf(log_p), torch.zeros_like(terms), terms).sum(-1)
+    """``KL(p || q) = sum_v p_v (log p_v - log q_v)`` over the last dimension."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def token_divergence(student_logits: Tensor, teacher_logits: Tensor, alpha: float) -> Tensor:
@@ -131,10 +130,13 @@ def token_divergence(student_logits: Tensor, teacher_logits: Tensor, alpha: floa
             ``compute_divergence`` and the authors' ``distil_trainer.py``).
 
     Returns:
-        ``(N,)`` float32 divergences (softmaxes in float32).
+        ``(N,)`` float32 divergences (softmaxes in float32). A logit of -inf (a token a model
+        masks) is taken as the lowest float32 first: probability 0, a term of 0 where both
+        models mask it, and finite gradients.
     """
-    student = student_logits.float().log_softmax(-1)
-    teacher = teacher_logits.float().log_softmax(-1)
+    lowest = torch.finfo(torch.float32).min
+    student = student_logits.float().clamp(min=lowest).log_softmax(-1)
+    teacher = teacher_logits.float().clamp(min=lowest).log_softmax(-1)
     if alpha == 0.0:
         return _kl(teacher, student)
     if alpha == 1.0:

@@ -90,6 +90,20 @@ def test_the_forward_and_reverse_kl_gradients_by_hand():
             assert logits.grad[row].tolist() == pytest.approx(expected, abs=1e-6)
 
 
+def test_a_masked_token_counts_for_nothing_and_gives_finite_gradients():
+    """A logit of -inf (a token a model masks) in both models: the divergence is the one over
+    the other tokens, and its gradient is finite (0 there)."""
+    masked = float("-inf")
+    for alpha in (0.0, 0.5, 1.0):
+        student = torch.tensor([[0.5, masked, 2.0, 0.0]], requires_grad=True)
+        teacher = torch.tensor([[1.5, masked, -0.3, 0.0]])
+        value = token_divergence(student, teacher, alpha)
+        by_hand = divergence_by_hand([0.5, 2.0, 0.0], [1.5, -0.3, 0.0], alpha)
+        assert value.item() == pytest.approx(by_hand, rel=1e-5)
+        value.sum().backward()
+        assert torch.isfinite(student.grad).all() and student.grad[0, 1] == 0
+
+
 def test_token_divergence_is_finite_at_extreme_logits():
     student = torch.tensor([[80.0, -80.0, 0.0]])
     teacher = torch.tensor([[-80.0, 80.0, 0.0]])
