@@ -16,8 +16,8 @@ For a prompt x with demonstration c, the policy's own sample y (the round's gene
 
 ``D_alpha`` is exact over the whole vocabulary at each position (the paper's "analytic
 per-token" estimator), the generalised Jensen-Shannon divergence of GKD that both codes use:
-``alpha = 0`` is the forward KL(teacher || student) (the authors' default, with which every
-result of the paper was produced: v2, section 3, and their README), ``alpha = 1`` the reverse
+``alpha = 0`` is the forward KL(teacher || student) (the authors' code's default, with which,
+by their README and the paper's v2, section 3, every result was produced), ``alpha = 1`` the reverse
 KL(student || teacher) of the paper's derivation, in between
 ``alpha KL(teacher || m) + (1 - alpha) KL(student || m)`` with ``m = (1 - alpha) student +
 alpha teacher``. A sequence's loss is the mean over its tokens after the first ``s`` (the
@@ -46,13 +46,13 @@ Where this differs, and why:
   demonstration's end is cut to fit; the authors allow 8192 tokens); the student's prompt and
   sample keep the run's ``max_prompt_length`` and ``max_length``.
 
-The teacher is a full copy of the policy on every process (DDP, and DeepSpeed ZeRO-1/2, keep
-whole weights there), in the policy's dtype (a bf16 policy, as the authors' and ZeRO's bf16
-weights, averages in bf16, where an update smaller than the weight's precision is lost; with
-accelerate's bf16 mixed precision the weights stay float32); FSDP and ZeRO-3 shard the
-weights, and are refused. Both models' logits
-are made at the response positions only (:func:`response_logits`), ``(tokens, vocabulary)``
-each, with float32 softmaxes; the run's ``--logprob-path`` and ``--average-logps`` do not apply.
+The teacher is a full copy of the policy on every process (DDP and DeepSpeed ZeRO-2 keep whole
+weights there), in the policy's dtype: a bf16 policy (the authors', ZeRO's bf16 weights)
+averages in bf16, where an update smaller than a weight's precision is lost; under
+accelerate's bf16 mixed precision the weights stay float32. FSDP and ZeRO-3 shard the weights
+and are refused. Both models' logits are made at the response positions only
+(:func:`response_logits`), ``(tokens, vocabulary)`` each, with float32 softmaxes; the run's
+``--logprob-path`` and ``--average-logps`` do not apply.
 """
 
 from __future__ import annotations
