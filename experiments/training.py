@@ -16,7 +16,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from experiments.config import RunConfig, leaves, load_saved_config
+from experiments.config import ConfigError, RunConfig, leaves, load_saved_config
 from gsil.data import load_demonstrations
 from gsil.io import read_json, read_jsonl, write_json
 from gsil.layout import RunLayout, run_of_model
@@ -134,12 +134,17 @@ def execute(config: RunConfig) -> dict:
     if config.resume:
         check_resume(config)
     accelerator = make_accelerator(config)
+    method = build_method(config.objective)
+    try:  # before any work: a method may not run under this launch (SDFT under ZeRO-3)
+        method.check_launch(accelerator)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     if accelerator.is_main_process:
         write_json(layout.config, config.to_dict())
     set_seed(config.seed)
     started = time.perf_counter()
 
-    data, goal = config.data, config.objective
+    data = config.data
     model, tokenizer = load_model(config.model, dtype="float32", device=accelerator.device)
     demos = load_demonstrations(data, seed=config.seed, tokenizer=tokenizer)
     logger.info(
@@ -148,7 +153,6 @@ def execute(config: RunConfig) -> dict:
         data.source,
         dict(demos.skipped) or "none",
     )
-    method = build_method(goal)
     # last before training: run_rounds closes the trackers, even when it fails
     start_trackers(accelerator, "gsil", config.to_dict(), resume=config.resume)
     summary = run_rounds(

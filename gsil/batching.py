@@ -10,13 +10,15 @@ sample j, so that one forward pass scores all of them: rows ``[:n]`` are demos, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from gsil.data import TokenLimits, build_sequence, encode_prompt, encode_response
+from gsil.demonstrations import Prompt
 from gsil.logprobs import IGNORE_INDEX
 
 
@@ -25,7 +27,8 @@ class Example:
     """Token ids of one training item; ``index`` is its position in the round's data.
 
     ``gen_ids`` holds the k generated responses; ``gen_mask`` says which of them count (None:
-    all; ``--drop-ties`` leaves out those equal to the demonstration).
+    all; ``--drop-ties`` leaves out those equal to the demonstration). ``teacher_prompt_ids``:
+    the prompt a demonstration-conditioned teacher reads (SDFT), None for other methods.
     """
 
     index: int
@@ -33,6 +36,11 @@ class Example:
     demo_ids: tuple[int, ...]
     gen_ids: tuple[tuple[int, ...], ...] | None = None
     gen_mask: tuple[bool, ...] | None = None
+    teacher_prompt_ids: tuple[int, ...] | None = None
+
+
+# (tokenizer, prompt, demonstration) -> the teacher prompt's ids, or None
+TeacherPrompt = Callable[[Any, Prompt, str], Sequence[int] | None]
 
 
 @dataclass(frozen=True)
@@ -60,12 +68,16 @@ def build_examples(
     limits: TokenLimits,
     *,
     generated: GeneratedResponses | None = None,
+    teacher_prompt: TeacherPrompt | None = None,
 ) -> list[Example]:
     """Tokenize prompts (by the one prompt function shared with generation) and responses.
 
     ``generated`` holds ``generated.num_samples`` own responses per prompt (None: only the
     demonstrations, SFT). Prompts longer than ``limits.max_prompt_length`` are an error;
     responses are cut to ``limits.max_length - len(prompt)`` tokens (see ``encode_response``).
+    ``teacher_prompt(tokenizer, prompt, demonstration)`` gives each example's
+    ``teacher_prompt_ids`` (a method's :meth:`gsil.methods.Method.teacher_prompt_ids`; it
+    keeps its own length limit); None or a None result: no teacher prompt.
     """
     max_prompt_length, max_length = limits.max_prompt_length, limits.max_length
     gen_responses = gen_mask = None
@@ -94,6 +106,7 @@ def build_examples(
                 tuple(encode_response(tokenizer, text, room)) for text in gen_responses[mine]
             )
             mask = None if gen_mask is None else tuple(bool(keep) for keep in gen_mask[mine])
+        teacher_ids = teacher_prompt(tokenizer, prompt, demo) if teacher_prompt else None
         examples.append(
             Example(
                 index=index,
@@ -101,6 +114,7 @@ def build_examples(
                 demo_ids=tuple(encode_response(tokenizer, demo, room)),
                 gen_ids=gen_ids,
                 gen_mask=mask,
+                teacher_prompt_ids=None if teacher_ids is None else tuple(teacher_ids),
             )
         )
     return examples
@@ -112,7 +126,9 @@ def collate(examples: Sequence[Example], pad_token_id: int, with_generations: bo
     With generations the batch has ``(1 + k) n`` rows: the n demonstrations, then k blocks of
     the n examples' sample j (the module's layout), plus ``gen_mask`` (bool) and
     ``gen_token_counts``, each ``(n, k)``. ``index`` holds the examples' indices and
-    ``demo_token_counts`` the demo response lengths.
+    ``demo_token_counts`` the demo response lengths. Examples with ``teacher_prompt_ids`` add
+    ``teacher_input_ids``, ``teacher_attention_mask`` and ``teacher_labels``: the k n own
+    samples again, in the same order, after the teacher prompt instead of the prompt.
     """
     sequences = [build_sequence(ex.prompt_ids, ex.demo_ids) for ex in examples]
     extra = {}
@@ -133,6 +149,24 @@ def collate(examples: Sequence[Example], pad_token_id: int, with_generations: bo
                 [[len(ids) for ids in ex.gen_ids] for ex in examples], dtype=torch.long
             ),
         }
+    if with_generations and all(ex.teacher_prompt_ids is not None for ex in examples):
+        teacher_rows = [
+            build_sequence(ex.teacher_prompt_ids, ex.gen_ids[sample])
+            for sample in range(num_samples)
+            for ex in examples
+        ]
+        padded = _pad(teacher_rows, pad_token_id)
+        extra.update({f"teacher_{key}": value for key, value in padded.items()})
+    return {
+        **_pad(sequences, pad_token_id),
+        "index": torch.tensor([ex.index for ex in examples], dtype=torch.long),
+        "demo_token_counts": torch.tensor([len(ex.demo_ids) for ex in examples]),
+        **extra,
+    }
+
+
+def _pad(sequences: Sequence[tuple[list[int], list[int]]], pad_token_id: int) -> dict:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` of (ids, labels) rows."""
     width = max(len(ids) for ids, _ in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
@@ -141,14 +175,7 @@ def collate(examples: Sequence[Example], pad_token_id: int, with_generations: bo
         input_ids[row, : len(ids)] = torch.tensor(ids)
         labels[row, : len(ids)] = torch.tensor(row_labels)
         attention_mask[row, : len(ids)] = 1
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "index": torch.tensor([ex.index for ex in examples], dtype=torch.long),
-        "demo_token_counts": torch.tensor([len(ex.demo_ids) for ex in examples]),
-        **extra,
-    }
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def split_demo_gen(values: Tensor, num_examples: int) -> tuple[Tensor, Tensor | None]:

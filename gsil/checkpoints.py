@@ -15,11 +15,18 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from gsil.integrity import CorruptFileError, verify_manifest, write_manifest
+from gsil.integrity import (
+    CorruptFileError,
+    read_recorded,
+    verify_manifest,
+    write_manifest,
+    write_recorded,
+)
 from gsil.io import read_json, replace_dir, write_json
 from gsil.layout import RunLayout
 
 OBJECTIVE_STATE_FILE = "objective_state.pt"  # in the checkpoint, beside scheduler_state.pt
+MODEL_LOSS_STATE_FILE = "model_loss_state.pt"  # a ModelLoss's state (SDFT's EMA teacher)
 
 
 def save_round_model(accelerator: Accelerator, model, tokenizer, path: Path) -> None:
@@ -46,10 +53,12 @@ def save_checkpoint(
     layout: RunLayout,
     position: dict[str, int],
     method_state: torch.Tensor | None = None,
+    model_loss_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """The round's state (model, optimizer, ``scheduler``, every process's RNG state, a
-    stateful method's state, the same on every process) at ``position`` (``round``,
-    ``step_in_round``, ``global_step``), replaced whole.
+    stateful method's state and a :class:`gsil.methods.ModelLoss`'s state, each the same on
+    every process) at ``position`` (``round``, ``step_in_round``, ``global_step``), replaced
+    whole.
 
     ``save_state`` runs on every process: it is a collective under DeepSpeed and FSDP, and each
     process writes its own RNG state. The main process then records every file's size and
@@ -66,6 +75,8 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), staging / "scheduler_state.pt")
         if method_state is not None:
             torch.save(method_state.clone(), staging / OBJECTIVE_STATE_FILE)
+        if model_loss_state is not None:
+            torch.save(model_loss_state, staging / MODEL_LOSS_STATE_FILE)
         write_json(staging / "trainer_state.json", position)
         write_manifest(staging)
         replace_dir(staging, layout.checkpoint)
@@ -97,6 +108,53 @@ def load_method_state(checkpoint: Path, initial: torch.Tensor) -> torch.Tensor:
             f"{tuple(initial.shape)} examples; {fix}"
         )
     return state.to(initial.dtype)
+
+
+def load_model_loss_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """A :class:`gsil.methods.ModelLoss`'s state saved in ``checkpoint`` (on CPU).
+
+    Raises:
+        RuntimeError: the file is missing; the message names it and the fix.
+    """
+    path = checkpoint / MODEL_LOSS_STATE_FILE
+    if not path.exists():
+        raise RuntimeError(
+            f"{path} is missing: this method keeps a state of its own (SDFT's EMA teacher) that "
+            f"the checkpoint must hold; delete {checkpoint} to train the interrupted round again "
+            "from its start, or start without --resume"
+        )
+    return torch.load(path, map_location="cpu")
+
+
+def save_carried_state(
+    accelerator: Accelerator, path: Path, state: dict[str, torch.Tensor]
+) -> None:
+    """What a round's :class:`gsil.methods.ModelLoss` hands the next round (the same on every
+    process), written atomically with its manifest by the main process."""
+    if accelerator.is_main_process:
+        write_recorded(path, lambda handle: torch.save(state, handle))
+    accelerator.wait_for_everyone()
+
+
+def load_carried_state(path: Path) -> dict[str, torch.Tensor] | None:
+    """The state :func:`save_carried_state` wrote (on CPU), checked against its manifest;
+    None when the round left none.
+
+    Raises:
+        CorruptFileError: the file is truncated, changed or unreadable.
+    """
+    if not path.exists():
+        return None
+    fix = (
+        f"Delete {path.parent} and the later round_<t> directories (trained from it), then "
+        "rerun with --resume; or start without --resume"
+    )
+    return read_recorded(
+        path,
+        lambda p: torch.load(p, map_location="cpu"),
+        what="state carried to the next round",
+        fix=fix,
+    )
 
 
 def load_checkpoint(run_dir: Path) -> dict | None:

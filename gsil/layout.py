@@ -10,6 +10,8 @@
     <run>/round_<t>/reference_logps.pt  the round's reference log-probs (+ .manifest.json)
     <run>/round_<t>/method_state.pt     a stateful method's state at the round's end (DFT's u)
     <run>/round_<t>/model/              the policy after the round (+ model/manifest.json)
+    <run>/round_<t>/model_loss_state.pt what a method's ModelLoss hands the next round (SDFT's
+                                        EMA teacher; + .manifest.json)
     <run>/round_<t>/summary.json        the round's figures; its presence marks the round done
     <run>/round_<t>/eval/               benchmark results of that round's model
     <run>/round_<t>/eval/request.json   what each benchmark there was asked for (limit, dtype...)
@@ -84,6 +86,9 @@ class RunLayout:
 
     def model(self, round_index: int) -> Path:
         return self.round_dir(round_index) / "model"
+
+    def model_loss_state(self, round_index: int) -> Path:
+        return self.round_dir(round_index) / "model_loss_state.pt"
 
     def round_summary(self, round_index: int) -> Path:
         return self.round_dir(round_index) / "summary.json"

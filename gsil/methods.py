@@ -7,20 +7,24 @@
 
 The trainer asks a method only for its capabilities (``needs_generations``,
 ``needs_reference``, ``needs_prob_weighted_logps``, ``state_key``) and calls
-:meth:`Method.loss` with one :class:`LogpBatch`; it never branches on a method's name. A new
-method is a subclass decorated with :func:`register`, with its own fields and a
-``from_settings`` that reads what it needs.
+:meth:`Method.loss` with one :class:`LogpBatch`; it never branches on a method's name. A method
+whose loss needs more of the model than per-sequence log-probs (SDFT: token distributions under
+a teacher that reads the demonstration) gives the trainer a round's :class:`ModelLoss` from
+:meth:`Method.model_loss`, and each example's teacher prompt from
+:meth:`Method.teacher_prompt_ids`. A new method is a subclass decorated with :func:`register`,
+with its own fields and a ``from_settings`` that reads what it needs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor
 
+from gsil.demonstrations import Prompt
 from gsil.estimators import ESTIMATORS, DensityRatioEstimator, get_estimator
 from gsil.objectives import (
     DFT_DEFAULTS,
@@ -33,6 +37,7 @@ from gsil.objectives import (
     sft_loss,
     spin_loss,
 )
+from gsil.self_distillation import SelfDistillation, check_engine, encode_teacher_prompt
 
 
 def _setting(default, help: str, **metadata):
@@ -48,7 +53,8 @@ class ObjectiveSettings:
     method: str = _setting(
         "gsil",
         "training method, by its registered name (gsil.methods.METHODS: gsil, spin, sft, dft "
-        "= discriminative fine-tuning, Guo et al. 2025, and any registered since)",
+        "= discriminative fine-tuning, Guo et al. 2025, sdft = self-distillation fine-tuning, "
+        "Shenfeld et al. 2026, and any registered since)",
     )
     loss: str = _setting(
         "logistic", "GSIL density-ratio estimator", choices=tuple(ESTIMATORS.keys())
@@ -101,6 +107,26 @@ class ObjectiveSettings:
         choices=TOKEN_WEIGHTINGS,
     )
 
+    sdft_alpha: float = _setting(
+        0.0,
+        "SDFT's per-token divergence, in [0, 1]: 0 forward KL(teacher || student) (the "
+        "authors' code and results), 1 reverse KL(student || teacher) (the paper's "
+        "derivation), between: generalised Jensen-Shannon (TRL's default 0.5)",
+    )
+    sdft_ema_rate: float = _setting(
+        0.01,
+        "SDFT's teacher update after each optimizer step, phi <- (1 - r) phi + r theta, "
+        "r in (0, 1] (the authors: 0.01; TRL's ema option: 0.05)",
+    )
+    sdft_skip_tokens: int = _setting(
+        3, "SDFT: leading tokens of each own sample left out of the loss (the authors: 3)"
+    )
+    sdft_max_teacher_prompt_length: int = _setting(
+        2048,
+        "SDFT: longest teacher prompt (the prompt with the demonstration shown) in tokens; "
+        "a longer demonstration loses its end there",
+    )
+
     def __post_init__(self) -> None:
         if self.token_weighting != "none" and self.method != "sft":
             raise ValueError(
@@ -145,6 +171,34 @@ class LogpBatch:
         return self.gen_mask
 
 
+class ModelLoss(Protocol):
+    """A method's loss for one round when it needs more of the model than per-sequence
+    log-probs (SDFT's token distributions under a teacher): built by
+    :meth:`Method.model_loss` when the round's optimisation starts, it replaces the policy
+    forward and :meth:`Method.loss`, hears of each optimizer step that updates the weights,
+    and has a state that every in-round checkpoint saves and a resumed round loads, and that
+    it may hand on to the next round."""
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> tuple[Tensor, Stats]:
+        """Per-example losses ``(n,)`` and statistics of a collated micro-batch
+        (:func:`gsil.batching.collate`), the policy ``model`` as prepared (wrapped)."""
+        ...
+
+    def after_update(self, model: torch.nn.Module) -> None:
+        """After an optimizer step that changed the weights (``model`` unwrapped)."""
+        ...
+
+    def state_dict(self) -> dict[str, Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
+
+    def carried_state(self) -> dict[str, Tensor] | None:
+        """At the round's end, the state the next round's ModelLoss starts from (its
+        ``load_state_dict``; stored in the round's directory, so a resumed run reads it too);
+        None: the next round starts afresh."""
+        ...
+
+
 class Method:
     """A training method: its capabilities and its loss on a :class:`LogpBatch`.
 
@@ -182,6 +236,21 @@ class Method:
         """Whether a round starts from the state the round before ended with (matched by
         demonstration id) instead of :meth:`initial_state`."""
         return False
+
+    def check_launch(self, accelerator) -> None:
+        """Refuse (``ValueError``, naming the fix) a launch the method cannot train under;
+        called before any work. Every launch is fine by default."""
+
+    def teacher_prompt_ids(self, tokenizer, prompt: Prompt, demonstration: str) -> list[int] | None:
+        """Token ids of the prompt a demonstration-conditioned teacher reads
+        (``Example.teacher_prompt_ids``); None (the default): the method has no such teacher."""
+        return None
+
+    def model_loss(self, policy: torch.nn.Module, accelerator) -> ModelLoss | None:
+        """The round's :class:`ModelLoss`, built from the round's starting ``policy``
+        (unwrapped) when its optimisation starts; None (the default): the trainer computes
+        per-sequence log-probs and calls :meth:`loss`."""
+        return None
 
 
 METHODS: dict[str, type[Method]] = {}
@@ -364,6 +433,66 @@ class DFT(Method):
             demo_token_counts=batch.demo_token_counts,
             gen_token_counts=batch.gen_token_counts,
             gen_mask=batch.kept_mask(),
+        )
+
+
+@register("sdft")
+@dataclass(frozen=True)
+class SDFT(Method):
+    """Self-distillation fine-tuning (Shenfeld et al. 2026, arXiv 2601.19897; the authors'
+    code and TRL's ``trl/experimental/sdft``): the own samples scored token by token against
+    the policy shown the demonstration, an EMA teacher. Its loss needs both models' token
+    distributions: :meth:`model_loss` (:class:`gsil.self_distillation.SelfDistillation`, whose
+    docstring states the formula and where it departs from the paper and TRL)."""
+
+    alpha: float = ObjectiveSettings.sdft_alpha
+    ema_rate: float = ObjectiveSettings.sdft_ema_rate
+    skip_tokens: int = ObjectiveSettings.sdft_skip_tokens
+    max_teacher_prompt_length: int = ObjectiveSettings.sdft_max_teacher_prompt_length
+    needs_generations: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 <= self.alpha <= 1:
+            problems.append(f"--sdft-alpha must be in [0, 1], got {self.alpha}")
+        if not 0 < self.ema_rate <= 1:
+            problems.append(f"--sdft-ema-rate must be in (0, 1], got {self.ema_rate}")
+        if self.skip_tokens < 0:
+            problems.append(f"--sdft-skip-tokens must be >= 0, got {self.skip_tokens}")
+        if self.max_teacher_prompt_length < 1:
+            problems.append(
+                f"--sdft-max-teacher-prompt-length must be >= 1, got {self.max_teacher_prompt_length}"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @classmethod
+    def from_settings(cls, settings: ObjectiveSettings) -> SDFT:
+        return cls(
+            settings.sdft_alpha,
+            settings.sdft_ema_rate,
+            settings.sdft_skip_tokens,
+            settings.sdft_max_teacher_prompt_length,
+        )
+
+    def loss(self, batch: LogpBatch) -> tuple[Tensor, Stats]:
+        raise TypeError("SDFT's loss needs token distributions: the trainer calls model_loss")
+
+    def check_launch(self, accelerator) -> None:
+        check_engine(accelerator)
+
+    def teacher_prompt_ids(self, tokenizer, prompt: Prompt, demonstration: str) -> list[int]:
+        return encode_teacher_prompt(
+            tokenizer, prompt, demonstration, self.max_teacher_prompt_length
+        )
+
+    def model_loss(self, policy: torch.nn.Module, accelerator) -> ModelLoss:
+        return SelfDistillation(
+            policy,
+            accelerator,
+            alpha=self.alpha,
+            ema_rate=self.ema_rate,
+            skip_tokens=self.skip_tokens,
         )
 
 

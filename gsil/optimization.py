@@ -31,6 +31,8 @@ over the prompt's k samples, and an accuracy the fraction of its k pairs the dem
                                                        the discriminative normaliser
     dft/weights                   (none)               DFT: mean importance weight of the samples
     logps/chosen_per_token        (none)               SFT, Dynamic FT: token-mean log pi(demo)
+    sdft/teacher_logps            (none)               SDFT: log-prob of the own sample under the
+                                                       EMA teacher shown the demonstration
     tokens                        (none) [2]           non-padding tokens in the step
     step, round, round_step       (step: global step)  global step, round, step within the round
     skipped                       (none)               1: a non-finite loss or gradient, update
@@ -65,7 +67,13 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from gsil.batching import Example, collate, split_demo_gen
-from gsil.checkpoints import load_method_state, save_checkpoint
+from gsil.checkpoints import (
+    load_carried_state,
+    load_method_state,
+    load_model_loss_state,
+    save_carried_state,
+    save_checkpoint,
+)
 from gsil.faults import kill_point
 from gsil.integrity import write_recorded
 from gsil.layout import RunLayout
@@ -394,6 +402,11 @@ def train_round(
 
     ``settings.samples_per_epoch`` (m > 0): epoch e trains on block e of each prompt's own
     samples (:func:`epoch_samples`), the same on a resumed run.
+
+    A method whose loss needs the model itself (:meth:`~gsil.methods.Method.model_loss`: SDFT)
+    has the round's :class:`~gsil.methods.ModelLoss` forward each micro-batch, hear of each
+    update, save its state in every checkpoint, and hand its carried state on to the next round
+    (``round_<t>/model_loss_state.pt``), from which the next round's starts.
     """
     world, rank = accelerator.num_processes, accelerator.process_index
     steps_per_epoch = len(
@@ -405,6 +418,8 @@ def train_round(
     if place.resume_state is not None:
         step = place.resume_state["step_in_round"]
         stepper.load(place.layout.checkpoint)
+    else:
+        stepper.start_from_previous_round(place)
     metrics_path = place.layout.metrics
     last_metrics: dict = {}
     progress = tqdm(
@@ -453,6 +468,7 @@ def train_round(
         write_recorded(
             place.layout.method_state(place.round_index), lambda out: torch.save(final, out)
         )
+    stepper.hand_on(place)
     return last_metrics, stepper.finish()
 
 
@@ -484,6 +500,8 @@ class RoundStepper:
         self.method_state = method.initial_state(len(round_data.examples))
         if self.method_state is not None and round_data.initial_state is not None:
             self.method_state = round_data.initial_state.clone()
+        # a method whose loss needs the model itself (SDFT): built from the round's start
+        self.model_loss = method.model_loss(accelerator.unwrap_model(self.model), accelerator)
 
     @classmethod
     def prepare(
@@ -527,6 +545,24 @@ class RoundStepper:
         self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler_state.pt"))
         if self.method_state is not None:
             self.method_state = load_method_state(checkpoint, self.method_state)
+        if self.model_loss is not None:
+            self.model_loss.load_state_dict(load_model_loss_state(checkpoint))
+
+    def start_from_previous_round(self, place: RoundPlace) -> None:
+        """A :class:`~gsil.methods.ModelLoss` starts from what the previous round handed on
+        (SDFT's teacher), if it handed on anything."""
+        if self.model_loss is None or place.round_index == 0:
+            return
+        state = load_carried_state(place.layout.model_loss_state(place.round_index - 1))
+        if state is not None:
+            self.model_loss.load_state_dict(state)
+
+    def hand_on(self, place: RoundPlace) -> None:
+        """Store what the round's :class:`~gsil.methods.ModelLoss` hands the next round."""
+        state = self.model_loss.carried_state() if self.model_loss is not None else None
+        if state is not None:
+            path = place.layout.model_loss_state(place.round_index)
+            save_carried_state(self.accelerator, path, state)
 
     def save(self, place: RoundPlace, step: int) -> None:
         """Write a resumable checkpoint after ``step`` optimizer steps of the round."""
@@ -535,7 +571,15 @@ class RoundStepper:
             "step_in_round": step,
             "global_step": place.global_step_offset + step,
         }
-        save_checkpoint(self.accelerator, self.scheduler, place.layout, position, self.method_state)
+        model_loss_state = self.model_loss.state_dict() if self.model_loss is not None else None
+        save_checkpoint(
+            self.accelerator,
+            self.scheduler,
+            place.layout,
+            position,
+            self.method_state,
+            model_loss_state,
+        )
 
     def finish(self) -> torch.nn.Module:
         """The prepared model, back in evaluation mode."""
@@ -595,6 +639,8 @@ class RoundStepper:
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()  # also after a skipped update: later steps keep their rate
         self._apply_state(state_updates, skip)
+        if self.model_loss is not None and not skip:
+            self.model_loss.after_update(self.accelerator.unwrap_model(self.model))
         means = totals.reduce(self.accelerator, step_plan)
         means["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         means["skipped"] = int(skip)
@@ -607,6 +653,9 @@ class RoundStepper:
             _collate(self.data.examples, micro, self.data.pad_id, needs_generations),
             self.accelerator.device,
         )
+        if self.model_loss is not None:  # the method forwards the model itself
+            losses, stats = self.model_loss(self.model, batch)
+            return batch, losses, {**stats, "loss": losses.detach()}
         index = batch["index"].cpu()
         average = self.settings.average_logps
         logps = forward_logps(

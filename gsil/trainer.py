@@ -143,6 +143,7 @@ class SelfImitation:
         self.layout = RunLayout(settings.run_dir)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         check_processes(self.accelerator)
+        method.check_launch(self.accelerator)
         # one vLLM engine for the whole run (if vLLM generates), holding each round's policy
         self.vllm = _RunEngine(method.needs_generations, settings, tokenizer, self.accelerator)
 
@@ -305,6 +306,7 @@ class SelfImitation:
             [d.response for d in own.demos],
             TokenLimits(settings.max_prompt_length, settings.max_length),
             generated=generated,
+            teacher_prompt=self.method.teacher_prompt_ids,
         )
         ref_demo = ref_gen = None
         if self.method.needs_reference:

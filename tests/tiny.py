@@ -119,6 +119,38 @@ class Spy(Method):
     def loss(self, batch):
         return self.around(self.inner.loss, batch)
 
+    def check_launch(self, accelerator) -> None:
+        self.inner.check_launch(accelerator)
+
+    def teacher_prompt_ids(self, tokenizer, prompt, demonstration):
+        return self.inner.teacher_prompt_ids(tokenizer, prompt, demonstration)
+
+    def model_loss(self, policy, accelerator):
+        inner = self.inner.model_loss(policy, accelerator)
+        return None if inner is None else _SpiedModelLoss(inner, self.around)
+
+
+class _SpiedModelLoss:
+    """A method's :class:`gsil.methods.ModelLoss` whose calls go through ``around`` too."""
+
+    def __init__(self, inner, around) -> None:
+        self.inner, self.around = inner, around
+
+    def __call__(self, model, batch):
+        return self.around(lambda spied: self.inner(model, spied), batch)
+
+    def after_update(self, model) -> None:
+        self.inner.after_update(model)
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.inner.load_state_dict(state)
+
+    def carried_state(self):
+        return self.inner.carried_state()
+
 
 def interrupting(objective: Method, after_calls: int) -> Method:
     """The same method, raising :class:`Interrupt` on call ``after_calls + 1``."""
