@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from analysis.testbed.grid import (
-    BASELINE,
     NEGATIVE,
+    ROUND_METHODS,
+    SFT_KIND,
     Chain,
     GridSpec,
     build_report,
@@ -632,12 +633,7 @@ def plan_units(testbed: Testbed, settings: dict[str, dict]) -> list[tuple]:
     grid = testbed.grid
     units = []
     for chain in plan_chains(grid):
-        frontier = chain.n == grid.loss_n and chain.name in (
-            BASELINE,
-            "spin",
-            "gsil-logistic",
-            "dft",
-        )
+        frontier = chain.n == grid.loss_n and chain.name in ROUND_METHODS
         task = ChainTask(testbed, chain, settings[chain.key], testbed.rounds, "runs", frontier)
         units.append((run_chain, task))
     return units
@@ -657,15 +653,18 @@ def estimate(testbed: Testbed) -> dict:
         costs.update(read_json(timings_path)["costs"])
         source = str(timings_path)
     chains = plan_chains(grid)
-    sft_rounds = sum(testbed.rounds for c in chains if c.name == BASELINE)
-    sampled_rounds = sum(testbed.rounds for c in chains if c.name != BASELINE)
+    sft_rounds = sum(testbed.rounds for c in chains if c.name in SFT_KIND)
+    sampled_rounds = sum(testbed.rounds for c in chains if c.name not in SFT_KIND)
     keys = selection_keys(grid)
     selection = sum(
         len(selection_settings(grid, key, 1.0)) * len(grid.select_seeds) * grid.select_rounds
         for key in keys
     )
     select_sft = (
-        len(grid.lr_grid) * len(grid.select_seeds) * grid.select_rounds * (BASELINE in keys)
+        len(grid.lr_grid)
+        * len(grid.select_seeds)
+        * grid.select_rounds
+        * sum(key in SFT_KIND for key in keys)
     )
     bases = 1 if grid.base_seed is not None else len(grid.seeds) + len(grid.select_seeds)
     steps = grid.steps_per_round

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from analysis.testbed.grid import ROUND_METHODS
 from gsil import env
 from gsil.io import read_json
 from paper_figs.style import color, figure, save_figure, save_numbers
@@ -23,6 +24,8 @@ NAME = "testbed"
 EXTRA_COLORS = {
     "continued-sft": "#888888",
     "dft": "#bcbd22",
+    "dynamic-ft": "#17becf",
+    "sdft": "#8c564b",
     "negative-control": "#000000",
 }
 
@@ -86,14 +89,14 @@ def _per_round(report: dict, key: str, names: list[str], ax, ylabel: str) -> Non
 
 def draw_demo_loglik(report: dict, out_dir: Path) -> list[Path]:
     fig, axes = figure(1, 1, width=3.6, height=2.6)
-    names = ["continued-sft", "spin", "gsil-logistic", "dft"]
+    names = list(ROUND_METHODS)
     _per_round(report, "demo_logp", names, axes[0, 0], "mean log pi(training demo) (nats)")
     return save_figure(fig, out_dir, f"{NAME}_demo_loglik")
 
 
 def draw_rounds(report: dict, out_dir: Path) -> list[Path]:
     fig, axes = figure(1, 1, width=3.6, height=2.6)
-    names = ["continued-sft", "spin", "gsil-logistic", "dft", "negative-control"]
+    names = [*ROUND_METHODS, "negative-control"]
     _per_round(report, "forward_kl", names, axes[0, 0], "KL(p_data || pi) (nats / sequence)")
     return save_figure(fig, out_dir, f"{NAME}_rounds")
 

@@ -293,7 +293,8 @@ def test_the_dry_run_prices_the_grid_from_measured_step_costs(tmp_path, capsys):
     plan = main(argv)
     doubled = main([*argv, "--steps-per-round", "8"])
     assert plan["costs_from"].endswith("timings.json")
-    sft_rounds = 3 * 2 * 2 + 1  # continued SFT: 3 seeds x 2 N x 2 rounds, and its selection run
+    # continued SFT and Dynamic FT (no sampling): 3 seeds x 2 N x 2 rounds, and a selection run each
+    sft_rounds = 2 * (3 * 2 * 2 + 1)
     sampled_rounds = plan["rounds_trained"] + plan["selection_rounds"] - sft_rounds
     extra = 4 * (sft_rounds * 0.1 + sampled_rounds * 0.375)  # 4 more steps a round
     assert doubled["estimated_seconds"] - plan["estimated_seconds"] == pytest.approx(extra, abs=1)

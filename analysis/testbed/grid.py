@@ -10,8 +10,10 @@ drawn from the same ``N`` demonstrations:
 - ``continued-sft``: SFT, one round after another (``rounds x steps_per_round`` steps, the
   budget of every multi-round method); ``sft`` is its first round (``steps_per_round`` steps
   from the base: a run of its own, with its own learning-rate schedule);
-- ``spin``, ``gsil`` (the logistic loss), ``dft``: ``rounds`` self-imitation rounds, each
-  sampling its own responses from the current policy (temperature 1);
+- ``dynamic-ft``: Dynamic Fine-Tuning (SFT with each token's loss weighted by its detached
+  probability), one round after another like continued SFT;
+- ``spin``, ``gsil`` (the logistic loss), ``dft``, ``sdft``: ``rounds`` rounds, each sampling
+  its own responses from the current policy (temperature 1);
 - at ``loss_n`` demonstrations also GSIL with every other loss, and the negative control: GSIL
   (logistic) with ``shift = negative_shift``, which the theory says drifts over rounds.
 
@@ -39,7 +41,10 @@ from typing import Any
 from analysis.testbed.measures import Estimate, mean_interval
 from gsil.demonstrations import Demonstration
 
-MAIN_METHODS = ("sft", "continued-sft", "spin", "gsil", "dft")
+MAIN_METHODS = ("sft", "continued-sft", "dynamic-ft", "spin", "gsil", "dft", "sdft")
+SFT_KIND = ("continued-sft", "dynamic-ft")  # chains that train without sampling
+# the chains drawn round by round and on the temperature frontier at loss_n
+ROUND_METHODS = ("continued-sft", "dynamic-ft", "spin", "gsil-logistic", "dft", "sdft")
 LOSSES = ("logistic", "brier", "exponential", "kliep", "lsif", "power", "hinge")
 NEGATIVE = "negative-control"  # GSIL (logistic) with a large positive shift
 BASELINE = "continued-sft"  # equal optimizer steps: the maximum-likelihood baseline
@@ -132,7 +137,7 @@ class GridSpec:
 class Chain:
     """One method trained at one N and seed: ``rounds`` runs, each starting from the last."""
 
-    name: str  # continued-sft, spin, gsil-<loss>, dft, negative-control
+    name: str  # continued-sft, dynamic-ft, spin, gsil-<loss>, dft, sdft, negative-control
     n: int
     seed: int
 
@@ -184,8 +189,10 @@ def objective_values(name: str, setting: Mapping[str, float], negative_shift: fl
         values["beta"] = setting["beta"]
     if name == BASELINE:
         return {**values, "method": "sft"}
-    if name in ("spin", "dft"):
+    if name in ("spin", "dft", "sdft"):
         return {**values, "method": name}
+    if name == "dynamic-ft":
+        return {**values, "method": "sft", "token_weighting": "prob"}
     if name == NEGATIVE:
         return {**values, "method": "gsil", "loss": "logistic", "shift": negative_shift}
     loss = name.removeprefix("gsil-")
@@ -646,7 +653,7 @@ def format_report(report: Mapping[str, Any]) -> str:
             "| method | measure | " + " | ".join(f"round {t}" for t in range(rounds + 1)) + " |"
         )
         lines.append("|---" * (rounds + 3) + "|")
-        for name in (BASELINE, "spin", "gsil-logistic", "dft", NEGATIVE):
+        for name in (*ROUND_METHODS, NEGATIVE):
             if name not in per_round:
                 continue
             for key, label in (("forward_kl", "forward KL"), ("demo_logp", "demo log-lik")):
