@@ -47,10 +47,10 @@ setup-vllm: $(VLLM_STAMP)
 # The main job: first the testbed (gsil testbed: every method on demonstrations from a known
 # distribution, scored by exact KL; runs-testbed/testbed/report.md), then the default experiment
 # on the embedded model (SFT once, then continued SFT,
-# SPIN, GSIL and DFT from it over 3 seeds, evaluated and reported with per-seed scores, the
+# Dynamic FT, SPIN, GSIL, DFT and SDFT from it over 3 seeds, evaluated and reported with per-seed scores, the
 # interval across seeds, the pooled paired test and the minimal detectable difference; finished
 # parts are skipped on a rerun), then every analysis figure. It runs in .venv-vllm, so that
-# vLLM's CPU build generates the evaluation's answers (one engine for all twelve models); where
+# vLLM's CPU build generates the evaluation's answers (one engine for all eighteen models); where
 # that build cannot be installed, in .venv with HF generate. A smoke check in minutes: `make quick`.
 run:
 	@if $(MAKE) --no-print-directory setup-vllm; then py=$(VLLM_PY); else \

@@ -22,6 +22,7 @@ from gsil.evaluation.results import detectable_difference, paired_scores
 from gsil.generation import VLLM, resolve_backend
 from gsil.io import read_json
 from gsil.layout import RunLayout, run_of_model
+from gsil.methods import METHODS
 
 # Known sizes of hub datasets (a dry run loads nothing): (name, split) -> records.
 KNOWN_SIZES = {
@@ -141,7 +142,9 @@ def plan_run(
     on_cpu = family == "smollm2-135m" or _params_billions(family) < 0.5
     if processes is None:
         processes = 1 if on_cpu else accelerate_processes(PAPER_ACCELERATE_CONFIG)
-    pairs = config.objective.method in ("gsil", "spin", "dft")
+    # a method that samples trains on pairs (SDFT: the teacher's forward in place of the
+    # reference pass, priced alike)
+    pairs = METHODS[config.objective.method].needs_generations
     # k responses per prompt: a step forwards the demonstration and k generated rows
     k = config.generation.num_samples if pairs else 0
     per_step = config.optim.batch_size * config.optim.grad_accum * processes

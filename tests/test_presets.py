@@ -175,7 +175,7 @@ def test_dry_run_follows_flags(capsys, nothing_loads):
 def test_default_pipeline_compares_at_equal_demos_and_steps(tmp_path):
     pipeline = load_pipeline("default", {"output_dir": str(tmp_path)})
     stages = {stage.name: stage for stage in pipeline.stages}
-    compared_groups = ["sft-continued", "spin", "gsil-logistic", "dft"]
+    compared_groups = ["sft-continued", "dynamic-ft", "spin", "gsil-logistic", "dft", "sdft"]
     assert list(stages) == ["sft"] + [f"{g}-seed{s}" for g in compared_groups for s in (0, 1, 2)]
     sft = stages["sft"].config
     assert not stages["sft"].repeated  # one SFT model, the parent of every compared run
@@ -186,7 +186,10 @@ def test_default_pipeline_compares_at_equal_demos_and_steps(tmp_path):
     )
     for seed in (0, 1, 2):
         compared = [stages[f"{g}-seed{seed}"].config for g in compared_groups]
-        assert [c.objective.method for c in compared] == ["sft", "spin", "gsil", "dft"]
+        methods = [c.objective.method for c in compared]
+        assert methods == ["sft", "sft", "spin", "gsil", "dft", "sdft"]
+        weighting = [c.objective.token_weighting for c in compared]
+        assert weighting == ["none", "prob", "none", "none", "none", "none"]
         for config in compared:
             assert config.model.name_or_path == str(
                 tmp_path / "default" / "sft" / "round_0" / "model"
@@ -196,10 +199,11 @@ def test_default_pipeline_compares_at_equal_demos_and_steps(tmp_path):
         # equal demonstrations (the same draw for a seed), optimizer and steps for every method
         assert len({(repr(c.data), repr(c.optim), c.seed) for c in compared}) == 1
         assert len({plan_run(c)["optimizer_steps"] for c in compared}) == 1
-        assert compared[3].generation.num_samples == 2 and compared[3].generation.do_sample
+        assert compared[4].generation.num_samples == 2 and compared[4].generation.do_sample
+        assert compared[5].generation.do_sample  # SDFT samples on policy, as its authors
     assert "drop_ties" in read_recipe("default")[1]["_comment"]
     spec = pipeline.evaluate
-    assert spec.limit >= 100 and spec.baseline == "sft-continued"
+    assert spec.limit >= 50 and spec.baseline == "sft-continued"
     assert spec.runs == compared_groups and spec.benchmarks == ["reasoning"]
 
 
@@ -283,7 +287,7 @@ def test_dry_run_prices_the_evaluation_with_the_backend_it_will_use(
     evaluation = plan["evaluation"]
     assert evaluation["backend"] == backend
     models = sum(len(seeds) for seeds in evaluation["seeds"].values())
-    assert models == 12  # four methods x three seeds
+    assert models == 18  # six methods x three seeds
     items = evaluation["items_per_run"]["reasoning"]
     if backend == "vllm":
         expected = models * items * CPU_COSTS["eval_reasoning_s_per_item_vllm"]
