@@ -13,14 +13,15 @@ def test_the_default_runs_generation_is_read_from_its_recipe(tiny_tokenizer):
     # SPIN: 3 seeds x 2 rounds; GSIL-logistic: 3 seeds x round 1 (round 0 is SPIN's)
     assert (sets["round"].sets, sets["round"].runs) == (9, 6)
     assert not sets["round"].do_sample and len(sets["round"].prompt_ids) == 3
-    # DFT: 3 seeds x 2 rounds, k = 2 samples per prompt at temperature 0.7
+    # DFT (k = 2 samples per prompt at temperature 0.7) and SDFT (one sample): 3 seeds x 2
+    # rounds each; the workload takes its decoding from the first of them, DFT
     sampled = sets["round-sampled"]
-    assert (sampled.sets, sampled.runs, sampled.temperature) == (6, 3, 0.7)
+    assert (sampled.sets, sampled.runs, sampled.temperature) == (12, 6, 0.7)
     assert sampled.do_sample and len(sampled.prompt_ids) == 2 * 3
     assert sampled.prompt_ids[0] == sampled.prompt_ids[1]
-    # 4 methods x 3 seeds evaluated, 3 items per task (limit) on 2 tasks, 160 new tokens
+    # 6 methods x 3 seeds evaluated, 3 items per task (limit) on 2 tasks, 160 new tokens
     reasoning = sets["reasoning"]
-    assert (reasoning.sets, reasoning.runs, reasoning.max_new_tokens) == (12, 0, 160)
+    assert (reasoning.sets, reasoning.runs, reasoning.max_new_tokens) == (18, 0, 160)
     assert len(reasoning.prompt_ids) == 6
     assert set(sets) == {"round", "round-sampled", "reasoning"}
 
