@@ -21,6 +21,8 @@ def make_run(root: Path, name: str, method: str, scores: list[int], rounds: int 
     """A finished run with metrics and a reasoning evaluation of its last round."""
     run = root / name
     config = {"method": method, "loss": cfg.get("loss", "logistic"), "seed": cfg.get("seed", 0)}
+    if method == "dft":  # DFT samples its negatives (greedy DFT is refused)
+        config["do_sample"] = True
     write_json(run / "config.json", config | ({"model": cfg["model"]} if "model" in cfg else {}))
     round_summaries = [
         {"round": r, "global_step": 4 * (r + 1), "ties": 3 + r} for r in range(rounds)
