@@ -331,6 +331,33 @@ def _hidden_states(output) -> Tensor:
     return output.last_hidden_state
 
 
+def final_hidden_states(
+    model: nn.Module, head: LeanHead, input_ids: Tensor, attention_mask: Tensor
+) -> tuple[Tensor, bool, torch.dtype]:
+    """Run ``model`` whole (through its wrappers), asking for the last position's logits only,
+    and return its decoder's final hidden states with the forward's autocast state (enabled,
+    dtype), kept by a forward hook on ``head.decoder``."""
+    captured: list[tuple[Tensor, bool, torch.dtype]] = []
+
+    def keep_hidden(module, args, output):
+        hidden = _hidden_states(output)
+        device = hidden.device.type
+        autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        captured.append((hidden, *autocast))
+
+    handle = head.decoder.register_forward_hook(keep_hidden)
+    try:
+        extra = {head.keep_logits_arg: 1} if head.keep_logits_arg else {}
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(
+            f"the decoder ran {len(captured)} times in one forward; use the plain log-prob path"
+        )
+    return captured[0]
+
+
 def lean_model_logps(
     model: nn.Module,
     input_ids: Tensor,
@@ -363,25 +390,9 @@ def lean_model_logps(
         LeanPathUnsupported: see :func:`lean_head`.
     """
     head = lean_head(model)
-    captured: list[tuple[Tensor, bool, torch.dtype]] = []
-
-    def keep_hidden(module, args, output):
-        hidden = _hidden_states(output)
-        device = hidden.device.type
-        autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
-        captured.append((hidden, *autocast))
-
-    handle = head.decoder.register_forward_hook(keep_hidden)
-    try:
-        extra = {head.keep_logits_arg: 1} if head.keep_logits_arg else {}
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
-    finally:
-        handle.remove()
-    if len(captured) != 1:
-        raise RuntimeError(
-            f"the decoder ran {len(captured)} times in one forward; use the plain log-prob path"
-        )
-    hidden, autocast_enabled, autocast_dtype = captured[0]
+    hidden, autocast_enabled, autocast_dtype = final_hidden_states(
+        model, head, input_ids, attention_mask
+    )
     with torch.autocast(hidden.device.type, dtype=autocast_dtype, enabled=autocast_enabled):
         return sequence_logps_from_hidden(
             hidden,

@@ -67,7 +67,7 @@ from torch import Tensor, nn
 
 from gsil.data import PromptTooLong, encode_prompt
 from gsil.demonstrations import Prompt
-from gsil.logprobs import IGNORE_INDEX, LeanPathUnsupported, lean_head
+from gsil.logprobs import IGNORE_INDEX, LeanPathUnsupported, final_hidden_states, lean_head
 from gsil.objectives import Stats, sample_mean
 from gsil.processes import is_zero3
 
@@ -182,24 +182,7 @@ def response_logits(
     except LeanPathUnsupported:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         return logits[positions]
-    captured: list[tuple[Tensor, bool, torch.dtype]] = []
-
-    def keep_hidden(module, args, output):
-        hidden = output if isinstance(output, Tensor) else output[0]
-        device = hidden.device.type
-        captured.append(
-            (hidden, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        )
-
-    handle = head.decoder.register_forward_hook(keep_hidden)
-    try:
-        extra = {head.keep_logits_arg: 1} if head.keep_logits_arg else {}
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
-    finally:
-        handle.remove()
-    if len(captured) != 1:
-        raise RuntimeError(f"the decoder ran {len(captured)} times in one forward")
-    hidden, enabled, dtype = captured[0]
+    hidden, enabled, dtype = final_hidden_states(model, head, input_ids, attention_mask)
     with torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
         return head.output_layer(hidden[positions])
 
