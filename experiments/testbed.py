@@ -287,9 +287,12 @@ def link_config(task: ChainTask, round_index: int, model_dir: Path):
     return from_dict(merge(testbed.run, nest(values)), "testbed")
 
 
-def measure_plan(testbed: Testbed, seed: int, frontier: bool, samples: bool = True):
-    """What to measure of a round: everything at the last round and at ``loss_n`` (the
-    per-round claims); forward KL and the demonstrations' log-probs at the other rounds."""
+def measure_plan(
+    testbed: Testbed, seed: int, frontier: bool, samples: bool = True, demonstrations: bool = True
+):
+    """What to measure of a round: forward KL always; the policy's samples at the last round
+    and at ``loss_n``; the training demonstrations' log-probs (the per-round claims, the
+    implicit classifier) at ``loss_n``, the only N the report reads them at."""
     from analysis.testbed.round_measures import MeasurePlan
 
     grid = testbed.grid
@@ -300,6 +303,7 @@ def measure_plan(testbed: Testbed, seed: int, frontier: bool, samples: bool = Tr
         sample_seed=seed,
         temperatures=grid.temperatures if frontier else (),
         samples=samples,
+        demonstrations=demonstrations,
     )
 
 
@@ -380,10 +384,12 @@ def run_chain(task: ChainTask) -> dict:
                 }
             else:
                 last = round_index == task.rounds
-                samples = last or chain.n == testbed.grid.loss_n
-                plan = measure_plan(testbed, config.seed, task.frontier and last, samples)
+                at_loss_n = chain.n == testbed.grid.loss_n
+                plan = measure_plan(
+                    testbed, config.seed, task.frontier and last, last or at_loss_n, at_loss_n
+                )
                 measures = measure_model(model, tokenizer, train, plan)
-                if config.objective.method == "gsil":
+                if config.objective.method == "gsil" and at_loss_n:
                     measures["classifier"] = implicit_classifier(
                         train,
                         measures["demo_logps"],

@@ -72,7 +72,11 @@ def test_the_plan_pairs_methods_by_seed_and_adds_the_losses_at_one_n():
     assert {(BASELINE, 32), ("spin", 128), ("gsil-logistic", 128), ("dft", 32)} <= at
     assert ("gsil-hinge", 32) in at and ("gsil-hinge", 128) not in at
     assert ("negative-control", 32) in at
+    assert ("sdft", 32) in at and ("sdft", 128) not in at  # methods_at_loss_n
+    assert ("dynamic-ft", 32) in at and ("dynamic-ft", 128) in at
     assert {c.name for c in chains if c.seed == 0} == {c.name for c in chains if c.seed == 1}
+    everywhere = plan_chains(GridSpec(ns=(32, 128), seeds=(0,), loss_n=32, methods=("sdft",)))
+    assert {("sdft", 32), ("sdft", 128)} <= {(c.name, c.n) for c in everywhere}
 
 
 # --------------------------------------------------------------------------- statistics
@@ -173,6 +177,7 @@ def _recipe(tmp_path: Path, **grid) -> str:
             "ns": [4, 16],
             "seeds": [0, 1],
             "methods": ["sft", "continued-sft", "gsil"],
+            "methods_at_loss_n": [],
             "losses": ["logistic"],
             "loss_n": 4,
             "steps_per_round": 2,
@@ -199,6 +204,7 @@ def _recipe(tmp_path: Path, **grid) -> str:
         (["--ns", "32,4096"], "larger than the pool"),
         (["--seeds", ""], "at least one seed"),
         (["--methods", "sft,ppo"], "unknown ['ppo']"),
+        (["--methods-at-loss-n", "rlhf"], "--methods-at-loss-n: unknown ['rlhf']"),
         (["--losses", "logistic,focal"], "unknown ['focal']"),
         (["--lr", "1e-3"], "--lr: the testbed sets it"),
         (["--ns", "a,b"], "--ns: cannot read"),

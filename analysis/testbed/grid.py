@@ -63,7 +63,14 @@ class GridSpec:
 
     ns: tuple[int, ...] = _g((32, 128, 512, 2048), "numbers of demonstrations N")
     seeds: tuple[int, ...] = _g(tuple(range(10)), "seeds (demonstrations, base model, rows)")
-    methods: tuple[str, ...] = _g(MAIN_METHODS, f"methods at every N, of {MAIN_METHODS}")
+    methods: tuple[str, ...] = _g(
+        tuple(m for m in MAIN_METHODS if m != "sdft"), f"methods at every N, of {MAIN_METHODS}"
+    )
+    methods_at_loss_n: tuple[str, ...] = _g(
+        ("sdft",),
+        "methods trained at --loss-n only (SDFT: its teacher reads the demonstration inside an "
+        "English prompt the testbed's character model cannot read, so its N curve says nothing)",
+    )
     losses: tuple[str, ...] = _g(LOSSES, "GSIL losses compared at --loss-n")
     loss_n: int = _g(128, "the N of the loss comparison, the negative control and the frontier")
     steps_per_round: int = _g(16, "optimizer steps per round (rows = steps x batch x accum)")
@@ -103,9 +110,13 @@ class GridSpec:
                 f"N = {too_many} is larger than the pool of {self.pool} demonstrations per "
                 "seed: lower --ns/--loss-n or raise --pool"
             )
-        unknown = [m for m in self.methods if m not in MAIN_METHODS]
-        if unknown:
-            problems.append(f"--methods: unknown {unknown}; choose from {list(MAIN_METHODS)}")
+        for flag, methods in (
+            ("--methods", self.methods),
+            ("--methods-at-loss-n", self.methods_at_loss_n),
+        ):
+            unknown = [m for m in methods if m not in MAIN_METHODS]
+            if unknown:
+                problems.append(f"{flag}: unknown {unknown}; choose from {list(MAIN_METHODS)}")
         unknown = [loss for loss in self.losses if loss not in LOSSES]
         if unknown:
             problems.append(f"--losses: unknown {unknown}; choose from {list(LOSSES)}")
@@ -129,6 +140,11 @@ class GridSpec:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def compared_methods(self, n: int | None = None) -> tuple[str, ...]:
+        """The methods trained at ``n`` (every compared method when ``n`` is None)."""
+        extra = self.methods_at_loss_n if n is None or n == self.loss_n else ()
+        return tuple(dict.fromkeys((*self.methods, *extra)))
+
 
 # --------------------------------------------------------------------------- the runs
 
@@ -149,9 +165,10 @@ class Chain:
 
 def chain_names(spec: GridSpec, n: int) -> list[str]:
     """The chains trained at ``n``: the main methods (``sft`` is continued SFT's first round),
-    and at ``loss_n`` every GSIL loss and the negative control."""
+    and at ``loss_n`` the methods trained there only, every GSIL loss and the negative
+    control."""
     names = []
-    for method in spec.methods:
+    for method in spec.compared_methods(n):
         name = {"sft": BASELINE, "gsil": "gsil-logistic"}.get(method, method)
         if name not in names:
             names.append(name)
@@ -376,7 +393,7 @@ def build_report(
     ns = sorted(set(spec.ns))
     control = positive_control(results, ns, rounds, rows_seen)
     table: dict[str, dict] = {}
-    for method in spec.methods:
+    for method in spec.compared_methods():
         name, at = method_rounds(method, rounds)
         for n in ns:
             kl = measure_at(results, name, n, at, "forward_kl")

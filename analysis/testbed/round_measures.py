@@ -100,7 +100,8 @@ class MeasurePlan:
     max_new_tokens: int
     sample_seed: int
     temperatures: tuple[float, ...] = ()
-    samples: bool = True  # False: forward KL and the demonstrations' log-probs only
+    samples: bool = True  # False: no policy samples (no reverse KL, entropy, accuracy)
+    demonstrations: bool = True  # False: the training demonstrations are not scored
 
 
 def measure_model(
@@ -110,14 +111,12 @@ def measure_model(
     training demonstrations' log-probabilities, one per demonstration of ``train``."""
     test = held_out("test", plan.test_size)
     prompts = list(test.prompts[: plan.policy_samples])
-    demo_logps = sequence_logps(
-        model, tokenizer, [d.prompt for d in train], [d.response for d in train]
-    ).tolist()
-    out = {
-        "forward_kl": forward_kl_on(model, tokenizer, test),
-        "demo_logp": sum(demo_logps) / len(demo_logps),
-        "demo_logps": demo_logps,
-    }
+    out: dict[str, Any] = {"forward_kl": forward_kl_on(model, tokenizer, test)}
+    if plan.demonstrations:
+        demo_logps = sequence_logps(
+            model, tokenizer, [d.prompt for d in train], [d.response for d in train]
+        ).tolist()
+        out.update(demo_logp=sum(demo_logps) / len(demo_logps), demo_logps=demo_logps)
     if plan.samples:
         out.update(
             own_samples(model, tokenizer, prompts, 1.0, plan.sample_seed, plan.max_new_tokens)
