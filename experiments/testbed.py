@@ -84,14 +84,14 @@ PER_RUN = {
     "objective.shift": "shift is 0 (the negative control: --negative-shift)",
     "optim.learning_rate": "the learning rate is selected on validation (--lr-grid)",
 }
-# Seconds measured on this 2-core machine while other jobs ran (the dry run's fallback when
-# no earlier grid left timings.json): one round of each kind, and a base model.
+# Seconds of the default grid on a quiet 2-core AVX-512 machine (its timings.json, 2026-12-03;
+# the dry run's fallback when no earlier grid left one): one round of each kind, and a base.
 # A round costs ``overhead + steps x step`` (load, generation, reference pass, save, measures;
 # then the optimizer steps); a base ``pretrain steps x base_step``.
 MEASURED_SECONDS = {
-    "sft": {"step": 0.088, "overhead": 4.0},
-    "sampled": {"step": 0.164, "overhead": 5.8},
-    "base_step": 0.15,
+    "sft": {"step": 0.0282, "overhead": 0.908},
+    "sampled": {"step": 0.0531, "overhead": 1.602},
+    "base_step": 0.074,
     "worker_start": 10.0,
 }
 
@@ -654,7 +654,7 @@ def estimate(testbed: Testbed) -> dict:
     grid = testbed.grid
     timings_path = testbed.root / "timings.json"
     costs = dict(MEASURED_SECONDS)
-    source = "MEASURED_SECONDS (experiments/testbed.py, measured under load on 2 cores)"
+    source = "MEASURED_SECONDS (experiments/testbed.py, measured on a quiet 2-core machine)"
     if timings_path.exists():
         costs.update(read_json(timings_path)["costs"])
         source = str(timings_path)
