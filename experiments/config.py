@@ -496,6 +496,11 @@ def validate(config: RunConfig) -> None:
         problems.append("--gamma must be > 0 for the power estimator")
     if not 0.0 <= config.optim.warmup_ratio < 1.0:
         problems.append(f"optim.warmup_ratio must be in [0, 1), got {config.optim.warmup_ratio}")
+    if config.objective.sft_token_mean == "step" and config.optim.average_logps:
+        problems.append(
+            "objective.sft_token_mean=step divides the step's summed token log-probs by its "
+            "token count, but optim.average_logps hands SFT per-sequence means: use one"
+        )
     if config.objective.dft_keep_normalizer and config.mix_previous_generations:
         problems.append(
             "objective.dft_keep_normalizer keeps one u per demonstration, but "

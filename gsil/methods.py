@@ -29,6 +29,7 @@ from gsil.estimators import ESTIMATORS, DensityRatioEstimator, get_estimator
 from gsil.objectives import (
     DFT_DEFAULTS,
     DFT_VARIANTS,
+    SFT_TOKEN_MEANS,
     TOKEN_WEIGHTINGS,
     Stats,
     dft_loss,
@@ -106,6 +107,15 @@ class ObjectiveSettings:
         "loss_type='dft'; not --method dft); --method sft only",
         choices=TOKEN_WEIGHTINGS,
     )
+    sft_token_mean: str = _setting(
+        "sequence",
+        "SFT's (and Dynamic FT's) token mean: sequence (each demonstration's token losses "
+        "averaged over its own length, then the examples averaged) or step (the step's token "
+        "losses summed and divided by its token count over every micro-batch and process, as "
+        "TRL's SFTTrainer and the Hugging Face Trainer's num_items_in_batch: a long "
+        "demonstration weighs more); --method sft only",
+        choices=SFT_TOKEN_MEANS,
+    )
 
     sdft_alpha: float = _setting(
         0.0,
@@ -128,6 +138,12 @@ class ObjectiveSettings:
     )
 
     def __post_init__(self) -> None:
+        if self.sft_token_mean != "sequence" and self.method != "sft":
+            raise ValueError(
+                f"objective.sft_token_mean={self.sft_token_mean!r} (--sft-token-mean) is how SFT "
+                f"averages its tokens; objective.method is {self.method!r}: use --method sft, "
+                "or --sft-token-mean sequence"
+            )
         if self.token_weighting != "none" and self.method != "sft":
             raise ValueError(
                 f"objective.token_weighting={self.token_weighting!r} (--token-weighting) weights "
@@ -151,7 +167,9 @@ class LogpBatch:
     ``state`` is a stateful method's per-example state before the step.
     ``policy_demo_prob_weighted_logps`` ``(B,)`` is each demonstration's
     ``sum_t sg(p_t) log p_t`` (:class:`gsil.logprobs.SequenceLogps`), for a method that
-    ``needs_prob_weighted_logps``; else None.
+    ``needs_prob_weighted_logps``; else None. ``step_mean_demo_tokens`` is the optimizer
+    step's demonstration tokens over its examples, across every micro-batch and process
+    (:class:`gsil.optimization.StepPlan`); None outside a training step.
     """
 
     policy_demo_logps: Tensor
@@ -163,6 +181,7 @@ class LogpBatch:
     gen_mask: Tensor | None = None
     state: Tensor | None = None
     policy_demo_prob_weighted_logps: Tensor | None = None
+    step_mean_demo_tokens: float | None = None
 
     def kept_mask(self) -> Tensor | None:
         """``gen_mask`` when it leaves some sample out, else None (every sample counts)."""
@@ -332,14 +351,24 @@ class SFT(Method):
     """Supervised fine-tuning (no samples, no reference): :func:`gsil.objectives.sft_loss`, or
     with ``token_weighting="prob"`` Dynamic Fine-Tuning (:func:`gsil.objectives.dynamic_ft_loss`,
     named ``dynamic-ft`` in logs), which needs each demonstration's probability-weighted
-    log-prob sum."""
+    log-prob sum.
+
+    With ``token_mean="step"`` each demonstration's token sum is divided by the step's mean
+    demonstration length instead of its own, so the step's loss (the mean over its examples)
+    is its summed token losses over its token count: TRL's ``SFTTrainer`` normalisation.
+    """
 
     token_weighting: str = ObjectiveSettings.token_weighting
+    token_mean: str = ObjectiveSettings.sft_token_mean
 
     def __post_init__(self) -> None:
         if self.token_weighting not in TOKEN_WEIGHTINGS:
             raise ValueError(
                 f"--token-weighting must be one of {TOKEN_WEIGHTINGS}, got {self.token_weighting!r}"
+            )
+        if self.token_mean not in SFT_TOKEN_MEANS:
+            raise ValueError(
+                f"--sft-token-mean must be one of {SFT_TOKEN_MEANS}, got {self.token_mean!r}"
             )
 
     @property
@@ -352,18 +381,22 @@ class SFT(Method):
 
     @classmethod
     def from_settings(cls, settings: ObjectiveSettings) -> SFT:
-        return cls(settings.token_weighting)
+        return cls(settings.token_weighting, settings.sft_token_mean)
 
     def loss(self, batch: LogpBatch) -> tuple[Tensor, Stats]:
+        counts = batch.demo_token_counts
+        if self.token_mean == "step":
+            if batch.step_mean_demo_tokens is None:
+                raise ValueError("--sft-token-mean step needs LogpBatch.step_mean_demo_tokens")
+            # sum_i S_i / (n * mean length) = the step's token sum over its token count
+            counts = torch.full_like(counts, batch.step_mean_demo_tokens)
         if self.token_weighting == "prob":
             if batch.policy_demo_prob_weighted_logps is None:
                 raise ValueError("Dynamic FT needs LogpBatch.policy_demo_prob_weighted_logps")
             return dynamic_ft_loss(
-                batch.policy_demo_prob_weighted_logps,
-                batch.policy_demo_logps,
-                batch.demo_token_counts,
+                batch.policy_demo_prob_weighted_logps, batch.policy_demo_logps, counts
             )
-        return sft_loss(batch.policy_demo_logps, batch.demo_token_counts)
+        return sft_loss(batch.policy_demo_logps, counts)
 
 
 @register("dft")

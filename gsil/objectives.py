@@ -38,6 +38,8 @@ DFT_VARIANTS = ("dft", "dft2")
 DFT_DEFAULTS = {"dft": (1.0, 0.85), "dft2": (0.3, 0.9)}
 # SFT's per-token weights: none (plain SFT) or prob (Dynamic Fine-Tuning: sg(p_t))
 TOKEN_WEIGHTINGS = ("none", "prob")
+# SFT's token mean: each demonstration's (then the examples'), or the optimizer step's
+SFT_TOKEN_MEANS = ("sequence", "step")
 
 
 def per_sample(values: Tensor, like: Tensor) -> Tensor:
@@ -306,9 +308,11 @@ def dynamic_ft_loss(
     finds unlikely. The value is not a likelihood: a token's ``-p log p`` rises with ``p`` up to
     ``p = 1/e``, so on unlikely demonstrations the loss grows as training raises their
     log-probs (``logps/chosen``). Per token this is TRL's ``SFTConfig(loss_type="dft")``
-    (``-exp(log p).detach() * log p``); TRL divides the batch's sum by the batch's token count,
-    here each demonstration's sum is divided by its own length and the examples averaged, as
-    :func:`sft_loss` does: the two agree on one sequence and on equal lengths.
+    (``-exp(log p).detach() * log p``). TRL divides the step's sum by the step's token count;
+    with ``demo_token_counts`` the lengths, each demonstration's sum is divided by its own
+    length (as :func:`sft_loss`), which agrees on equal lengths; with every count the step's
+    mean length (``--sft-token-mean step``, :class:`gsil.methods.SFT`) the mean over the
+    step's examples is TRL's loss.
 
     Args:
         policy_demo_prob_weighted_logps: ``(B,)`` ``sum_t sg(p_t) log p_t`` of each

@@ -243,11 +243,18 @@ class MicroBatch:
 @dataclass(frozen=True)
 class StepPlan:
     """One optimizer step on this process: exactly ``grad_accum`` micro-batches (fillers pad a
-    short last step, so every engine steps once per optimizer step) and the number of real
-    examples the step has across all processes (the loss is their mean)."""
+    short last step, so every engine steps once per optimizer step), the number of real
+    examples the step has across all processes (the loss is their mean) and their
+    demonstration tokens (``--sft-token-mean step`` divides by it; 0 when not counted)."""
 
     micro_batches: tuple[MicroBatch, ...]
     num_examples: int
+    demo_tokens: int = 0
+
+    @property
+    def mean_demo_tokens(self) -> float | None:
+        """The step's demonstration tokens per example (None when they were not counted)."""
+        return self.demo_tokens / self.num_examples if self.demo_tokens else None
 
 
 def rank_share(batch: Sequence[int], num_processes: int, rank: int) -> MicroBatch:
@@ -261,13 +268,20 @@ def rank_share(batch: Sequence[int], num_processes: int, rank: int) -> MicroBatc
 
 
 def plan_steps(
-    order: Sequence[int], batch_size: int, grad_accum: int, num_processes: int, rank: int
+    order: Sequence[int],
+    batch_size: int,
+    grad_accum: int,
+    num_processes: int,
+    rank: int,
+    demo_lengths: Sequence[int] | None = None,
 ) -> list[StepPlan]:
     """Split one epoch's example order into this process's optimizer steps.
 
     A global micro-batch is ``batch_size * num_processes`` consecutive examples of ``order``;
     each process takes its share. So N processes with micro-batch b see, step by step, the same
     examples as one process with micro-batch N b: the same global batch, the same result.
+    ``demo_lengths`` (per example index): each step counts its demonstration tokens over
+    every process, with no communication (every process holds the round's examples).
     """
     width = batch_size * num_processes
     global_batches = [order[i : i + width] for i in range(0, len(order), width)]
@@ -277,7 +291,8 @@ def plan_steps(
         micro = [rank_share(batch, num_processes, rank) for batch in group]
         filler = MicroBatch((group[0][0],), (0.0,))
         micro += [filler] * (grad_accum - len(micro))
-        steps.append(StepPlan(tuple(micro), sum(len(batch) for batch in group)))
+        tokens = sum(demo_lengths[i] for batch in group for i in batch) if demo_lengths else 0
+        steps.append(StepPlan(tuple(micro), sum(len(batch) for batch in group), tokens))
     return steps
 
 
@@ -429,12 +444,15 @@ def train_round(
         disable=not accelerator.is_main_process,
     )
     num_samples = len(data.examples[0].gen_ids or ()) if data.examples else 0
+    demo_lengths = [len(example.demo_ids) for example in data.examples]
     for epoch in range(step // steps_per_epoch, settings.epochs):
         if settings.samples_per_epoch and num_samples:
             chosen = epoch_samples(num_samples, settings.samples_per_epoch, epoch)
             stepper.data = with_samples(data, chosen)
         order = _epoch_order(len(data.examples), place.seed, place.round_index, epoch)
-        plan = plan_steps(order, settings.batch_size, settings.grad_accum, world, rank)
+        plan = plan_steps(
+            order, settings.batch_size, settings.grad_accum, world, rank, demo_lengths
+        )
         for step_plan in plan[step - epoch * steps_per_epoch :]:
             step_start = time.perf_counter()
             global_step = place.global_step_offset + step + 1
@@ -618,7 +636,7 @@ class RoundStepper:
         state_updates: list[tuple[int, float]] = []  # (example index, new state), real examples
         for micro in step_plan.micro_batches:
             with self.accelerator.accumulate(self.model):  # syncs gradients on the last one
-                batch, losses, stats = self._forward_loss(micro)
+                batch, losses, stats = self._forward_loss(micro, step_plan.mean_demo_tokens)
                 nonfinite += nonfinite_rows(losses, micro.indices)
                 if self.accelerator.sync_gradients:  # before the backward in which DeepSpeed steps
                     skip = self._vote("loss", nonfinite, where)
@@ -646,7 +664,9 @@ class RoundStepper:
         means["skipped"] = int(skip)
         return means
 
-    def _forward_loss(self, micro: MicroBatch) -> tuple[dict, torch.Tensor, dict]:
+    def _forward_loss(
+        self, micro: MicroBatch, step_mean_demo_tokens: float | None = None
+    ) -> tuple[dict, torch.Tensor, dict]:
         """The micro-batch on the device, its per-example losses and statistics."""
         needs_generations = self.method.needs_generations
         batch = _to_device(
@@ -687,6 +707,7 @@ class RoundStepper:
                 gen_mask=batch.get("gen_mask"),
                 state=_take(self.method_state, index, logps),
                 policy_demo_prob_weighted_logps=prob_weighted_demo,
+                step_mean_demo_tokens=step_mean_demo_tokens,
             )
         )
         stats = {**stats, "loss": losses.detach(), "logps/chosen": policy_demo.detach()}

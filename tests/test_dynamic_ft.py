@@ -6,6 +6,7 @@ prob``): the loss and its gradient against the formula by hand, against TRL's
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -134,6 +135,45 @@ def test_the_loss_is_trl_dft_on_one_sequence_and_on_equal_lengths():
     torch.testing.assert_close(ours_logits.grad, trl_logits.grad, rtol=1e-5, atol=1e-7)
 
 
+def trl_nll_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """TRL's ``SFTTrainer`` default loss of one batch: ``-log p`` summed over the batch's label
+    tokens, divided by their number."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    token_logps = logits[:, :-1].log_softmax(-1).gather(2, targets.clamp(min=0)[..., None])[..., 0]
+    return -(token_logps * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("token_weighting", ["prob", "none"])
+def test_the_step_token_mean_is_trl_on_unequal_lengths(token_weighting):
+    """``--sft-token-mean step``: the mean over the examples of each one's loss is TRL's loss
+    (the batch's token sum over its token count), in value and gradient, on unequal lengths."""
+    logits, labels = tiny_batch()
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1).float()
+    assert len(set(counts.tolist())) > 1  # lengths differ
+    trl_logits = logits.clone().requires_grad_(True)
+    ours_logits = logits.clone().requires_grad_(True)
+    trl_loss = trl_dft_loss if token_weighting == "prob" else trl_nll_loss
+    trl = trl_loss(trl_logits, labels)
+    reduced = sequence_logps(ours_logits, labels, prob_weighted=True)
+    method = get_method("sft", token_weighting=token_weighting, sft_token_mean="step")
+    batch = LogpBatch(
+        policy_demo_logps=reduced.logps,
+        demo_token_counts=counts,
+        policy_demo_prob_weighted_logps=reduced.prob_weighted,
+        step_mean_demo_tokens=float(counts.mean()),
+    )
+    ours = method.loss(batch)[0].mean()
+    torch.testing.assert_close(ours.double(), trl, rtol=1e-6, atol=1e-7)
+    ours.backward()
+    trl.backward()
+    torch.testing.assert_close(ours_logits.grad, trl_logits.grad, rtol=1e-5, atol=1e-7)
+    sequence = get_method("sft", token_weighting=token_weighting).loss(batch)[0].mean()
+    assert abs(float(sequence.detach()) - float(trl)) > 1e-3  # the default differs here
+    with pytest.raises(ValueError, match="step_mean_demo_tokens"):
+        method.loss(dataclasses.replace(batch, step_mean_demo_tokens=None))
+
+
 def model_batch(tokenizer, count: int = 4) -> dict:
     """The tiny model's demonstrations as the trainer collates them (no generations)."""
     demos = tiny_demos(count)
@@ -185,13 +225,29 @@ def test_bound_from_the_settings_and_refused_with_another_method():
         from_dict({"method": "gsil", "token_weighting": "prob"})
     with pytest.raises(ConfigError, match="token_weighting must be one of"):
         from_dict({"method": "sft", "token_weighting": "entropy"})
+    step = build_method(from_dict({"method": "sft", "sft_token_mean": "step"}).objective)
+    assert isinstance(step, SFT) and step.token_mean == "step"
+    with pytest.raises(ConfigError, match="sft_token_mean='step'.*--method sft"):
+        from_dict({"method": "spin", "sft_token_mean": "step"})
+    with pytest.raises(ConfigError, match="sft_token_mean=step.*average_logps"):
+        from_dict({"method": "sft", "sft_token_mean": "step", "average_logps": True})
 
 
 # --------------------------------------------------------------------------- in the round loop
 
 
-def dynamic_ft_run(model, tokenizer, run_dir: Path, objective, resume: bool = False) -> dict:
-    """6 demonstrations in one micro-batch of 6, 3 epochs: 3 steps, a checkpoint after each."""
+def dynamic_ft_run(
+    model, tokenizer, run_dir: Path, objective, resume: bool = False, grad_accum: int = 1
+) -> dict:
+    """6 demonstrations in one step (micro-batches of 6 / grad_accum), 3 epochs: 3 steps, a
+    checkpoint after each."""
+    optim = OptimSettings(
+        learning_rate=1e-2,
+        epochs=3,
+        batch_size=6 // grad_accum,
+        grad_accum=grad_accum,
+        checkpoint_every=1,
+    )
     return run_rounds(
         model,
         tokenizer,
@@ -200,7 +256,7 @@ def dynamic_ft_run(model, tokenizer, run_dir: Path, objective, resume: bool = Fa
         RoundsSettings(
             run_dir=run_dir,
             rounds=1,
-            optim=OptimSettings(learning_rate=1e-2, epochs=3, batch_size=6, checkpoint_every=1),
+            optim=optim,
             generation=GenerationSettings(max_new_tokens=4, batch_size=6),
             max_prompt_length=64,
             max_length=96,
@@ -210,9 +266,9 @@ def dynamic_ft_run(model, tokenizer, run_dir: Path, objective, resume: bool = Fa
     )
 
 
-def first_loss_by_hand(model, tokenizer) -> float:
+def first_loss_by_hand(model, tokenizer, token_mean: str = "sequence") -> float:
     """The mean over the 6 demonstrations of ``-(1/n) sum_t p_t log p_t`` under ``model``,
-    from its full logits and a log_softmax."""
+    from its full logits and a log_softmax (``step``: the 6 sums over their token count)."""
     demos = tiny_demos(6)
     examples = build_examples(
         tokenizer, [d.prompt for d in demos], [d.response for d in demos], TokenLimits(64, 96)
@@ -225,8 +281,10 @@ def first_loss_by_hand(model, tokenizer) -> float:
     token_logps = (
         logits[:, :-1].double().log_softmax(-1).gather(2, targets.clamp(min=0)[..., None])[..., 0]
     )
-    per_row = -(token_logps.exp() * token_logps * mask).sum(-1) / mask.sum(-1)
-    return float(per_row.mean())
+    sums = -(token_logps.exp() * token_logps * mask).sum(-1)
+    if token_mean == "step":
+        return float(sums.sum() / mask.sum())
+    return float((sums / mask.sum(-1)).mean())
 
 
 def test_the_round_loop_trains_it_and_resumes_bit_for_bit(
@@ -263,10 +321,29 @@ def test_the_round_loop_trains_it_and_resumes_bit_for_bit(
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=0)
 
 
+def test_the_step_token_mean_counts_every_micro_batch(
+    tiny_model_readonly, tiny_tokenizer, tmp_path
+):
+    """With 2 micro-batches of 3 a step, the first step's loss is the 6 demonstrations' token
+    sum over their token count (not each micro-batch's own count)."""
+    objective = get_method("sft", token_weighting="prob", sft_token_mean="step")
+    model = copy.deepcopy(tiny_model_readonly)
+    dynamic_ft_run(model, tiny_tokenizer, tmp_path / "step", objective, grad_accum=2)
+    rows = [
+        json.loads(line) for line in (tmp_path / "step" / "metrics.jsonl").read_text().splitlines()
+    ]
+    expected = first_loss_by_hand(tiny_model_readonly, tiny_tokenizer, "step")
+    assert rows[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    sequence = first_loss_by_hand(tiny_model_readonly, tiny_tokenizer)
+    assert abs(expected - sequence) > 1e-3 * abs(sequence)  # the lengths differ enough
+
+
 # the job of tests/distributed_run.py: 10 demos, 2 rounds, micro-batch 2 per process
 JOB = dict(
     method="sft", objective_settings={"token_weighting": "prob"}, learning_rate=1e-3, batch_size=2
 )
+# the step's token count over both processes (each holds demonstrations of other lengths)
+STEP_JOB = {**JOB, "objective_settings": {"token_weighting": "prob", "sft_token_mean": "step"}}
 
 
 def test_two_processes_give_the_one_process_run_and_resume_bit_for_bit(tmp_path):
@@ -280,11 +357,13 @@ def test_two_processes_give_the_one_process_run_and_resume_bit_for_bit(tmp_path)
     jobs = [
         {"name": "dynamic-ft", **JOB},
         {"name": "dynamic-ft-resumed", **JOB, "interrupt_after_calls": 4},
+        {"name": "dynamic-ft-step", **STEP_JOB},
     ]
     launch(tmp_path / "two", jobs)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    run_job(tmp_path / "one", Accelerator(cpu=True), name="dynamic-ft", **{**JOB, "batch_size": 4})
-    AcceleratorState._reset_state(reset_partial_state=True)
-    two, one = tmp_path / "two" / "dynamic-ft", tmp_path / "one" / "dynamic-ft"
-    assert_same_run(two, one, JOB)
+    for name, job in (("dynamic-ft", JOB), ("dynamic-ft-step", STEP_JOB)):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        run_job(tmp_path / "one", Accelerator(cpu=True), name=name, **{**job, "batch_size": 4})
+        AcceleratorState._reset_state(reset_partial_state=True)
+        assert_same_run(tmp_path / "two" / name, tmp_path / "one" / name, job)
+    two = tmp_path / "two" / "dynamic-ft"
     assert_same_weights_bitwise(tmp_path / "two" / "dynamic-ft-resumed", two)
