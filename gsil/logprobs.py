@@ -153,6 +153,52 @@ def _projected_token_logps(hidden: Tensor, output_layer: OutputLayer, targets: T
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
+class _ProjectedTokenLogps(torch.autograd.Function):
+    """:func:`_projected_token_logps` for a plain ``(vocab, hidden)`` weight with a backward
+    written by hand: the forward keeps one logsumexp per row (not the logits), the backward
+    recomputes the chunk's logits once and turns them into their gradient in place
+    (``g (onehot(y) - softmax(z))``), then the two matmuls. Same arithmetic as checkpointing
+    :func:`_projected_token_logps`, without its second logsumexp and its temporaries."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:  # type: ignore[override]
+        logits = (hidden @ weight.T).float()
+        picked = logits.gather(1, targets[:, None]).squeeze(1)
+        top = logits.amax(dim=-1, keepdim=True)
+        # logsumexp in place: no chunk-sized temporaries (the logits are not needed after)
+        lse = logits.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(1))
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad_token_logps: Tensor):  # type: ignore[override]
+        hidden, weight, targets, lse = ctx.saved_tensors
+        grad = (hidden @ weight.T).float()
+        grad.sub_(lse[:, None]).exp_().mul_(grad_token_logps.neg()[:, None])  # -g softmax(z)
+        grad.scatter_add_(1, targets[:, None], grad_token_logps[:, None])  # + g onehot(y)
+        grad = grad.to(weight.dtype)
+        grad_hidden = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad.T @ hidden if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None
+
+
+def _plain_weight(output_layer: OutputLayer, hidden: Tensor) -> Tensor | None:
+    """The output layer's weight when :class:`_ProjectedTokenLogps` computes exactly what the
+    layer does: a weight tensor, or an ``nn.Linear`` without bias whose weight is whole (not a
+    ZeRO-3 shard gathered by hooks), outside autocast; else None (checkpointing instead)."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return None
+    if isinstance(output_layer, Tensor):
+        return output_layer
+    if type(output_layer) is not nn.Linear or output_layer.bias is not None:
+        return None  # a LoRA wrapper, a bias: the module's own forward
+    weight = output_layer.weight
+    hooked = output_layer._forward_pre_hooks or output_layer._forward_hooks
+    if hasattr(weight, "ds_id") or hooked or hasattr(output_layer, "_hf_hook"):
+        return None  # a DeepSpeed-partitioned weight, hooks that must run (accelerate, torch)
+    return weight
+
+
 def _needs_grad(hidden: Tensor, output_layer: OutputLayer) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -176,7 +222,10 @@ def sequence_logps_from_hidden(
     Only response positions are projected to the vocabulary, ``chunk_tokens`` rows at a time,
     and each chunk's logits are recomputed in the backward instead of kept: the full
     ``(batch, length, vocab)`` logits never exist; the extra memory is about
-    ``chunk_tokens x vocab`` floats.
+    ``chunk_tokens x vocab`` floats. A plain bias-free linear output layer (the usual tied or
+    untied head) goes through a hand-written backward (:class:`_ProjectedTokenLogps`), any
+    other (LoRA, a bias, ZeRO-3's gathering hooks, autocast) through activation checkpointing
+    of its own forward.
 
     Args:
         hidden: ``(batch, length, hidden)`` final hidden states (what the output layer reads).
@@ -202,11 +251,14 @@ def sequence_logps_from_hidden(
     selected_hidden = hidden.reshape(batch * length, -1).index_select(0, positions)
     selected_targets = targets.reshape(-1).index_select(0, positions)
     recompute = _needs_grad(hidden, output_layer)
+    weight = _plain_weight(output_layer, hidden) if recompute else None
     chunks = []
     for start in range(0, positions.numel(), chunk_tokens):
         hidden_chunk = selected_hidden[start : start + chunk_tokens]
         target_chunk = selected_targets[start : start + chunk_tokens]
-        if recompute:
+        if weight is not None:
+            chunks.append(_ProjectedTokenLogps.apply(hidden_chunk, weight, target_chunk))
+        elif recompute:
             chunks.append(
                 checkpoint(
                     _projected_token_logps,

@@ -221,6 +221,40 @@ def test_lean_path_never_projects_prompt_or_padding_positions(tiny_model, tiny_t
     counter.handle.remove()
 
 
+def test_a_plain_head_takes_the_hand_written_backward_only_when_it_computes_the_same(
+    tiny_model, tiny_tokenizer, monkeypatch
+):
+    """Training through a bias-free ``nn.Linear`` head projects the response positions through
+    ``_ProjectedTokenLogps`` (its gradients: the equality tests above); without gradients,
+    under autocast, or with hooks on the head the module itself runs."""
+    import gsil.logprobs as logprobs
+    from gsil.optimization import forward_logps
+
+    projected: list[int] = []
+    real = logprobs._ProjectedTokenLogps.apply
+
+    def spy(hidden, weight, targets):
+        projected.append(hidden.shape[0])
+        return real(hidden, weight, targets)
+
+    monkeypatch.setattr(logprobs._ProjectedTokenLogps, "apply", spy)
+    batch = lm_batch(len(tiny_tokenizer))
+    tiny_model.train()
+    forward_logps(tiny_model, batch, False)
+    assert sum(projected) == response_positions(batch)
+    projected.clear()
+    with torch.no_grad():
+        forward_logps(tiny_model, batch, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        forward_logps(tiny_model, batch, False)
+    counter = HeadRows(tiny_model.lm_head)
+    forward_logps(tiny_model, batch, False)
+    counter.handle.remove()
+    assert projected == [] and sum(counter.rows) == len(batch["input_ids"]) + response_positions(
+        batch
+    )
+
+
 def test_lean_path_goes_through_the_wrapper_forward(tiny_model, tiny_tokenizer):
     """A DDP-like wrapper (``.module``) is called itself, so its forward (DDP: the gradient
     all-reduce's preparation) runs; the output layer is found inside it."""
