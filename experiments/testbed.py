@@ -386,7 +386,11 @@ def run_chain(task: ChainTask) -> dict:
                 last = round_index == task.rounds
                 at_loss_n = chain.n == testbed.grid.loss_n
                 plan = measure_plan(
-                    testbed, config.seed, task.frontier and last, last or at_loss_n, at_loss_n
+                    testbed,
+                    config.seed,
+                    task.frontier and last,
+                    samples=last or at_loss_n,
+                    demonstrations=at_loss_n,
                 )
                 measures = measure_model(model, tokenizer, train, plan)
                 if config.objective.method == "gsil" and at_loss_n:

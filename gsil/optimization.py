@@ -245,16 +245,16 @@ class StepPlan:
     """One optimizer step on this process: exactly ``grad_accum`` micro-batches (fillers pad a
     short last step, so every engine steps once per optimizer step), the number of real
     examples the step has across all processes (the loss is their mean) and their
-    demonstration tokens (``--sft-token-mean step`` divides by it; 0 when not counted)."""
+    demonstration tokens (``--sft-token-mean step`` divides by it; None when not counted)."""
 
     micro_batches: tuple[MicroBatch, ...]
     num_examples: int
-    demo_tokens: int = 0
+    demo_tokens: int | None = None
 
     @property
     def mean_demo_tokens(self) -> float | None:
         """The step's demonstration tokens per example (None when they were not counted)."""
-        return self.demo_tokens / self.num_examples if self.demo_tokens else None
+        return None if self.demo_tokens is None else self.demo_tokens / self.num_examples
 
 
 def rank_share(batch: Sequence[int], num_processes: int, rank: int) -> MicroBatch:
@@ -291,7 +291,9 @@ def plan_steps(
         micro = [rank_share(batch, num_processes, rank) for batch in group]
         filler = MicroBatch((group[0][0],), (0.0,))
         micro += [filler] * (grad_accum - len(micro))
-        tokens = sum(demo_lengths[i] for batch in group for i in batch) if demo_lengths else 0
+        tokens = None
+        if demo_lengths is not None:
+            tokens = sum(demo_lengths[i] for batch in group for i in batch)
         steps.append(StepPlan(tuple(micro), sum(len(batch) for batch in group), tokens))
     return steps
 
